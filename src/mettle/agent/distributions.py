@@ -1,0 +1,76 @@
+"""Action distributions over one or more independent categorical heads."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+class MultiCategorical:
+    """Independent categorical heads read from one flat logits vector, so a policy needs one actor layer."""
+
+    def __init__(self, logits: torch.Tensor, nvec: Sequence[int]) -> None:
+        self.nvec = tuple(int(n) for n in nvec)
+        if not self.nvec or min(self.nvec) < 1:
+            raise ValueError(f"nvec must hold at least one positive head size, got {self.nvec}")
+        if logits.shape[-1] != sum(self.nvec):
+            raise ValueError(
+                f"logits end in {logits.shape[-1]} entries; nvec {self.nvec} needs {sum(self.nvec)}"
+            )
+        self.batch_shape = logits.shape[:-1]
+        # Normalised log-probabilities [..., heads, max(nvec)]; padding entries are -inf.
+        self.log_probs = F.log_softmax(_per_head(logits, self.nvec), dim=-1)
+
+    @property
+    def num_heads(self) -> int:
+        """Action heads; actions end in this many entries."""
+        return len(self.nvec)
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """Per-head probabilities [..., heads, max(nvec)], zero on padding."""
+        return self.log_probs.exp()
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw one action per head, [..., heads] int64."""
+        flat = self.probs.reshape(-1, self.log_probs.shape[-1])
+        drawn = torch.multinomial(flat, 1, generator=generator)
+        return drawn.view(*self.batch_shape, self.num_heads)
+
+    def mode(self) -> torch.Tensor:
+        """Most likely action per head, [..., heads] int64 (deterministic evaluation)."""
+        return self.log_probs.argmax(dim=-1)
+
+    def log_prob(self, actions: torch.Tensor) -> torch.Tensor:
+        """Joint log-probability of `actions` [..., heads]: heads are independent, so log-probs add."""
+        if actions.shape[-1] != self.num_heads:
+            raise ValueError(f"actions end in {actions.shape[-1]} entries, expected {self.num_heads} heads")
+        picked = self.log_probs.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+        return picked.sum(dim=-1)
+
+    def entropy(self) -> torch.Tensor:
+        """Joint entropy [...]: the sum of the heads' entropies, as the heads are independent."""
+        finite = self.log_probs.clamp(min=torch.finfo(self.log_probs.dtype).min)
+        return -(self.probs * finite).sum(dim=(-2, -1))
+
+
+def _per_head(logits: torch.Tensor, nvec: tuple[int, ...]) -> torch.Tensor:
+    """Lay logits out as [..., heads, max(nvec)], padding short heads with -inf so they never get mass."""
+    width = max(nvec)
+    if all(n == width for n in nvec):
+        return logits.reshape(*logits.shape[:-1], len(nvec), width)
+    chunks = logits.split(list(nvec), dim=-1)
+    padded = [F.pad(chunk, (0, width - chunk.shape[-1]), value=float("-inf")) for chunk in chunks]
+    return torch.stack(padded, dim=-2)
+
+
+def act(
+    logits: torch.Tensor, nvec: Sequence[int], actions: torch.Tensor | None, deterministic: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample (or take the mode, or score given) actions; return (actions, log_prob, entropy)."""
+    dist = MultiCategorical(logits, nvec)
+    if actions is None:
+        actions = dist.mode() if deterministic else dist.sample()
+    return actions.long(), dist.log_prob(actions), dist.entropy()

@@ -1,0 +1,208 @@
+"""A recurrent actor-critic: dense encoder, one LSTM layer, actor and critic heads on its output."""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mettle.agent.distributions import act
+from mettle.agent.mlp import ACTOR_GAIN, CRITIC_GAIN, box_shape, build_torso, flatten_steps, orthogonal_linear
+from mettle.agent.policy import Policy, PolicyOutput, TensorSpec
+
+if TYPE_CHECKING:
+    from mettle.rl.training.environment import PolicyEnvInfo
+
+MEMORY_KEYS = ("lstm_h", "lstm_c")
+
+
+def init_lstm(lstm: nn.LSTM, forget_bias: float = 1.0) -> None:
+    """Orthogonal weights per gate and zero biases, with a forget-gate bias so early memories persist."""
+    hidden = lstm.hidden_size
+    with torch.no_grad():
+        for name, param in lstm.named_parameters():
+            if name.startswith("weight"):
+                for gate in param.chunk(4, dim=0):
+                    nn.init.orthogonal_(gate, 1.0)
+            else:
+                param.zero_()
+        # PyTorch orders the gates (input, forget, cell, output).
+        lstm.bias_ih_l0[hidden : 2 * hidden].fill_(forget_bias)
+
+
+def chunk_bounds(starts: torch.Tensor, per_step: bool = False) -> list[int]:
+    """Time indices splitting [0, T) wherever some row starts an episode; runs between need no resets."""
+    t = starts.shape[1]
+    if per_step:
+        return list(range(t + 1))
+    if t == 1:
+        return [0, 1]
+    inner = (starts[:, 1:].any(dim=0).nonzero().flatten() + 1).tolist()
+    return [0, *inner, t]
+
+
+class LSTMPolicy(Policy):
+    """Recurrent actor-critic that keeps each agent row's (h, c) between rollout calls."""
+
+    def __init__(self, hidden_size: int = 128, encoder_layers: int = 1) -> None:
+        super().__init__()
+        if hidden_size < 1 or encoder_layers < 0:
+            raise ValueError(
+                f"need hidden_size >= 1 and encoder_layers >= 0, got {hidden_size}, {encoder_layers}"
+            )
+        self.hidden_size = hidden_size
+        self.encoder_layers = encoder_layers
+        self.obs_shape: tuple[int, ...] = ()
+        self.nvec: tuple[int, ...] = ()
+        self._h: torch.Tensor | None = None
+        self._c: torch.Tensor | None = None
+
+    @property
+    def is_recurrent(self) -> bool:
+        """Outputs depend on the row's earlier steps through (h, c)."""
+        return True
+
+    def initialize_to_environment(self, env_info: PolicyEnvInfo, device: torch.device | str) -> None:
+        """Size encoder, LSTM and heads to the spaces, forget all memory, then move to `device`."""
+        self.obs_shape = box_shape(env_info, type(self).__name__)
+        self.nvec = env_info.action_nvec
+        in_features = int(np.prod(self.obs_shape))
+        self.encoder = build_torso(in_features, self.hidden_size, self.encoder_layers, nn.ReLU)
+        lstm_in = self.hidden_size if self.encoder_layers else in_features
+        self.lstm = nn.LSTM(lstm_in, self.hidden_size, batch_first=True)
+        init_lstm(self.lstm)
+        self.actor_head = orthogonal_linear(self.hidden_size, sum(self.nvec), ACTOR_GAIN)
+        self.critic_head = orthogonal_linear(self.hidden_size, 1, CRITIC_GAIN)
+        self.reset_memory()
+        self.to(device)
+
+    def get_agent_experience_spec(self) -> dict[str, TensorSpec]:
+        """Observations, actions and the (h, c) each step began from, so training can replay windows."""
+        self._require_initialized()
+        state = TensorSpec((self.hidden_size,), torch.float32)
+        return {
+            "observations": TensorSpec(self.obs_shape, torch.float32),
+            "actions": TensorSpec((len(self.nvec),), torch.int64),
+            **{key: state for key in MEMORY_KEYS},
+        }
+
+    def forward(
+        self,
+        observations: torch.Tensor,
+        starts: torch.Tensor,
+        actions: torch.Tensor | None = None,
+        memory: dict[str, torch.Tensor] | None = None,
+        rows: slice | None = None,
+        deterministic: bool = False,
+    ) -> PolicyOutput:
+        """Unroll from `memory` (training, internal state untouched) or from the rows' own state (rollout)."""
+        self._require_initialized()
+        b, t = observations.shape[:2]
+        if tuple(starts.shape) != (b, t):
+            raise ValueError(f"starts shaped {tuple(starts.shape)}, expected [B, T] = [{b}, {t}]")
+        x = self.encoder(flatten_steps(observations, self.obs_shape)).view(b, t, -1)
+        if memory is not None:
+            h0, c0 = self._given_state(memory, b)
+            hidden, _, _ = self.unroll(x, h0, c0, starts)
+        else:
+            rows = _normalize_rows(rows, b)
+            h0, c0 = self._row_state(rows, x)
+            hidden, h_n, c_n = self.unroll(x, h0, c0, starts)
+            self._write_rows(rows, h_n, c_n)
+        logits = self.actor_head(hidden)
+        values = self.critic_head(hidden).squeeze(-1)
+        chosen, log_prob, entropy = act(logits, self.nvec, actions, deterministic)
+        memory_out = {"lstm_h": h0, "lstm_c": c0}
+        return PolicyOutput(chosen, log_prob, entropy, values, memory_out)
+
+    def unroll(
+        self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, starts: torch.Tensor, per_step: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the LSTM over [B, T, F], zeroing state before every start; one LSTM call per reset-free run."""
+        outputs: list[torch.Tensor] = []
+        bounds = chunk_bounds(starts, per_step)
+        for lo, hi in itertools.pairwise(bounds):
+            keep = (~starts[:, lo]).unsqueeze(-1).to(h.dtype)
+            state = ((h * keep).unsqueeze(0).contiguous(), (c * keep).unsqueeze(0).contiguous())
+            out, (h_next, c_next) = self.lstm(x[:, lo:hi], state)
+            h, c = h_next[0], c_next[0]
+            outputs.append(out)
+        hidden = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        return hidden, h, c
+
+    def reset_memory(self) -> None:
+        """Drop every row's state; rows start again from zeros on their next rollout call."""
+        self._h = None
+        self._c = None
+
+    def rebuild_spec(self) -> dict[str, Any]:
+        """Class path and constructor arguments, enough to build an identically shaped policy."""
+        return {
+            "class": "mettle.agent.lstm:LSTMPolicy",
+            "kwargs": {"hidden_size": self.hidden_size, "encoder_layers": self.encoder_layers},
+        }
+
+    def _given_state(self, memory: dict[str, torch.Tensor], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate and return the stored (h, c) a training window starts from."""
+        missing = [key for key in MEMORY_KEYS if key not in memory]
+        if missing:
+            raise ValueError(f"memory lacks {missing}; LSTMPolicy needs {list(MEMORY_KEYS)}")
+        h, c = memory["lstm_h"], memory["lstm_c"]
+        if tuple(h.shape) != (batch, self.hidden_size) or h.shape != c.shape:
+            raise ValueError(
+                f"memory shaped {tuple(h.shape)}/{tuple(c.shape)}, expected [{batch}, {self.hidden_size}]"
+            )
+        return h, c
+
+    def _row_state(self, rows: slice, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the rows' current state (copies, because the state is overwritten after the call)."""
+        self._ensure_rows(rows.stop, like.device)
+        assert self._h is not None and self._c is not None
+        return self._h[rows].clone(), self._c[rows].clone()
+
+    def _ensure_rows(self, count: int, device: torch.device) -> None:
+        """Grow the state to cover `count` rows, keeping existing rows; new rows start at zero."""
+        size = 0 if self._h is None else self._h.shape[0]
+        # An inference-mode tensor cannot be written outside inference mode, so rebuild it then.
+        stale = self._h is not None and (
+            self._h.device != device or (self._h.is_inference() and not torch.is_inference_mode_enabled())
+        )
+        if size >= count and not stale:
+            return
+        self._h = _grown(self._h, max(size, count), self.hidden_size, device)
+        self._c = _grown(self._c, max(size, count), self.hidden_size, device)
+
+    def _write_rows(self, rows: slice, h: torch.Tensor, c: torch.Tensor) -> None:
+        """Store the rows' new state, detached: rollout memory never carries gradients."""
+        assert self._h is not None and self._c is not None
+        self._h[rows] = h.detach()
+        self._c[rows] = c.detach()
+
+    def _require_initialized(self) -> None:
+        """Fail clearly when used before its layers exist."""
+        if not self.nvec:
+            raise RuntimeError(f"{type(self).__name__}.initialize_to_environment must be called first")
+
+
+def _normalize_rows(rows: slice | None, batch: int) -> slice:
+    """Concrete [start, stop) rows for a batch of `batch` rows; None means rows 0..batch."""
+    if rows is None:
+        return slice(0, batch)
+    if rows.step not in (None, 1):
+        raise ValueError(f"rows must be a contiguous slice, got {rows}")
+    start = rows.start or 0
+    stop = start + batch if rows.stop is None else rows.stop
+    if stop - start != batch:
+        raise ValueError(f"rows {start}:{stop} hold {stop - start} rows but the batch has {batch}")
+    return slice(start, stop)
+
+
+def _grown(old: torch.Tensor | None, rows: int, hidden: int, device: torch.device) -> torch.Tensor:
+    """A zero state for `rows` rows on `device`, with `old`'s rows copied in."""
+    new = torch.zeros(rows, hidden, dtype=torch.float32, device=device)
+    if old is not None:
+        new[: old.shape[0]] = old.to(device)
+    return new

@@ -1,0 +1,79 @@
+"""The policy contract: sample in rollout, evaluate given actions in training."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from mettle.rl.training.environment import PolicyEnvInfo
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape (without batch dimensions) and dtype of one per-step experience field."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass
+class PolicyOutput:
+    """Result of a policy forward over [rows, time] inputs."""
+
+    actions: torch.Tensor
+    """[B, T, heads] int64: sampled (rollout) or the given actions (training)."""
+    log_prob: torch.Tensor
+    """[B, T] log-probability of `actions` under the current policy."""
+    entropy: torch.Tensor
+    """[B, T] entropy of the action distribution."""
+    values: torch.Tensor
+    """[B, T] critic estimate."""
+    memory: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Recurrent state each row had before this call ([B, ...] per field); empty if stateless."""
+
+
+class Policy(nn.Module, ABC):
+    """An actor-critic over agent rows; recurrent policies keep one memory per row."""
+
+    @abstractmethod
+    def initialize_to_environment(self, env_info: PolicyEnvInfo, device: torch.device | str) -> None:
+        """Build the layers that depend on the environment's spaces and move them to `device`."""
+
+    @abstractmethod
+    def get_agent_experience_spec(self) -> dict[str, TensorSpec]:
+        """Per-step fields the experience buffer must store for training (observations, actions, memory)."""
+
+    @abstractmethod
+    def forward(
+        self,
+        observations: torch.Tensor,
+        starts: torch.Tensor,
+        actions: torch.Tensor | None = None,
+        memory: dict[str, torch.Tensor] | None = None,
+        rows: slice | None = None,
+        deterministic: bool = False,
+    ) -> PolicyOutput:
+        """Run the policy over observations shaped [B, T, ...].
+
+        With `actions` None, actions are sampled (or the argmax with `deterministic`); otherwise the
+        given actions are scored. `starts` [B, T] marks first steps of episodes, where memory resets.
+        Recurrent policies start from `memory` when given (training), else from their own memory of
+        `rows` (rollout), which they then advance.
+        """
+
+    def reset_memory(self) -> None:
+        """Forget every row's recurrent state (stateless policies have none)."""
+
+    @property
+    def is_recurrent(self) -> bool:
+        """Whether outputs depend on earlier steps of the same row."""
+        return False
+
+    def rebuild_spec(self) -> dict:
+        """A JSON-able description (class path and config) from which an equal policy is built."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe how to rebuild itself")

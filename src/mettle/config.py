@@ -1,0 +1,121 @@
+"""RunConfig: what `mettle train` resolves and writes to config.json (env, policy, trainer, run)."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mettle.rl.trainer_config import TrainerConfig
+
+
+class ConfigError(ValueError):
+    """Bad user input; the message names the field, the value and the fix."""
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class EnvConfig(_Config):
+    """Which environment to train on and how it is vectorised."""
+
+    name: str = "gym:CartPole-v1"
+    """`gym:<registered id>` (e.g. gym:CartPole-v1, gym:mettle/CartPoleNoVel-v1)."""
+    num_envs: int = Field(8, gt=0, le=4096)
+    """Environment instances stepped together."""
+    vectorization: Literal["sync", "async"] = "sync"
+    """sync: in this process; async: one worker process per instance."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the environment constructor."""
+
+
+class PolicyConfig(_Config):
+    """Which policy architecture to build."""
+
+    kind: Literal["mlp", "lstm"] = "mlp"
+    """mlp: feed-forward actor and critic; lstm: recurrent, trained with BPTT over bptt_horizon."""
+    hidden_size: int = Field(64, gt=0, le=8192)
+    """Width of hidden layers (and of the LSTM state)."""
+
+
+class RunConfig(_Config):
+    """Everything one training run needs; saved as the run's config.json."""
+
+    env: EnvConfig = Field(default_factory=EnvConfig)
+    """Environment."""
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    """Policy architecture."""
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    """Trainer hyperparameters."""
+    device: str = "cpu"
+    """Torch device (cpu, cuda, cuda:1...)."""
+    torch_threads: int = Field(1, ge=0, le=256)
+    """Intra-op threads for torch (0: torch's default); small policies run fastest on one."""
+    checkpoint_interval: int = Field(50, gt=0)
+    """Epochs between checkpoints (one is always written at the end)."""
+    progress_interval_s: float = Field(5.0, gt=0)
+    """Seconds between progress lines."""
+
+
+def parse_value(text: str) -> Any:
+    """Read an override's value as JSON when it parses (numbers, booleans, lists), else as a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted `key=value` pairs in a config dict; keys not under env/policy/run go to `trainer`."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. trainer.batch_size=4096)")
+        key, raw = item.split("=", 1)
+        path = key.strip().split(".")
+        if path[0] not in RunConfig.model_fields and path[0] in TrainerConfig.model_fields:
+            path = ["trainer", *path]
+        _set_path(data, RunConfig, path, parse_value(raw), key)
+    return data
+
+
+def _set_path(data: dict[str, Any], model: type[BaseModel], path: list[str], value: Any, key: str) -> None:
+    name, rest = path[0], path[1:]
+    fields = model.model_fields
+    if name not in fields:
+        close = difflib.get_close_matches(name, list(fields), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(fields)}"
+        raise ConfigError(f"unknown config key {key!r}{hint}")
+    if not rest:
+        data[name] = value
+        return
+    sub = fields[name].annotation
+    if isinstance(sub, type) and issubclass(sub, BaseModel):
+        _set_path(data.setdefault(name, {}), sub, rest, value, key)
+    elif sub is not None and "dict" in str(sub):
+        data.setdefault(name, {})[".".join(rest)] = value
+    else:
+        raise ConfigError(f"config key {key!r}: {name!r} has no sub-keys")
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """One line naming each bad field, its value and what is expected."""
+    parts = []
+    for item in error.errors():
+        loc = ".".join(str(p) for p in item["loc"])
+        msg = item["msg"].removeprefix("Value error, ")
+        value = item.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        parts.append(f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}")
+    return "invalid config: " + "; ".join(parts)
+
+
+def build_run_config(overrides: list[str], base: dict[str, Any] | None = None) -> RunConfig:
+    """Validate defaults plus overrides, raising ConfigError with a readable one-line message."""
+    data = apply_overrides(json.loads(json.dumps(base or {})), overrides)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error)) from None

@@ -1,0 +1,5 @@
+"""Lightweight profiling utilities for the training loop."""
+
+from mettle.profiling.stopwatch import Stopwatch
+
+__all__ = ["Stopwatch"]

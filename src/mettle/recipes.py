@@ -1,0 +1,26 @@
+"""Per-environment default hyperparameters, applied before the user's overrides."""
+
+from __future__ import annotations
+
+CLASSIC_CONTROL = [
+    "total_timesteps=300000",
+    "batch_size=1024",
+    "minibatch_size=256",
+    "bptt_horizon=16",
+    "update_epochs=10",
+    "advantage.gamma=0.99",
+    "advantage.gae_lambda=0.95",
+    "optimizer.learning_rate=0.001",
+    "ppo.entropy_coef=0.0",
+    "env.num_envs=8",
+]
+
+RECURRENT = ["policy.hidden_size=128", "bptt_horizon=32", "batch_size=2048", "minibatch_size=512",
+             "total_timesteps=600000"]
+
+
+def recipe_for(env_name: str, policy_kind: str | None) -> list[str]:
+    """Overrides that suit `env_name` (and a recurrent policy), as key=value strings."""
+    if "CartPole" in env_name:
+        return CLASSIC_CONTROL + (RECURRENT if policy_kind == "lstm" else [])
+    return []

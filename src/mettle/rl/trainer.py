@@ -1,0 +1,181 @@
+"""Trainer: the facade that wires config, environment, policy and components, then runs epochs."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from mettle.agent.policy import Policy
+from mettle.profiling.stopwatch import Stopwatch
+from mettle.rl.loss import PPOActorLoss, PPOCriticLoss
+from mettle.rl.trainer_config import TrainerConfig
+from mettle.rl.training import (
+    ComponentContext,
+    ContextCheckpointer,
+    CoreTrainingLoop,
+    DistributedHelper,
+    Experience,
+    TrainerCallback,
+    TrainerComponent,
+    TrainerState,
+    TrainingEnvironment,
+)
+from mettle.rl.training.component import crossed_interval
+from mettle.rl.training.optimizer import create_optimizer
+
+logger = logging.getLogger(__name__)
+
+
+class Trainer:
+    """Main trainer facade that coordinates all training components."""
+
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        env: TrainingEnvironment,
+        policy: Policy,
+        device: Any,
+        distributed_helper: DistributedHelper | None = None,
+        run_name: str | None = None,
+    ) -> None:
+        self._cfg = cfg
+        device = torch.device(device)
+        self._distributed = distributed_helper or DistributedHelper(device)
+        cfg.check_rows(env.batch_info.num_rows)
+        seed = cfg.seed + self._distributed.seed_offset()
+        seed_everything(seed)
+        policy.initialize_to_environment(env.policy_env_info, device)
+        experience = Experience(
+            cfg.batch_size, cfg.bptt_horizon, env.batch_info.num_rows, policy.get_agent_experience_spec(), device
+        )
+        self._context = ComponentContext(
+            config=cfg,
+            state=TrainerState(),
+            policy=policy,
+            env=env,
+            experience=experience,
+            optimizer=create_optimizer(cfg.optimizer, policy),
+            stopwatch=Stopwatch(),
+            distributed=self._distributed,
+            device=device,
+            run_name=run_name,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        self._core = CoreTrainingLoop(self._context, [PPOActorLoss(cfg.ppo), PPOCriticLoss(cfg.ppo)])
+        self._components = self._context.components
+        self._checkpointer: ContextCheckpointer | None = None
+
+    @property
+    def context(self) -> ComponentContext:
+        """Return the shared trainer context."""
+        return self._context
+
+    @property
+    def core_loop(self) -> CoreTrainingLoop:
+        """The rollout/update loop (its pending decisions and RNG are part of a checkpoint)."""
+        return self._core
+
+    @property
+    def components(self) -> list[TrainerComponent]:
+        """Registered components, in registration (and callback) order."""
+        return list(self._components)
+
+    def train(self) -> Any:
+        """Run the main training loop."""
+        state = self._context.state
+        try:
+            while state.agent_step < self._cfg.total_timesteps:
+                self._run_epoch()
+            self._invoke(TrainerCallback.TRAINING_COMPLETE)
+        except BaseException as error:
+            self._notify_failure(error)
+            raise
+        return state
+
+    def _run_epoch(self) -> None:
+        ctx = self._context
+        started, first_step = time.perf_counter(), ctx.state.agent_step
+        infos = self._core.rollout_phase()
+        ctx.stats.episodes = [info for rank in ctx.distributed.all_gather_object(infos) for info in rank]
+        self._invoke(TrainerCallback.STEP, ctx.stats.episodes)
+        self._invoke(TrainerCallback.ROLLOUT_END)
+        ctx.stats.losses = self._core.training_phase()
+        if ctx.lr_scheduler is not None:
+            ctx.lr_scheduler.step()
+        ctx.state.epoch += 1
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        ctx.stats.steps_per_second = (ctx.state.agent_step - first_step) / elapsed
+        self._invoke_epoch_end(ctx.state.epoch - 1, ctx.state.epoch)
+
+    def _invoke(self, callback: TrainerCallback, *args: Any) -> None:
+        for component in self._components:
+            getattr(component, callback.value)(*args)
+
+    def _invoke_epoch_end(self, previous: int, current: int) -> None:
+        for component in self._components:
+            if crossed_interval(previous, current, component.epoch_interval):
+                component.on_epoch_end(current)
+
+    def _notify_failure(self, error: BaseException) -> None:
+        for component in self._components:
+            try:
+                component.on_failure(error)
+            except Exception as hook_error:  # keep telling the others; the original error wins
+                error.add_note(f"{type(component).__name__}.on_failure also raised: {hook_error!r}")
+
+    @staticmethod
+    def load_or_create(
+        checkpoint_path: str,
+        cfg: TrainerConfig,
+        training_env: TrainingEnvironment,
+        policy: Policy,
+        device: Any,
+        distributed_helper: DistributedHelper | None = None,
+        run_name: str | None = None,
+    ) -> Any:
+        """Create a trainer from a configuration.
+
+        Args:
+            distributed_helper: Optional helper to reuse existing process group
+        """
+        trainer = Trainer(cfg, training_env, policy, device, distributed_helper, run_name)
+        trainer.register(ContextCheckpointer(checkpoint_path))
+        trainer.restore()
+        return trainer
+
+    def register(self, component: TrainerComponent) -> Any:
+        """Register a training component.
+
+        Args:
+            component: Training component to register
+        """
+        if component.master_only and not self._distributed.is_master():
+            return None
+        if any(existing.state_key == component.state_key for existing in self._components):
+            raise ValueError(f"a component with state_key {component.state_key!r} is already registered")
+        component.register(self._context)
+        self._components.append(component)
+        if isinstance(component, ContextCheckpointer):
+            self._checkpointer = component
+        return component
+
+    def restore(self) -> Any:
+        """Restore trainer state from checkpoints.
+
+        This should be called after setup() to restore any saved state.
+        """
+        if self._checkpointer is None:
+            return None
+        return self._checkpointer.restore(self)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch so a run is reproducible."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,180 @@
+"""CoreTrainingLoop: one epoch is a rollout phase that fills Experience, then a PPO update."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mettle.agent.policy import PolicyOutput
+from mettle.rl import advantage as adv
+from mettle.rl.training.context import ComponentContext
+from mettle.rl.training.environment import EnvBatch
+from mettle.rl.training.optimizer import set_optimizer_mode
+
+if TYPE_CHECKING:
+    from mettle.rl.loss.base import Loss
+
+NON_MEMORY_FIELDS = frozenset({"observations", "actions"})
+
+
+@dataclass
+class Decision:
+    """The policy's choice for one batch of rows, not yet stored or sent."""
+
+    rows: slice
+    observations: torch.Tensor
+    mask: torch.Tensor
+    starts: torch.Tensor
+    output: PolicyOutput
+
+
+class CoreTrainingLoop:
+    """Runs the two phases of an epoch; the Trainer adds callbacks and bookkeeping around it."""
+
+    def __init__(self, context: ComponentContext, losses: Sequence[Loss]) -> None:
+        self.context = context
+        self.losses = list(losses)
+        self.train_policy = context.distributed.wrap_policy(context.policy)
+        self.memory_fields = [k for k in context.policy.get_agent_experience_spec() if k not in NON_MEMORY_FIELDS]
+        self._pending: dict[int, Decision] = {}
+        self._awaiting: set[int] = set()
+        self._env_started = False
+
+    # ----------------------------------------------------------------- rollout
+    def rollout_phase(self) -> list[dict[str, Any]]:
+        """Fill the experience buffer; return the infos of episodes that finished meanwhile."""
+        ctx, exp = self.context, self.context.experience
+        if not self._env_started:
+            ctx.env.reset(seed=ctx.config.seed + ctx.distributed.seed_offset())
+            self._env_started = True
+        set_optimizer_mode(ctx.optimizer, training=False)
+        ctx.policy.eval()
+        exp.reset()
+        infos: list[dict[str, Any]] = []
+        with ctx.stopwatch("rollout"):
+            pending, self._pending = self._pending, {}
+            for decision in pending.values():
+                self._commit(decision)
+            while not exp.full:
+                self._step(infos)
+        ctx.state.agent_step += exp.batch_size * ctx.distributed.get_world_size()
+        return infos
+
+    def _step(self, infos: list[dict[str, Any]]) -> None:
+        ctx, exp = self.context, self.context.experience
+        with ctx.stopwatch("rollout.env"):
+            batch = ctx.env.get_observations()
+        infos.extend(batch.infos)
+        if batch.rows.start in self._awaiting:
+            self._store_outcome(batch)
+        decision = self._decide(batch)
+        if exp.rows_full(batch.rows):
+            exp.set_bootstrap(batch.rows, decision.output.values[:, 0])
+            self._pending[batch.rows.start] = decision
+        else:
+            self._commit(decision)
+
+    def _store_outcome(self, batch: EnvBatch) -> None:
+        device = self.context.experience.device
+        self.context.experience.store_outcome(
+            batch.rows,
+            torch.as_tensor(batch.rewards, dtype=torch.float32).to(device),
+            torch.as_tensor(batch.terminals, dtype=torch.bool).to(device),
+            torch.as_tensor(batch.truncations, dtype=torch.bool).to(device),
+        )
+        self._awaiting.discard(batch.rows.start)
+
+    def _decide(self, batch: EnvBatch) -> Decision:
+        ctx = self.context
+        with ctx.stopwatch("rollout.inference"), torch.inference_mode():
+            obs = torch.as_tensor(batch.observations).to(ctx.device, non_blocking=True)
+            starts = torch.as_tensor(batch.starts, dtype=torch.bool).to(ctx.device)
+            mask = torch.as_tensor(batch.mask, dtype=torch.bool).to(ctx.device)
+            output = ctx.policy(obs.unsqueeze(1), starts.unsqueeze(1), rows=batch.rows)
+        return Decision(batch.rows, obs, mask, starts, output)
+
+    def _commit(self, decision: Decision) -> None:
+        ctx = self.context
+        with torch.inference_mode():
+            ctx.experience.store_decision(
+                decision.rows, decision.output, decision.observations, decision.mask, decision.starts
+            )
+        actions = decision.output.actions[:, 0].cpu().numpy()
+        with ctx.stopwatch("rollout.env"):
+            ctx.env.send_actions(actions)
+        self._awaiting.add(decision.rows.start)
+
+    # ---------------------------------------------------------------- training
+    def training_phase(self) -> dict[str, float]:
+        """Run `update_epochs` passes of minibatch PPO over the buffer; return mean diagnostics."""
+        ctx, cfg = self.context, self.context.config
+        set_optimizer_mode(ctx.optimizer, training=True)
+        ctx.policy.train()
+        sums: dict[str, list[torch.Tensor]] = defaultdict(list)
+        with ctx.stopwatch("train"):
+            for epoch in range(cfg.update_epochs):
+                if epoch == 0 or cfg.advantage.method == "vtrace":
+                    advantages, returns = self.compute_advantages()
+                for minibatch in ctx.experience.minibatches(
+                    advantages, returns, cfg.minibatch_segments, cfg.sampling, self._progress(), ctx.generator
+                ):
+                    for name, value in self._update(minibatch).items():
+                        sums[name].append(value)
+                recent_kl = sums["approx_kl"][-cfg.minibatches_per_epoch :]
+                if cfg.ppo.target_kl is not None and float(torch.stack(recent_kl).mean()) > cfg.ppo.target_kl:
+                    break
+        set_optimizer_mode(ctx.optimizer, training=False)
+        metrics = {name: float(torch.stack(values).mean()) for name, values in sums.items()}
+        metrics["explained_variance"] = self._explained_variance(returns)
+        metrics["update_epochs_run"] = float(epoch + 1)
+        return metrics
+
+    def _update(self, minibatch: Any) -> dict[str, torch.Tensor]:
+        ctx, data = self.context, minibatch.data
+        memory = {name: data[name][:, 0] for name in self.memory_fields}
+        output = self.train_policy(data["observations"], data["starts"], actions=data["actions"], memory=memory)
+        total = torch.zeros((), device=ctx.device)
+        metrics: dict[str, torch.Tensor] = {}
+        for loss in self.losses:
+            value, terms = loss(minibatch, output)
+            total = total + value
+            metrics.update(terms)
+        ctx.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(ctx.policy.parameters(), ctx.config.ppo.max_grad_norm)
+        ctx.optimizer.step()
+        ctx.experience.log_ratio[minibatch.indices] = (output.log_prob - data["log_probs"]).detach()
+        return {name: value.detach().float() for name, value in metrics.items()}
+
+    def compute_advantages(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advantages (normalised if configured) and value targets for the whole buffer, [segments, T]."""
+        cfg, exp = self.context.config.advantage, self.context.experience
+        series = {name: exp.as_row_series(exp.buffers[name]) for name in
+                  ("rewards", "values", "terminals", "truncations", "mask")}
+        args = (series["rewards"], series["values"], exp.bootstrap, series["terminals"], series["truncations"])
+        if cfg.method == "vtrace":
+            log_rhos = exp.as_row_series(exp.log_ratio)
+            advantages, targets = adv.vtrace(*args, log_rhos, cfg.gamma, cfg.gae_lambda,
+                                             cfg.vtrace_rho_clip, cfg.vtrace_c_clip)
+        else:
+            advantages = adv.gae(*args, cfg.gamma, cfg.gae_lambda)
+            targets = advantages + series["values"]
+        if cfg.normalize:
+            sums = self.context.distributed.all_reduce_sum(adv.moment_sums(advantages, series["mask"]))
+            advantages = adv.normalize(advantages, sums, series["mask"])
+        return exp.from_row_series(advantages), exp.from_row_series(targets)
+
+    def _explained_variance(self, returns: torch.Tensor) -> float:
+        exp = self.context.experience
+        mask = exp.buffers["mask"]
+        values, targets = exp.buffers["values"][mask], returns[mask]
+        var = targets.var() if targets.numel() > 1 else torch.tensor(0.0)
+        return float("nan") if var <= 0 else float(1.0 - (targets - values).var() / var)
+
+    def _progress(self) -> float:
+        state, cfg = self.context.state, self.context.config
+        return state.agent_step / cfg.total_timesteps

@@ -1,0 +1,181 @@
+"""Experience: the rollout buffer, laid out as [segments, bptt_horizon] windows of agent rows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mettle.agent.policy import PolicyOutput, TensorSpec
+from mettle.rl.trainer_config import SamplingConfig
+
+STEP_FIELDS: dict[str, TensorSpec] = {
+    "log_probs": TensorSpec((), torch.float32),
+    "values": TensorSpec((), torch.float32),
+    "rewards": TensorSpec((), torch.float32),
+    "terminals": TensorSpec((), torch.bool),
+    "truncations": TensorSpec((), torch.bool),
+    "mask": TensorSpec((), torch.bool),
+    "starts": TensorSpec((), torch.bool),
+}
+
+
+@dataclass
+class Minibatch:
+    """A set of whole segments and the training targets for them."""
+
+    indices: torch.Tensor
+    """Segment indices into the buffer, [n]."""
+    data: dict[str, torch.Tensor]
+    """Every stored field for those segments, [n, T, ...]."""
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    weights: torch.Tensor
+    """Importance weights of prioritised sampling ([n, 1]; ones when sampling is uniform)."""
+
+
+class Experience:
+    """Stores each agent row's steps in consecutive windows so that BPTT sees contiguous time.
+
+    Row r's steps t = 0..k*T-1 (k windows of T = bptt_horizon steps per epoch) live in segment
+    `(t // T) * num_rows + r` at position `t % T`.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        bptt_horizon: int,
+        num_rows: int,
+        policy_spec: dict[str, TensorSpec],
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if batch_size % (num_rows * bptt_horizon):
+            raise ValueError(f"batch_size {batch_size} is not a multiple of {num_rows} rows x {bptt_horizon}")
+        self.horizon = bptt_horizon
+        self.num_rows = num_rows
+        self.segments = batch_size // bptt_horizon
+        self.windows_per_row = self.segments // num_rows
+        self.steps_per_row = self.windows_per_row * bptt_horizon
+        self.device = torch.device(device)
+        specs = {**policy_spec, **STEP_FIELDS}
+        self.buffers = {name: self._allocate(spec) for name, spec in specs.items()}
+        self.bootstrap = torch.zeros(num_rows, device=self.device)
+        self.log_ratio = torch.zeros(self.segments, bptt_horizon, device=self.device)
+        self._row_step = np.zeros(num_rows, dtype=np.int64)
+
+    def _allocate(self, spec: TensorSpec) -> torch.Tensor:
+        return torch.zeros((self.segments, self.horizon, *spec.shape), dtype=spec.dtype, device=self.device)
+
+    @property
+    def batch_size(self) -> int:
+        """Agent steps held when full."""
+        return self.segments * self.horizon
+
+    @property
+    def full(self) -> bool:
+        """Whether every row has stored all its steps for this epoch."""
+        return bool((self._row_step >= self.steps_per_row).all())
+
+    def rows_full(self, rows: slice) -> bool:
+        """Whether the given rows have stored all their steps."""
+        return bool(self._row_step[rows.start] >= self.steps_per_row)
+
+    def reset(self) -> None:
+        """Start filling a new epoch."""
+        self._row_step[:] = 0
+        self.log_ratio.zero_()
+
+    def _cursor(self, rows: slice) -> tuple[slice, int]:
+        step = int(self._row_step[rows.start])
+        base = (step // self.horizon) * self.num_rows
+        return slice(base + rows.start, base + rows.stop), step % self.horizon
+
+    def store_decision(
+        self, rows: slice, output: PolicyOutput, observations: torch.Tensor, mask: torch.Tensor, starts: torch.Tensor
+    ) -> None:
+        """Record what the policy saw and chose at the rows' current step."""
+        seg, pos = self._cursor(rows)
+        buf = self.buffers
+        buf["observations"][seg, pos] = observations
+        buf["actions"][seg, pos] = output.actions[:, 0]
+        buf["log_probs"][seg, pos] = output.log_prob[:, 0]
+        buf["values"][seg, pos] = output.values[:, 0]
+        buf["mask"][seg, pos] = mask
+        buf["starts"][seg, pos] = starts
+        for name, tensor in output.memory.items():
+            buf[name][seg, pos] = tensor
+
+    def store_outcome(
+        self, rows: slice, rewards: torch.Tensor, terminals: torch.Tensor, truncations: torch.Tensor
+    ) -> None:
+        """Record the result of the rows' last decision and advance them one step."""
+        seg, pos = self._cursor(rows)
+        self.buffers["rewards"][seg, pos] = rewards
+        self.buffers["terminals"][seg, pos] = terminals
+        self.buffers["truncations"][seg, pos] = truncations
+        self._row_step[rows] += 1
+
+    def set_bootstrap(self, rows: slice, values: torch.Tensor) -> None:
+        """Value of the observation after each row's last stored step."""
+        self.bootstrap[rows] = values
+
+    def as_row_series(self, tensor: torch.Tensor) -> torch.Tensor:
+        """View [segments, T, ...] as each row's whole epoch, [rows, k*T, ...]."""
+        k, rows, t = self.windows_per_row, self.num_rows, self.horizon
+        shaped = tensor.reshape(k, rows, t, *tensor.shape[2:]).transpose(0, 1)
+        return shaped.reshape(rows, k * t, *tensor.shape[2:])
+
+    def from_row_series(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Inverse of `as_row_series`."""
+        k, rows, t = self.windows_per_row, self.num_rows, self.horizon
+        shaped = tensor.reshape(rows, k, t, *tensor.shape[2:]).transpose(0, 1)
+        return shaped.reshape(k * rows, t, *tensor.shape[2:])
+
+    def minibatches(
+        self,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        minibatch_segments: int,
+        sampling: SamplingConfig,
+        progress: float,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[Minibatch]:
+        """Yield `segments // minibatch_segments` minibatches of whole segments."""
+        count = self.segments // minibatch_segments
+        if sampling.method == "sequential":
+            order = torch.randperm(self.segments, generator=generator).to(self.device)
+            groups = order[: count * minibatch_segments].view(count, minibatch_segments)
+            weights = torch.ones(minibatch_segments, 1, device=self.device)
+            for idx in groups:
+                yield self._gather(idx, advantages, returns, weights)
+            return
+        probs = prioritized_probabilities(advantages, sampling.prio_alpha)
+        beta = sampling.prio_beta0 + (1.0 - sampling.prio_beta0) * min(max(progress, 0.0), 1.0)
+        for _ in range(count):
+            idx = torch.multinomial(probs.cpu(), minibatch_segments, replacement=False, generator=generator)
+            idx = idx.to(self.device)
+            weights = importance_weights(probs[idx], self.segments, beta).unsqueeze(1)
+            yield self._gather(idx, advantages, returns, weights)
+
+    def _gather(
+        self, idx: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor, weights: torch.Tensor
+    ) -> Minibatch:
+        data = {name: buf[idx] for name, buf in self.buffers.items()}
+        return Minibatch(idx, data, advantages[idx], returns[idx], weights)
+
+
+def prioritized_probabilities(advantages: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per-segment sampling probabilities proportional to (sum |advantage|) ** alpha."""
+    priority = advantages.abs().sum(dim=1).pow(alpha)
+    total = priority.sum()
+    if not torch.isfinite(total) or total <= 0:
+        return torch.full_like(priority, 1.0 / priority.numel())
+    return priority / total
+
+
+def importance_weights(probs: torch.Tensor, population: int, beta: float) -> torch.Tensor:
+    """Weights (N * p) ** -beta that undo prioritised sampling's bias, scaled so the largest is 1."""
+    weights = (population * probs).pow(-beta)
+    return weights / weights.max()

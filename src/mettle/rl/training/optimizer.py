@@ -1,0 +1,165 @@
+"""Build the policy optimizer from OptimizerConfig, plus mode and learning-rate helpers for the trainer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import schedulefree
+import torch
+from torch import nn
+
+from mettle.rl.trainer_config import OptimizerConfig
+
+__all__ = [
+    "CombinedOptimizer",
+    "create_optimizer",
+    "get_learning_rate",
+    "muon_param_split",
+    "set_learning_rate",
+    "set_optimizer_mode",
+]
+
+# Muon scales each matrix's orthogonalised step to RMS 0.2*lr (Moonshot's AdamW-matched rule), so the
+# configured learning_rate and any schedule are shared by every group instead of a separate Muon lr.
+_MUON_LR_ADJUST = "match_rms_adamw"
+
+
+class CombinedOptimizer(torch.optim.Optimizer):
+    """Several optimizers behind one Optimizer, so step/zero_grad/state_dict/schedules see just one."""
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        if not optimizers:
+            raise ValueError("CombinedOptimizer needs at least one optimizer")
+        self.optimizers = list(optimizers)
+        super().__init__([group for opt in self.optimizers for group in opt.param_groups], defaults={})
+        self._link_inner()
+
+    def _link_inner(self) -> None:
+        """Share our group dicts and state with the inner optimizers so lr changes and loads reach them."""
+        start = 0
+        for opt in self.optimizers:
+            count = len(opt.param_groups)
+            opt.param_groups = self.param_groups[start : start + count]
+            opt.state = self.state
+            start += count
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Evaluate the closure once, then let each inner optimizer update its own parameters."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for opt in self.optimizers:
+            opt.step()
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load as a plain Optimizer would (which replaces groups and state), then re-share them."""
+        super().load_state_dict(state_dict)
+        self._link_inner()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Keep the inner optimizers when pickled or deep-copied; the base class would drop them."""
+        return {**super().__getstate__(), "optimizers": self.optimizers}
+
+
+def muon_param_split(policy: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Trainable params as (Muon: nn.Linear weight matrices, AdamW: the rest), since Muon needs 2-D matrices.
+
+    Input and output Linear layers stay on Muon: an arbitrary policy carries no marker of which Linear is an
+    input or a head. Embeddings, convolutions, recurrent cells, norms and biases go to AdamW.
+    """
+    linear_weights = {id(m.weight) for m in policy.modules() if isinstance(m, nn.Linear)}
+    params = [p for p in policy.parameters() if p.requires_grad]
+    muon = [p for p in params if id(p) in linear_weights and p.ndim == 2]
+    muon_ids = {id(p) for p in muon}
+    return muon, [p for p in params if id(p) not in muon_ids]
+
+
+def _adam(cfg: OptimizerConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """Adam with L2 weight decay folded into the gradient."""
+    lr, wd = cfg.learning_rate, cfg.weight_decay
+    return torch.optim.Adam(params, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=wd)
+
+
+def _adamw(cfg: OptimizerConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW with decoupled weight decay."""
+    lr, wd = cfg.learning_rate, cfg.weight_decay
+    return torch.optim.AdamW(params, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=wd)
+
+
+def _sgd(cfg: OptimizerConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """SGD with (optional) heavy-ball momentum and L2 weight decay."""
+    return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _schedulefree(cfg: OptimizerConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """Schedule-free AdamW: iterate averaging replaces the lr schedule; warm-up is built in."""
+    return schedulefree.AdamWScheduleFree(
+        params,
+        lr=cfg.learning_rate,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+    )
+
+
+def _muon(cfg: OptimizerConfig, policy: nn.Module) -> CombinedOptimizer:
+    """Muon (momentum = beta1) on Linear weight matrices and AdamW on the rest, as one optimizer."""
+    muon_params, other_params = muon_param_split(policy)
+    inner: list[torch.optim.Optimizer] = []
+    if muon_params:
+        inner.append(
+            torch.optim.Muon(
+                muon_params,
+                lr=cfg.learning_rate,
+                weight_decay=cfg.weight_decay,
+                momentum=cfg.beta1,
+                adjust_lr_fn=_MUON_LR_ADJUST,
+            )
+        )
+    if other_params:
+        inner.append(_adamw(cfg, other_params))
+    if not inner:
+        raise ValueError("optimizer got an empty parameter list: the policy has no trainable parameters")
+    return CombinedOptimizer(inner)
+
+
+_BUILDERS: dict[str, Callable[[OptimizerConfig, list[nn.Parameter]], torch.optim.Optimizer]] = {
+    "adam": _adam,
+    "adamw": _adamw,
+    "sgd": _sgd,
+    "adamw_schedulefree": _schedulefree,
+}
+
+
+def create_optimizer(cfg: OptimizerConfig, policy: nn.Module) -> torch.optim.Optimizer:
+    """One optimizer over the policy's trainable parameters, chosen and tuned by the config."""
+    if cfg.type == "muon":
+        return _muon(cfg, policy)
+    if cfg.type not in _BUILDERS:
+        raise ValueError(f"unknown optimizer type {cfg.type!r}; expected muon or one of {sorted(_BUILDERS)}")
+    return _BUILDERS[cfg.type](cfg, [p for p in policy.parameters() if p.requires_grad])
+
+
+def set_optimizer_mode(optimizer: torch.optim.Optimizer, training: bool) -> None:
+    """Schedule-free params hold the gradient point in training, the averaged weights in eval; else no-op."""
+    switch = getattr(optimizer, "train" if training else "eval", None)
+    if callable(switch):
+        switch()
+
+
+def get_learning_rate(optimizer: torch.optim.Optimizer) -> float:
+    """The nominal learning rate, for logging; every group shares it (Muon's is RMS-matched to AdamW)."""
+    return float(optimizer.param_groups[0]["lr"])
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the same nominal learning rate on every group, as schedules do."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
