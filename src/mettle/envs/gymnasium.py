@@ -1,0 +1,422 @@
+"""Gymnasium vector environments seen as rows of agents, under mettle's next-step contract.
+
+Gymnasium offers three autoreset modes; all of them are normalised to the `EnvBatch` contract:
+
+* NEXT_STEP (default, exact and cheapest): the vector env already shows the final observation on
+  the done step and resets on the following step, ignoring that step's action. It maps 1:1.
+* SAME_STEP and DISABLED: a vector env steps every sub-env together, so a row cannot be held still
+  for one receive while the others move. On the done step the final observation is delivered
+  (from `infos["final_obs"]` in SAME_STEP) with `mask` False; in DISABLED mode the finished
+  sub-envs are reset at once so that the next `step` is legal. On the following send every sub-env
+  is stepped; the step taken by a finished row (from a reset state, with its ignored action) is
+  thrown away, and that row is reset again with `reset(options={"reset_mask": ...})`. The reset
+  observation delivered is therefore a genuine fresh start (reward 0, flags False, `starts` True),
+  every delivered transition is real, and episode returns/lengths count only the agent's own steps.
+  The cost is one discarded step and one extra reset per episode, and the reset draws from the
+  sub-env's RNG once more than NEXT_STEP would, so those modes match NEXT_STEP exactly only up to
+  each row's first episode end. Prefer NEXT_STEP unless a vector env is handed to you.
+
+A step that gymnasium reports as both terminated and truncated is delivered as terminated only.
+Batches reuse preallocated arrays: one is valid until the next `send_actions`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.vector import AutoresetMode, VectorEnv
+
+from mettle.rl.training.environment import BatchInfo, EnvBatch, PolicyEnvInfo, TrainingEnvironment
+
+__all__ = [
+    "CARTPOLE_NO_VELOCITY_ID",
+    "GymnasiumEnvError",
+    "GymnasiumEnvironment",
+    "MaskVelocityObservation",
+    "make_cartpole_no_velocity",
+]
+
+CARTPOLE_NO_VELOCITY_ID = "mettle/CartPoleNoVel-v1"
+AUTORESET_MODES = ("next_step", "same_step", "disabled")
+
+Wrapper = Callable[[gym.Env], gym.Env]
+
+
+class GymnasiumEnvError(ValueError):
+    """A Gymnasium environment that cannot be used: unknown id, unsupported spaces or arguments."""
+
+
+# ------------------------------------------------------------------ CartPole without velocities
+class MaskVelocityObservation(gym.ObservationWrapper):
+    """Keep only cart position and pole angle of a CartPole observation, making it a POMDP."""
+
+    KEEP = np.array([0, 2])
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        space = env.observation_space
+        if not isinstance(space, gym.spaces.Box) or space.shape != (4,):
+            raise GymnasiumEnvError(
+                f"MaskVelocityObservation needs CartPole's Box(4,) observations, got {space}"
+            )
+        self.observation_space = gym.spaces.Box(
+            space.low[self.KEEP], space.high[self.KEEP], dtype=space.dtype
+        )
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        """Drop the cart velocity (1) and the pole angular velocity (3)."""
+        return observation[self.KEEP]
+
+
+def make_cartpole_no_velocity(**kwargs: Any) -> gym.Env:
+    """Registry entry point for mettle/CartPoleNoVel-v1 (importable by name in worker processes)."""
+    from gymnasium.envs.classic_control.cartpole import CartPoleEnv
+
+    return MaskVelocityObservation(CartPoleEnv(**kwargs))
+
+
+def _register_envs() -> None:
+    """Register mettle's Gymnasium ids once, so `gym:mettle/...` resolves like any other id."""
+    if CARTPOLE_NO_VELOCITY_ID not in gym.registry:
+        gym.register(
+            id=CARTPOLE_NO_VELOCITY_ID,
+            entry_point=f"{__name__}:make_cartpole_no_velocity",
+            max_episode_steps=500,
+            reward_threshold=475.0,
+        )
+
+
+_register_envs()
+
+
+# ------------------------------------------------------------------------------ construction
+def _check_env_id(env_id: str) -> None:
+    """Fail early, in one line with a close match, instead of deep inside a worker process."""
+    module, sep, name = env_id.rpartition(":")
+    if sep:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise GymnasiumEnvError(f"cannot import {module!r} to register {env_id!r}: {error}") from None
+    if name in gym.registry:
+        return
+    try:
+        namespace, base, version = gym.envs.registration.parse_env_id(name)
+    except gym.error.Error:
+        namespace, base, version = None, None, 0
+    if version is None and gym.envs.registration.find_highest_version(namespace, base) is not None:
+        return  # an unversioned id; gymnasium picks the latest version
+    matches = difflib.get_close_matches(name, list(gym.registry), n=1, cutoff=0.5)
+    hint = f"; did you mean {matches[0]!r}?" if matches else "; see gymnasium.pprint_registry()"
+    raise GymnasiumEnvError(f"unknown Gymnasium environment {env_id!r}{hint}")
+
+
+def _make_env(env_id: str, wrappers: Sequence[Wrapper], env_kwargs: dict[str, Any]) -> gym.Env:
+    """Create one wrapped sub-env; module-level so async workers can unpickle it by reference."""
+    env = gym.make(env_id, **env_kwargs)
+    for wrapper in wrappers:
+        env = wrapper(env)
+    return env
+
+
+def _build_vector_env(
+    env_id: str,
+    num_envs: int,
+    vectorization: str,
+    mode: AutoresetMode,
+    wrappers: Sequence[Wrapper],
+    env_kwargs: dict[str, Any],
+) -> VectorEnv:
+    """Gymnasium's own Sync/AsyncVectorEnv, with construction errors turned into one clear line."""
+    thunks = [
+        functools.partial(_make_env, env_id, tuple(wrappers), dict(env_kwargs)) for _ in range(num_envs)
+    ]
+    try:
+        if vectorization == "sync":
+            return gym.vector.SyncVectorEnv(thunks, copy=False, autoreset_mode=mode)
+        return gym.vector.AsyncVectorEnv(thunks, shared_memory=True, copy=False, autoreset_mode=mode)
+    except (TypeError, gym.error.Error) as error:
+        raise GymnasiumEnvError(f"cannot create {env_id!r} with {env_kwargs}: {error}") from None
+
+
+def _parse_mode(mode: str | AutoresetMode) -> AutoresetMode:
+    """Accept the enum or its lower-case value, naming the choices otherwise."""
+    if isinstance(mode, AutoresetMode):
+        return mode
+    by_name = {m.name.lower(): m for m in AutoresetMode} | {m.value: m for m in AutoresetMode}
+    try:
+        return by_name[mode]
+    except KeyError:
+        raise GymnasiumEnvError(
+            f"autoreset_mode {mode!r} is not one of {', '.join(AUTORESET_MODES)}"
+        ) from None
+
+
+# ------------------------------------------------------------------------- space conversion
+class _ObservationWriter:
+    """Writes vector-env observations into the float32 batch buffer (Box as is, Discrete one-hot)."""
+
+    def __init__(self, space: gym.Space, env_name: str) -> None:
+        if isinstance(space, gym.spaces.Box):
+            self.one_hot_start: int | None = None
+            low, high = space.low.astype(np.float32), space.high.astype(np.float32)
+            self.space = gym.spaces.Box(low, high, shape=space.shape, dtype=np.float32)
+        elif isinstance(space, gym.spaces.Discrete):
+            self.one_hot_start = int(space.start)
+            self.space = gym.spaces.Box(0.0, 1.0, shape=(int(space.n),), dtype=np.float32)
+        else:
+            raise GymnasiumEnvError(
+                f"{env_name}: observation space {space} is not supported (Box or Discrete only); "
+                "flatten it with wrappers=(gymnasium.wrappers.FlattenObservation,)"
+            )
+
+    def write(self, out: np.ndarray, obs: np.ndarray, rows: np.ndarray | None = None) -> None:
+        """Copy all rows, or only the rows where the boolean `rows` is True."""
+        if self.one_hot_start is None:
+            if rows is None:
+                np.copyto(out, obs, casting="unsafe")
+            else:
+                out[rows] = obs[rows]
+            return
+        index = np.arange(len(out)) if rows is None else np.flatnonzero(rows)
+        out[index] = 0.0
+        out[index, np.asarray(obs)[index] - self.one_hot_start] = 1.0
+
+
+class _ActionConverter:
+    """Turns [rows, heads] int64 actions into the vector env's batched action layout."""
+
+    def __init__(self, space: gym.Space, num_envs: int, env_name: str) -> None:
+        if isinstance(space, gym.spaces.Discrete):
+            self.shape: tuple[int, ...] = (num_envs,)
+            self.heads = 1
+            start = np.asarray(space.start)
+        elif isinstance(space, gym.spaces.MultiDiscrete):
+            self.shape = (num_envs, *space.nvec.shape)
+            self.heads = int(space.nvec.size)
+            start = np.asarray(space.start).reshape(-1)
+        else:
+            raise GymnasiumEnvError(
+                f"{env_name}: action space {space} is not supported; mettle policies need Discrete or "
+                "MultiDiscrete actions"
+            )
+        self.space = space
+        self.start = start if np.any(start != 0) else None
+        self.num_envs = num_envs
+        self._buffer = np.zeros((num_envs, self.heads), dtype=np.int64)
+
+    def convert(self, actions: np.ndarray) -> np.ndarray:
+        """A view when no start offset applies, otherwise a reused buffer."""
+        if actions.shape != (self.num_envs, self.heads):
+            raise ValueError(f"expected actions shaped {(self.num_envs, self.heads)}, got {actions.shape}")
+        if self.start is not None:
+            actions = np.add(actions, self.start, out=self._buffer)
+        return actions.reshape(self.shape)
+
+
+def _scalar_infos(info: dict[str, Any], row: int, prefix: str = "") -> dict[str, float]:
+    """Numeric scalars a sub-env reported for `row` (nested dicts flattened as `outer/inner`)."""
+    out: dict[str, float] = {}
+    for key, value in info.items():
+        if key.startswith("_") or key in ("final_obs", "final_info"):
+            continue
+        if isinstance(value, dict):
+            out.update(_scalar_infos(value, row, f"{prefix}{key}/"))
+            continue
+        present = info.get(f"_{key}")
+        if present is not None and not present[row]:
+            continue
+        if isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in "biuf":
+            out[f"{prefix}{key}"] = value[row].item()
+    return out
+
+
+# ---------------------------------------------------------------------------------- adapter
+class GymnasiumEnvironment(TrainingEnvironment):
+    """A Gymnasium vector env (one agent per sub-env) as a mettle TrainingEnvironment."""
+
+    def __init__(
+        self,
+        env_id: str,
+        num_envs: int = 8,
+        vectorization: Literal["sync", "async"] = "sync",
+        autoreset_mode: str | AutoresetMode = "next_step",
+        seed: int = 0,
+        wrappers: Sequence[Wrapper] = (),
+        env_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if num_envs < 1:
+            raise GymnasiumEnvError(f"num_envs must be at least 1, got {num_envs}")
+        if vectorization not in ("sync", "async"):
+            raise GymnasiumEnvError(f"vectorization {vectorization!r} is not one of sync, async")
+        mode = _parse_mode(autoreset_mode)
+        _check_env_id(env_id)
+        vec_env = _build_vector_env(env_id, num_envs, vectorization, mode, wrappers, env_kwargs or {})
+        self._setup(vec_env, seed, env_id)
+
+    @classmethod
+    def from_vector_env(
+        cls, vec_env: VectorEnv, seed: int = 0, name: str | None = None
+    ) -> GymnasiumEnvironment:
+        """Adopt an existing vector env, honouring its `metadata["autoreset_mode"]`; closes it on close()."""
+        self = cls.__new__(cls)
+        self._setup(vec_env, seed, name or type(vec_env).__name__)
+        return self
+
+    def _setup(self, vec_env: VectorEnv, seed: int, name: str) -> None:
+        """Check the spaces and preallocate every per-step buffer."""
+        self._vec = vec_env
+        self._closed = False
+        self.name = name
+        self._seed = seed
+        self._mode = _parse_mode(vec_env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP))
+        n = vec_env.num_envs
+        try:
+            self._obs_writer = _ObservationWriter(vec_env.single_observation_space, name)
+            self._actions = _ActionConverter(vec_env.single_action_space, n, name)
+        except GymnasiumEnvError:
+            self.close()
+            raise
+        self._info = PolicyEnvInfo(self._obs_writer.space, vec_env.single_action_space, num_agents=1)
+        self._batch_info = BatchInfo(num_envs=n, agents_per_env=1)
+        self._obs = np.zeros((n, *self._obs_writer.space.shape), dtype=np.float32)
+        self._rewards = np.zeros(n, dtype=np.float32)
+        self._terminals = np.zeros(n, dtype=bool)
+        self._truncations = np.zeros(n, dtype=bool)
+        self._mask = np.ones(n, dtype=bool)
+        self._starts = np.ones(n, dtype=bool)
+        self._done = np.zeros(n, dtype=bool)  # rows whose current observation is a final one
+        self._live = np.ones(n, dtype=bool)
+        self._to_reset = np.zeros(n, dtype=bool)
+        self._raw_rewards = np.zeros(n, dtype=np.float64)
+        self._returns = np.zeros(n, dtype=np.float64)
+        self._lengths = np.zeros(n, dtype=np.int64)
+        self._infos: list[dict[str, Any]] = []
+        self._started = False
+
+    # -------------------------------------------------------------------- contract
+    @property
+    def policy_env_info(self) -> PolicyEnvInfo:
+        """One agent's spaces; observations are always float32 Box."""
+        return self._info
+
+    @property
+    def batch_info(self) -> BatchInfo:
+        """One row per sub-env."""
+        return self._batch_info
+
+    @property
+    def autoreset_mode(self) -> AutoresetMode:
+        """The vector env's own mode (the delivered batches follow next-step semantics regardless)."""
+        return self._mode
+
+    @property
+    def vector_env(self) -> VectorEnv:
+        """The underlying Gymnasium vector env."""
+        return self._vec
+
+    def reset(self, seed: int | None = None) -> None:
+        """Reset every sub-env, seeding sub-env i with seed + i (first reset: the constructor seed)."""
+        if seed is None and not self._started:
+            seed = self._seed
+        obs, _ = self._vec.reset(seed=seed)
+        self._obs_writer.write(self._obs, obs)
+        for flags in (self._terminals, self._truncations, self._done):
+            flags.fill(False)
+        for flags in (self._mask, self._starts, self._live):
+            flags.fill(True)
+        for totals in (self._rewards, self._returns, self._lengths):
+            totals.fill(0)
+        self._infos = []
+        self._started = True
+
+    def get_observations(self) -> EnvBatch:
+        """The current batch (reset first if never reset); its arrays are reused after send_actions."""
+        if not self._started:
+            self.reset()
+        infos, self._infos = self._infos, []
+        return EnvBatch(
+            rows=slice(0, self._batch_info.num_rows),
+            observations=self._obs,
+            rewards=self._rewards,
+            terminals=self._terminals,
+            truncations=self._truncations,
+            mask=self._mask,
+            starts=self._starts,
+            infos=infos,
+        )
+
+    def send_actions(self, actions: np.ndarray) -> None:
+        """Step every sub-env; rows that showed a final observation restart instead (action ignored)."""
+        if not self._started:
+            self.reset()
+        obs, rewards, terminals, truncations, info = self._vec.step(
+            self._actions.convert(np.asarray(actions))
+        )
+        np.copyto(self._starts, self._done)  # rows restarting on this receive
+        np.logical_not(self._starts, out=self._live)
+        self._obs_writer.write(self._obs, obs)
+        self._record_transition(rewards, terminals, truncations)
+        final_info = info
+        if self._mode == AutoresetMode.SAME_STEP:
+            if self._done.any():
+                final_info = info.get("final_info", {})
+                self._write_final_observations(info)
+            self._reset_rows(self._starts)
+        elif self._mode == AutoresetMode.DISABLED:
+            self._reset_rows(np.logical_or(self._starts, self._done, out=self._to_reset))
+        if self._done.any():
+            self._finish_episodes(final_info)
+
+    def close(self) -> None:
+        """Close the vector env (and its worker processes); safe to call twice."""
+        if not self._closed:
+            self._closed = True
+            self._vec.close()
+
+    # -------------------------------------------------------------------- internals
+    def _record_transition(self, rewards: np.ndarray, terminals: np.ndarray, truncations: np.ndarray) -> None:
+        """Flags and rewards of live rows; restarting rows get reward 0 and no flags."""
+        np.copyto(self._rewards, rewards, casting="unsafe")
+        self._rewards[self._starts] = 0.0
+        np.logical_and(terminals, self._live, out=self._terminals)
+        np.logical_and(truncations, self._live, out=self._truncations)
+        self._truncations &= ~self._terminals
+        np.logical_or(self._terminals, self._truncations, out=self._done)
+        np.logical_not(self._done, out=self._mask)
+        np.multiply(rewards, self._live, out=self._raw_rewards)  # raw (not float32) rewards for returns
+        self._returns += self._raw_rewards
+        self._lengths += self._live
+
+    def _write_final_observations(self, info: dict[str, Any]) -> None:
+        """SAME_STEP puts the reset observation in obs; show the final one from infos instead."""
+        final_obs = info["final_obs"]
+        for row in np.flatnonzero(self._done):
+            self._obs_writer.write(self._obs[row : row + 1], np.asarray(final_obs[row])[None])
+
+    def _reset_rows(self, rows: np.ndarray) -> None:
+        """Reset `rows` now; only the restarting rows' reset observations are delivered."""
+        if not rows.any():
+            return
+        obs, _ = self._vec.reset(options={"reset_mask": rows})
+        if self._starts.any():
+            self._obs_writer.write(self._obs, obs, self._starts)
+
+    def _finish_episodes(self, final_info: dict[str, Any]) -> None:
+        """Queue one info per finished episode and clear its accumulators."""
+        for row in np.flatnonzero(self._done):
+            episode = _scalar_infos(final_info, row) if final_info else {}
+            episode.update(
+                episode_return=float(self._returns[row]),
+                episode_length=int(self._lengths[row]),
+                env_id=int(row),
+            )
+            self._infos.append(episode)
+        self._returns[self._done] = 0.0
+        self._lengths[self._done] = 0

@@ -1,0 +1,457 @@
+"""Tiny deterministic environments and a contract checker, for testing trainers, policies and envs.
+
+* `BanditEnvironment`: every row sees a one-hot target and is paid for copying it; PPO solves it
+  in seconds, which makes it the fast end-to-end learning check.
+* `ScriptedEnvironment`: observation `[t]`, reward `f(t)`, fixed episode length; every stored
+  reward and flag is known in advance, for exact-index tests.
+* `collect_rollout` / `check_rollout`: drive any `TrainingEnvironment` and verify the `EnvBatch`
+  next-step contract (final observation with `mask` False, then a start with reward 0, exact
+  episode returns and lengths in `infos`).
+
+Both environments run one episode per agent row and reuse their batch arrays: a batch is valid
+until the next `send_actions`.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import gymnasium as gym
+import numpy as np
+
+from mettle.rl.training.environment import (
+    BatchInfo,
+    EnvBatch,
+    PolicyEnvInfo,
+    TrainingEnvironment,
+    random_actions,
+)
+
+__all__ = [
+    "BanditEnvironment",
+    "Rollout",
+    "ScriptedEnvironment",
+    "check_environment_contract",
+    "check_rollout",
+    "collect_rollout",
+]
+
+
+class _RowEpisodeEnvironment(TrainingEnvironment):
+    """Next-step bookkeeping shared by the testing envs, so each only defines its dynamics."""
+
+    def __init__(
+        self,
+        num_envs: int,
+        agents_per_env: int,
+        observation_space: gym.spaces.Box,
+        action_space: gym.spaces.Discrete | gym.spaces.MultiDiscrete,
+        seed: int,
+    ) -> None:
+        if num_envs < 1 or agents_per_env < 1:
+            raise ValueError(f"num_envs and agents_per_env must be >= 1, got {num_envs}, {agents_per_env}")
+        self._batch_info = BatchInfo(num_envs=num_envs, agents_per_env=agents_per_env)
+        self._info = PolicyEnvInfo(observation_space, action_space, num_agents=agents_per_env)
+        self._nvec = np.asarray(self._info.action_nvec, dtype=np.int64)
+        self._seed = seed
+        rows = self._batch_info.num_rows
+        self._obs = np.zeros((rows, *observation_space.shape), dtype=np.float32)
+        self._rewards = np.zeros(rows, dtype=np.float32)
+        self._terminals = np.zeros(rows, dtype=bool)
+        self._truncations = np.zeros(rows, dtype=bool)
+        self._mask = np.ones(rows, dtype=bool)
+        self._starts = np.ones(rows, dtype=bool)
+        self._done = np.zeros(rows, dtype=bool)
+        self._returns = np.zeros(rows, dtype=np.float64)
+        self._lengths = np.zeros(rows, dtype=np.int64)
+        self._infos: list[dict[str, Any]] = []
+        self._started = False
+        self.closed = False
+
+    # ------------------------------------------------------------------ dynamics hooks
+    @abstractmethod
+    def _reset_dynamics(self, seed: int | None) -> None:
+        """Start every row's episode (reseeding when `seed` is given) and write all observations."""
+
+    @abstractmethod
+    def _advance(self, actions: np.ndarray, live: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Apply the live rows' actions; write their observations; return rewards, terminals, truncations."""
+
+    @abstractmethod
+    def _restart(self, rows: np.ndarray) -> None:
+        """Begin new episodes for the boolean `rows` and write their first observations."""
+
+    # ------------------------------------------------------------------ contract
+    @property
+    def policy_env_info(self) -> PolicyEnvInfo:
+        """One agent's spaces."""
+        return self._info
+
+    @property
+    def batch_info(self) -> BatchInfo:
+        """`num_envs` instances of `agents_per_env` rows."""
+        return self._batch_info
+
+    def reset(self, seed: int | None = None) -> None:
+        """Restart every row; without a seed the first reset uses the constructor's, later ones continue."""
+        if seed is None and not self._started:
+            seed = self._seed
+        self._reset_dynamics(seed)
+        for flags in (self._terminals, self._truncations, self._done):
+            flags.fill(False)
+        for flags in (self._mask, self._starts):
+            flags.fill(True)
+        for totals in (self._rewards, self._returns, self._lengths):
+            totals.fill(0)
+        self._infos = []
+        self._started = True
+
+    def get_observations(self) -> EnvBatch:
+        """The current batch (resetting first if never reset)."""
+        if not self._started:
+            self.reset()
+        infos, self._infos = self._infos, []
+        return EnvBatch(
+            rows=slice(0, self._batch_info.num_rows),
+            observations=self._obs,
+            rewards=self._rewards,
+            terminals=self._terminals,
+            truncations=self._truncations,
+            mask=self._mask,
+            starts=self._starts,
+            infos=infos,
+        )
+
+    def send_actions(self, actions: np.ndarray) -> None:
+        """Step live rows; rows that showed a final observation restart and their action is ignored."""
+        if not self._started:
+            self.reset()
+        actions = self._validate(actions)
+        np.copyto(self._starts, self._done)
+        live = ~self._starts
+        rewards, terminals, truncations = self._advance(actions, live)
+        np.logical_and(terminals, live, out=self._terminals)
+        np.logical_and(truncations, live, out=self._truncations)
+        self._truncations &= ~self._terminals
+        np.logical_or(self._terminals, self._truncations, out=self._done)
+        np.logical_not(self._done, out=self._mask)
+        np.multiply(rewards, live, out=self._rewards, casting="unsafe")
+        self._returns += np.where(live, rewards, 0.0)
+        self._lengths += live
+        self._finish_episodes()
+        if self._starts.any():
+            self._restart(self._starts)
+
+    def close(self) -> None:
+        """Nothing to release; kept idempotent like real environments."""
+        self.closed = True
+
+    # ------------------------------------------------------------------ internals
+    def _validate(self, actions: np.ndarray) -> np.ndarray:
+        """Strict checks, since these environments exist to catch bugs in their callers."""
+        actions = np.asarray(actions)
+        expected = (self._batch_info.num_rows, len(self._nvec))
+        if actions.shape != expected:
+            raise ValueError(f"expected actions shaped {expected}, got {actions.shape}")
+        if actions.dtype.kind not in "iu" or (actions < 0).any() or (actions >= self._nvec).any():
+            raise ValueError(f"actions must be integers in [0, {self._nvec.tolist()}), got {actions!r}")
+        return actions
+
+    def _finish_episodes(self) -> None:
+        """Queue one info per finished episode and clear its accumulators."""
+        agents = self._batch_info.agents_per_env
+        for row in np.flatnonzero(self._done):
+            self._infos.append(
+                {
+                    "episode_return": float(self._returns[row]),
+                    "episode_length": int(self._lengths[row]),
+                    "env_id": int(row // agents),
+                    "agent_id": int(row % agents),
+                }
+            )
+        self._returns[self._done] = 0.0
+        self._lengths[self._done] = 0
+
+
+class BanditEnvironment(_RowEpisodeEnvironment):
+    """Each row sees one-hot targets (one per action head) and earns the fraction of heads it copies.
+
+    The targets are redrawn after every step, for all rows, from one seeded generator, so a run is a
+    function of the seed and the actions. Episodes truncate after `episode_length` steps; with
+    `terminate_on_wrong` a step with any wrong head terminates the episode instead. The best return
+    is `episode_length`.
+    """
+
+    def __init__(
+        self,
+        num_envs: int = 8,
+        agents_per_env: int = 1,
+        num_actions: int = 4,
+        episode_length: int = 8,
+        action_heads: int = 1,
+        terminate_on_wrong: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if num_actions < 2 or episode_length < 1 or action_heads < 1:
+            raise ValueError("need num_actions >= 2, episode_length >= 1 and action_heads >= 1")
+        action_space: gym.spaces.Discrete | gym.spaces.MultiDiscrete = (
+            gym.spaces.Discrete(num_actions)
+            if action_heads == 1
+            else gym.spaces.MultiDiscrete([num_actions] * action_heads)
+        )
+        obs_space = gym.spaces.Box(0.0, 1.0, shape=(action_heads * num_actions,), dtype=np.float32)
+        super().__init__(num_envs, agents_per_env, obs_space, action_space, seed)
+        self.num_actions = num_actions
+        self.episode_length = episode_length
+        self.terminate_on_wrong = terminate_on_wrong
+        rows = self._batch_info.num_rows
+        self._rng = np.random.default_rng(seed)
+        self._targets = np.zeros((rows, action_heads), dtype=np.int64)
+        self._t = np.zeros(rows, dtype=np.int64)
+
+    @property
+    def targets(self) -> np.ndarray:
+        """The action each row must take now, [rows, heads] (the optimal policy, for tests)."""
+        return self._targets
+
+    def _reset_dynamics(self, seed: int | None) -> None:
+        """Reseed if asked, then draw fresh targets for every row."""
+        if seed is not None:
+            self._rng = np.random.default_rng(seed)
+        self._t.fill(0)
+        self._draw_targets()
+
+    def _advance(self, actions: np.ndarray, live: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pay for matching heads, count the step, then show new targets everywhere."""
+        correct = actions == self._targets
+        rewards = correct.mean(axis=1)
+        self._t += live
+        terminals = ~correct.all(axis=1) if self.terminate_on_wrong else np.zeros_like(live)
+        truncations = self._t >= self.episode_length
+        self._draw_targets()
+        return rewards, terminals, truncations
+
+    def _restart(self, rows: np.ndarray) -> None:
+        """Targets were already redrawn; only the step counter restarts."""
+        self._t[rows] = 0
+
+    def _draw_targets(self) -> None:
+        """New targets for all rows, written as one-hot blocks into the observation buffer."""
+        self._targets[:] = self._rng.integers(self.num_actions, size=self._targets.shape)
+        blocks = self._obs.reshape(len(self._obs), self._targets.shape[1], self.num_actions)
+        blocks.fill(0.0)
+        np.put_along_axis(blocks, self._targets[..., None], 1.0, axis=2)
+
+
+class ScriptedEnvironment(_RowEpisodeEnvironment):
+    """Observation `[t]` (steps taken in the episode), reward `rewards(t)` for the step from t.
+
+    Every episode lasts `episode_length` steps and ends as a terminal or a truncation (`end`), so the
+    final observation is `[episode_length]`. Actions are ignored (only validated); `row_offsets`
+    start row i's first episode at `t = row_offsets[i]` to desynchronise rows. Default reward: t + 1.
+    """
+
+    def __init__(
+        self,
+        num_envs: int = 2,
+        episode_length: int = 5,
+        end: Literal["terminal", "truncation"] = "terminal",
+        rewards: Sequence[float] | Callable[[int], float] | None = None,
+        agents_per_env: int = 1,
+        num_actions: int = 2,
+        row_offsets: Sequence[int] | None = None,
+        record_actions: bool = False,
+    ) -> None:
+        if end not in ("terminal", "truncation"):
+            raise ValueError(f"end must be 'terminal' or 'truncation', got {end!r}")
+        if episode_length < 1:
+            raise ValueError(f"episode_length must be >= 1, got {episode_length}")
+        obs_space = gym.spaces.Box(0.0, float(episode_length), shape=(1,), dtype=np.float32)
+        super().__init__(num_envs, agents_per_env, obs_space, gym.spaces.Discrete(num_actions), seed=0)
+        self.episode_length = episode_length
+        self.end = end
+        self.reward_table = self._reward_table(rewards, episode_length)
+        rows = self._batch_info.num_rows
+        offsets = np.zeros(rows, dtype=np.int64) if row_offsets is None else np.asarray(row_offsets, np.int64)
+        if offsets.shape != (rows,) or (offsets < 0).any() or (offsets >= episode_length).any():
+            raise ValueError(
+                f"row_offsets must be {rows} integers in [0, {episode_length}), got {row_offsets}"
+            )
+        self._offsets = offsets
+        self._t = offsets.copy()
+        self.actions: list[np.ndarray] | None = [] if record_actions else None
+        """Copies of every action array received, when `record_actions` is set."""
+
+    @staticmethod
+    def _reward_table(rewards: Sequence[float] | Callable[[int], float] | None, length: int) -> np.ndarray:
+        """Rewards for the steps from t = 0 .. length-1, precomputed once."""
+        if rewards is None:
+            return np.arange(1, length + 1, dtype=np.float64)
+        if callable(rewards):
+            return np.array([rewards(t) for t in range(length)], dtype=np.float64)
+        table = np.asarray(rewards, dtype=np.float64)
+        if table.shape != (length,):
+            raise ValueError(f"rewards must hold episode_length={length} values, got {len(table)}")
+        return table
+
+    def _reset_dynamics(self, seed: int | None) -> None:
+        """Back to the configured offsets; the seed is irrelevant to a script."""
+        np.copyto(self._t, self._offsets)
+        self._obs[:, 0] = self._t
+
+    def _advance(self, actions: np.ndarray, live: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Reward the step from t, count it, and end episodes that reach `episode_length`."""
+        if self.actions is not None:
+            self.actions.append(actions.copy())
+        rewards = self.reward_table[np.minimum(self._t, self.episode_length - 1)]
+        self._t += live
+        self._obs[:, 0] = self._t
+        return self._split_end(rewards, self._t >= self.episode_length)
+
+    def _split_end(self, rewards: np.ndarray, ended: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Route the episode end to terminals or truncations."""
+        never = np.zeros_like(ended)
+        if self.end == "terminal":
+            return rewards, ended, never
+        return rewards, never, ended
+
+    def _restart(self, rows: np.ndarray) -> None:
+        """New episodes start at t = 0 (offsets apply to the first episode only)."""
+        self._t[rows] = 0
+        self._obs[rows, 0] = 0.0
+
+
+# ---------------------------------------------------------------------- contract checking
+@dataclass
+class Rollout:
+    """Copies of every batch received and every action sent, stacked over time."""
+
+    observations: np.ndarray
+    """[T, rows, *obs_shape]"""
+    rewards: np.ndarray
+    terminals: np.ndarray
+    truncations: np.ndarray
+    mask: np.ndarray
+    starts: np.ndarray
+    actions: np.ndarray
+    """[T, rows, heads]: the actions sent after batch t."""
+    infos: list[list[dict[str, Any]]]
+    """The infos delivered with batch t."""
+    agents_per_env: int = 1
+
+    def info_row(self, info: dict[str, Any]) -> int:
+        """The agent row an episode info belongs to."""
+        return int(info["env_id"]) * self.agents_per_env + int(info.get("agent_id", 0))
+
+
+ActionFn = Callable[[int, EnvBatch], np.ndarray]
+
+
+def collect_rollout(
+    env: TrainingEnvironment, steps: int, seed: int = 0, actions: ActionFn | None = None
+) -> Rollout:
+    """Reset `env` with `seed`, then receive and send `steps` times (random actions by default)."""
+    info, rows = env.policy_env_info, env.batch_info.num_rows
+    rng = np.random.default_rng(seed)
+    choose = actions or (lambda _t, _batch: random_actions(info, rows, rng))
+    env.reset(seed=seed)
+    fields: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("observations", "rewards", "terminals", "truncations", "mask", "starts", "actions")
+    }
+    infos: list[list[dict[str, Any]]] = []
+    for t in range(steps):
+        batch = env.get_observations()
+        for name in ("observations", "rewards", "terminals", "truncations", "mask", "starts"):
+            fields[name].append(np.array(getattr(batch, name), copy=True))
+        infos.append(list(batch.infos))
+        sent = np.asarray(choose(t, batch), dtype=np.int64)
+        fields["actions"].append(sent.copy())
+        env.send_actions(sent)
+    stacked = {name: np.stack(values) for name, values in fields.items()}
+    return Rollout(**stacked, infos=infos, agents_per_env=env.batch_info.agents_per_env)
+
+
+def check_rollout(rollout: Rollout, policy_env_info: PolicyEnvInfo | None = None) -> None:
+    """Raise AssertionError at the first breach of the EnvBatch next-step contract."""
+    _check_layout(rollout, policy_env_info)
+    _check_first_batch(rollout)
+    _check_flags(rollout)
+    _check_episode_infos(rollout)
+
+
+def check_environment_contract(env: TrainingEnvironment, steps: int = 200, seed: int = 0) -> Rollout:
+    """Drive `env` with random actions and check every batch; returns the rollout for further checks."""
+    rollout = collect_rollout(env, steps, seed)
+    check_rollout(rollout, env.policy_env_info)
+    return rollout
+
+
+def _fail(message: str) -> None:
+    """Raise even under `python -O`."""
+    raise AssertionError(message)
+
+
+def _check_layout(r: Rollout, info: PolicyEnvInfo | None) -> None:
+    """Shapes and dtypes the trainer relies on."""
+    steps, rows = r.rewards.shape
+    if r.observations.dtype != np.float32:
+        _fail(f"observations must be float32, got {r.observations.dtype}")
+    if info is not None and r.observations.shape[2:] != tuple(info.observation_space.shape):
+        _fail(f"observations shaped {r.observations.shape[2:]}, space says {info.observation_space.shape}")
+    for name in ("terminals", "truncations", "mask", "starts"):
+        array = getattr(r, name)
+        if array.dtype != np.bool_ or array.shape != (steps, rows):
+            _fail(f"{name} must be bool [rows], got {array.dtype} {array.shape[1:]}")
+
+
+def _check_first_batch(r: Rollout) -> None:
+    """After reset: all starts, no reward, no flags, every row live."""
+    if not (r.starts[0].all() and r.mask[0].all() and not r.rewards[0].any()):
+        _fail("the first batch after reset must have starts and mask everywhere and zero rewards")
+    if r.terminals[0].any() or r.truncations[0].any() or r.infos[0]:
+        _fail("the first batch after reset must have no flags and no infos")
+
+
+def _check_flags(r: Rollout) -> None:
+    """Termination apart from truncation, mask False exactly on final observations, then a clean start."""
+    done = r.terminals | r.truncations
+    if (r.terminals & r.truncations).any():
+        t, row = np.argwhere(r.terminals & r.truncations)[0]
+        _fail(f"batch {t} row {row}: terminal and truncation both set")
+    if (r.mask == done).any():
+        t, row = np.argwhere(r.mask == done)[0]
+        _fail(
+            f"batch {t} row {row}: mask must be False exactly when the episode ended (mask={r.mask[t, row]})"
+        )
+    if (r.starts[1:] != done[:-1]).any():
+        t, row = np.argwhere(r.starts[1:] != done[:-1])[0]
+        _fail(f"batch {t + 1} row {row}: starts must follow a final observation and only then")
+    restarted = r.starts[1:]
+    if (r.rewards[1:][restarted] != 0).any() or done[1:][restarted].any():
+        _fail("a start after a final observation must carry reward 0 and no flags")
+
+
+def _check_episode_infos(r: Rollout) -> None:
+    """Exactly one info per finished episode, with the return and length the batches imply."""
+    steps, rows = r.rewards.shape
+    returns, lengths = np.zeros(rows), np.zeros(rows, dtype=np.int64)
+    for t in range(1, steps):
+        live = ~r.starts[t]
+        returns[r.starts[t]], lengths[r.starts[t]] = 0.0, 0
+        returns[live] += r.rewards[t][live]
+        lengths += live
+        finished = np.flatnonzero(r.terminals[t] | r.truncations[t])
+        reported = {r.info_row(info): info for info in r.infos[t]}
+        if sorted(reported) != finished.tolist() or len(reported) != len(r.infos[t]):
+            _fail(
+                f"batch {t}: infos for rows {sorted(reported)} but episodes ended in rows {finished.tolist()}"
+            )
+        for row in finished:
+            info = reported[row]
+            if info["episode_length"] != lengths[row]:
+                _fail(f"batch {t} row {row}: episode_length {info['episode_length']} != {lengths[row]} seen")
+            if not np.isclose(info["episode_return"], returns[row], rtol=1e-5, atol=1e-5):
+                _fail(f"batch {t} row {row}: episode_return {info['episode_return']} != {returns[row]} seen")
