@@ -59,7 +59,7 @@ def test_callbacks_run_in_order_each_epoch() -> None:
     per_epoch = [("a", "step"), ("b", "step"), ("a", "rollout_end"), ("b", "rollout_end")]
     expected: list[tuple[str, Any]] = []
     for epoch in range(1, 5):
-        expected += per_epoch + [("a", f"epoch_end {epoch}"), ("b", f"epoch_end {epoch}")]
+        expected += [*per_epoch, ("a", f"epoch_end {epoch}"), ("b", f"epoch_end {epoch}")]
     expected += [("a", "complete"), ("b", "complete")]
     assert log == expected
     assert trainer.context.state.epoch == 4
