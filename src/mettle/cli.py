@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--policy", choices=["mlp", "lstm"], default=None, help="policy architecture")
     train.add_argument("--run", default=None, help="run name (default: <env>-<time>)")
     train.add_argument("--run-dir", default="runs", help="directory that holds runs (default ./runs)")
+    train.add_argument("--fresh", action="store_true", help="refuse to resume: fail if the run already exists")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. batch_size=4096")
     evaluate = sub.add_parser("eval", help="evaluate a trained run")
     evaluate.add_argument("run_dir", help="a run directory (or one checkpoint directory)")
@@ -51,29 +52,64 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def resolve_train_config(args: argparse.Namespace) -> RunConfig:
-    """Recipe defaults for the env, then --env/--policy, then key=value overrides."""
-    env_name = args.env or DEFAULT_ENV
-    overrides = [f"env.name={env_name}"]
+def resolve_train_config(args: argparse.Namespace, saved: RunConfig | None = None) -> RunConfig:
+    """Recipe defaults (or the saved config when resuming), then --env/--policy, then key=value overrides."""
+    overrides = [f"env.name={args.env}"] if args.env else []
     if args.policy:
         overrides.append(f"policy.kind={args.policy}")
-    return build_run_config([*recipe_for(env_name, args.policy), *overrides, *args.overrides])
+    if saved is not None:
+        cfg = build_run_config([*overrides, *args.overrides], base=saved.model_dump(mode="json"))
+        check_resumable(saved, cfg)
+        return cfg
+    env_name = args.env or DEFAULT_ENV
+    return build_run_config([*recipe_for(env_name, args.policy), f"env.name={env_name}", *overrides, *args.overrides])
+
+
+RESUME_FIXED = ("env.name", "env.kwargs", "env.num_envs", "policy", "trainer.optimizer.type", "trainer.bptt_horizon")
+
+
+def check_resumable(saved: RunConfig, new: RunConfig) -> None:
+    """Refuse to resume into another environment, policy architecture or optimizer."""
+    old, cur = saved.model_dump(mode="json"), new.model_dump(mode="json")
+    for key in RESUME_FIXED:
+        before, after = old, cur
+        for part in key.split("."):
+            before, after = before[part], after[part]
+        if before != after:
+            raise ConfigError(
+                f"cannot resume: {key} was {before!r} in the saved run, now {after!r}; "
+                "start a new run with another --run name"
+            )
 
 
 def train_command(args: argparse.Namespace) -> int:
-    """Validate everything, then train and write config.json and the final policy into the run dir."""
+    """Validate everything, then train (resuming a run that has checkpoints) and write the final policy."""
+    from mettle.rl.training.checkpointer import list_checkpoints
+
+    env_label = (args.env or DEFAULT_ENV).split(":")[-1].replace("/", "-")
+    run_name = args.run or f"{env_label}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(args.run_dir) / run_name
+    existing = (run_dir / "config.json").exists() or bool(list_checkpoints(run_dir / "checkpoints"))
+    if existing and args.fresh:
+        raise ConfigError(f"run {run_name!r} already exists in {run_dir}; --fresh refuses to resume it "
+                          "(choose another --run name, or delete the directory)")
+    saved = load_run_config(run_dir) if (run_dir / "config.json").exists() else None
+    cfg = resolve_train_config(args, saved)
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    return run_training(cfg, run_name, run_dir)
+
+
+def run_training(cfg: RunConfig, run_name: str, run_dir: Path) -> int:
+    """Build env, policy and trainer with its components; train; write the final policy."""
     from mettle.agent.registry import build_policy
     from mettle.envs.factory import make_environment
     from mettle.rl.trainer import Trainer
     from mettle.rl.training import ContextCheckpointer
-    from mettle.rl.training.checkpointer import atomic_write, save_policy
+    from mettle.rl.training.checkpointer import CheckpointError, atomic_write, save_policy
     from mettle.rl.training.components.progress import ProgressLogger
+    from mettle.rl.training.components.signals import GracefulShutdown
 
-    cfg = resolve_train_config(args)
-    run_name = args.run or f"{cfg.env.name.split(':')[-1].replace('/', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(args.run_dir) / run_name
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
     env = make_environment(cfg.env, seed=cfg.trainer.seed)
     try:
         policy = build_policy(cfg.policy.kind, hidden_size=cfg.policy.hidden_size)
@@ -84,30 +120,38 @@ def train_command(args: argparse.Namespace) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "config.json", lambda f: f.write(cfg.model_dump_json(indent=2).encode()))
         trainer.register(ProgressLogger(interval_s=cfg.progress_interval_s))
+        shutdown = trainer.register(GracefulShutdown())
         trainer.register(ContextCheckpointer(run_dir / "checkpoints", epoch_interval=cfg.checkpoint_interval))
-        resumed = trainer.restore()
+        try:
+            resumed = trainer.restore()
+        except CheckpointError as error:
+            raise ConfigError(str(error)) from None
+        state = trainer.context.state
         if resumed is not None:
-            print(f"resuming {run_name} from {resumed} at agent step {trainer.context.state.agent_step:,}")
+            print(f"resuming run {run_name} from {resumed} at agent step {state.agent_step:,} (epoch {state.epoch})")
         print(f"training {cfg.env.name} with {cfg.policy.kind} policy; run dir {run_dir}", flush=True)
         trainer.train()
-        state = trainer.context.state
         save_policy(policy, env.policy_env_info, run_dir, agent_step=state.agent_step, epoch=state.epoch)
-        print(f"policy written to {run_dir / 'policy.safetensors'}")
+        if shutdown.received is not None:
+            print(f"stopped at agent step {state.agent_step:,}; resume with: "
+                  f"mettle train --run {run_name} --run-dir {run_dir.parent}", flush=True)
+        else:
+            print(f"policy written to {run_dir / 'policy.safetensors'}")
     finally:
         env.close()
     return 0
 
 
 def find_policy_dir(path: Path) -> Path:
-    """A directory holding policy files: the path itself, or the newest checkpoint of a run."""
+    """A directory holding policy files: a run's newest checkpoint, or the path itself (a checkpoint)."""
     from mettle.rl.training.checkpointer import POLICY_SPEC, list_checkpoints, resolve_checkpoint_dir
 
+    checkpoints = list_checkpoints(resolve_checkpoint_dir(path))
+    if checkpoints:
+        return checkpoints[-1]
     if (path / POLICY_SPEC).exists():
         return path
-    checkpoints = list_checkpoints(resolve_checkpoint_dir(path))
-    if not checkpoints:
-        raise ConfigError(f"{path} holds no policy; pass a run directory made by `mettle train`")
-    return checkpoints[-1]
+    raise ConfigError(f"{path} holds no policy; pass a run directory made by `mettle train` or a checkpoint")
 
 
 def load_run_config(path: Path) -> RunConfig:

@@ -69,6 +69,13 @@ class Policy(nn.Module, ABC):
     def reset_memory(self) -> None:
         """Forget every row's recurrent state (stateless policies have none)."""
 
+    def memory_state(self) -> dict[str, torch.Tensor]:
+        """Every row's rollout memory, so that a checkpoint resumes rollouts exactly (empty if stateless)."""
+        return {}
+
+    def load_memory_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what `memory_state` returned."""
+
     @property
     def is_recurrent(self) -> bool:
         """Whether outputs depend on earlier steps of the same row."""

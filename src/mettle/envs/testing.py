@@ -14,6 +14,7 @@ until the next `send_actions`.
 
 from __future__ import annotations
 
+import json
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
+import torch
 
 from mettle.rl.training.environment import (
     BatchInfo,
@@ -148,6 +150,26 @@ class _RowEpisodeEnvironment(TrainingEnvironment):
     def close(self) -> None:
         """Nothing to release; kept idempotent like real environments."""
         self.closed = True
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every array, the pending infos and the RNG, so training resumes bit-for-bit."""
+        arrays = {k: torch.from_numpy(v.copy()) for k, v in vars(self).items() if isinstance(v, np.ndarray)}
+        rng = getattr(self, "_rng", None)
+        return {
+            "arrays": arrays,
+            "infos": [dict(info) for info in self._infos],
+            "started": self._started,
+            "rng": json.dumps(rng.bit_generator.state) if rng is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict`'s output."""
+        for name, tensor in state["arrays"].items():
+            np.copyto(getattr(self, name), tensor.numpy())
+        self._infos = [dict(info) for info in state["infos"]]
+        self._started = bool(state["started"])
+        if state["rng"] is not None:
+            self._rng.bit_generator.state = json.loads(state["rng"])
 
     # ------------------------------------------------------------------ internals
     def _validate(self, actions: np.ndarray) -> np.ndarray:

@@ -19,8 +19,11 @@ def evaluate_policy(
     deterministic: bool = True,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Infos of exactly `episodes` episodes, spread evenly over the env's rows so short ones are not favoured."""
-    rows = env.batch_info.num_rows
+    """Infos of exactly `episodes` agent-episodes, spread evenly over agent rows so short ones are not favoured.
+
+    Environments report one info per agent per episode, with `env_id` and (multi-agent) `agent_id`.
+    """
+    rows, agents = env.batch_info.num_rows, env.batch_info.agents_per_env
     quota = np.full(rows, episodes // rows) + (np.arange(rows) < episodes % rows)
     done = np.zeros(rows, dtype=np.int64)
     results: list[dict[str, Any]] = []
@@ -30,7 +33,7 @@ def evaluate_policy(
     while len(results) < episodes:
         batch = env.get_observations()
         for info in batch.infos:
-            row = int(info.get("row", info.get("env_id", 0)))
+            row = int(info["env_id"]) * agents + int(info.get("agent_id", 0))
             if done[row] < quota[row]:
                 done[row] += 1
                 results.append(info)

@@ -86,10 +86,14 @@ class Trainer:
         return list(self._components)
 
     def train(self) -> Any:
-        """Run the main training loop."""
+        """Run the main training loop.
+
+        Runs epochs until `total_timesteps` agent steps, or until a component sets
+        `context.stop_requested`; either way `on_training_complete` follows (a checkpoint, a summary).
+        """
         state = self._context.state
         try:
-            while state.agent_step < self._cfg.total_timesteps:
+            while state.agent_step < self._cfg.total_timesteps and not self._context.stop_requested:
                 self._run_epoch()
             self._invoke(TrainerCallback.TRAINING_COMPLETE)
         except BaseException as error:
@@ -162,6 +166,7 @@ class Trainer:
         self._components.append(component)
         if isinstance(component, ContextCheckpointer):
             self._checkpointer = component
+            component.attach(self)
         return component
 
     def restore(self) -> Any:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 from collections.abc import Callable
@@ -29,6 +31,7 @@ logger = logging.getLogger(__name__)
 POLICY_WEIGHTS = "policy.safetensors"
 POLICY_SPEC = "policy.json"
 TRAINER_STATE = "trainer_state.pt"
+MANIFEST = "manifest.json"
 
 
 class CheckpointError(RuntimeError):
@@ -142,7 +145,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class ContextCheckpointer(TrainerComponent):
     """Saves policy and trainer state every `epoch_interval` epochs and at the end; keeps the last few.
 
-    Every rank has one (so every rank restores); only rank 0 writes.
+    Every rank has one (so every rank restores); only rank 0 writes. A checkpoint is built in a
+    staging directory and renamed into place, so a directory named by its epoch is always complete.
     """
 
     def __init__(self, checkpoint_dir: str | os.PathLike, epoch_interval: int = 10, keep_last: int = 3) -> None:
@@ -152,6 +156,11 @@ class ContextCheckpointer(TrainerComponent):
         self.directory = resolve_checkpoint_dir(Path(checkpoint_dir))
         self.keep_last = keep_last
         self._last_saved_epoch = -1
+        self._trainer: Trainer | None = None
+
+    def attach(self, trainer: Trainer) -> None:
+        """Called by `Trainer.register`: the trainer's loop state goes into every checkpoint."""
+        self._trainer = trainer
 
     def on_epoch_end(self, epoch: int) -> None:
         """Save on the interval."""
@@ -166,27 +175,28 @@ class ContextCheckpointer(TrainerComponent):
         """Write a complete checkpoint for the current epoch (rank 0 only); prune older ones after."""
         ctx = self.context
         self._last_saved_epoch = ctx.state.epoch
-        if not ctx.distributed.is_master():
-            ctx.distributed.synchronize()
-            return None
         final = self.directory / f"{ctx.state.epoch:08d}"
-        staging = self.directory / f".staging-{ctx.state.epoch:08d}"
+        if ctx.distributed.is_master() and not final.exists():
+            self._write(final)
+            self._prune()
+        ctx.distributed.synchronize()
+        return final
+
+    def _write(self, final: Path) -> None:
+        ctx = self.context
+        staging = self.directory / f".staging-{final.name}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         save_policy(ctx.policy, ctx.env.policy_env_info, staging, agent_step=ctx.state.agent_step,
                     epoch=ctx.state.epoch)
         state = self._trainer_state()
         atomic_write(staging / TRAINER_STATE, lambda f: torch.save(state, f))
-        shutil.rmtree(final, ignore_errors=True)
+        write_manifest(staging)
         os.replace(staging, final)
         fsync_dir(self.directory)
-        self._prune()
-        ctx.distributed.synchronize()
-        return final
 
     def _trainer_state(self) -> dict[str, Any]:
         ctx = self.context
-        components = {c.state_key: c.state_dict() for c in ctx.components if c is not self}
         return {
             "trainer": ctx.state.state_dict(),
             "optimizer": ctx.optimizer.state_dict(),
@@ -194,25 +204,34 @@ class ContextCheckpointer(TrainerComponent):
             "stopwatch": ctx.stopwatch.state_dict(),
             "rng": rng_state(),
             "generator": ctx.generator.get_state(),
-            "components": components,
+            "core_loop": self._trainer.core_loop.state_dict() if self._trainer is not None else None,
+            "components": {c.state_key: c.state_dict() for c in ctx.components if c is not self},
         }
 
     def _prune(self) -> None:
         for old in list_checkpoints(self.directory)[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+        for stale in self.directory.glob(".staging-*"):
+            shutil.rmtree(stale, ignore_errors=True)
 
     def restore(self, trainer: Trainer) -> Path | None:
-        """Load the newest usable checkpoint into the trainer; None (fresh start) when there is none."""
+        """Load the newest usable checkpoint; None (fresh start) when there is none.
+
+        A damaged newest checkpoint is reported by name and the previous one is used; if checkpoints
+        exist but none loads, CheckpointError is raised rather than silently starting over.
+        """
+        problems: list[str] = []
         for path in reversed(list_checkpoints(self.directory)):
             try:
-                state = load_trainer_state(path / TRAINER_STATE)
-                weights = load_safetensors((path / POLICY_WEIGHTS).read_bytes())
-            except (CheckpointError, OSError, ValueError, RuntimeError) as error:
-                logger.warning("checkpoint %s is unusable (%s); trying the previous one", path, error)
+                state, weights = read_checkpoint(path)
+            except CheckpointError as error:
+                logger.warning("checkpoint %s is unusable, trying the previous one: %s", path, error)
+                problems.append(str(error))
                 continue
             self._apply(trainer, state, weights)
-            logger.info("resumed from %s (epoch %d)", path, trainer.context.state.epoch)
             return path
+        if problems:
+            raise CheckpointError(f"no usable checkpoint in {self.directory}: " + "; ".join(problems))
         return None
 
     def _apply(self, trainer: Trainer, state: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
@@ -225,6 +244,8 @@ class ContextCheckpointer(TrainerComponent):
         ctx.stopwatch.load_state_dict(state["stopwatch"])
         set_rng_state(state["rng"])
         ctx.generator.set_state(state["generator"])
+        if state["core_loop"] is not None:
+            trainer.core_loop.load_state_dict(state["core_loop"])
         for component in trainer.components:
             if component.state_key in state["components"]:
                 component.load_state_dict(state["components"][component.state_key])
@@ -237,15 +258,60 @@ def resolve_checkpoint_dir(path: Path) -> Path:
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoint directories, oldest first (staging directories are never listed)."""
+    """Checkpoint directories, oldest first (staging directories are never listed)."""
     if not directory.is_dir():
         return []
     return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def write_manifest(directory: Path) -> None:
+    """Record every file's size and sha256, so damage after the write is detected on load."""
+    files = {p.name: file_digest(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    atomic_write(directory / MANIFEST, lambda f: f.write(json.dumps(files, indent=2).encode()))
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """Size and sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def verify_manifest(directory: Path) -> None:
+    """Raise CheckpointError naming the first missing, truncated or altered file."""
+    try:
+        expected = json.loads((directory / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{directory}: missing or unreadable {MANIFEST} ({error})") from None
+    for name, facts in expected.items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing")
+        if file_digest(path) != facts:
+            raise CheckpointError(f"{path} is truncated or altered (size/sha256 differ from {MANIFEST})")
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Verified trainer state and policy weights of one checkpoint directory."""
+    verify_manifest(path)
+    state = load_trainer_state(path / TRAINER_STATE)
+    try:
+        weights = load_safetensors((path / POLICY_WEIGHTS).read_bytes())
+    except Exception as error:  # safetensors raises its own SafetensorError
+        raise CheckpointError(f"{path / POLICY_WEIGHTS}: {error}") from None
+    return state, weights
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
     """Load trainer state with `weights_only=True`, so a file carrying code is refused, never run."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError...
-        raise CheckpointError(f"cannot load {path}: {error}") from error
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"{path}: refused: it holds objects other than tensors and plain containers ({first_line})"
+        ) from None
+    except Exception as error:  # truncated zip, EOF, bad magic...
+        raise CheckpointError(f"cannot load {path}: {error}") from None

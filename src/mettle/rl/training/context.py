@@ -67,5 +67,7 @@ class ComponentContext:
     stats: EpochStats = field(default_factory=EpochStats)
     components: list[TrainerComponent] = field(default_factory=list)
     """Registered components in callback order (their state goes into checkpoints)."""
+    stop_requested: bool = False
+    """Set (by a signal handler or any component) to end training cleanly after the current epoch."""
     lr_scheduler: Any = None
     """An optional learning-rate scheduler stepped once per epoch (set by a schedule component)."""

@@ -108,6 +108,32 @@ class CoreTrainingLoop:
             ctx.env.send_actions(actions)
         self._awaiting.add(decision.rows.start)
 
+    # ------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """Rollout progress between epochs: held decisions, policy memory and the env's own state."""
+        ctx = self.context
+        return {
+            "env_started": self._env_started,
+            "awaiting": sorted(self._awaiting),
+            "pending": [decision_to_dict(d) for d in self._pending.values()],
+            "policy_memory": {k: v.detach().cpu() for k, v in ctx.policy.memory_state().items()},
+            "env": ctx.env.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume rollouts where `state_dict` left them; without env state the env restarts fresh."""
+        ctx = self.context
+        if state["env"] is None or not state["env_started"]:
+            self._pending, self._awaiting, self._env_started = {}, set(), False
+            ctx.policy.reset_memory()
+            return
+        ctx.env.load_state_dict(state["env"])
+        ctx.policy.load_memory_state({k: v.to(ctx.device) for k, v in state["policy_memory"].items()})
+        decisions = [decision_from_dict(d, ctx.device) for d in state["pending"]]
+        self._pending = {d.rows.start: d for d in decisions}
+        self._awaiting = set(state["awaiting"])
+        self._env_started = True
+
     # ---------------------------------------------------------------- training
     def training_phase(self) -> dict[str, float]:
         """Run `update_epochs` passes of minibatch PPO over the buffer; return mean diagnostics."""
@@ -178,3 +204,25 @@ class CoreTrainingLoop:
     def _progress(self) -> float:
         state, cfg = self.context.state, self.context.config
         return state.agent_step / cfg.total_timesteps
+
+
+def decision_to_dict(decision: Decision) -> dict[str, Any]:
+    """A held decision as plain tensors, for checkpoints."""
+    out = decision.output
+    return {
+        "rows": [decision.rows.start, decision.rows.stop],
+        "observations": decision.observations.cpu(), "mask": decision.mask.cpu(), "starts": decision.starts.cpu(),
+        "actions": out.actions.cpu(), "log_prob": out.log_prob.cpu(), "entropy": out.entropy.cpu(),
+        "values": out.values.cpu(), "memory": {k: v.cpu() for k, v in out.memory.items()},
+    }
+
+
+def decision_from_dict(data: dict[str, Any], device: torch.device) -> Decision:
+    """Inverse of `decision_to_dict`."""
+    output = PolicyOutput(
+        actions=data["actions"].to(device), log_prob=data["log_prob"].to(device), entropy=data["entropy"].to(device),
+        values=data["values"].to(device), memory={k: v.to(device) for k, v in data["memory"].items()},
+    )
+    start, stop = data["rows"]
+    return Decision(slice(start, stop), data["observations"].to(device), data["mask"].to(device),
+                    data["starts"].to(device), output)

@@ -96,6 +96,14 @@ class TrainingEnvironment(ABC):
     def close(self) -> None:
         """Release worker processes and other resources; safe to call twice."""
 
+    def state_dict(self) -> dict[str, Any] | None:
+        """Plain-container state (RNG, episode progress) for exact resume; None when the env cannot save it."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly from `state_dict`'s output."""
+        raise NotImplementedError(f"{type(self).__name__} cannot restore its state")
+
     def __enter__(self) -> TrainingEnvironment:
         return self
 

@@ -1,0 +1,140 @@
+"""A small catalogue of MettaGrid tasks, sized so PPO learns them on a couple of CPU cores in minutes.
+
+Every task keeps the action set to `noop` plus the four cardinal moves (no vibes, no attack): in
+MettaGrid an agent "uses" an object by moving into it, so moves are all a task needs. Episodes end
+by truncation at `max_steps` (a time limit, so the final observation's value is bootstrapped), maps
+carry a one-cell wall border and the observation window is 11x11.
+
+* `arena`: agents mine ore (move into a mine: +1 ore) and turn it into hearts at an altar (move into
+  an altar holding ore: -1 ore, +1 heart); each heart pays 1.
+* `navigation`: agents search a maze for goals; moving into a goal takes its heart (+1 reward) and
+  the goal disappears, so the agents must keep exploring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mettagrid.config.game_value import InventoryValue
+from mettagrid.config.handler_config import Handler, actorHas, targetHas, updateActor, withdraw
+from mettagrid.config.mettagrid_config import (
+    ActionsConfig,
+    AgentConfig,
+    ChangeVibeActionConfig,
+    GameConfig,
+    GridObjectConfig,
+    InventoryConfig,
+    MettaGridConfig,
+    MoveActionConfig,
+    NoopActionConfig,
+    ObsConfig,
+    WallConfig,
+)
+from mettagrid.config.reward_config import reward
+from mettagrid.map_builder.random_map import RandomMapBuilderConfig
+from mettagrid.mapgen.mapgen import MapGenConfig
+from mettagrid.mapgen.scene import ChildrenAction
+from mettagrid.mapgen.scenes.maze import MazeConfig
+from mettagrid.mapgen.scenes.random import RandomConfig
+
+__all__ = ["TASKS", "arena", "navigation"]
+
+OBS_SIZE = 11
+"""Side of the egocentric observation window: large enough to see most of a task's map."""
+NUM_TOKENS = 128
+"""Observation tokens per agent; the default maps use well under this (no token is dropped)."""
+
+
+def _moves_only() -> ActionsConfig:
+    """Noop and the four moves: change_vibe alone would add ~150 actions no task needs."""
+    return ActionsConfig(
+        noop=NoopActionConfig(),
+        move=MoveActionConfig(),
+        change_vibe=ChangeVibeActionConfig(enabled=False),
+    )
+
+
+def _heart_collector() -> AgentConfig:
+    """Agents paid 1 per heart they gain."""
+    return AgentConfig(rewards={"heart": reward(InventoryValue(item="heart"))})
+
+
+def _game(num_agents: int, max_steps: int, resources: list[str], **fields: object) -> GameConfig:
+    """Settings shared by every task: small observations, truncating time limit, moves only."""
+    if num_agents < 1 or max_steps < 1:
+        raise ValueError(f"need num_agents >= 1 and max_steps >= 1, got {num_agents}, {max_steps}")
+    return GameConfig(
+        num_agents=num_agents,
+        max_steps=max_steps,
+        episode_truncates=True,
+        resource_names=resources,
+        protocol_details_obs=False,
+        obs=ObsConfig(width=OBS_SIZE, height=OBS_SIZE, num_tokens=NUM_TOKENS),
+        actions=_moves_only(),
+        agent=_heart_collector(),
+        **fields,
+    )
+
+
+def _check_room(width: int, height: int, things: int) -> None:
+    """Fail early, with the numbers, when the map's interior cannot hold every agent and object."""
+    if width < 3 or height < 3:
+        raise ValueError(f"width and height must be >= 3 (one-cell border), got {width}x{height}")
+    inside = (width - 2) * (height - 2)
+    if things > inside:
+        raise ValueError(f"{things} agents and objects do not fit the {inside} free cells of a {width}x{height} map")
+
+
+def arena(
+    num_agents: int = 12,
+    width: int = 14,
+    height: int = 14,
+    mines: int = 10,
+    altars: int = 5,
+    max_steps: int = 256,
+) -> MettaGridConfig:
+    """Agents turn ore from mines into hearts at altars; one reward per heart."""
+    _check_room(width, height, num_agents + mines + altars)
+    if mines < 1 or altars < 1:
+        raise ValueError(f"need at least one mine and one altar, got {mines} mines and {altars} altars")
+    objects = {
+        "wall": WallConfig(),
+        "mine": GridObjectConfig(name="mine", on_use_handler=Handler(mutations=[updateActor({"ore": 1})])),
+        "altar": GridObjectConfig(
+            name="altar",
+            on_use_handler=Handler(filters=[actorHas({"ore": 1})], mutations=[updateActor({"ore": -1, "heart": 1})]),
+        ),
+    }
+    map_builder = RandomMapBuilderConfig(
+        width=width, height=height, border_width=1, agents=num_agents, objects={"mine": mines, "altar": altars}
+    )
+    game = _game(num_agents, max_steps, ["ore", "heart"], objects=objects, map_builder=map_builder)
+    return MettaGridConfig(label="arena", game=game)
+
+
+def navigation(
+    num_agents: int = 4,
+    width: int = 15,
+    height: int = 15,
+    goals: int = 12,
+    corridor_width: int = 2,
+    max_steps: int = 200,
+) -> MettaGridConfig:
+    """Agents explore a random maze for goals that each pay one heart once."""
+    _check_room(width, height, num_agents + goals)
+    if goals < 1 or corridor_width < 1:
+        raise ValueError(f"need goals >= 1 and corridor_width >= 1, got {goals}, {corridor_width}")
+    goal = GridObjectConfig(
+        name="goal",
+        inventory=InventoryConfig(initial={"heart": 1}),
+        on_use_handler=Handler(filters=[targetHas({"heart": 1})], mutations=[withdraw({"heart": 1}, remove_when_empty=True)]),
+    )
+    placement = ChildrenAction(where="full", scene=RandomConfig(agents=num_agents, objects={"goal": goals}))
+    maze = MazeConfig(algorithm="kruskal", room_size=corridor_width, wall_size=1, children=[placement])
+    map_builder = MapGenConfig(width=width - 2, height=height - 2, border_width=1, instance=maze)
+    game = _game(num_agents, max_steps, ["heart"], objects={"wall": WallConfig(), "goal": goal}, map_builder=map_builder)
+    return MettaGridConfig(label="navigation", game=game)
+
+
+TASKS: dict[str, Callable[..., MettaGridConfig]] = {"arena": arena, "navigation": navigation}
+"""Task name -> config builder; keyword arguments of the builder customise the task."""

@@ -1,0 +1,411 @@
+"""PettingZoo parallel environments seen as rows of agents, under mettle's next-step contract.
+
+`num_envs` instances run in-process (process-level vectorisation is a separate, generic layer).
+Row `env_id * A + k` belongs to agent `possible_agents[k]` of instance `env_id`, where A is the
+number of possible agents. Every row is in one of four states on each receive:
+
+* live: the agent is present and its next action is used: `mask` True.
+* final: the agent's episode ended in the step just taken (terminated, truncated, or it vanished
+  from `env.agents` without a flag, which counts as terminated): its final observation is shown
+  with the flag set and `mask` False, and one info dict is queued for that agent's episode.
+* dormant: the agent has left but its instance goes on without it. The row keeps showing its
+  final observation with reward 0, no flags, no start and `mask` False, so its actions are ignored
+  and it is kept out of the loss. (PettingZoo rewards for agents no longer present are dropped.)
+* start: the first observation of an episode, reward 0, no flags, `starts` True. Every row of an
+  instance starts together when the instance resets, which happens on the send after the one that
+  left it with no live agent, so the final observations of that last step are shown first. Rows of
+  agents absent at reset start dormant (zero observation, `mask` False); an agent that appears
+  mid-episode starts live on the receive where it first shows up.
+
+Agents that end on the same step as their instance therefore behave exactly like the single-agent
+case. A dormant row shows `mask` False without an episode end and its next start does not follow a
+flag; `check_rollout` from `mettle.envs.testing` assumes single-agent episodes and rejects that, so
+check environments with early exits with a multi-agent-aware checker.
+
+Instance i is seeded with `seed + i` on `reset(seed)`; automatic resets pass no seed, so each
+instance continues its own random stream. Episode infos carry `episode_return`, `episode_length`
+(the agent's own steps), `env_id`, `agent_id` (index in `possible_agents`) and the numeric scalars
+of the agent's last PettingZoo info (nested dicts flattened as `outer/inner`). Batches reuse
+preallocated arrays: one is valid until the next `send_actions`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from pettingzoo import AECEnv, ParallelEnv
+
+from mettle.rl.training.environment import BatchInfo, EnvBatch, PolicyEnvInfo, TrainingEnvironment
+
+__all__ = ["PettingZooEnvError", "PettingZooEnvironment", "PettingZooSpec", "parse_pettingzoo_spec"]
+
+ParallelEnvFactory = Callable[..., ParallelEnv]
+SPEC_EXAMPLE = "mettle.envs.pettingzoo_testing:parallel_env"
+
+
+class PettingZooEnvError(ValueError):
+    """A PettingZoo environment that cannot be used: bad spec, wrong API, or unsupported spaces."""
+
+
+# ------------------------------------------------------------------------------ construction
+@dataclass(frozen=True)
+class PettingZooSpec:
+    """A `<module>:<callable>` factory that checks it builds a ParallelEnv; plain strings, so it pickles."""
+
+    module: str
+    name: str
+
+    @property
+    def spec(self) -> str:
+        """The string this factory was parsed from."""
+        return f"{self.module}:{self.name}"
+
+    def resolve(self) -> Callable[..., Any]:
+        """Import the module and fetch the callable, failing in one line that names the problem."""
+        try:
+            module = importlib.import_module(self.module)
+        except ImportError as error:
+            raise PettingZooEnvError(f"cannot import module {self.module!r} of {self.spec!r}: {_line(error)}") from None
+        factory = getattr(module, self.name, None)
+        if factory is None:
+            public = [n for n in dir(module) if not n.startswith("_")]
+            matches = difflib.get_close_matches(self.name, public, n=1, cutoff=0.5)
+            hint = f"; did you mean {matches[0]!r}?" if matches else ""
+            raise PettingZooEnvError(f"module {self.module!r} has no attribute {self.name!r}{hint}")
+        if not callable(factory):
+            raise PettingZooEnvError(f"{self.spec!r} is a {type(factory).__name__}, not a callable")
+        return factory
+
+    def __call__(self, **kwargs: Any) -> ParallelEnv:
+        """Build one environment instance."""
+        return _require_parallel(self.resolve()(**kwargs), self.spec)
+
+
+def parse_pettingzoo_spec(spec: str) -> PettingZooSpec:
+    """Turn `<module>:<callable>` into a checked factory, e.g. 'pettingzoo.mpe.simple_spread_v3:parallel_env'."""
+    module, sep, name = spec.partition(":")
+    if not sep or not module or not name or ":" in name:
+        raise PettingZooEnvError(f"PettingZoo spec {spec!r} must look like '<module>:<callable>', e.g. {SPEC_EXAMPLE!r}")
+    factory = PettingZooSpec(module.strip(), name.strip())
+    factory.resolve()
+    return factory
+
+
+def _require_parallel(env: object, source: str) -> ParallelEnv:
+    """Reject AEC and other objects early, with the conversion hint for AEC environments."""
+    if isinstance(env, ParallelEnv):
+        return env
+    if isinstance(env, AECEnv):
+        raise PettingZooEnvError(
+            f"{source} returned an AEC environment ({type(env).__name__}), not a ParallelEnv; use the module's "
+            "parallel_env or wrap it with pettingzoo.utils.conversions.aec_to_parallel"
+        )
+    raise PettingZooEnvError(f"{source} returned {type(env).__name__}, not a pettingzoo ParallelEnv")
+
+
+def _line(error: BaseException) -> str:
+    """The first line of an error message, so our errors stay one line."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# ------------------------------------------------------------------------- space conversion
+def _shared_space(env: ParallelEnv, kind: str) -> gym.Space:
+    """The one space every possible agent has, or an error listing each agent's space."""
+    get = env.observation_space if kind == "observation" else env.action_space
+    by_agent = {agent: get(agent) for agent in env.possible_agents}
+    first = next(iter(by_agent.values()))
+    if all(space == first for space in by_agent.values()):
+        return first
+    listed = ", ".join(f"{agent}: {space}" for agent, space in by_agent.items())
+    raise PettingZooEnvError(f"all agents must share one {kind} space; got {listed}")
+
+
+class _ObservationWriter:
+    """Writes one agent's observation into a float32 row (Box as is, Discrete one-hot)."""
+
+    def __init__(self, space: gym.Space) -> None:
+        if isinstance(space, gym.spaces.Box):
+            self.one_hot_start: int | None = None
+            low, high = space.low.astype(np.float32), space.high.astype(np.float32)
+            self.space = gym.spaces.Box(low, high, shape=space.shape, dtype=np.float32)
+        elif isinstance(space, gym.spaces.Discrete):
+            self.one_hot_start = int(space.start)
+            self.space = gym.spaces.Box(0.0, 1.0, shape=(int(space.n),), dtype=np.float32)
+        else:
+            raise PettingZooEnvError(
+                f"observation space {space} is not supported (Box or Discrete only); flatten it first"
+            )
+
+    def write(self, out: np.ndarray, obs: Any) -> None:
+        """Fill `out` (one row) from a single agent's observation."""
+        if self.one_hot_start is None:
+            np.copyto(out, np.asarray(obs).reshape(out.shape), casting="unsafe")
+        else:
+            out.fill(0.0)
+            out[int(obs) - self.one_hot_start] = 1.0
+
+
+class _ActionConverter:
+    """Turns one row of [heads] int64 choices into the action the agent's space expects."""
+
+    def __init__(self, space: gym.Space) -> None:
+        if isinstance(space, gym.spaces.Discrete):
+            self.shape: tuple[int, ...] = ()
+            self.start = np.asarray(space.start).reshape(1)
+            self.nvec = np.asarray([space.n]).reshape(1)
+        elif isinstance(space, gym.spaces.MultiDiscrete):
+            self.shape = tuple(space.nvec.shape)
+            self.start = np.asarray(space.start).reshape(-1)
+            self.nvec = np.asarray(space.nvec).reshape(-1)
+        else:
+            raise PettingZooEnvError(
+                f"action space {space} is not supported; mettle policies need Discrete or MultiDiscrete actions"
+            )
+        self.dtype = space.dtype
+
+    @property
+    def heads(self) -> int:
+        """Action heads per row."""
+        return len(self.nvec)
+
+    def check(self, actions: np.ndarray, rows: int) -> np.ndarray:
+        """Shape and range checks once per send, since PettingZoo envs rarely validate actions."""
+        actions = np.asarray(actions)
+        if actions.shape != (rows, self.heads):
+            raise ValueError(f"expected actions shaped {(rows, self.heads)}, got {actions.shape}")
+        if actions.dtype.kind not in "iu" or (actions < 0).any() or (actions >= self.nvec).any():
+            raise ValueError(f"actions must be integers in [0, {self.nvec.tolist()}) per head")
+        return actions
+
+    def convert(self, row: np.ndarray) -> Any:
+        """A Python int for Discrete, an array shaped like `nvec` for MultiDiscrete."""
+        if not self.shape:
+            return int(row[0] + self.start[0])
+        return (row + self.start).astype(self.dtype).reshape(self.shape)
+
+
+def _scalar_infos(info: Any, prefix: str = "") -> dict[str, float]:
+    """Numeric scalars of one agent's info dict (nested dicts flattened as `outer/inner`)."""
+    out: dict[str, float] = {}
+    if not isinstance(info, dict):
+        return out
+    for key, value in info.items():
+        if isinstance(value, dict):
+            out.update(_scalar_infos(value, f"{prefix}{key}/"))
+        elif isinstance(value, bool | int | float | np.number | np.bool_) or (
+            isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "biuf"
+        ):
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
+# ---------------------------------------------------------------------------------- adapter
+class PettingZooEnvironment(TrainingEnvironment):
+    """`num_envs` in-process PettingZoo ParallelEnvs as one row per possible agent per instance."""
+
+    def __init__(
+        self,
+        make_env: ParallelEnvFactory,
+        num_envs: int = 4,
+        seed: int = 0,
+        env_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if num_envs < 1:
+            raise PettingZooEnvError(f"num_envs must be at least 1, got {num_envs}")
+        self._envs: list[ParallelEnv] = []
+        self._closed = False
+        try:
+            for _ in range(num_envs):
+                self._envs.append(_require_parallel(make_env(**(env_kwargs or {})), _name(make_env)))
+            self._setup(seed)
+        except Exception:
+            self.close()
+            raise
+
+    def _setup(self, seed: int) -> None:
+        """Check agents and spaces, then preallocate every per-step buffer."""
+        first = self._envs[0]
+        self.agents = list(first.possible_agents)
+        if not self.agents:
+            raise PettingZooEnvError(f"{_name(first)} has no possible_agents")
+        for env in self._envs[1:]:
+            if list(env.possible_agents) != self.agents:
+                raise PettingZooEnvError(f"instances disagree on possible_agents: {self.agents} vs {env.possible_agents}")
+        self._index = {agent: k for k, agent in enumerate(self.agents)}
+        self._obs_writer = _ObservationWriter(_shared_space(first, "observation"))
+        self._actions = _ActionConverter(_shared_space(first, "action"))
+        a, n = len(self.agents), len(self._envs)
+        extras = {"possible_agents": tuple(self.agents)}
+        self._info = PolicyEnvInfo(self._obs_writer.space, _shared_space(first, "action"), num_agents=a,
+                                   extras=extras)
+        self._batch_info = BatchInfo(num_envs=n, agents_per_env=a)
+        self._seed = seed
+        rows = n * a
+        self._obs = np.zeros((rows, *self._obs_writer.space.shape), dtype=np.float32)
+        self._rewards = np.zeros(rows, dtype=np.float32)
+        self._terminals = np.zeros(rows, dtype=bool)
+        self._truncations = np.zeros(rows, dtype=bool)
+        self._mask = np.zeros(rows, dtype=bool)  # live rows: their next action is used
+        self._starts = np.ones(rows, dtype=bool)
+        self._returns = np.zeros(rows, dtype=np.float64)
+        self._lengths = np.zeros(rows, dtype=np.int64)
+        self._needs_reset = np.zeros(n, dtype=bool)  # instances left with no live agent
+        self._infos: list[dict[str, Any]] = []
+        self._started = False
+
+    # -------------------------------------------------------------------- contract
+    @property
+    def policy_env_info(self) -> PolicyEnvInfo:
+        """One agent's spaces (observations always float32 Box); extras name the possible agents."""
+        return self._info
+
+    @property
+    def batch_info(self) -> BatchInfo:
+        """`num_envs` instances of one row per possible agent."""
+        return self._batch_info
+
+    @property
+    def envs(self) -> list[ParallelEnv]:
+        """The underlying PettingZoo instances, in row order."""
+        return self._envs
+
+    def reset(self, seed: int | None = None) -> None:
+        """Reset every instance, seeding instance i with seed + i (first reset: the constructor seed)."""
+        if seed is None and not self._started:
+            seed = self._seed
+        self._infos = []
+        for i in range(len(self._envs)):
+            self._reset_instance(i, None if seed is None else seed + i)
+        self._started = True
+
+    def get_observations(self) -> EnvBatch:
+        """The current batch (reset first if never reset); its arrays are reused after send_actions."""
+        if not self._started:
+            self.reset()
+        infos, self._infos = self._infos, []
+        return EnvBatch(
+            rows=slice(0, self._batch_info.num_rows),
+            observations=self._obs,
+            rewards=self._rewards,
+            terminals=self._terminals,
+            truncations=self._truncations,
+            mask=self._mask,
+            starts=self._starts,
+            infos=infos,
+        )
+
+    def send_actions(self, actions: np.ndarray) -> None:
+        """Step every instance with its live rows' actions; instances with no live agent reset instead."""
+        if not self._started:
+            self.reset()
+        actions = self._actions.check(actions, self._batch_info.num_rows)
+        for i in range(len(self._envs)):
+            if self._needs_reset[i]:
+                self._reset_instance(i, None)
+            else:
+                self._step_instance(i, actions)
+
+    def close(self) -> None:
+        """Close every instance once; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        for env in self._envs:
+            env.close()
+
+    # -------------------------------------------------------------------- internals
+    def _block(self, i: int) -> slice:
+        """The rows of instance i."""
+        a = len(self.agents)
+        return slice(i * a, (i + 1) * a)
+
+    def _reset_instance(self, i: int, seed: int | None) -> None:
+        """Start a new episode in instance i: every row starts, live where its agent is present."""
+        obs, _ = self._envs[i].reset(seed=seed)
+        block = self._block(i)
+        for array in (self._obs, self._rewards, self._terminals, self._truncations, self._mask,
+                      self._returns, self._lengths):
+            array[block] = 0
+        self._starts[block] = True
+        for agent in self._envs[i].agents:
+            self._show(i, agent, obs)
+        self._needs_reset[i] = not self._mask[block].any()
+
+    def _step_instance(self, i: int, actions: np.ndarray) -> None:
+        """One PettingZoo step for instance i; updates its rows' states and queues finished episodes."""
+        env, block, base = self._envs[i], self._block(i), i * len(self.agents)
+        acting = [agent for agent in self.agents if self._mask[base + self._index[agent]]]
+        sent = {agent: self._actions.convert(actions[base + self._index[agent]]) for agent in acting}
+        obs, rewards, terminations, truncations, infos = env.step(sent)
+        for array in (self._rewards, self._terminals, self._truncations, self._starts, self._mask):
+            array[block] = 0
+        present = set(env.agents)
+        for agent in acting:
+            self._record(i, agent, obs, float(rewards.get(agent, 0.0)), infos.get(agent))
+            self._end_if_done(i, agent, terminations, truncations, present, infos.get(agent))
+        for agent in env.agents:
+            row = base + self._index[agent]
+            if agent not in acting and agent in obs:  # joined mid-episode
+                self._starts[row] = True
+                self._show(i, agent, obs)
+        self._needs_reset[i] = not self._mask[block].any()
+
+    def _show(self, i: int, agent: str, obs: dict[str, Any]) -> None:
+        """Write a present agent's observation and mark its row live."""
+        if agent not in obs:
+            raise PettingZooEnvError(f"instance {i} lists {agent!r} in env.agents but gave it no observation")
+        row = i * len(self.agents) + self._index[agent]
+        self._obs_writer.write(self._obs[row], obs[agent])
+        self._mask[row] = True
+
+    def _record(self, i: int, agent: str, obs: dict[str, Any], reward: float, info: Any) -> None:
+        """Reward, length and observation of an agent that acted (its final one if it just ended)."""
+        row = i * len(self.agents) + self._index[agent]
+        self._rewards[row] = reward
+        self._returns[row] += reward
+        self._lengths[row] += 1
+        if agent in obs:
+            self._obs_writer.write(self._obs[row], obs[agent])
+
+    def _end_if_done(
+        self,
+        i: int,
+        agent: str,
+        terminations: dict[str, Any],
+        truncations: dict[str, Any],
+        present: set[str],
+        info: Any,
+    ) -> None:
+        """Flag the row and queue its info if the agent ended (vanishing unflagged counts as terminated)."""
+        row = i * len(self.agents) + self._index[agent]
+        terminal = bool(terminations.get(agent, False))
+        truncated = bool(truncations.get(agent, False)) and not terminal
+        if not (terminal or truncated):
+            if agent in present:
+                self._mask[row] = True
+                return
+            terminal = True
+        self._terminals[row], self._truncations[row] = terminal, truncated
+        episode = _scalar_infos(info)
+        episode.update(
+            episode_return=float(self._returns[row]),
+            episode_length=int(self._lengths[row]),
+            env_id=i,
+            agent_id=self._index[agent],
+        )
+        self._infos.append(episode)
+        self._returns[row], self._lengths[row] = 0.0, 0
+
+
+def _name(obj: object) -> str:
+    """A readable name for a factory or environment in error messages."""
+    if isinstance(obj, PettingZooSpec):
+        return repr(obj.spec)
+    return getattr(obj, "__qualname__", None) or type(obj).__name__
