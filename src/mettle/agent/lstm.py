@@ -138,6 +138,19 @@ class LSTMPolicy(Policy):
         self._h = None
         self._c = None
 
+    def memory_state(self) -> dict[str, torch.Tensor]:
+        """Every row's (h, c), for checkpoints that resume rollouts exactly."""
+        if self._h is None or self._c is None:
+            return {}
+        return {"lstm_h": self._h.detach().clone(), "lstm_c": self._c.detach().clone()}
+
+    def load_memory_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore `memory_state` (empty means no row has state yet)."""
+        if not state:
+            self.reset_memory()
+            return
+        self._h, self._c = state["lstm_h"].clone(), state["lstm_c"].clone()
+
     def rebuild_spec(self) -> dict[str, Any]:
         """Class path and constructor arguments, enough to build an identically shaped policy."""
         return {

@@ -7,8 +7,8 @@ carry a one-cell wall border and the observation window is 11x11.
 
 * `arena`: agents mine ore (move into a mine: +1 ore) and turn it into hearts at an altar (move into
   an altar holding ore: -1 ore, +1 heart); each heart pays 1.
-* `navigation`: agents search a maze for goals; moving into a goal takes its heart (+1 reward) and
-  the goal disappears, so the agents must keep exploring.
+* `navigation`: agents search a dungeon (rooms joined by corridors) for goals; moving into a goal takes
+  its heart (+1 reward) and the goal disappears, so the agents must keep exploring.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from mettagrid.config.reward_config import reward
 from mettagrid.map_builder.random_map import RandomMapBuilderConfig
 from mettagrid.mapgen.mapgen import MapGenConfig
 from mettagrid.mapgen.scene import ChildrenAction
-from mettagrid.mapgen.scenes.maze import MazeConfig
+from mettagrid.mapgen.scenes.bsp import BSPConfig
+from mettagrid.mapgen.scenes.make_connected import MakeConnectedConfig
 from mettagrid.mapgen.scenes.random import RandomConfig
 
 __all__ = ["TASKS", "arena", "navigation"]
@@ -114,25 +115,38 @@ def arena(
 
 def navigation(
     num_agents: int = 4,
-    width: int = 15,
-    height: int = 15,
+    width: int = 16,
+    height: int = 16,
+    rooms: int = 6,
     goals: int = 12,
-    corridor_width: int = 2,
     max_steps: int = 200,
 ) -> MettaGridConfig:
-    """Agents explore a random maze for goals that each pay one heart once."""
+    """Agents explore a dungeon of rooms and corridors for goals that each pay one heart, once."""
     _check_room(width, height, num_agents + goals)
-    if goals < 1 or corridor_width < 1:
-        raise ValueError(f"need goals >= 1 and corridor_width >= 1, got {goals}, {corridor_width}")
+    if goals < 1 or rooms < 1:
+        raise ValueError(f"need goals >= 1 and rooms >= 1, got {goals}, {rooms}")
     goal = GridObjectConfig(
         name="goal",
         inventory=InventoryConfig(initial={"heart": 1}),
-        on_use_handler=Handler(filters=[targetHas({"heart": 1})], mutations=[withdraw({"heart": 1}, remove_when_empty=True)]),
+        on_use_handler=Handler(
+            filters=[targetHas({"heart": 1})], mutations=[withdraw({"heart": 1}, remove_when_empty=True)]
+        ),
     )
-    placement = ChildrenAction(where="full", scene=RandomConfig(agents=num_agents, objects={"goal": goals}))
-    maze = MazeConfig(algorithm="kruskal", room_size=corridor_width, wall_size=1, children=[placement])
-    map_builder = MapGenConfig(width=width - 2, height=height - 2, border_width=1, instance=maze)
-    game = _game(num_agents, max_steps, ["heart"], objects={"wall": WallConfig(), "goal": goal}, map_builder=map_builder)
+    # mettagrid's Maze scene does not survive a model_dump round trip in 0.26 (its sizes serialise as {}), so
+    # the walls come from BSP rooms and corridors, made fully connected before agents and goals are placed.
+    dungeon = BSPConfig(
+        rooms=rooms,
+        min_room_size=2,
+        min_room_size_ratio=0.5,
+        max_room_size_ratio=0.9,
+        children=[
+            ChildrenAction(where="full", scene=MakeConnectedConfig()),
+            ChildrenAction(where="full", scene=RandomConfig(agents=num_agents, objects={"goal": goals})),
+        ],
+    )
+    map_builder = MapGenConfig(width=width - 2, height=height - 2, border_width=1, instance=dungeon)
+    objects = {"wall": WallConfig(), "goal": goal}
+    game = _game(num_agents, max_steps, ["heart"], objects=objects, map_builder=map_builder)
     return MettaGridConfig(label="navigation", game=game)
 
 

@@ -91,7 +91,9 @@ def parse_pettingzoo_spec(spec: str) -> PettingZooSpec:
     """Turn `<module>:<callable>` into a checked factory, e.g. 'pettingzoo.mpe.simple_spread_v3:parallel_env'."""
     module, sep, name = spec.partition(":")
     if not sep or not module or not name or ":" in name:
-        raise PettingZooEnvError(f"PettingZoo spec {spec!r} must look like '<module>:<callable>', e.g. {SPEC_EXAMPLE!r}")
+        raise PettingZooEnvError(
+            f"PettingZoo spec {spec!r} must look like '<module>:<callable>', e.g. {SPEC_EXAMPLE!r}"
+        )
     factory = PettingZooSpec(module.strip(), name.strip())
     factory.resolve()
     return factory
@@ -237,7 +239,9 @@ class PettingZooEnvironment(TrainingEnvironment):
             raise PettingZooEnvError(f"{_name(first)} has no possible_agents")
         for env in self._envs[1:]:
             if list(env.possible_agents) != self.agents:
-                raise PettingZooEnvError(f"instances disagree on possible_agents: {self.agents} vs {env.possible_agents}")
+                raise PettingZooEnvError(
+                    f"instances disagree on possible_agents: {self.agents} vs {env.possible_agents}"
+                )
         self._index = {agent: k for k, agent in enumerate(self.agents)}
         self._obs_writer = _ObservationWriter(_shared_space(first, "observation"))
         self._actions = _ActionConverter(_shared_space(first, "action"))
@@ -257,6 +261,7 @@ class PettingZooEnvironment(TrainingEnvironment):
         self._returns = np.zeros(rows, dtype=np.float64)
         self._lengths = np.zeros(rows, dtype=np.int64)
         self._needs_reset = np.zeros(n, dtype=bool)  # instances left with no live agent
+        self._finished: list[set[str]] = [set() for _ in range(n)]  # agents whose episode ended, per instance
         self._infos: list[dict[str, Any]] = []
         self._started = False
 
@@ -334,6 +339,7 @@ class PettingZooEnvironment(TrainingEnvironment):
                       self._returns, self._lengths):
             array[block] = 0
         self._starts[block] = True
+        self._finished[i].clear()
         for agent in self._envs[i].agents:
             self._show(i, agent, obs)
         self._needs_reset[i] = not self._mask[block].any()
@@ -351,9 +357,8 @@ class PettingZooEnvironment(TrainingEnvironment):
             self._record(i, agent, obs, float(rewards.get(agent, 0.0)), infos.get(agent))
             self._end_if_done(i, agent, terminations, truncations, present, infos.get(agent))
         for agent in env.agents:
-            row = base + self._index[agent]
-            if agent not in acting and agent in obs:  # joined mid-episode
-                self._starts[row] = True
+            if agent not in acting and agent not in self._finished[i]:  # joined mid-episode
+                self._starts[base + self._index[agent]] = True
                 self._show(i, agent, obs)
         self._needs_reset[i] = not self._mask[block].any()
 
@@ -393,6 +398,7 @@ class PettingZooEnvironment(TrainingEnvironment):
                 return
             terminal = True
         self._terminals[row], self._truncations[row] = terminal, truncated
+        self._finished[i].add(agent)
         episode = _scalar_infos(info)
         episode.update(
             episode_return=float(self._returns[row]),

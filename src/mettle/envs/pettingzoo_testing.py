@@ -14,7 +14,7 @@ Targets are drawn for every possible agent on every step from one generator seed
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from gymnasium import spaces
@@ -27,7 +27,11 @@ __all__ = ["TargetMatchParallelEnv", "env", "parallel_env", "raw_env"]
 class TargetMatchParallelEnv(ParallelEnv):
     """Agents copy a shown target action; repeated mistakes or a fixed step make them leave early."""
 
-    metadata: dict[str, Any] = {"name": "mettle_target_match_v0", "is_parallelizable": True, "render_modes": []}
+    metadata: ClassVar[dict[str, Any]] = {
+        "name": "mettle_target_match_v0",
+        "is_parallelizable": True,
+        "render_modes": [],
+    }
 
     def __init__(
         self,

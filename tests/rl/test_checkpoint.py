@@ -1,0 +1,154 @@
+"""Checkpoints: exact resume, damaged or hostile files, and write failures that lose nothing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mettle.agent.registry import build_policy
+from mettle.envs.testing import BanditEnvironment
+from mettle.rl.trainer import Trainer
+from mettle.rl.trainer_config import TrainerConfig
+from mettle.rl.training import ContextCheckpointer, TrainerComponent
+from mettle.rl.training import checkpointer as ckpt
+from mettle.rl.training.checkpointer import CheckpointError, list_checkpoints, write_manifest
+
+BATCH = 64
+
+
+def config() -> TrainerConfig:
+    return TrainerConfig(total_timesteps=6 * BATCH, batch_size=BATCH, minibatch_size=32, bptt_horizon=8,
+                         update_epochs=2, seed=3)
+
+
+class StopAt(TrainerComponent):
+    """Requests a clean stop after `epoch`, as SIGINT does."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__()
+        self.stop_epoch = epoch
+
+    def on_epoch_end(self, epoch: int) -> None:
+        if epoch >= self.stop_epoch:
+            self.context.stop_requested = True
+
+
+def make_trainer(path: Path, kind: str, interval: int = 1, keep_last: int = 3) -> Trainer:
+    trainer = Trainer(config(), BanditEnvironment(num_envs=4, seed=5), build_policy(kind, hidden_size=16), "cpu")
+    trainer.register(ContextCheckpointer(path, epoch_interval=interval, keep_last=keep_last))
+    trainer.restore()
+    return trainer
+
+
+def assert_same_training_state(a: Trainer, b: Trainer) -> None:
+    for (name, x), (_, y) in zip(a.context.policy.state_dict().items(), b.context.policy.state_dict().items(),
+                                 strict=True):
+        assert torch.equal(x, y), name
+    opt_a, opt_b = a.context.optimizer.state_dict(), b.context.optimizer.state_dict()
+    assert opt_a["param_groups"] == opt_b["param_groups"]
+    for key, slot in opt_a["state"].items():
+        for field, value in slot.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt_b["state"][key][field])), field
+    assert a.context.state.agent_step == b.context.state.agent_step
+    assert a.context.state.epoch == b.context.state.epoch
+
+
+@pytest.mark.parametrize("kind", ["mlp", "lstm"])
+def test_stop_and_resume_is_bitwise_identical_to_one_run(tmp_path: Path, kind: str) -> None:
+    torch.set_num_threads(1)
+    straight = make_trainer(tmp_path / "straight", kind, interval=2)
+    straight.train()
+
+    first = make_trainer(tmp_path / "split", kind, interval=2)
+    first.register(StopAt(3))
+    first.train()
+    assert first.context.state.epoch == 3
+    second = Trainer.load_or_create(str(tmp_path / "split"), config(), BanditEnvironment(num_envs=4, seed=5),
+                                    build_policy(kind, hidden_size=16), "cpu")
+    assert second.context.state.epoch == 3
+    second.train()
+    assert straight.context.state.epoch == 6
+    assert_same_training_state(straight, second)
+
+
+def test_pruning_keeps_the_newest(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, "mlp", interval=1, keep_last=2)
+    trainer.train()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["00000005", "00000006"]
+    assert not list(tmp_path.glob(".staging-*"))
+    newest = list_checkpoints(tmp_path)[-1]
+    assert json.loads((newest / "policy.json").read_text())["agent_step"] == 6 * BATCH
+
+
+def test_damaged_newest_checkpoint_is_named_and_the_previous_used(tmp_path: Path, caplog: Any) -> None:
+    make_trainer(tmp_path, "mlp").train()
+    newest = list_checkpoints(tmp_path)[-1]
+    data = (newest / "trainer_state.pt").read_bytes()
+    (newest / "trainer_state.pt").write_bytes(data[: len(data) // 2])
+    with caplog.at_level(logging.WARNING):
+        resumed = make_trainer(tmp_path, "mlp")
+    assert resumed.context.state.epoch == 5
+    assert str(newest) in caplog.text and "truncated or altered" in caplog.text
+
+
+def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path: Path) -> None:
+    make_trainer(tmp_path, "mlp", keep_last=1).train()
+    (list_checkpoints(tmp_path)[-1] / "policy.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        make_trainer(tmp_path, "mlp")
+
+
+class Payload:
+    """Unpickling this would create a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+def test_checkpoint_with_code_is_refused_and_the_code_never_runs(tmp_path: Path) -> None:
+    make_trainer(tmp_path, "mlp", keep_last=1).train()
+    newest = list_checkpoints(tmp_path)[-1]
+    marker = tmp_path / "pwned"
+    state = torch.load(newest / "trainer_state.pt", weights_only=True)
+    state["components"]["evil"] = Payload(marker)
+    torch.save(state, newest / "trainer_state.pt")
+    write_manifest(newest)  # a consistent manifest: only the loader's refusal stands in the way
+    with pytest.raises(CheckpointError, match="refused"):
+        make_trainer(tmp_path, "mlp")
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="refused"):
+        ckpt.load_trainer_state(newest / "trainer_state.pt")
+    assert not marker.exists()
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(Payload(control)))  # the payload is real: a plain unpickler runs it
+    assert control.exists()
+
+
+def test_write_failure_mid_checkpoint_keeps_the_previous_one(tmp_path: Path, monkeypatch: Any) -> None:
+    trainer = make_trainer(tmp_path, "mlp")
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def failing_save(obj: Any, f: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            f.write(b"partial bytes")
+            raise OSError(28, "No space left on device")
+        real_save(obj, f)
+
+    monkeypatch.setattr(ckpt.torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space left on device"):
+        trainer.train()
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["00000001", "00000002"]
+    resumed = make_trainer(tmp_path, "mlp")
+    assert resumed.context.state.epoch == 2 and resumed.context.state.agent_step == 2 * BATCH
