@@ -8,8 +8,9 @@ from typing import Any
 from mettle.agent.lstm import LSTMPolicy
 from mettle.agent.mlp import MLPPolicy
 from mettle.agent.policy import Policy
+from mettle.agent.token import TokenPolicy
 
-POLICY_KINDS: dict[str, type[Policy]] = {"mlp": MLPPolicy, "lstm": LSTMPolicy}
+POLICY_KINDS: dict[str, type[Policy]] = {"mlp": MLPPolicy, "lstm": LSTMPolicy, "token": TokenPolicy}
 
 
 def build_policy(kind: str, **kwargs: Any) -> Policy:

@@ -115,10 +115,10 @@ def arena(
 
 def navigation(
     num_agents: int = 4,
-    width: int = 16,
-    height: int = 16,
-    rooms: int = 6,
-    goals: int = 12,
+    width: int = 20,
+    height: int = 20,
+    rooms: int = 8,
+    goals: int = 8,
     max_steps: int = 200,
 ) -> MettaGridConfig:
     """Agents explore a dungeon of rooms and corridors for goals that each pay one heart, once."""

@@ -224,31 +224,38 @@ class PettingZooEnvironment(TrainingEnvironment):
         self._envs: list[ParallelEnv] = []
         self._closed = False
         try:
-            for _ in range(num_envs):
-                self._envs.append(_require_parallel(make_env(**(env_kwargs or {})), _name(make_env)))
+            self._make_instances(make_env, num_envs, env_kwargs or {})
             self._setup(seed)
         except Exception:
             self.close()
             raise
 
+    def _make_instances(self, make_env: ParallelEnvFactory, num_envs: int, env_kwargs: dict[str, Any]) -> None:
+        """Build the instances, turning bad keyword arguments into one clear line."""
+        for _ in range(num_envs):
+            try:
+                env = make_env(**env_kwargs)
+            except TypeError as error:
+                raise PettingZooEnvError(f"cannot create {_name(make_env)} with {env_kwargs}: {_line(error)}") from None
+            self._envs.append(_require_parallel(env, _name(make_env)))
+
     def _setup(self, seed: int) -> None:
         """Check agents and spaces, then preallocate every per-step buffer."""
         first = self._envs[0]
-        self.agents = list(first.possible_agents)
-        if not self.agents:
+        self.possible_agents = list(first.possible_agents)
+        if not self.possible_agents:
             raise PettingZooEnvError(f"{_name(first)} has no possible_agents")
         for env in self._envs[1:]:
-            if list(env.possible_agents) != self.agents:
+            if list(env.possible_agents) != self.possible_agents:
                 raise PettingZooEnvError(
-                    f"instances disagree on possible_agents: {self.agents} vs {env.possible_agents}"
+                    f"instances disagree on possible_agents: {self.possible_agents} vs {env.possible_agents}"
                 )
-        self._index = {agent: k for k, agent in enumerate(self.agents)}
+        self._index = {agent: k for k, agent in enumerate(self.possible_agents)}
         self._obs_writer = _ObservationWriter(_shared_space(first, "observation"))
         self._actions = _ActionConverter(_shared_space(first, "action"))
-        a, n = len(self.agents), len(self._envs)
-        extras = {"possible_agents": tuple(self.agents)}
-        self._info = PolicyEnvInfo(self._obs_writer.space, _shared_space(first, "action"), num_agents=a,
-                                   extras=extras)
+        a, n = len(self.possible_agents), len(self._envs)
+        extras = {"possible_agents": tuple(self.possible_agents)}
+        self._info = PolicyEnvInfo(self._obs_writer.space, _shared_space(first, "action"), num_agents=a, extras=extras)
         self._batch_info = BatchInfo(num_envs=n, agents_per_env=a)
         self._seed = seed
         rows = n * a
@@ -328,15 +335,26 @@ class PettingZooEnvironment(TrainingEnvironment):
     # -------------------------------------------------------------------- internals
     def _block(self, i: int) -> slice:
         """The rows of instance i."""
-        a = len(self.agents)
+        a = self._batch_info.agents_per_env
         return slice(i * a, (i + 1) * a)
+
+    def _row(self, i: int, agent: str) -> int:
+        """The row of `agent` in instance i."""
+        return i * self._batch_info.agents_per_env + self._index[agent]
 
     def _reset_instance(self, i: int, seed: int | None) -> None:
         """Start a new episode in instance i: every row starts, live where its agent is present."""
         obs, _ = self._envs[i].reset(seed=seed)
         block = self._block(i)
-        for array in (self._obs, self._rewards, self._terminals, self._truncations, self._mask,
-                      self._returns, self._lengths):
+        for array in (
+            self._obs,
+            self._rewards,
+            self._terminals,
+            self._truncations,
+            self._mask,
+            self._returns,
+            self._lengths,
+        ):
             array[block] = 0
         self._starts[block] = True
         self._finished[i].clear()
@@ -346,9 +364,9 @@ class PettingZooEnvironment(TrainingEnvironment):
 
     def _step_instance(self, i: int, actions: np.ndarray) -> None:
         """One PettingZoo step for instance i; updates its rows' states and queues finished episodes."""
-        env, block, base = self._envs[i], self._block(i), i * len(self.agents)
-        acting = [agent for agent in self.agents if self._mask[base + self._index[agent]]]
-        sent = {agent: self._actions.convert(actions[base + self._index[agent]]) for agent in acting}
+        env, block = self._envs[i], self._block(i)
+        acting = [agent for agent in self.possible_agents if self._mask[self._row(i, agent)]]
+        sent = {agent: self._actions.convert(actions[self._row(i, agent)]) for agent in acting}
         obs, rewards, terminations, truncations, infos = env.step(sent)
         for array in (self._rewards, self._terminals, self._truncations, self._starts, self._mask):
             array[block] = 0
@@ -358,7 +376,7 @@ class PettingZooEnvironment(TrainingEnvironment):
             self._end_if_done(i, agent, terminations, truncations, present, infos.get(agent))
         for agent in env.agents:
             if agent not in acting and agent not in self._finished[i]:  # joined mid-episode
-                self._starts[base + self._index[agent]] = True
+                self._starts[self._row(i, agent)] = True
                 self._show(i, agent, obs)
         self._needs_reset[i] = not self._mask[block].any()
 
@@ -366,13 +384,13 @@ class PettingZooEnvironment(TrainingEnvironment):
         """Write a present agent's observation and mark its row live."""
         if agent not in obs:
             raise PettingZooEnvError(f"instance {i} lists {agent!r} in env.agents but gave it no observation")
-        row = i * len(self.agents) + self._index[agent]
+        row = self._row(i, agent)
         self._obs_writer.write(self._obs[row], obs[agent])
         self._mask[row] = True
 
     def _record(self, i: int, agent: str, obs: dict[str, Any], reward: float, info: Any) -> None:
         """Reward, length and observation of an agent that acted (its final one if it just ended)."""
-        row = i * len(self.agents) + self._index[agent]
+        row = self._row(i, agent)
         self._rewards[row] = reward
         self._returns[row] += reward
         self._lengths[row] += 1
@@ -389,7 +407,7 @@ class PettingZooEnvironment(TrainingEnvironment):
         info: Any,
     ) -> None:
         """Flag the row and queue its info if the agent ended (vanishing unflagged counts as terminated)."""
-        row = i * len(self.agents) + self._index[agent]
+        row = self._row(i, agent)
         terminal = bool(terminations.get(agent, False))
         truncated = bool(truncations.get(agent, False)) and not terminal
         if not (terminal or truncated):

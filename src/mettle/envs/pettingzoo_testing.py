@@ -85,18 +85,16 @@ class TargetMatchParallelEnv(ParallelEnv):
         self._draw_targets()
         return {agent: self._observe(agent) for agent in self.agents}, {agent: {} for agent in self.agents}
 
-    def step(self, actions: dict[str, Any]) -> tuple[
-        dict[str, np.ndarray], dict[str, float], dict[str, bool], dict[str, bool], dict[str, dict[str, Any]]
-    ]:
+    def step(
+        self, actions: dict[str, Any]
+    ) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, bool], dict[str, bool], dict[str, dict[str, Any]]]:
         """Pay the present agents, then drop those whose streak, exit step or the episode ran out."""
         self._t += 1
         rewards = {agent: self._score(agent, actions[agent]) for agent in self.agents}
         terminations = {agent: self._leaves(agent) for agent in self.agents}
         out_of_time = self._t >= self.episode_length
         truncations = {agent: out_of_time and not terminations[agent] for agent in self.agents}
-        infos: dict[str, dict[str, Any]] = {
-            agent: {"accuracy": self._hits[agent] / self._t} for agent in self.agents
-        }
+        infos: dict[str, dict[str, Any]] = {agent: {"accuracy": self._hits[agent] / self._t} for agent in self.agents}
         self._draw_targets()
         observations = {agent: self._observe(agent) for agent in self.agents}
         self.agents = [a for a in self.agents if not (terminations[a] or truncations[a])]
@@ -148,9 +146,7 @@ def _check_arguments(
         )
     if wrong_streak_limit is not None and wrong_streak_limit < 1:
         raise ValueError(f"wrong_streak_limit must be >= 1 or None, got {wrong_streak_limit}")
-    if exit_steps is not None and (
-        len(exit_steps) != num_agents or any(s is not None and s < 1 for s in exit_steps)
-    ):
+    if exit_steps is not None and (len(exit_steps) != num_agents or any(s is not None and s < 1 for s in exit_steps)):
         raise ValueError(f"exit_steps must hold {num_agents} steps >= 1 (or None), got {list(exit_steps)}")
 
 

@@ -52,6 +52,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import pickle
+import select
 import signal
 import sys
 import threading
@@ -60,7 +61,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from multiprocessing import connection
+from multiprocessing import connection, resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 from multiprocessing.util import Finalize
 from typing import Any, Literal, Protocol
@@ -205,9 +206,9 @@ def _limit_threads() -> None:
         torch.set_num_threads(1)
 
 
-def _receive(conn: connection.Connection, parent_pid: int) -> bytes | None:
+def _receive(conn: connection.Connection, poller: select.poll, parent_pid: int) -> bytes | None:
     """The next message, or None once the parent is gone (pipe closed or reparented)."""
-    while not conn.poll(_PARENT_CHECK_S):
+    while not poller.poll(_PARENT_CHECK_S * 1000):  # a kept poll object: cheaper than conn.poll per step
         if os.getppid() != parent_pid:
             return None
     try:
@@ -221,32 +222,45 @@ def _worker_main(conn: connection.Connection, make_env: EnvFactory, num_envs: in
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     parent_pid = os.getppid()
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
     _limit_threads()
     env: TrainingEnvironment | None = None
+    shm: SharedMemory | None = None
+    runner: _SubEnvRunner | None = None
     try:
         env = make_env(num_envs, index)
         _limit_threads()
         conn.send_bytes(_READY + pickle.dumps((env.policy_env_info, env.batch_info)))
-        message = _receive(conn, parent_pid)
+        message = _receive(conn, poller, parent_pid)
         if message is None or message[:1] != _ATTACH:
             return
         name, layout, rows = pickle.loads(message[1:])
         shm = SharedMemory(name=name)
         runner = _SubEnvRunner(env, _row_views(layout.arrays(shm.buf), rows), num_envs * index)
-        _serve(conn, runner, parent_pid)
+        _serve(conn, poller, runner, parent_pid)
     except BaseException:
         with contextlib.suppress(OSError):
             conn.send_bytes(_ERROR + traceback.format_exc().encode())
     finally:
-        if env is not None:
-            with contextlib.suppress(Exception):
-                env.close()
+        runner = None  # drop the views first, or unmapping the segment fails
+        _close_quietly(env, shm)
 
 
-def _serve(conn: connection.Connection, runner: _SubEnvRunner, parent_pid: int) -> None:
+def _close_quietly(env: TrainingEnvironment | None, shm: SharedMemory | None) -> None:
+    """A worker's last act: close its sub-env and unmap (never unlink: the parent owns the segment)."""
+    if env is not None:
+        with contextlib.suppress(Exception):
+            env.close()
+    if shm is not None:
+        with contextlib.suppress(BufferError):
+            shm.close()
+
+
+def _serve(conn: connection.Connection, poller: select.poll, runner: _SubEnvRunner, parent_pid: int) -> None:
     """Answer each request with one byte, or the pickled infos when episodes ended."""
     while True:
-        message = _receive(conn, parent_pid)
+        message = _receive(conn, poller, parent_pid)
         if message is None or message[:1] == _CLOSE:
             return
         if message[:1] == _STEP:
@@ -351,6 +365,8 @@ class _ProcessBackend:
         self.shm: SharedMemory | None = None
         self.shm_name: str | None = None
         self.arrays: dict[str, np.ndarray] = {}
+        self._fds: dict[int, tuple[int, bool]] = {}  # fd -> (worker, is its pipe rather than its sentinel)
+        self._pollers: dict[tuple[int, ...], select.poll] = {}
         self.failed = False
         self.closed = False
 
@@ -361,6 +377,8 @@ class _ProcessBackend:
 
     def start(self) -> list[SubEnvInfo]:
         """Start every worker, then wait for each to report its sub-env's spaces."""
+        if os.name == "posix":  # workers must share this tracker, not each start one that unlinks our segment
+            resource_tracker.ensure_running()
         for worker in range(self.num_workers):
             ours, theirs = self.context.Pipe(duplex=True)
             process = self.context.Process(
@@ -373,6 +391,8 @@ class _ProcessBackend:
             self.processes.append(process)
             process.start()
             theirs.close()  # only the worker holds its end, so the parent sees EOF when it dies
+            self._fds[ours.fileno()] = (worker, True)
+            self._fds[process.sentinel] = (worker, False)
         messages = self._gather(range(self.num_workers), max(self.timeout_s, _MIN_STARTUP_S), _READY)
         return [pickle.loads(messages[worker]) for worker in range(self.num_workers)]
 
@@ -410,15 +430,35 @@ class _ProcessBackend:
     def _gather(self, workers: Sequence[int], timeout_s: float, *tags: bytes) -> dict[int, bytes]:
         """One answer per worker (payload after the tag); raise on errors, deaths and timeouts."""
         messages: dict[int, bytes] = {}
-        pending = list(workers)
+        pending = set(workers)
+        poller = self._poller(workers)
         deadline = time.monotonic() + timeout_s
         while pending:
-            for worker in [w for w in pending if self.conns[w].poll()]:
-                messages[worker] = self._read(worker, tags)
-                pending.remove(worker)
-            if pending:
-                self._wait(pending, deadline, timeout_s)
+            ready = poller.poll(max(0.0, deadline - time.monotonic()) * 1000)
+            if not ready and time.monotonic() >= deadline:
+                worker = min(pending)
+                detail = f"did not answer within timeout_s={timeout_s:g} s (hung or too slow; raise timeout_s)"
+                raise self._fail(EnvironmentWorkerError(worker, self.processes[worker].pid, detail))
+            readable = {fd for fd, _event in ready}
+            for fd in sorted(readable):
+                worker, is_pipe = self._fds[fd]
+                if is_pipe:  # an answered worker has nothing more to say: _read then raises
+                    messages[worker] = self._read(worker, tags if worker in pending else ())
+                    pending.discard(worker)
+                elif self.conns[worker].fileno() not in readable:
+                    raise self._fail(self._death(worker))
         return messages
+
+    def _poller(self, workers: Sequence[int]) -> select.poll:
+        """A kept poll object over these workers' pipes and process sentinels (one per group)."""
+        key = tuple(workers)
+        if key not in self._pollers:
+            poller = select.poll()
+            for worker in workers:
+                poller.register(self.conns[worker].fileno(), select.POLLIN)
+                poller.register(self.processes[worker].sentinel, select.POLLIN)
+            self._pollers[key] = poller
+        return self._pollers[key]
 
     def _read(self, worker: int, tags: Sequence[bytes]) -> bytes:
         """The payload of one answer; a worker error or a closed pipe becomes EnvironmentWorkerError."""
@@ -431,22 +471,8 @@ class _ProcessBackend:
             text = payload.decode(errors="replace").rstrip()
             raise self._fail(EnvironmentWorkerError(worker, self.processes[worker].pid, f"raised:\n{text}"))
         if tag not in tags:
-            raise self._fail(EnvironmentWorkerError(worker, self.processes[worker].pid, f"sent {tag!r}"))
+            raise self._fail(EnvironmentWorkerError(worker, self.processes[worker].pid, f"sent {tag!r} unasked"))
         return payload
-
-    def _wait(self, pending: list[int], deadline: float, timeout_s: float) -> None:
-        """Block until a pending worker answers or exits; raise if one exited or time ran out."""
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            worker = pending[0]
-            detail = f"did not answer within timeout_s={timeout_s:g} s (hung or too slow; raise timeout_s)"
-            raise self._fail(EnvironmentWorkerError(worker, self.processes[worker].pid, detail))
-        sentinels = {self.processes[w].sentinel: w for w in pending}
-        ready = connection.wait([*(self.conns[w] for w in pending), *sentinels], timeout=remaining)
-        for sentinel in ready:
-            worker = sentinels.get(sentinel)  # type: ignore[call-overload]
-            if worker is not None and not self.conns[worker].poll():
-                raise self._fail(self._death(worker))
 
     def _death(self, worker: int) -> EnvironmentWorkerError:
         """Describe how a worker ended (reaping it to learn its exit code)."""

@@ -1,0 +1,270 @@
+"""An actor-critic for token observations (MettaGrid's (location, feature, value) byte triples).
+
+Each token is embedded without any per-token matrix product: the packed location byte and the
+feature id index two tables whose sum, plus the scaled value times a per-feature direction, passes a
+ReLU; that is one hidden layer on the one-hot token, folded into table lookups. A permutation-invariant
+masked pooling (max, mean or attention) over the non-padding tokens gives one vector per step, which a
+Linear layer, an optional LSTM core (the LSTM policy's per-row memory) and actor/critic heads read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from mettle.agent.distributions import act
+from mettle.agent.lstm import LSTMPolicy, _normalize_rows, init_lstm
+from mettle.agent.mlp import ACTOR_GAIN, CRITIC_GAIN, HIDDEN_GAIN, box_shape, build_torso, orthogonal_linear
+from mettle.agent.policy import PolicyOutput, TensorSpec
+
+if TYPE_CHECKING:
+    from mettle.rl.training.environment import PolicyEnvInfo
+
+Core = Literal["lstm", "none"]
+Pooling = Literal["max", "mean", "attention"]
+CORES: tuple[str, ...] = ("lstm", "none")
+POOLINGS: tuple[str, ...] = ("max", "mean", "attention")
+
+NUM_IDS = 256
+"""Locations and feature ids are bytes, so 256-entry tables cover every token."""
+PADDING = 0xFF
+"""MettaGrid fills unused token slots with 0xFF; a 0xFF location or feature marks padding."""
+DEFAULT_NORMALIZATION = 255.0
+"""Value scale for features without a known normalisation: maps a byte into [0, 1]."""
+
+
+def token_shape(env_info: PolicyEnvInfo, policy_name: str) -> tuple[int, int]:
+    """The (num_tokens, 3) uint8 observation shape, rejecting spaces that are not token lists."""
+    shape = box_shape(env_info, policy_name)
+    space = env_info.observation_space
+    if len(shape) != 2 or shape[1] != 3 or shape[0] < 1:
+        raise ValueError(f"{policy_name} needs token observations shaped (num_tokens, 3), got shape {shape}")
+    if space.dtype != np.uint8:
+        raise ValueError(f"{policy_name} needs uint8 token observations, got dtype {space.dtype}")
+    return shape[0], shape[1]
+
+
+def feature_normalizations(extras: Mapping[str, Any]) -> torch.Tensor:
+    """Per-feature-id value divisors from the env's extras; missing or invalid entries fall back to 255."""
+    norms = torch.full((NUM_IDS,), DEFAULT_NORMALIZATION)
+    for feature_id, norm in _normalization_items(extras):
+        if 0 <= feature_id < NUM_IDS and math.isfinite(norm) and norm > 0:
+            norms[feature_id] = norm
+    return norms
+
+
+def _normalization_items(extras: Mapping[str, Any]) -> list[tuple[int, float]]:
+    """(feature id, normalisation) pairs from 'feature_normalizations' or a list of feature specs."""
+    given = extras.get("feature_normalizations")
+    if isinstance(given, Mapping):
+        return [(int(k), float(v)) for k, v in given.items()]
+    if isinstance(given, Sequence) and not isinstance(given, str):
+        return [(i, float(v)) for i, v in enumerate(given)]
+    specs = extras.get("obs_features", extras.get("features"))
+    if not isinstance(specs, Sequence) or isinstance(specs, str):
+        return []
+    return [pair for pair in map(_spec_pair, specs) if pair is not None]
+
+
+def _spec_pair(spec: Any) -> tuple[int, float] | None:
+    """(id, normalization) of a feature spec given as an object or a dict; None if it has neither."""
+    get = spec.get if isinstance(spec, Mapping) else lambda key: getattr(spec, key, None)
+    feature_id, norm = get("id"), get("normalization")
+    if feature_id is None or norm is None:
+        return None
+    return int(feature_id), float(norm)
+
+
+def padding_mask(tokens: torch.Tensor) -> torch.Tensor:
+    """True for real tokens, False for padding (0xFF location or feature), for any leading shape."""
+    return (tokens[..., 0] != PADDING) & (tokens[..., 1] != PADDING)
+
+
+def trim_padding(tokens: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop token slots that are padding in every row: MettaGrid pads most of its buffer, so this is the big saving."""
+    used = valid.any(dim=0).nonzero()
+    keep = int(used[-1]) + 1 if used.numel() else 1
+    return tokens[:, :keep], valid[:, :keep]
+
+
+class TokenEncoder(nn.Module):
+    """Embed a set of tokens and pool it into one vector; padding never reaches the output."""
+
+    value_scale: torch.Tensor
+
+    def __init__(self, embed_size: int, out_size: int, pooling: Pooling, num_heads: int, token_layers: int) -> None:
+        super().__init__()
+        self.embed_size = embed_size
+        self.pooling = pooling
+        self.num_heads = num_heads
+        self.location_embed = nn.Embedding(NUM_IDS, embed_size)
+        # Per feature id: a bias and a direction the scaled value moves along, gathered in one lookup.
+        self.feature_embed = nn.Embedding(NUM_IDS, 2 * embed_size)
+        self.register_buffer("value_scale", torch.full((NUM_IDS,), 1.0 / DEFAULT_NORMALIZATION))
+        self.token_mlp = build_torso(embed_size, embed_size, token_layers, nn.ReLU)
+        self.query = nn.Parameter(torch.zeros(num_heads, embed_size // num_heads)) if pooling == "attention" else None
+        self.project = orthogonal_linear(embed_size, out_size, HIDDEN_GAIN)
+        self._init_embeddings()
+
+    def _init_embeddings(self) -> None:
+        """Unit-variance pre-activations: location, bias and value terms each contribute a third."""
+        for table in (self.location_embed, self.feature_embed):
+            nn.init.normal_(table.weight, std=1.0 / math.sqrt(3.0))
+
+    def set_normalizations(self, norms: torch.Tensor) -> None:
+        """Divide each feature's values by its normalisation so values land near [0, 1]."""
+        self.value_scale.copy_(1.0 / norms.to(self.value_scale))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[N, num_tokens, 3] tokens (any dtype holding bytes) to [N, out_size] ReLU features."""
+        valid = padding_mask(tokens)
+        tokens, valid = trim_padding(tokens, valid)
+        x = self.embed(tokens.long(), valid)
+        return torch.relu(self.project(self.pool(x, valid)))
+
+    def embed(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Per-token ReLU features [N, n, embed], zero on padding so that max and sum pooling ignore it."""
+        location, feature = tokens[..., 0], tokens[..., 1]
+        value = (tokens[..., 2] * self.value_scale[feature]).unsqueeze(-1)
+        bias, direction = self.feature_embed(feature).chunk(2, dim=-1)
+        x = torch.addcmul(bias, value, direction).add_(self.location_embed(location)).relu_()
+        x = self.token_mlp(x)
+        return x * valid.unsqueeze(-1).to(x.dtype)
+
+    def pool(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """One vector per row over its real tokens; rows with none pool to zeros."""
+        if self.pooling == "max":
+            return x.amax(dim=1)  # features are >= 0 and padding is 0, so padding never wins
+        if self.pooling == "mean":
+            return x.sum(dim=1) / valid.sum(dim=1, keepdim=True).clamp(min=1).to(x.dtype)
+        return self._attend(x, valid)
+
+    def _attend(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Multi-head attention of learned queries over the tokens; padding gets no weight."""
+        assert self.query is not None
+        n, t, _ = x.shape
+        heads = x.view(n, t, self.num_heads, -1)
+        scores = torch.einsum("nthd,hd->nth", heads, self.query) / math.sqrt(heads.shape[-1])
+        scores = scores.masked_fill(~valid.unsqueeze(-1), torch.finfo(scores.dtype).min)
+        weights = scores.softmax(dim=1)  # an all-padding row spreads weight over zeros: no NaN
+        return torch.einsum("nth,nthd->nhd", weights, heads).reshape(n, -1)
+
+
+class TokenPolicy(LSTMPolicy):
+    """Actor-critic over MettaGrid-style token lists; inherits the LSTM policy's per-row memory handling."""
+
+    def __init__(
+        self,
+        hidden_size: int = 128,
+        embed_size: int = 32,
+        core: Core = "lstm",
+        pooling: Pooling = "max",
+        num_heads: int = 4,
+        token_layers: int = 0,
+    ) -> None:
+        super().__init__(hidden_size=hidden_size)
+        _check_config(embed_size, core, pooling, num_heads, token_layers)
+        self.embed_size = embed_size
+        self.core = core
+        self.pooling = pooling
+        self.num_heads = num_heads
+        self.token_layers = token_layers
+
+    @property
+    def is_recurrent(self) -> bool:
+        """Only the LSTM core carries state between steps."""
+        return self.core == "lstm"
+
+    def initialize_to_environment(self, env_info: PolicyEnvInfo, device: torch.device | str) -> None:
+        """Build encoder, core and heads, read per-feature value scales from the extras, then move to `device`."""
+        self.obs_shape = token_shape(env_info, type(self).__name__)
+        self.nvec = env_info.action_nvec
+        self.encoder = TokenEncoder(self.embed_size, self.hidden_size, self.pooling, self.num_heads, self.token_layers)
+        self.encoder.set_normalizations(feature_normalizations(env_info.extras))
+        if self.core == "lstm":
+            self.lstm = nn.LSTM(self.hidden_size, self.hidden_size, batch_first=True)
+            init_lstm(self.lstm)
+        self.actor_head = orthogonal_linear(self.hidden_size, sum(self.nvec), ACTOR_GAIN)
+        self.critic_head = orthogonal_linear(self.hidden_size, 1, CRITIC_GAIN)
+        self.reset_memory()
+        self.to(device)
+
+    def get_agent_experience_spec(self) -> dict[str, TensorSpec]:
+        """Token observations kept as uint8 (4x smaller than floats), actions, and (h, c) with the LSTM core."""
+        self._require_initialized()
+        spec = {
+            "observations": TensorSpec(self.obs_shape, torch.uint8),
+            "actions": TensorSpec((len(self.nvec),), torch.int64),
+        }
+        if self.core == "lstm":
+            state = TensorSpec((self.hidden_size,), torch.float32)
+            spec |= {"lstm_h": state, "lstm_c": state}
+        return spec
+
+    def forward(
+        self,
+        observations: torch.Tensor,
+        starts: torch.Tensor,
+        actions: torch.Tensor | None = None,
+        memory: dict[str, torch.Tensor] | None = None,
+        rows: slice | None = None,
+        deterministic: bool = False,
+    ) -> PolicyOutput:
+        """Encode [B, T, num_tokens, 3] tokens, then run the core and heads as the LSTM policy does."""
+        self._require_initialized()
+        b, t = observations.shape[:2]
+        if observations.dim() != 4 or observations.shape[-1] != 3:
+            raise ValueError(f"observations shaped {tuple(observations.shape)}, expected [B, T, num_tokens, 3]")
+        if tuple(starts.shape) != (b, t):
+            raise ValueError(f"starts shaped {tuple(starts.shape)}, expected [B, T] = [{b}, {t}]")
+        x = self.encoder(observations.reshape(b * t, *observations.shape[2:])).view(b, t, -1)
+        hidden, memory_out = self._recur(x, starts, memory, rows) if self.core == "lstm" else (x, {})
+        logits = self.actor_head(hidden)
+        values = self.critic_head(hidden).squeeze(-1)
+        chosen, log_prob, entropy = act(logits, self.nvec, actions, deterministic)
+        return PolicyOutput(chosen, log_prob, entropy, values, memory_out)
+
+    def _recur(
+        self, x: torch.Tensor, starts: torch.Tensor, memory: dict[str, torch.Tensor] | None, rows: slice | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Unroll from given memory (training) or the rows' own state (rollout, which advances it)."""
+        if memory is not None:
+            h0, c0 = self._given_state(memory, x.shape[0])
+            hidden, _, _ = self.unroll(x, h0, c0, starts)
+        else:
+            rows = _normalize_rows(rows, x.shape[0])
+            h0, c0 = self._row_state(rows, x)
+            hidden, h_n, c_n = self.unroll(x, h0, c0, starts)
+            self._write_rows(rows, h_n, c_n)
+        return hidden, {"lstm_h": h0, "lstm_c": c0}
+
+    def rebuild_spec(self) -> dict[str, Any]:
+        """Class path and constructor arguments; value scales travel in the state dict."""
+        return {
+            "class": "mettle.agent.token:TokenPolicy",
+            "kwargs": {
+                "hidden_size": self.hidden_size,
+                "embed_size": self.embed_size,
+                "core": self.core,
+                "pooling": self.pooling,
+                "num_heads": self.num_heads,
+                "token_layers": self.token_layers,
+            },
+        }
+
+
+def _check_config(embed_size: int, core: str, pooling: str, num_heads: int, token_layers: int) -> None:
+    """Reject settings the layers cannot be built from, naming the bad value."""
+    if core not in CORES:
+        raise ValueError(f"core must be one of {CORES}, got {core!r}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if embed_size < 1 or token_layers < 0:
+        raise ValueError(f"need embed_size >= 1 and token_layers >= 0, got {embed_size}, {token_layers}")
+    if pooling == "attention" and (num_heads < 1 or embed_size % num_heads):
+        raise ValueError(f"attention pooling needs embed_size ({embed_size}) divisible by num_heads ({num_heads})")

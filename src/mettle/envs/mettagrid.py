@@ -1,0 +1,435 @@
+"""MettaGrid games as rows of agents: `num_envs` simulations of A agents become N*A rows (row = env * A + agent).
+
+Observations are MettaGrid's tokens, passed through without copies: every simulation writes into its
+own slice of one preallocated uint8 array [N*A, num_tokens, 3] (the C++ core accepts numpy views as
+its buffers), and that array is what every batch delivers. A token is (location, feature id, value):
+
+* location packs the cell in the agent's egocentric window as `row << 4 | col` (window at most 15x15,
+  agent at the centre); 254 marks a global token (episode progress, last action, last reward);
+* feature id indexes `extras["feature_names"]` (`extras["num_features"]` ids in all);
+* unused tokens are padding, all three bytes 255.
+
+Episodes follow the `EnvBatch` next-step contract. MettaGrid ends all agents of a game together (at
+`max_steps`, as terminals, or as truncations when `game.episode_truncates` is set); should a game ever
+flag only some agents, the whole game ends and the unflagged agents are reported as truncated. The
+finished simulation stays alive while its final observation is shown (mask False), so its episode
+stats are read for the infos; the next `send_actions` replaces it with a fresh simulation for that
+game only, writing the reset observation into the same slice, while the other games step.
+
+Seeding: `reset(seed)` gives game i the seed `seed + i` for its first episode (for the simulation
+and, unless the config fixes one, for the map builder) and a generator seeded the same way draws
+the seeds of its later episodes, so a run is a function of the seed and the actions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import yaml
+from mettagrid.config.mettagrid_config import MettaGridConfig
+from mettagrid.mettagrid_c import PackedCoordinate, dtype_actions, dtype_observations
+from mettagrid.policy.policy_env_interface import PolicyEnvInterface
+from mettagrid.simulator import Simulation
+from mettagrid.simulator.simulator import Buffers
+from pydantic import ValidationError
+
+from mettle.envs.mettagrid_tasks import TASKS
+from mettle.rl.training.environment import BatchInfo, EnvBatch, PolicyEnvInfo, TrainingEnvironment
+
+__all__ = [
+    "MettaGridEnvError",
+    "MettaGridEnvironment",
+    "load_mettagrid_config",
+    "make_mettagrid_environment",
+]
+
+PADDING = 0xFF
+"""Value of every byte of an unused observation token."""
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+_SEED_LIMIT = 2**31
+"""Seeds drawn for later episodes stay below this (map builders want non-negative 32-bit seeds)."""
+
+
+class MettaGridEnvError(ValueError):
+    """A MettaGrid task or config that cannot be used: unknown name, unreadable file, invalid content."""
+
+
+# ---------------------------------------------------------------------------------- adapter
+class MettaGridEnvironment(TrainingEnvironment):
+    """`num_envs` MettaGrid simulations stepped in this process, delivered as N*A token-observation rows."""
+
+    def __init__(
+        self,
+        config: MettaGridConfig,
+        num_envs: int = 1,
+        seed: int = 0,
+        desync_episodes: bool = False,
+        name: str | None = None,
+    ) -> None:
+        if num_envs < 1:
+            raise MettaGridEnvError(f"num_envs must be at least 1, got {num_envs}")
+        self.name = name or config.label
+        self._config = config
+        self._interface = PolicyEnvInterface.from_mg_cfg(config)
+        self._agents = config.game.num_agents
+        self._num_envs = num_envs
+        self._batch_info = BatchInfo(num_envs=num_envs, agents_per_env=self._agents)
+        self._info = self._policy_env_info()
+        self._desync = desync_episodes and config.game.max_steps > 0
+        self._cut_pending = False
+        self._allocate()
+        self._configs = [config.model_copy(deep=True) for _ in range(num_envs)]
+        builder = config.game.map_builder
+        self._reseed_maps = hasattr(builder, "seed") and builder.seed is None
+        self._fast_step = not config.game.talk.enabled and not config.game.end_episode_on_game_stats
+        self._sims: list[Simulation | None] = [None] * num_envs
+        self._rngs: list[np.random.Generator] = []
+        self._closed = False
+        self.reset(seed)
+
+    def _policy_env_info(self) -> PolicyEnvInfo:
+        """Token space, primary actions (plus a vibe head only when the game has vibe actions) and extras."""
+        face = self._interface
+        space = gym.spaces.Box(0, 255, tuple(face.observation_shape), dtype=np.uint8)
+        primary, vibes = len(face.action_names), len(face.vibe_action_names)
+        actions = gym.spaces.Discrete(primary) if not vibes else gym.spaces.MultiDiscrete([primary, vibes + 1])
+        return PolicyEnvInfo(space, actions, num_agents=self._agents, extras=self._extras())
+
+    def _extras(self) -> dict[str, Any]:
+        """Plain (JSON-able) facts a token policy needs: feature ids, window size, token encoding."""
+        face = self._interface
+        num_features = 1 + max(f.id for f in face.obs_features)
+        names, norms = [""] * num_features, [1.0] * num_features
+        for feature in face.obs_features:
+            names[feature.id], norms[feature.id] = feature.name, float(feature.normalization)
+        return {
+            "observation_kind": "token",
+            "num_tokens": int(face.observation_shape[0]),
+            "token_dim": int(face.observation_shape[1]),
+            "obs_height": face.obs_height,
+            "obs_width": face.obs_width,
+            "num_features": num_features,
+            "feature_names": names,
+            "feature_normalizations": norms,
+            "padding_value": PADDING,
+            "global_location": int(PackedCoordinate.GLOBAL_LOCATION),
+            "location_encoding": "row << 4 | col",
+            "tags": list(face.tags),
+            "action_names": list(face.action_names),
+            "vibe_action_names": list(face.vibe_action_names),
+            "max_steps": self._config.game.max_steps,
+        }
+
+    def _allocate(self) -> None:
+        """Every per-step array, once: the simulations' shared buffers and the delivered batch."""
+        rows, n, a = self._batch_info.num_rows, self._num_envs, self._agents
+        self._obs = np.full((rows, *self._info.observation_space.shape), PADDING, dtype=dtype_observations)
+        self._sim_terminals = np.zeros(rows, dtype=bool)
+        self._sim_truncations = np.zeros(rows, dtype=bool)
+        self._sim_rewards = np.zeros(rows, dtype=np.float32)
+        self._actions = np.zeros(rows, dtype=dtype_actions)
+        self._vibe_actions = np.zeros(rows, dtype=dtype_actions)
+        self._buffers = [self._env_buffers(slice(e * a, (e + 1) * a)) for e in range(n)]
+        self._rewards = np.zeros(rows, dtype=np.float32)
+        self._terminals = np.zeros(rows, dtype=bool)
+        self._truncations = np.zeros(rows, dtype=bool)
+        self._mask = np.ones(rows, dtype=bool)
+        self._starts = np.ones(rows, dtype=bool)
+        self._done = np.zeros(rows, dtype=bool)  # rows whose current observation is a final one
+        self._live = np.ones(rows, dtype=bool)
+        self._returns = np.zeros(rows, dtype=np.float64)
+        self._lengths = np.zeros(n, dtype=np.int64)
+        self._env_done = np.zeros(n, dtype=bool)
+        self._env_live = np.ones(n, dtype=bool)
+        self._cut_at = np.full(n, -1, dtype=np.int64)  # desync: the step ending a game's first episode
+        self._vibe_ids = self._vibe_action_ids()
+        self._infos: list[dict[str, Any]] = []
+
+    def _env_buffers(self, rows: slice) -> Buffers:
+        """Views of one game's rows: the C++ core writes observations, rewards and flags straight into them."""
+        unused = np.zeros(self._agents, dtype=dtype_actions)  # teacher actions: no supervisor here
+        return Buffers(
+            observations=self._obs[rows],
+            terminals=self._sim_terminals[rows],
+            truncations=self._sim_truncations[rows],
+            rewards=self._sim_rewards[rows],
+            masks=np.ones(self._agents, dtype=bool),
+            actions=self._actions[rows],
+            teacher_actions=unused,
+            vibe_actions=self._vibe_actions[rows],
+        )
+
+    def _vibe_action_ids(self) -> np.ndarray:
+        """Vibe head index -> simulator action id, index 0 meaning "keep the vibe" (id 0, as mettagrid does)."""
+        ids = {action.name: i for i, action in enumerate(self._config.game.actions.actions())}
+        return np.array([0, *(ids[n] for n in self._interface.vibe_action_names)], dtype=dtype_actions)
+
+    # -------------------------------------------------------------------- contract
+    @property
+    def policy_env_info(self) -> PolicyEnvInfo:
+        """One agent's token space and actions; `extras` describe the tokens."""
+        return self._info
+
+    @property
+    def batch_info(self) -> BatchInfo:
+        """`num_envs` games of `num_agents` rows."""
+        return self._batch_info
+
+    @property
+    def config(self) -> MettaGridConfig:
+        """The game configuration (each game runs a private copy)."""
+        return self._config
+
+    @property
+    def mettagrid_interface(self) -> PolicyEnvInterface:
+        """mettagrid's own description of the game, for mettagrid policies."""
+        return self._interface
+
+    @property
+    def simulations(self) -> tuple[Simulation | None, ...]:
+        """The live simulation of each game (a finished one stays until its game restarts)."""
+        return tuple(self._sims)
+
+    def reset(self, seed: int | None = None) -> None:
+        """Start fresh episodes everywhere; game i gets `seed + i`, or its next drawn seed when `seed` is None."""
+        self._require_open()
+        if seed is not None:
+            if seed < 0:
+                raise MettaGridEnvError(f"seed must be non-negative, got {seed}")
+            self._rngs = [np.random.default_rng(seed + e) for e in range(self._num_envs)]
+        for e in range(self._num_envs):
+            self._begin_episode(e, seed + e if seed is not None else None)
+        for flags in (self._terminals, self._truncations, self._done, self._env_done):
+            flags.fill(False)
+        for flags in (self._mask, self._starts, self._live, self._env_live):
+            flags.fill(True)
+        for totals in (self._rewards, self._returns, self._lengths):
+            totals.fill(0)
+        self._cut_at.fill(-1)
+        self._cut_pending = self._desync
+        if self._desync:
+            top = self._config.game.max_steps + 1
+            self._cut_at[:] = [rng.integers(1, top) for rng in self._rngs]
+        self._infos = []
+
+    def get_observations(self) -> EnvBatch:
+        """The current batch; its arrays are reused (valid until the next `send_actions`)."""
+        infos, self._infos = self._infos, []
+        return EnvBatch(
+            rows=slice(0, self._batch_info.num_rows),
+            observations=self._obs,
+            rewards=self._rewards,
+            terminals=self._terminals,
+            truncations=self._truncations,
+            mask=self._mask,
+            starts=self._starts,
+            infos=infos,
+        )
+
+    def send_actions(self, actions: np.ndarray) -> None:
+        """Step every live game; games that showed their final observation restart instead (actions ignored)."""
+        self._require_open()
+        self._write_actions(np.asarray(actions))
+        np.copyto(self._starts, self._done)
+        np.logical_not(self._starts, out=self._live)
+        np.logical_not(self._env_done, out=self._env_live)
+        if self._env_done.any():
+            self._step_or_restart()
+        else:
+            for sim in self._sims:
+                self._step(sim)
+        self._lengths += self._env_live
+        if self._cut_pending:
+            self._cut_first_episodes()
+        self._record_transition()
+
+    def close(self) -> None:
+        """Free every simulation; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        for e, sim in enumerate(self._sims):
+            if sim is not None:
+                sim.close()
+            self._sims[e] = None
+
+    # -------------------------------------------------------------------- internals
+    def _require_open(self) -> None:
+        """A closed environment has no simulations left to step."""
+        if self._closed:
+            raise RuntimeError(f"MettaGridEnvironment {self.name!r} is closed")
+
+    def _write_actions(self, actions: np.ndarray) -> None:
+        """Check [rows, heads] integer actions and copy them into the simulators' int32 action buffers."""
+        heads = len(self._info.action_nvec)
+        if actions.shape != (self._batch_info.num_rows, heads) or actions.dtype.kind not in "iu":
+            raise ValueError(
+                f"expected integer actions shaped {(self._batch_info.num_rows, heads)}, "
+                f"got {actions.dtype} {actions.shape}"
+            )
+        if (actions.min(axis=0) < 0).any() or (actions.max(axis=0) >= self._info.action_nvec).any():
+            raise ValueError(f"actions must lie in [0, {list(self._info.action_nvec)}) per head")
+        np.copyto(self._actions, actions[:, 0], casting="unsafe")
+        if heads == 2:
+            np.take(self._vibe_ids, actions[:, 1], out=self._vibe_actions)
+
+    def _step(self, sim: Simulation | None) -> None:
+        """One game step; without talk or stat-based endings, Simulation.step only adds timers around the C++ step."""
+        assert sim is not None
+        if self._fast_step:
+            sim._c_sim.step()
+        else:
+            sim.step()
+
+    def _step_or_restart(self) -> None:
+        """The slow path of a step: some games restart, the others step."""
+        for e, sim in enumerate(self._sims):
+            if self._env_done[e]:
+                self._begin_episode(e, None)
+            else:
+                self._step(sim)
+
+    def _begin_episode(self, env: int, seed: int | None) -> None:
+        """Replace game `env`'s simulation; the new one writes its first observation into the game's rows."""
+        if seed is None:
+            seed = int(self._rngs[env].integers(_SEED_LIMIT))
+        config = self._configs[env]
+        if self._reseed_maps:
+            config.game.map_builder.seed = seed
+        old = self._sims[env]
+        if old is not None:
+            old.close()
+        self._sims[env] = Simulation(config, seed=seed, buffers=self._buffers[env])
+
+    def _cut_first_episodes(self) -> None:
+        """End each game's first episode at its drawn step, so games do not all restart together."""
+        for e in np.flatnonzero(self._lengths == self._cut_at):
+            sim = self._sims[e]
+            assert sim is not None
+            sim.end_episode()
+            self._cut_at[e] = -1
+        self._cut_pending = bool((self._cut_at >= 0).any())
+
+    def _record_transition(self) -> None:
+        """Delivered rewards and flags (restarting rows: 0 and False), episode totals and finished games."""
+        np.logical_and(self._sim_terminals, self._live, out=self._terminals)
+        np.logical_and(self._sim_truncations, self._live, out=self._truncations)
+        np.greater(self._truncations, self._terminals, out=self._truncations)  # terminal wins over truncation
+        np.logical_or(self._terminals, self._truncations, out=self._done)
+        np.multiply(self._sim_rewards, self._live, out=self._rewards)
+        self._returns += self._rewards
+        self._done.reshape(self._num_envs, self._agents).any(axis=1, out=self._env_done)
+        if self._env_done.any():
+            self._finish_episodes()
+        np.logical_not(self._done, out=self._mask)
+
+    def _finish_episodes(self) -> None:
+        """End every agent of a finished game (unflagged ones as truncated) and queue one info per agent."""
+        a = self._agents
+        for e in np.flatnonzero(self._env_done):
+            rows = slice(e * a, (e + 1) * a)
+            np.logical_not(self._terminals[rows], out=self._truncations[rows])
+            self._done[rows] = True
+            self._cut_at[e] = -1
+            self._infos.extend(self._episode_infos(int(e)))
+            self._returns[rows] = 0.0
+            self._lengths[e] = 0
+
+    def _episode_infos(self, env: int) -> list[dict[str, Any]]:
+        """One dict per agent: return, length, ids, then the game's `game/*` and the agent's `agent/*` stats."""
+        sim = self._sims[env]
+        assert sim is not None
+        stats = sim.episode_stats
+        game = {f"game/{key}": float(value) for key, value in stats["game"].items()}
+        infos = []
+        for agent, agent_stats in enumerate(stats["agent"]):
+            info: dict[str, Any] = {
+                "episode_return": float(self._returns[env * self._agents + agent]),
+                "episode_length": int(self._lengths[env]),
+                "env_id": env,
+                "agent_id": agent,
+            }
+            info.update(game)
+            info.update((f"agent/{key}", float(value)) for key, value in agent_stats.items())
+            infos.append(info)
+        return infos
+
+
+# ---------------------------------------------------------------------------------- factory
+def make_mettagrid_environment(
+    name_or_path: str, num_envs: int = 1, seed: int = 0, desync_episodes: bool = False, **task_kwargs: Any
+) -> MettaGridEnvironment:
+    """A catalogue task (keyword arguments go to its builder) or a .yaml/.json MettaGridConfig file."""
+    config = load_mettagrid_config(name_or_path, **task_kwargs)
+    try:
+        return MettaGridEnvironment(config, num_envs=num_envs, seed=seed, desync_episodes=desync_episodes)
+    except MettaGridEnvError:
+        raise
+    except Exception as error:  # the C++ core rejects some configs only when a game is built
+        raise MettaGridEnvError(
+            f"MettaGrid config {name_or_path}: cannot build the game: {_one_line(error)}"
+        ) from error
+
+
+def load_mettagrid_config(name_or_path: str, **task_kwargs: Any) -> MettaGridConfig:
+    """Build a catalogue task, or read and validate a config file; every failure is one MettaGridEnvError line."""
+    if name_or_path in TASKS:
+        try:
+            return TASKS[name_or_path](**task_kwargs)
+        except (TypeError, ValueError) as error:
+            raise MettaGridEnvError(f"MettaGrid task {name_or_path!r}: {_one_line(error)}") from None
+    if not name_or_path.endswith(CONFIG_SUFFIXES):
+        raise MettaGridEnvError(
+            f"unknown MettaGrid task {name_or_path!r}; known tasks: {', '.join(sorted(TASKS))} "
+            f"(or a path to a {'/'.join(CONFIG_SUFFIXES)} file holding a MettaGridConfig)"
+        )
+    if task_kwargs:
+        raise MettaGridEnvError(
+            f"MettaGrid config {name_or_path}: task arguments {sorted(task_kwargs)} apply to catalogue tasks only"
+        )
+    return _read_config_file(Path(name_or_path))
+
+
+def _read_config_file(path: Path) -> MettaGridConfig:
+    """Parse YAML/JSON and validate it as a MettaGridConfig."""
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise MettaGridEnvError(f"MettaGrid config {path}: cannot read it ({error.strerror or error})") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise MettaGridEnvError(
+            f"MettaGrid config {path}: not valid {path.suffix[1:].upper()}: {_one_line(error)}"
+        ) from None
+    if not isinstance(data, dict):
+        raise MettaGridEnvError(
+            f"MettaGrid config {path}: expected a mapping of config fields, got {type(data).__name__}"
+        )
+    try:
+        return MettaGridConfig.model_validate(data)
+    except ValidationError as error:
+        raise MettaGridEnvError(
+            f"MettaGrid config {path}: invalid MettaGridConfig: {_validation_summary(error)}"
+        ) from None
+    except (TypeError, ValueError, KeyError, AssertionError) as error:  # raised by mettagrid's own validators
+        raise MettaGridEnvError(f"MettaGrid config {path}: invalid MettaGridConfig: {_one_line(error)}") from None
+
+
+def _validation_summary(error: ValidationError) -> str:
+    """The first problem with its field path, and how many more there are."""
+    problems = error.errors()
+    first = problems[0]
+    where = ".".join(str(part) for part in first["loc"]) or "<root>"
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{where}: {first['msg']}{more}"
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception squeezed onto one line, named when its message is empty."""
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
