@@ -87,7 +87,7 @@ def test_signal_checkpoints_the_last_step_and_exits_zero(tmp_path: Path, sig: si
 def kill_resume_cycles(tmp_path: Path, kills: int, seed: int) -> None:
     """SIGKILL `mettle train` at random moments, resume each time, and check nothing is ever lost."""
     rng = random.Random(seed)
-    total = 40 * 1024
+    total = 24 * 1024
     extra = (f"total_timesteps={total}", "checkpoint_interval=1")
     last_step = 0
     for _ in range(kills):

@@ -132,9 +132,12 @@ class TokenEncoder(nn.Module):
         location, feature = tokens[..., 0], tokens[..., 1]
         value = (tokens[..., 2] * self.value_scale[feature]).unsqueeze(-1)
         bias, direction = self.feature_embed(feature).chunk(2, dim=-1)
-        x = torch.addcmul(bias, value, direction).add_(self.location_embed(location)).relu_()
-        x = self.token_mlp(x)
-        return x * valid.unsqueeze(-1).to(x.dtype)
+        keep = valid.unsqueeze(-1).to(bias.dtype)
+        # In place where autograd allows (no saved tensor is overwritten): fresh large tensors are slow on CPU.
+        x = self.location_embed(location).add_(bias).addcmul_(value, direction).mul_(keep).relu_()
+        if len(self.token_mlp):
+            x = self.token_mlp(x) * keep
+        return x
 
     def pool(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """One vector per row over its real tokens; rows with none pool to zeros."""

@@ -39,7 +39,11 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from pettingzoo import AECEnv, ParallelEnv
+
+try:
+    from pettingzoo import AECEnv, ParallelEnv
+except ImportError as _error:  # an optional dependency: say how to get it
+    raise ImportError(f"mettle.envs.pettingzoo needs PettingZoo (pip install pettingzoo): {_error}") from _error
 
 from mettle.rl.training.environment import BatchInfo, EnvBatch, PolicyEnvInfo, TrainingEnvironment
 
@@ -72,12 +76,12 @@ class PettingZooSpec:
             module = importlib.import_module(self.module)
         except ImportError as error:
             raise PettingZooEnvError(f"cannot import module {self.module!r} of {self.spec!r}: {_line(error)}") from None
-        factory = getattr(module, self.name, None)
-        if factory is None:
+        if not hasattr(module, self.name):
             public = [n for n in dir(module) if not n.startswith("_")]
             matches = difflib.get_close_matches(self.name, public, n=1, cutoff=0.5)
             hint = f"; did you mean {matches[0]!r}?" if matches else ""
             raise PettingZooEnvError(f"module {self.module!r} has no attribute {self.name!r}{hint}")
+        factory = getattr(module, self.name)
         if not callable(factory):
             raise PettingZooEnvError(f"{self.spec!r} is a {type(factory).__name__}, not a callable")
         return factory
@@ -158,6 +162,7 @@ class _ActionConverter:
     """Turns one row of [heads] int64 choices into the action the agent's space expects."""
 
     def __init__(self, space: gym.Space) -> None:
+        self.space: gym.spaces.Discrete | gym.spaces.MultiDiscrete
         if isinstance(space, gym.spaces.Discrete):
             self.shape: tuple[int, ...] = ()
             self.start = np.asarray(space.start).reshape(1)
@@ -170,6 +175,7 @@ class _ActionConverter:
             raise PettingZooEnvError(
                 f"action space {space} is not supported; mettle policies need Discrete or MultiDiscrete actions"
             )
+        self.space = space
         self.dtype = space.dtype
 
     @property
@@ -255,7 +261,7 @@ class PettingZooEnvironment(TrainingEnvironment):
         self._actions = _ActionConverter(_shared_space(first, "action"))
         a, n = len(self.possible_agents), len(self._envs)
         extras = {"possible_agents": tuple(self.possible_agents)}
-        self._info = PolicyEnvInfo(self._obs_writer.space, _shared_space(first, "action"), num_agents=a, extras=extras)
+        self._info = PolicyEnvInfo(self._obs_writer.space, self._actions.space, num_agents=a, extras=extras)
         self._batch_info = BatchInfo(num_envs=n, agents_per_env=a)
         self._seed = seed
         rows = n * a
@@ -346,16 +352,9 @@ class PettingZooEnvironment(TrainingEnvironment):
         """Start a new episode in instance i: every row starts, live where its agent is present."""
         obs, _ = self._envs[i].reset(seed=seed)
         block = self._block(i)
-        for array in (
-            self._obs,
-            self._rewards,
-            self._terminals,
-            self._truncations,
-            self._mask,
-            self._returns,
-            self._lengths,
-        ):
+        for array in (self._obs, self._rewards, self._terminals, self._truncations, self._mask):
             array[block] = 0
+        self._returns[block], self._lengths[block] = 0.0, 0
         self._starts[block] = True
         self._finished[i].clear()
         for agent in self._envs[i].agents:
@@ -372,8 +371,12 @@ class PettingZooEnvironment(TrainingEnvironment):
             array[block] = 0
         present = set(env.agents)
         for agent in acting:
-            self._record(i, agent, obs, float(rewards.get(agent, 0.0)), infos.get(agent))
-            self._end_if_done(i, agent, terminations, truncations, present, infos.get(agent))
+            self._record(i, agent, obs, float(rewards.get(agent, 0.0)))
+            terminal, truncated = _outcome(agent, terminations, truncations, present)
+            if terminal or truncated:
+                self._end_episode(i, agent, terminal, infos.get(agent))
+            else:
+                self._mask[self._row(i, agent)] = True
         for agent in env.agents:
             if agent not in acting and agent not in self._finished[i]:  # joined mid-episode
                 self._starts[self._row(i, agent)] = True
@@ -388,7 +391,7 @@ class PettingZooEnvironment(TrainingEnvironment):
         self._obs_writer.write(self._obs[row], obs[agent])
         self._mask[row] = True
 
-    def _record(self, i: int, agent: str, obs: dict[str, Any], reward: float, info: Any) -> None:
+    def _record(self, i: int, agent: str, obs: dict[str, Any], reward: float) -> None:
         """Reward, length and observation of an agent that acted (its final one if it just ended)."""
         row = self._row(i, agent)
         self._rewards[row] = reward
@@ -397,25 +400,10 @@ class PettingZooEnvironment(TrainingEnvironment):
         if agent in obs:
             self._obs_writer.write(self._obs[row], obs[agent])
 
-    def _end_if_done(
-        self,
-        i: int,
-        agent: str,
-        terminations: dict[str, Any],
-        truncations: dict[str, Any],
-        present: set[str],
-        info: Any,
-    ) -> None:
-        """Flag the row and queue its info if the agent ended (vanishing unflagged counts as terminated)."""
+    def _end_episode(self, i: int, agent: str, terminal: bool, info: Any) -> None:
+        """Flag the row (leaving it masked) and queue the agent's episode info."""
         row = self._row(i, agent)
-        terminal = bool(terminations.get(agent, False))
-        truncated = bool(truncations.get(agent, False)) and not terminal
-        if not (terminal or truncated):
-            if agent in present:
-                self._mask[row] = True
-                return
-            terminal = True
-        self._terminals[row], self._truncations[row] = terminal, truncated
+        self._terminals[row], self._truncations[row] = terminal, not terminal
         self._finished[i].add(agent)
         episode = _scalar_infos(info)
         episode.update(
@@ -426,6 +414,14 @@ class PettingZooEnvironment(TrainingEnvironment):
         )
         self._infos.append(episode)
         self._returns[row], self._lengths[row] = 0.0, 0
+
+
+def _outcome(
+    agent: str, terminations: dict[str, Any], truncations: dict[str, Any], present: set[str]
+) -> tuple[bool, bool]:
+    """(terminal, truncated) for an agent that acted; both set reads as terminal, vanishing unflagged too."""
+    terminal = bool(terminations.get(agent, False)) or (agent not in present and not truncations.get(agent, False))
+    return terminal, bool(truncations.get(agent, False)) and not terminal
 
 
 def _name(obj: object) -> str:

@@ -338,7 +338,8 @@ class _SerialBackend:
         for worker in workers:
             if worker in self.errors:
                 error = self.errors[worker]
-                raise EnvironmentWorkerError(worker, os.getpid(), f"raised {error!r} (serial mode)") from error
+                detail = f"raised {type(error).__name__}: {error} (serial mode; see the chained cause)"
+                raise EnvironmentWorkerError(worker, os.getpid(), detail) from error
             infos.extend(self.infos[worker])
             self.infos[worker] = []
         return infos
@@ -469,7 +470,8 @@ class _ProcessBackend:
         tag, payload = message[:1], message[1:]
         if tag == _ERROR:
             text = payload.decode(errors="replace").rstrip()
-            raise self._fail(EnvironmentWorkerError(worker, self.processes[worker].pid, f"raised:\n{text}"))
+            detail = f"raised {text.splitlines()[-1]}\nworker traceback:\n{text}"
+            raise self._fail(EnvironmentWorkerError(worker, self.processes[worker].pid, detail))
         if tag not in tags:
             raise self._fail(EnvironmentWorkerError(worker, self.processes[worker].pid, f"sent {tag!r} unasked"))
         return payload
