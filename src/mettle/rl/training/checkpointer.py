@@ -175,21 +175,30 @@ class ContextCheckpointer(TrainerComponent):
         """Write a complete checkpoint for the current epoch (rank 0 only); prune older ones after."""
         ctx = self.context
         self._last_saved_epoch = ctx.state.epoch
+        per_rank = ctx.distributed.all_gather_object(self._rank_state())
         final = self.directory / f"{ctx.state.epoch:08d}"
         if ctx.distributed.is_master() and not final.exists():
-            self._write(final)
+            self._write(final, per_rank)
             self._prune()
         ctx.distributed.synchronize()
         return final
 
-    def _write(self, final: Path) -> None:
+    def _rank_state(self) -> dict[str, Any]:
+        """What differs between ranks: RNG streams and rollout progress (envs, held decisions, memory)."""
+        return {
+            "rng": rng_state(),
+            "generator": self.context.generator.get_state(),
+            "core_loop": self._trainer.core_loop.state_dict() if self._trainer is not None else None,
+        }
+
+    def _write(self, final: Path, per_rank: list[dict[str, Any]]) -> None:
         ctx = self.context
         staging = self.directory / f".staging-{final.name}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         save_policy(ctx.policy, ctx.env.policy_env_info, staging, agent_step=ctx.state.agent_step,
                     epoch=ctx.state.epoch)
-        state = self._trainer_state()
+        state = {**self._trainer_state(), "ranks": per_rank}
         atomic_write(staging / TRAINER_STATE, lambda f: torch.save(state, f))
         write_manifest(staging)
         os.replace(staging, final)
@@ -202,9 +211,6 @@ class ContextCheckpointer(TrainerComponent):
             "optimizer": ctx.optimizer.state_dict(),
             "lr_scheduler": ctx.lr_scheduler.state_dict() if ctx.lr_scheduler is not None else None,
             "stopwatch": ctx.stopwatch.state_dict(),
-            "rng": rng_state(),
-            "generator": ctx.generator.get_state(),
-            "core_loop": self._trainer.core_loop.state_dict() if self._trainer is not None else None,
             "components": {c.state_key: c.state_dict() for c in ctx.components if c is not self},
         }
 
@@ -242,14 +248,23 @@ class ContextCheckpointer(TrainerComponent):
             ctx.lr_scheduler.load_state_dict(state["lr_scheduler"])
         ctx.state.load_state_dict(state["trainer"])
         ctx.stopwatch.load_state_dict(state["stopwatch"])
-        set_rng_state(state["rng"])
-        ctx.generator.set_state(state["generator"])
-        if state["core_loop"] is not None:
-            trainer.core_loop.load_state_dict(state["core_loop"])
+        self._apply_rank_state(trainer, state["ranks"])
         for component in trainer.components:
             if component.state_key in state["components"]:
                 component.load_state_dict(state["components"][component.state_key])
         self._last_saved_epoch = ctx.state.epoch
+
+    def _apply_rank_state(self, trainer: Trainer, ranks: list[dict[str, Any]]) -> None:
+        rank, world = trainer.context.distributed.get_rank(), trainer.context.distributed.get_world_size()
+        if len(ranks) != world:
+            logger.warning("checkpoint was written by %d ranks, now %d: environments and RNG restart fresh",
+                           len(ranks), world)
+            return
+        mine = ranks[rank]
+        set_rng_state(mine["rng"])
+        trainer.context.generator.set_state(mine["generator"])
+        if mine["core_loop"] is not None:
+            trainer.core_loop.load_state_dict(mine["core_loop"])
 
 
 def resolve_checkpoint_dir(path: Path) -> Path:
