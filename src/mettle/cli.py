@@ -16,7 +16,7 @@ import torch
 from mettle.config import ConfigError, RunConfig, build_run_config
 from mettle.recipes import recipe_for
 
-DEFAULT_ENV = "gym:CartPole-v1"
+DEFAULT_ENV = "mettagrid:arena"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a policy")
     train.add_argument("--env", default=None, help=f"environment, family:name (default {DEFAULT_ENV})")
-    train.add_argument("--policy", choices=["mlp", "lstm"], default=None, help="policy architecture")
+    train.add_argument("--policy", choices=["mlp", "lstm", "token"], default=None, help="policy architecture")
     train.add_argument("--run", default=None, help="run name (default: <env>-<time>)")
     train.add_argument("--run-dir", default="runs", help="directory that holds runs (default ./runs)")
     train.add_argument("--fresh", action="store_true", help="refuse to resume: fail if the run already exists")

@@ -23,11 +23,15 @@ class EnvConfig(_Config):
     """Which environment to train on and how it is vectorised."""
 
     name: str = "gym:CartPole-v1"
-    """`gym:<registered id>` (e.g. gym:CartPole-v1, gym:mettle/CartPoleNoVel-v1)."""
+    """mettagrid:<task or config file>, gym:<registered id>, or pettingzoo:<module>:<callable>."""
     num_envs: int = Field(8, gt=0, le=4096)
-    """Environment instances stepped together."""
-    vectorization: Literal["sync", "async"] = "sync"
-    """sync: in this process; async: one worker process per instance."""
+    """Environment instances stepped together (per rank)."""
+    vectorization: Literal["serial", "multiprocess", "gymnasium_async"] = "serial"
+    """serial: in this process; multiprocess: mettle's shared-memory workers; gymnasium_async: Gymnasium's own."""
+    num_workers: int = Field(1, gt=0, le=1024)
+    """Worker processes for multiprocess vectorisation (num_envs must divide evenly)."""
+    async_factor: int = Field(1, gt=0, le=16)
+    """Groups of workers stepped in turn, so env stepping overlaps policy inference (1: no overlap)."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments for the environment constructor."""
 
@@ -35,8 +39,8 @@ class EnvConfig(_Config):
 class PolicyConfig(_Config):
     """Which policy architecture to build."""
 
-    kind: Literal["mlp", "lstm"] = "mlp"
-    """mlp: feed-forward actor and critic; lstm: recurrent, trained with BPTT over bptt_horizon."""
+    kind: Literal["mlp", "lstm", "token"] = "mlp"
+    """mlp: feed-forward; lstm: recurrent (BPTT over bptt_horizon); token: MettaGrid token encoder + LSTM."""
     hidden_size: int = Field(64, gt=0, le=8192)
     """Width of hidden layers (and of the LSTM state)."""
 

@@ -19,8 +19,26 @@ RECURRENT = ["policy.hidden_size=128", "bptt_horizon=32", "batch_size=2048", "mi
              "total_timesteps=600000"]
 
 
+METTAGRID = [
+    "policy.kind=token",
+    "policy.hidden_size=128",
+    "env.num_envs=16",
+    "total_timesteps=50000000",
+    "batch_size=12288",
+    "minibatch_size=3072",
+    "bptt_horizon=16",
+    "update_epochs=2",
+    "optimizer.learning_rate=0.001",
+    "ppo.entropy_coef=0.01",
+    "advantage.gamma=0.99",
+    "advantage.gae_lambda=0.9",
+]
+
+
 def recipe_for(env_name: str, policy_kind: str | None) -> list[str]:
     """Overrides that suit `env_name` (and a recurrent policy), as key=value strings."""
     if "CartPole" in env_name:
         return CLASSIC_CONTROL + (RECURRENT if policy_kind == "lstm" else [])
+    if env_name.startswith("mettagrid:"):
+        return METTAGRID
     return []

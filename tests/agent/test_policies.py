@@ -358,7 +358,7 @@ def test_build_policy_by_kind() -> None:
 
 
 def test_build_policy_unknown_kind_lists_valid_kinds() -> None:
-    with pytest.raises(ValueError, match=r"'transformer'.*\['lstm', 'mlp'\]"):
+    with pytest.raises(ValueError, match=r"'transformer'.*valid kinds: \['lstm', 'mlp'"):
         build_policy("transformer")
 
 

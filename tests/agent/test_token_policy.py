@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
+from types import SimpleNamespace
 
 import gymnasium as gym
 import numpy as np
@@ -16,6 +18,15 @@ from mettle.rl.training.environment import PolicyEnvInfo
 
 NUM_TOKENS = 12
 POOLINGS = ["max", "mean", "attention"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Run torch single-threaded: these ops are tiny, and threads only contend on the shared test machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def make_info(num_tokens: int = NUM_TOKENS, nvec: tuple[int, ...] = (4,), extras: dict | None = None) -> PolicyEnvInfo:
@@ -187,8 +198,11 @@ def test_feature_normalizations_from_extras() -> None:
     assert as_list[:3].tolist() == [10.0, 255.0, 256.0] and as_list[3] == 255.0
     as_dict = feature_normalizations({"feature_normalizations": {"5": 2.0}})
     assert as_dict[5] == 2.0 and as_dict[0] == 255.0
-    specs = feature_normalizations({"obs_features": [{"id": 2, "normalization": 100.0}]})
-    assert specs[2] == 100.0
+    given = [{"id": 2, "normalization": 100.0}, {"name": "x"}, SimpleNamespace(id=4, normalization=7.0)]
+    specs = feature_normalizations({"obs_features": given})
+    assert specs[2] == 100.0 and specs[4] == 7.0
+    junk = feature_normalizations({"feature_normalizations": [None, "a", float("nan"), -1.0, 3.0]})
+    assert junk[:5].tolist() == [255.0, 255.0, 255.0, 255.0, 3.0]
     assert (feature_normalizations({}) == 255.0).all()
     policy = TokenPolicy(hidden_size=8, embed_size=4)
     policy.initialize_to_environment(make_info(extras={"feature_normalizations": [10.0]}), "cpu")

@@ -15,7 +15,7 @@ import pytest
 
 from mettle.rl.training.checkpointer import list_checkpoints, read_checkpoint
 
-FAST = ["total_timesteps=4096", "progress_interval_s=0.01", "checkpoint_interval=1"]
+FAST = ["--env", "gym:CartPole-v1", "total_timesteps=4096", "progress_interval_s=0.01", "checkpoint_interval=1"]
 
 
 def mettle(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -57,7 +57,8 @@ def test_resume_applies_compatible_overrides_and_refuses_the_rest(tmp_path: Path
 
 
 def start_training(tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
-    args = ["train", "--run", "s", "--run-dir", str(tmp_path), "progress_interval_s=0.01", *extra]
+    args = ["train", "--env", "gym:CartPole-v1", "--run", "s", "--run-dir", str(tmp_path),
+            "progress_interval_s=0.01", *extra]
     return subprocess.Popen([sys.executable, "-m", "mettle", *args], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -102,7 +103,7 @@ def kill_resume_cycles(tmp_path: Path, kills: int, seed: int) -> None:
         assert step >= last_step, "agent_step went backwards"
         last_step = step
     proc = start_training(tmp_path, *extra)
-    out, err = proc.communicate(timeout=300)
+    _out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert newest_step(tmp_path / "s") >= total
 

@@ -85,6 +85,26 @@ def _check_finished_games(env: MettaGridEnvironment, batch: EnvBatch, done: np.n
     return len(finished)
 
 
+def test_a_game_whose_agents_end_apart_ends_whole() -> None:
+    env = make_mettagrid_environment("arena", num_envs=2, seed=0, num_agents=3, width=8, height=8, mines=2, altars=1)
+    noop = np.zeros((6, 1), dtype=np.int64)
+    env.send_actions(noop)
+    game = env.simulations[1]
+    assert game is not None
+    game._c_sim.terminals()[1] = True  # mettagrid never does this itself; a custom game might
+    env.send_actions(noop)
+    batch = env.get_observations()
+    assert batch.terminals.tolist() == [False] * 4 + [True, False]
+    assert batch.truncations.tolist() == [False] * 3 + [True, False, True]
+    assert batch.mask.tolist() == [True] * 3 + [False] * 3
+    assert sorted((i["env_id"], i["agent_id"], i["episode_length"]) for i in batch.infos) == [
+        (1, a, 2) for a in range(3)
+    ]
+    env.send_actions(noop)
+    assert env.get_observations().starts.tolist() == [False] * 3 + [True] * 3
+    env.close()
+
+
 def test_contract_checker_passes_with_and_without_desync() -> None:
     for desync in (False, True):
         env = make_mettagrid_environment("arena", num_envs=3, seed=4, desync_episodes=desync, max_steps=30)
@@ -178,6 +198,8 @@ def test_bad_actions_and_use_after_close_fail() -> None:
         env.send_actions(np.zeros((3, 1), dtype=np.int64))
     with pytest.raises(ValueError, match="lie in"):
         env.send_actions(np.full((2, 1), 5, dtype=np.int64))
+    with pytest.raises(ValueError, match="all 2 rows"):
+        env.send_actions(np.zeros((1, 1), dtype=np.int64), rows=slice(0, 1))
     env.close()
     env.close()
     assert env.simulations == (None,)
@@ -232,7 +254,7 @@ def test_a_config_the_game_rejects_names_the_file(tmp_path: Path) -> None:
 def test_unknown_task_and_bad_task_arguments_are_explained() -> None:
     with pytest.raises(MettaGridEnvError, match="known tasks: arena, navigation"):
         make_mettagrid_environment("arenaa", num_envs=1, seed=0)
-    with pytest.raises(ValueError, match="'arena'.*unexpected keyword"):
+    with pytest.raises(ValueError, match=r"'arena'.*unexpected keyword"):
         make_mettagrid_environment("arena", num_envs=1, seed=0, mienz=3)
     with pytest.raises(ValueError, match="do not fit"):
         make_mettagrid_environment("arena", num_envs=1, seed=0, width=5, height=5)

@@ -50,34 +50,42 @@ def token_shape(env_info: PolicyEnvInfo, policy_name: str) -> tuple[int, int]:
 
 
 def feature_normalizations(extras: Mapping[str, Any]) -> torch.Tensor:
-    """Per-feature-id value divisors from the env's extras; missing or invalid entries fall back to 255."""
+    """Per-feature-id value divisors from the env's extras; missing or unusable entries fall back to 255."""
     norms = torch.full((NUM_IDS,), DEFAULT_NORMALIZATION)
-    for feature_id, norm in _normalization_items(extras):
-        if 0 <= feature_id < NUM_IDS and math.isfinite(norm) and norm > 0:
-            norms[feature_id] = norm
+    for raw_id, raw_norm in _normalization_items(extras):
+        feature_id, norm = _number(raw_id), _number(raw_norm)
+        if feature_id is not None and norm is not None and 0 <= feature_id < NUM_IDS and norm > 0:
+            norms[int(feature_id)] = norm
     return norms
 
 
-def _normalization_items(extras: Mapping[str, Any]) -> list[tuple[int, float]]:
-    """(feature id, normalisation) pairs from 'feature_normalizations' or a list of feature specs."""
+def _normalization_items(extras: Mapping[str, Any]) -> list[tuple[Any, Any]]:
+    """Raw (feature id, normalisation) pairs from 'feature_normalizations' (list or dict) or feature specs."""
     given = extras.get("feature_normalizations")
     if isinstance(given, Mapping):
-        return [(int(k), float(v)) for k, v in given.items()]
+        return list(given.items())
     if isinstance(given, Sequence) and not isinstance(given, str):
-        return [(i, float(v)) for i, v in enumerate(given)]
+        return list(enumerate(given))
     specs = extras.get("obs_features", extras.get("features"))
     if not isinstance(specs, Sequence) or isinstance(specs, str):
         return []
-    return [pair for pair in map(_spec_pair, specs) if pair is not None]
+    return [_spec_pair(spec) for spec in specs]
 
 
-def _spec_pair(spec: Any) -> tuple[int, float] | None:
-    """(id, normalization) of a feature spec given as an object or a dict; None if it has neither."""
-    get = spec.get if isinstance(spec, Mapping) else lambda key: getattr(spec, key, None)
-    feature_id, norm = get("id"), get("normalization")
-    if feature_id is None or norm is None:
+def _spec_pair(spec: Any) -> tuple[Any, Any]:
+    """(id, normalization) of a feature spec given as an object (MettaGrid's) or a dict."""
+    if isinstance(spec, Mapping):
+        return spec.get("id"), spec.get("normalization")
+    return getattr(spec, "id", None), getattr(spec, "normalization", None)
+
+
+def _number(raw: Any) -> float | None:
+    """`raw` as a finite float, or None when it is not one (bad extras must not break the policy)."""
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
         return None
-    return int(feature_id), float(norm)
+    return value if math.isfinite(value) else None
 
 
 def padding_mask(tokens: torch.Tensor) -> torch.Tensor:

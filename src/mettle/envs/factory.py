@@ -1,11 +1,14 @@
-"""Build a TrainingEnvironment from an EnvConfig's `family:name` string."""
+"""Build a TrainingEnvironment from an EnvConfig: `family:name`, vectorised as configured."""
 
 from __future__ import annotations
+
+import functools
+from typing import Any
 
 from mettle.config import ConfigError, EnvConfig
 from mettle.rl.training.environment import TrainingEnvironment
 
-FAMILIES = ("gym",)
+FAMILIES = ("mettagrid", "gym", "pettingzoo")
 
 
 def split_env_name(name: str) -> tuple[str, str]:
@@ -14,23 +17,41 @@ def split_env_name(name: str) -> tuple[str, str]:
     if not sep or family not in FAMILIES or not rest:
         raise ConfigError(
             f"env.name {name!r} is not understood; use one of {', '.join(f + ':<name>' for f in FAMILIES)}"
-            " (e.g. gym:CartPole-v1)"
+            " (e.g. mettagrid:arena, gym:CartPole-v1, pettingzoo:my_pkg.my_env:parallel_env)"
         )
     return family, rest
 
 
-def make_environment(cfg: EnvConfig, seed: int = 0, num_envs: int | None = None) -> TrainingEnvironment:
-    """Create the environment a config names (unknown names fail with a suggestion)."""
-    _family, env_id = split_env_name(cfg.name)
-    from mettle.envs.gymnasium import GymnasiumEnvironment
+def build_in_process(
+    family: str, target: str, kwargs: dict[str, Any], gym_mode: str, num_envs: int, worker_index: int = 0
+) -> TrainingEnvironment:
+    """One in-process environment of `num_envs` instances (also what each vector worker runs)."""
+    if family == "gym":
+        from mettle.envs.gymnasium import GymnasiumEnvironment
 
+        return GymnasiumEnvironment(target, num_envs=num_envs, vectorization=gym_mode, env_kwargs=dict(kwargs))
+    if family == "pettingzoo":
+        from mettle.envs.pettingzoo import PettingZooEnvironment, parse_pettingzoo_spec
+
+        return PettingZooEnvironment(parse_pettingzoo_spec(target), num_envs=num_envs, env_kwargs=dict(kwargs))
+    from mettle.envs.mettagrid import make_mettagrid_environment
+
+    return make_mettagrid_environment(target, num_envs=num_envs, **kwargs)
+
+
+def make_environment(cfg: EnvConfig, seed: int = 0, num_envs: int | None = None) -> TrainingEnvironment:
+    """Create the environment a config names; unknown names and bad layouts fail with a one-line fix."""
+    family, target = split_env_name(cfg.name)
+    count = num_envs or cfg.num_envs
     try:
-        return GymnasiumEnvironment(
-            env_id,
-            num_envs=num_envs or cfg.num_envs,
-            vectorization=cfg.vectorization,
-            seed=seed,
-            env_kwargs=dict(cfg.kwargs),
-        )
+        if cfg.vectorization == "multiprocess" and cfg.num_workers > 1:
+            from mettle.envs.vector import VectorEnvironment
+
+            build_in_process(family, target, cfg.kwargs, "sync", 1).close()  # fail fast, in this process
+            factory = functools.partial(build_in_process, family, target, dict(cfg.kwargs), "sync")
+            workers = min(cfg.num_workers, count)
+            return VectorEnvironment(factory, count, workers, cfg.async_factor, seed=seed)
+        gym_mode = "async" if cfg.vectorization == "gymnasium_async" else "sync"
+        return build_in_process(family, target, cfg.kwargs, gym_mode, count)
     except ValueError as error:
-        raise ConfigError(str(error)) from None
+        raise ConfigError(str(error).splitlines()[0]) from None

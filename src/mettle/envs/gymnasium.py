@@ -32,7 +32,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 
-from mettle.rl.training.environment import BatchInfo, EnvBatch, PolicyEnvInfo, TrainingEnvironment
+from mettle.rl.training.environment import BatchInfo, EnvBatch, PolicyEnvInfo, TrainingEnvironment, check_all_rows
 
 __all__ = [
     "CARTPOLE_NO_VELOCITY_ID",
@@ -352,8 +352,9 @@ class GymnasiumEnvironment(TrainingEnvironment):
             infos=infos,
         )
 
-    def send_actions(self, actions: np.ndarray) -> None:
+    def send_actions(self, actions: np.ndarray, rows: slice | None = None) -> None:
         """Step every sub-env; rows that showed a final observation restart instead (action ignored)."""
+        check_all_rows(rows, self._batch_info.num_rows)
         if not self._started:
             self.reset()
         obs, rewards, terminals, truncations, info = self._vec.step(

@@ -18,7 +18,18 @@ game only, writing the reset observation into the same slice, while the other ga
 
 Seeding: `reset(seed)` gives game i the seed `seed + i` for its first episode (for the simulation
 and, unless the config fixes one, for the map builder) and a generator seeded the same way draws
-the seeds of its later episodes, so a run is a function of the seed and the actions.
+the seeds of its later episodes, so a run is a function of the seed and the actions. Simulations are
+built directly rather than through `Simulator.new_simulation`, which shifts map seeds by a counter
+that runs across resets.
+
+`desync_episodes=True` ends each game's first episode (as a truncation) at a step drawn from
+[1, max_steps], so the games stop restarting in lockstep. It is off by default, and the config's own
+`desync_episodes` field is not read, because cut episodes would bias an evaluation's returns.
+
+Speed: a step is a loop over games calling the C++ step (directly when the game has no talk and no
+stat-triggered ending: `Simulation.step` then only adds stopwatch timers and hooks) plus a few
+vectorised numpy operations over all rows. Starting an episode builds a new Simulation (map and C++
+config conversion, a few milliseconds).
 """
 
 from __future__ import annotations
@@ -38,7 +49,13 @@ from mettagrid.simulator.simulator import Buffers
 from pydantic import ValidationError
 
 from mettle.envs.mettagrid_tasks import TASKS
-from mettle.rl.training.environment import BatchInfo, EnvBatch, PolicyEnvInfo, TrainingEnvironment
+from mettle.rl.training.environment import (
+    BatchInfo,
+    EnvBatch,
+    PolicyEnvInfo,
+    TrainingEnvironment,
+    check_all_rows,
+)
 
 __all__ = [
     "MettaGridEnvError",
@@ -230,9 +247,10 @@ class MettaGridEnvironment(TrainingEnvironment):
             infos=infos,
         )
 
-    def send_actions(self, actions: np.ndarray) -> None:
+    def send_actions(self, actions: np.ndarray, rows: slice | None = None) -> None:
         """Step every live game; games that showed their final observation restart instead (actions ignored)."""
         self._require_open()
+        check_all_rows(rows, self._batch_info.num_rows)
         self._write_actions(np.asarray(actions))
         np.copyto(self._starts, self._done)
         np.logical_not(self._starts, out=self._live)
@@ -300,7 +318,7 @@ class MettaGridEnvironment(TrainingEnvironment):
         config = self._configs[env]
         if self._reseed_maps:
             config.game.map_builder.seed = seed
-        old = self._sims[env]
+        old, self._sims[env] = self._sims[env], None
         if old is not None:
             old.close()
         self._sims[env] = Simulation(config, seed=seed, buffers=self._buffers[env])
@@ -366,7 +384,9 @@ def make_mettagrid_environment(
     """A catalogue task (keyword arguments go to its builder) or a .yaml/.json MettaGridConfig file."""
     config = load_mettagrid_config(name_or_path, **task_kwargs)
     try:
-        return MettaGridEnvironment(config, num_envs=num_envs, seed=seed, desync_episodes=desync_episodes)
+        return MettaGridEnvironment(
+            config, num_envs=num_envs, seed=seed, desync_episodes=desync_episodes, name=name_or_path
+        )
     except MettaGridEnvError:
         raise
     except Exception as error:  # the C++ core rejects some configs only when a game is built

@@ -45,7 +45,7 @@ try:
 except ImportError as _error:  # an optional dependency: say how to get it
     raise ImportError(f"mettle.envs.pettingzoo needs PettingZoo (pip install pettingzoo): {_error}") from _error
 
-from mettle.rl.training.environment import BatchInfo, EnvBatch, PolicyEnvInfo, TrainingEnvironment
+from mettle.rl.training.environment import BatchInfo, EnvBatch, PolicyEnvInfo, TrainingEnvironment, check_all_rows
 
 __all__ = ["PettingZooEnvError", "PettingZooEnvironment", "PettingZooSpec", "parse_pettingzoo_spec"]
 
@@ -319,8 +319,9 @@ class PettingZooEnvironment(TrainingEnvironment):
             infos=infos,
         )
 
-    def send_actions(self, actions: np.ndarray) -> None:
+    def send_actions(self, actions: np.ndarray, rows: slice | None = None) -> None:
         """Step every instance with its live rows' actions; instances with no live agent reset instead."""
+        check_all_rows(rows, self._batch_info.num_rows)
         if not self._started:
             self.reset()
         actions = self._actions.check(actions, self._batch_info.num_rows)

@@ -29,6 +29,7 @@ from mettle.rl.training.environment import (
     EnvBatch,
     PolicyEnvInfo,
     TrainingEnvironment,
+    check_all_rows,
     random_actions,
 )
 
@@ -127,8 +128,9 @@ class _RowEpisodeEnvironment(TrainingEnvironment):
             infos=infos,
         )
 
-    def send_actions(self, actions: np.ndarray) -> None:
+    def send_actions(self, actions: np.ndarray, rows: slice | None = None) -> None:
         """Step live rows; rows that showed a final observation restart and their action is ignored."""
+        check_all_rows(rows, self._batch_info.num_rows)
         if not self._started:
             self.reset()
         actions = self._validate(actions)

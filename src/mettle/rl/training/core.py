@@ -105,7 +105,7 @@ class CoreTrainingLoop:
             )
         actions = decision.output.actions[:, 0].cpu().numpy()
         with ctx.stopwatch("rollout.env"):
-            ctx.env.send_actions(actions)
+            ctx.env.send_actions(actions, decision.rows)
         self._awaiting.add(decision.rows.start)
 
     # ------------------------------------------------------------- checkpoint

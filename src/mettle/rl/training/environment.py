@@ -89,8 +89,8 @@ class TrainingEnvironment(ABC):
         """Wait for and return the next batch of agent rows."""
 
     @abstractmethod
-    def send_actions(self, actions: np.ndarray) -> None:
-        """Apply actions ([rows, heads] int64) to the rows of the last batch received."""
+    def send_actions(self, actions: np.ndarray, rows: slice | None = None) -> None:
+        """Apply actions ([rows, heads] int64) to `rows` (default: the rows of the last batch received)."""
 
     @abstractmethod
     def close(self) -> None:
@@ -109,6 +109,12 @@ class TrainingEnvironment(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_all_rows(rows: slice | None, num_rows: int) -> None:
+    """Environments that always deliver every row accept actions only for all of them."""
+    if rows is not None and (rows.start, rows.stop) != (0, num_rows):
+        raise ValueError(f"this environment steps all {num_rows} rows together; got actions for rows {rows}")
 
 
 def random_actions(info: PolicyEnvInfo, rows: int, rng: np.random.Generator) -> np.ndarray:

@@ -1,0 +1,265 @@
+"""`mettle report RUN_DIR`: plots and a text summary of a run, from the metrics.jsonl its StatsReporter wrote."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+REPORT_DIR = "report"
+RETURN_KEYS = ("environment/episode_return", "environment/episode_return_mean", "environment/return")
+SPS_KEYS = ("performance/steps_per_second", "performance/sps", "performance/agent_steps_per_second")
+REPORT_WALL_KEY = "timing/wall"
+"""Seconds each record covers (the StatsReporter's timing/wall): their sum is the run's training time."""
+CLOCK_KEYS = ("time", "timestamp")
+LOSS_ORDER = ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "old_approx_kl", "explained_variance",
+              "grad_norm")
+MAX_LOSS_PANELS = 12
+
+
+class MissingMetricsError(ValueError):
+    """The run directory has no (usable) metrics.jsonl."""
+
+
+@dataclass
+class RunMetrics:
+    """The records of a metrics.jsonl, in step order, and what was dropped while reading it."""
+
+    path: Path
+    records: list[dict[str, Any]] = field(default_factory=list)
+    malformed_lines: int = 0
+    """Lines that were not a JSON object with a numeric "step" (a killed run may leave a truncated last one)."""
+    superseded: int = 0
+    """Records dropped because a resumed run logged the same steps again (the later ones win)."""
+
+    def series(self, key: str) -> tuple[list[float], list[float]]:
+        """(steps, values) of the records holding a finite number under `key`."""
+        steps, values = [], []
+        for record in self.records:
+            value = _number(record.get(key))
+            if value is not None:
+                steps.append(float(record["step"]))
+                values.append(value)
+        return steps, values
+
+    def first_key(self, candidates: Sequence[str]) -> str | None:
+        """The first candidate key that has any data (metric names differ slightly between loggers)."""
+        return next((key for key in candidates if self.series(key)[1]), None)
+
+    def loss_keys(self) -> list[str]:
+        """losses/ keys with data: the usual PPO terms first, then the rest alphabetically."""
+        present = {key for record in self.records for key in record if key.startswith("losses/")}
+        ordered = [f"losses/{name}" for name in LOSS_ORDER if f"losses/{name}" in present]
+        ordered += sorted(present - set(ordered))
+        return [key for key in ordered if self.series(key)[1]]
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None for missing, non-numeric and non-finite values."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def load_metrics(run_dir: Path) -> RunMetrics:
+    """Read run_dir/metrics.jsonl, skipping malformed lines and superseding steps a resumed run repeated."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise MissingMetricsError(
+            f"no metrics file at {path}: a report needs the run's {METRICS_FILE}, which the StatsReporter writes "
+            "during training (train with metrics logging enabled, or point at the run directory that holds it)"
+        )
+    metrics = RunMetrics(path)
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if line.strip():
+                _add_line(metrics, line)
+    if not metrics.records:
+        raise MissingMetricsError(f"{path} holds no complete metrics records (a run writes one per epoch)")
+    return metrics
+
+
+def _add_line(metrics: RunMetrics, line: str) -> None:
+    """Append one record; a step below the last means a resumed run, whose records replace the old ones."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        metrics.malformed_lines += 1
+        return
+    if not isinstance(record, dict) or _number(record.get("step")) is None:
+        metrics.malformed_lines += 1
+        return
+    records = metrics.records
+    if records and record["step"] < records[-1]["step"]:
+        while records and records[-1]["step"] >= record["step"]:
+            records.pop()
+            metrics.superseded += 1
+    if records and records[-1]["step"] == record["step"]:
+        records[-1] = {**records[-1], **record}  # same step logged twice (final record, or resume): merge
+        return
+    records.append(record)
+
+
+# ---------------------------------------------------------------------------------------------- plots
+def write_report(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
+    """Write return.png, sps.png and losses.png (those with data) into out_dir (default run_dir/report)."""
+    run_dir = Path(run_dir)
+    metrics = load_metrics(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / REPORT_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    title = run_dir.resolve().name
+    written: list[Path] = []
+    return_key = metrics.first_key(RETURN_KEYS)
+    if return_key:
+        written.append(_line_plot(metrics, return_key, "episode return", f"{title}: episode return",
+                                  out_dir / "return.png"))
+    sps_key = metrics.first_key(SPS_KEYS)
+    if sps_key:
+        written.append(_line_plot(metrics, sps_key, "agent steps / s", f"{title}: throughput", out_dir / "sps.png"))
+    loss_keys = metrics.loss_keys()[:MAX_LOSS_PANELS]
+    if loss_keys:
+        written.append(_loss_plot(metrics, loss_keys, f"{title}: losses", out_dir / "losses.png"))
+    return written
+
+
+def _figure(width: float, height: float) -> Any:
+    """A pyplot-free Agg figure: no display, no global backend switch, safe beside other matplotlib users."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _smooth(steps: list[float], values: list[float]) -> tuple[list[float], list[float]]:
+    """Trailing moving average over ~5% of the points (no change for short series)."""
+    window = max(1, len(values) // 20)
+    if window < 2:
+        return steps, values
+    smoothed = [sum(values[i - window + 1 : i + 1]) / window for i in range(window - 1, len(values))]
+    return steps[window - 1 :], smoothed
+
+
+def _draw(axes: Any, steps: list[float], values: list[float], label: str) -> None:
+    """The raw series, faint, under its moving average."""
+    smooth_steps, smoothed = _smooth(steps, values)
+    if smoothed is values:
+        axes.plot(steps, values, marker="." if len(values) < 50 else None, label=label)
+        return
+    axes.plot(steps, values, alpha=0.3, color="C0")
+    axes.plot(smooth_steps, smoothed, color="C0", label=f"{label} (moving average)")
+
+
+def _line_plot(metrics: RunMetrics, key: str, ylabel: str, title: str, path: Path) -> Path:
+    """One metric against agent steps."""
+    figure = _figure(8, 4.5)
+    axes = figure.add_subplot()
+    _draw(axes, *metrics.series(key), key)
+    axes.set(xlabel="agent steps", ylabel=ylabel, title=title)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="best")
+    figure.savefig(path)
+    return path
+
+
+def _loss_plot(metrics: RunMetrics, keys: list[str], title: str, path: Path) -> Path:
+    """One panel per loss term (their scales differ by orders of magnitude)."""
+    columns = min(3, len(keys))
+    rows = math.ceil(len(keys) / columns)
+    figure = _figure(4 * columns, 3 * rows)
+    figure.suptitle(title)
+    for index, key in enumerate(keys, start=1):
+        axes = figure.add_subplot(rows, columns, index)
+        _draw(axes, *metrics.series(key), key)
+        axes.set_title(key.removeprefix("losses/"), fontsize=10)
+        axes.set_xlabel("agent steps", fontsize=8)
+        axes.tick_params(labelsize=8)
+        axes.grid(alpha=0.3)
+    figure.savefig(path)
+    return path
+
+
+# -------------------------------------------------------------------------------------------- summary
+def summarize_run(run_dir: Path) -> str:
+    """A few lines: steps, epochs, wall time, returns, throughput and final losses of a run."""
+    run_dir = Path(run_dir)
+    metrics = load_metrics(run_dir)
+    last = metrics.records[-1]
+    lines = [f"run {run_dir.resolve().name}{_config_label(run_dir)}"]
+    epochs = _number(last.get("epoch"))
+    epoch_text = f"{int(epochs):,} epochs" if epochs is not None else f"{len(metrics.records):,} epochs logged"
+    wall = _wall_time(metrics)
+    wall_text = f", wall time {_duration(wall)}" if wall is not None else ""
+    lines.append(f"agent steps {int(last['step']):,}, {epoch_text}{wall_text}")
+    lines.append(_return_line(metrics))
+    sps_key = metrics.first_key(SPS_KEYS)
+    if sps_key:
+        sps = metrics.series(sps_key)[1]
+        lines.append(f"throughput: mean {sum(sps) / len(sps):,.0f} agent steps/s (last {sps[-1]:,.0f})")
+    losses = [f"{key.removeprefix('losses/')} {metrics.series(key)[1][-1]:.4g}" for key in metrics.loss_keys()[:8]]
+    if losses:
+        lines.append("final losses: " + ", ".join(losses))
+    if metrics.malformed_lines or metrics.superseded:
+        lines.append(f"({metrics.malformed_lines} malformed line(s) skipped, "
+                     f"{metrics.superseded} record(s) superseded by a resumed run)")
+    return "\n".join(lines)
+
+
+def _config_label(run_dir: Path) -> str:
+    """' (env X, policy Y)' from config.json when the run has a readable one."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        return f" (env {config['env']['name']}, policy {config['policy']['kind']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+def _return_line(metrics: RunMetrics) -> str:
+    """Final and best mean episode return, with the step of the best."""
+    key = metrics.first_key(RETURN_KEYS)
+    if key is None:
+        return "episode return: no episodes finished (no environment/episode_return in the metrics)"
+    steps, values = metrics.series(key)
+    best = max(range(len(values)), key=values.__getitem__)
+    return (f"episode return: final {values[-1]:.4g}, best {values[best]:.4g} at step {int(steps[best]):,}, "
+            f"mean of the last 10% {_tail_mean(values):.4g}")
+
+
+def _tail_mean(values: list[float]) -> float:
+    """Mean of the last tenth of a series (at least one value): a steadier 'final' figure."""
+    tail = values[-max(1, len(values) // 10) :]
+    return sum(tail) / len(tail)
+
+
+def _wall_time(metrics: RunMetrics) -> float | None:
+    """Seconds the run took: the sum of per-record durations when logged, else the span of the clock stamps."""
+    durations = metrics.series(REPORT_WALL_KEY)[1]
+    if durations:
+        return sum(durations)
+    for key in CLOCK_KEYS:
+        values = metrics.series(key)[1]
+        if len(values) > 1:
+            return values[-1] - values[0]
+    return None
+
+
+def _duration(seconds: float) -> str:
+    """1h02m03s style."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def report_command(run_dir: str) -> int:
+    """`mettle report RUN_DIR`: print the summary and the plots written; a user error prints one line, exit 2."""
+    try:
+        print(summarize_run(Path(run_dir)))
+        for path in write_report(Path(run_dir)):
+            print(f"wrote {path}")
+    except ValueError as error:
+        print(f"mettle: error: {error}", file=sys.stderr)
+        return 2
+    return 0
