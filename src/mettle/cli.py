@@ -5,16 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mettle.config import ConfigError, RunConfig, build_run_config
 from mettle.recipes import recipe_for
+
+if TYPE_CHECKING:
+    from mettle.rl.trainer import Trainer
+    from mettle.rl.training import DistributedHelper
+    from mettle.rl.training.components.signals import GracefulShutdown
 
 DEFAULT_ENV = "mettagrid:arena"
 
@@ -29,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run", default=None, help="run name (default: <env>-<time>)")
     train.add_argument("--run-dir", default="runs", help="directory that holds runs (default ./runs)")
     train.add_argument("--fresh", action="store_true", help="refuse to resume: fail if the run already exists")
+    train.add_argument("--nproc", type=int, default=1, help="ranks on this machine (launches torchrun)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. batch_size=4096")
     evaluate = sub.add_parser("eval", help="evaluate a trained run")
     evaluate.add_argument("run_dir", help="a run directory (or one checkpoint directory)")
@@ -41,11 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: user errors print one line and exit 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "train":
-            return train_command(args)
+            return train_command(args, argv)
         return eval_command(args)
     except ConfigError as error:
         print(f"mettle: error: {error}", file=sys.stderr)
@@ -82,12 +90,48 @@ def check_resumable(saved: RunConfig, new: RunConfig) -> None:
             )
 
 
-def train_command(args: argparse.Namespace) -> int:
-    """Validate everything, then train (resuming a run that has checkpoints) and write the final policy."""
+def train_command(args: argparse.Namespace, argv: list[str]) -> int:
+    """Launch torchrun for --nproc, else train in this process (one rank of many under torchrun)."""
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return launch_torchrun(args.nproc, argv)
+    from mettle.rl.training import DistributedHelper
+
+    distributed = DistributedHelper("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return train_in_process(args, distributed)
+    finally:
+        distributed.cleanup()
+
+
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """Re-run this command under torchrun with `nproc` ranks on this machine (torchrun forwards signals)."""
+    rest = strip_option(argv, "--nproc")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "mettle", "--", *rest]
+    print("launching: " + " ".join(command[1:]), flush=True)
+    os.execv(sys.executable, command)
+    return 0  # not reached
+
+
+def strip_option(argv: list[str], name: str) -> list[str]:
+    """argv without `name VALUE` / `name=VALUE`."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == name:
+            skip = True
+        elif not item.startswith(name + "="):
+            out.append(item)
+    return out
+
+
+def train_in_process(args: argparse.Namespace, distributed: DistributedHelper) -> int:
+    """Validate everything on every rank, then train (resuming a run that has checkpoints)."""
     from mettle.rl.training.checkpointer import list_checkpoints
 
     env_label = (args.env or DEFAULT_ENV).split(":")[-1].replace("/", "-")
-    run_name = args.run or f"{env_label}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_name = distributed.broadcast_from_master(args.run or f"{env_label}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = Path(args.run_dir) / run_name
     existing = (run_dir / "config.json").exists() or bool(list_checkpoints(run_dir / "checkpoints"))
     if existing and args.fresh:
@@ -95,51 +139,70 @@ def train_command(args: argparse.Namespace) -> int:
                           "(choose another --run name, or delete the directory)")
     saved = load_run_config(run_dir) if (run_dir / "config.json").exists() else None
     cfg = resolve_train_config(args, saved)
+    distributed.synchronize()  # every rank has read the run dir before rank 0 writes to it
+    if cfg.global_batch:
+        try:
+            cfg = cfg.model_copy(update={"trainer": distributed.scale_batches_by_world_size(cfg.trainer)})
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
-    return run_training(cfg, run_name, run_dir)
+    return run_training(cfg, run_name, run_dir, distributed)
 
 
-def run_training(cfg: RunConfig, run_name: str, run_dir: Path) -> int:
-    """Build env, policy and trainer with its components; train; write the final policy."""
+def run_training(cfg: RunConfig, run_name: str, run_dir: Path, distributed: DistributedHelper) -> int:
+    """Build env, policy and trainer with its components; train; write the final policy (rank 0)."""
     from mettle.agent.registry import build_policy
     from mettle.envs.factory import make_environment
     from mettle.rl.trainer import Trainer
-    from mettle.rl.training import ContextCheckpointer
     from mettle.rl.training.checkpointer import CheckpointError, atomic_write, save_policy
-    from mettle.rl.training.components.progress import ProgressLogger
-    from mettle.rl.training.components.signals import GracefulShutdown
 
+    master = distributed.is_master()
     env = make_environment(cfg.env, seed=cfg.trainer.seed)
     try:
         policy = build_policy(cfg.policy.kind, hidden_size=cfg.policy.hidden_size)
         try:
-            trainer = Trainer(cfg.trainer, env, policy, cfg.device, run_name=run_name)
+            trainer = Trainer(cfg.trainer, env, policy, distributed.local_device(cfg.device), distributed, run_name)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "config.json", lambda f: f.write(cfg.model_dump_json(indent=2).encode()))
-        trainer.register(ProgressLogger(interval_s=cfg.progress_interval_s))
-        shutdown = trainer.register(GracefulShutdown())
-        trainer.register(ContextCheckpointer(run_dir / "checkpoints", epoch_interval=cfg.checkpoint_interval))
+        if master:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(run_dir / "config.json", lambda f: f.write(cfg.model_dump_json(indent=2).encode()))
+        shutdown = register_components(trainer, cfg, run_dir)
         try:
             resumed = trainer.restore()
         except CheckpointError as error:
             raise ConfigError(str(error)) from None
         state = trainer.context.state
-        if resumed is not None:
+        if resumed is not None and master:
             print(f"resuming run {run_name} from {resumed} at agent step {state.agent_step:,} (epoch {state.epoch})")
-        print(f"training {cfg.env.name} with {cfg.policy.kind} policy; run dir {run_dir}", flush=True)
+        if master:
+            ranks = f" on {distributed.get_world_size()} ranks" if distributed.is_distributed else ""
+            print(f"training {cfg.env.name} with {cfg.policy.kind} policy{ranks}; run dir {run_dir}", flush=True)
         trainer.train()
-        save_policy(policy, env.policy_env_info, run_dir, agent_step=state.agent_step, epoch=state.epoch)
-        if shutdown.received is not None:
-            print(f"stopped at agent step {state.agent_step:,}; resume with: "
-                  f"mettle train --run {run_name} --run-dir {run_dir.parent}", flush=True)
-        else:
-            print(f"policy written to {run_dir / 'policy.safetensors'}")
+        if master:
+            save_policy(policy, env.policy_env_info, run_dir, agent_step=state.agent_step, epoch=state.epoch)
+            if shutdown.received is not None or state.agent_step < cfg.trainer.total_timesteps:
+                print(f"stopped at agent step {state.agent_step:,}; resume with: "
+                      f"mettle train --run {run_name} --run-dir {run_dir.parent}", flush=True)
+            else:
+                print(f"policy written to {run_dir / 'policy.safetensors'}")
     finally:
         env.close()
     return 0
+
+
+def register_components(trainer: Trainer, cfg: RunConfig, run_dir: Path) -> GracefulShutdown:
+    """The CLI's standard components, in callback order; returns the signal handler."""
+    from mettle.rl.training import ContextCheckpointer
+    from mettle.rl.training.components.progress import ProgressLogger
+    from mettle.rl.training.components.signals import GracefulShutdown
+
+    trainer.register(ProgressLogger(interval_s=cfg.progress_interval_s))
+    shutdown = GracefulShutdown()
+    trainer.register(shutdown)
+    trainer.register(ContextCheckpointer(run_dir / "checkpoints", epoch_interval=cfg.checkpoint_interval))
+    return shutdown
 
 
 def find_policy_dir(path: Path) -> Path:

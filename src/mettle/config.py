@@ -55,7 +55,9 @@ class RunConfig(_Config):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     """Trainer hyperparameters."""
     device: str = "cpu"
-    """Torch device (cpu, cuda, cuda:1...)."""
+    """Torch device (cpu, or cuda: under torchrun each rank takes the GPU of its LOCAL_RANK)."""
+    global_batch: bool = False
+    """Treat trainer.batch_size and minibatch_size as totals over all ranks (each rank gets its share)."""
     torch_threads: int = Field(1, ge=0, le=256)
     """Intra-op threads for torch (0: torch's default); small policies run fastest on one."""
     checkpoint_interval: int = Field(50, gt=0)

@@ -93,7 +93,7 @@ class Trainer:
         """
         state = self._context.state
         try:
-            while state.agent_step < self._cfg.total_timesteps and not self._context.stop_requested:
+            while state.agent_step < self._cfg.total_timesteps and not self._stop_requested():
                 self._run_epoch()
             self._invoke(TrainerCallback.TRAINING_COMPLETE)
         except BaseException as error:
@@ -115,6 +115,11 @@ class Trainer:
         elapsed = max(time.perf_counter() - started, 1e-9)
         ctx.stats.steps_per_second = (ctx.state.agent_step - first_step) / elapsed
         self._invoke_epoch_end(ctx.state.epoch - 1, ctx.state.epoch)
+
+    def _stop_requested(self) -> bool:
+        """A stop asked for on any rank stops every rank at the same epoch."""
+        self._context.stop_requested = self._distributed.any_rank(self._context.stop_requested)
+        return self._context.stop_requested
 
     def _invoke(self, callback: TrainerCallback, *args: Any) -> None:
         for component in self._components:

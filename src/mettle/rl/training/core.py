@@ -150,11 +150,10 @@ class CoreTrainingLoop:
                 ):
                     for name, value in self._update(minibatch).items():
                         sums[name].append(value)
-                recent_kl = sums["approx_kl"][-cfg.minibatches_per_epoch :]
-                if cfg.ppo.target_kl is not None and float(torch.stack(recent_kl).mean()) > cfg.ppo.target_kl:
+                if cfg.ppo.target_kl is not None and self._recent_kl(sums) > cfg.ppo.target_kl:
                     break
         set_optimizer_mode(ctx.optimizer, training=False)
-        metrics = {name: float(torch.stack(values).mean()) for name, values in sums.items()}
+        metrics = self._aggregate(sums)
         metrics["explained_variance"] = self._explained_variance(returns)
         metrics["update_epochs_run"] = float(epoch + 1)
         return metrics
@@ -175,6 +174,18 @@ class CoreTrainingLoop:
         ctx.optimizer.step()
         ctx.experience.log_ratio[minibatch.indices] = (output.log_prob - data["log_probs"]).detach()
         return {name: value.detach().float() for name, value in metrics.items()}
+
+    def _recent_kl(self, sums: dict[str, list[torch.Tensor]]) -> float:
+        """Mean approx-KL of the last update epoch over all ranks, so every rank stops together."""
+        recent = torch.stack(sums["approx_kl"][-self.context.config.minibatches_per_epoch :]).mean()
+        return float(self.context.distributed.all_reduce_mean(recent))
+
+    def _aggregate(self, sums: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+        """Mean of each diagnostic over minibatches and ranks."""
+        names = sorted(sums)
+        means = torch.stack([torch.stack(sums[name]).mean() for name in names])
+        means = self.context.distributed.all_reduce_mean(means).tolist()
+        return dict(zip(names, means, strict=True))
 
     def compute_advantages(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Advantages (normalised if configured) and value targets for the whole buffer, [segments, T]."""

@@ -4,31 +4,41 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+if TYPE_CHECKING:
+    from mettle.rl.trainer_config import TrainerConfig
+
 
 class DistributedHelper:
     """Rank queries and collectives; every method also works without a process group.
 
-    Under `torchrun` (WORLD_SIZE > 1 in the environment) it joins the process group: nccl on
-    CUDA, gloo otherwise.
+    Under `torchrun` (WORLD_SIZE > 1 in the environment) it joins the process group from torchrun's
+    RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT: nccl for CUDA tensors, gloo for CPU tensors.
     """
 
     def __init__(self, device: torch.device | str = "cpu", timeout_s: float = 300.0) -> None:
-        self.device = torch.device(device)
+        self.device = self.local_device(device)
         self._owns_group = False
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size > 1 and not dist.is_initialized():
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
             if self.device.type == "cuda":
-                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
                 torch.cuda.set_device(self.device)
             dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
             self._owns_group = True
+
+    @staticmethod
+    def local_device(device: torch.device | str) -> torch.device:
+        """`cuda` means this process's GPU (LOCAL_RANK) under torchrun; other devices pass through."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return device
 
     @property
     def is_distributed(self) -> bool:
@@ -55,8 +65,20 @@ class DistributedHelper:
         """DDP-wrap the policy when distributed; the unwrapped module keeps the plain state dict."""
         if not self.is_distributed:
             return policy
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        device = next(policy.parameters()).device
+        device_ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(policy, device_ids=device_ids)
+
+    def scale_batches_by_world_size(self, cfg: TrainerConfig) -> TrainerConfig:
+        """Turn global batch and minibatch sizes into per-rank ones, so a run's totals do not grow with ranks."""
+        world = self.get_world_size()
+        for name in ("batch_size", "minibatch_size"):
+            value = getattr(cfg, name)
+            if value % world:
+                raise ValueError(f"{name} {value} does not split over {world} ranks; use a multiple of {world}")
+        data = cfg.model_dump()
+        data.update(batch_size=cfg.batch_size // world, minibatch_size=cfg.minibatch_size // world)
+        return type(cfg).model_validate(data)
 
     def synchronize(self) -> None:
         """Barrier across ranks."""
@@ -82,6 +104,12 @@ class DistributedHelper:
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """Element-wise mean over ranks."""
         return self.all_reduce_sum(tensor) / self.get_world_size()
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is True on at least one, so decisions to stop stay in step."""
+        if not self.is_distributed:
+            return flag
+        return bool(self.all_reduce_sum(torch.tensor([float(flag)])).item() > 0)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, in rank order."""

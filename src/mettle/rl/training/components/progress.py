@@ -12,6 +12,7 @@ from datetime import timedelta
 from typing import Any, TextIO
 
 from rich import box
+from rich.columns import Columns
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.panel import Panel
@@ -204,8 +205,8 @@ class ProgressLogger(TrainerComponent):
         """The dashboard as a rich renderable; pure, so it can be rendered into any console."""
         snap = snapshot or self.snapshot()
         title = f"mettle · {status}" + (f" · {snap.run_name}" if snap.run_name else "")
-        tables = Table.grid(padding=(0, 2))
-        tables.add_row(_throughput_table(snap), _timing_table(snap), _loss_table(snap), _episode_table(snap))
+        tables = Columns([_throughput_table(snap), _timing_table(snap), _loss_table(snap), _episode_table(snap)],
+                         padding=(0, 2))  # wraps onto more rows on narrow terminals
         return Panel(Group(_progress_row(snap), tables), title=title, title_align="left", border_style="cyan")
 
     def _show_live(self, snapshot: ProgressSnapshot, status: str) -> None:
@@ -315,7 +316,9 @@ def _small_table(title: str, *headers: str) -> Table:
     """A compact titled table, so the four panels fit side by side in 120 columns."""
     table = Table(title=title, box=box.SIMPLE_HEAD, show_header=bool(headers), padding=(0, 1), title_style="bold")
     for index, header in enumerate(headers or ("", "")):
-        table.add_column(header, justify="left" if index == 0 else "right", no_wrap=True, overflow="ellipsis")
+        first = index == 0
+        table.add_column(header, justify="left" if first else "right", no_wrap=True, overflow="ellipsis",
+                         max_width=28 if first else None)
     return table
 
 

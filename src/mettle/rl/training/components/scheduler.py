@@ -30,7 +30,7 @@ from mettle.rl.training.optimizer import set_learning_rate
 if TYPE_CHECKING:
     from mettle.rl.training.context import ComponentContext
 
-__all__ = ["HyperparameterScheduler", "Schedule", "SchedulesConfig", "check_schedule_bounds"]
+__all__ = ["HyperparameterScheduler", "Schedule", "ScheduleComponent", "SchedulesConfig", "check_schedule_bounds"]
 
 
 class Schedule(BaseModel):
@@ -176,6 +176,10 @@ class HyperparameterScheduler(TrainerComponent):
         """Re-apply the values for the restored agent step (loaded before components by the checkpointer)."""
         if self._context is not None:
             self.apply(self.context.state.agent_step)
+
+
+ScheduleComponent = HyperparameterScheduler
+"""Alias under the generic name."""
 
 
 class SchedulesConfig(BaseModel):
