@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from mettle.rl.trainer import Trainer
     from mettle.rl.training import DistributedHelper
     from mettle.rl.training.components.signals import GracefulShutdown
+    from mettle.rl.training.environment import TrainingEnvironment
 
 DEFAULT_ENV = "mettagrid:arena"
 
@@ -43,6 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--sample", action="store_true", help="sample actions instead of taking the argmax")
     evaluate.add_argument("--seed", type=int, default=12345, help="environment seed (default 12345)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    play = sub.add_parser("play", help="watch a trained MettaGrid policy act, or replay a saved episode")
+    play.add_argument("run_dir", nargs="?", help="a run directory (or one checkpoint directory)")
+    play.add_argument("--replay", type=Path, default=None, metavar="FILE", help="show a saved episode again")
+    play.add_argument("--save", type=Path, default=None, metavar="FILE", help="also save the episode to FILE")
+    play.add_argument("--steps", type=int, default=None, help="stop after this many steps (default: one episode)")
+    play.add_argument("--fps", type=float, default=8.0, help="frames per second (0: as fast as possible)")
+    play.add_argument("--seed", type=int, default=0, help="environment seed (default 0)")
+    play.add_argument("--sample", action="store_true", help="sample actions instead of taking the argmax")
+    report = sub.add_parser("report", help="plots and a text summary of a run")
+    report.add_argument("run_dir", help="a run directory made by `mettle train`")
     return parser
 
 
@@ -54,6 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             return train_command(args, argv)
+        if args.command == "play":
+            return play_command(args)
+        if args.command == "report":
+            from mettle.report import report_command
+
+            return report_command(args.run_dir)
         return eval_command(args)
     except ConfigError as error:
         print(f"mettle: error: {error}", file=sys.stderr)
@@ -193,16 +210,49 @@ def run_training(cfg: RunConfig, run_name: str, run_dir: Path, distributed: Dist
 
 
 def register_components(trainer: Trainer, cfg: RunConfig, run_dir: Path) -> GracefulShutdown:
-    """The CLI's standard components, in callback order; returns the signal handler."""
+    """The run's components in callback order: tuners, then measurements, reporters, and the checkpointer last."""
     from mettle.rl.training import ContextCheckpointer
+    from mettle.rl.training.components.gradients import GradientReporter
+    from mettle.rl.training.components.heartbeat import Heartbeat
+    from mettle.rl.training.components.monitor import Monitor
+    from mettle.rl.training.components.profiler import TorchProfiler
     from mettle.rl.training.components.progress import ProgressLogger
     from mettle.rl.training.components.signals import GracefulShutdown
+    from mettle.rl.training.components.stats import StatsReporter
 
-    trainer.register(ProgressLogger(interval_s=cfg.progress_interval_s))
+    optional = [
+        cfg.schedules.build(),
+        cfg.autotuner.build(),
+        Monitor(cfg.monitor.interval) if cfg.monitor.enabled else None,
+        GradientReporter(cfg.gradients.interval, cfg.gradients.per_layer) if cfg.gradients.enabled else None,
+        cfg.evaluator.build(evaluation_envs(cfg), seed=cfg.trainer.seed + 12345),
+        TorchProfiler(run_dir / "profiles", cfg.profiler.interval, cfg.profiler.record_shapes)
+        if cfg.profiler.enabled else None,
+        StatsReporter.from_config(cfg.stats, run_dir, trainer.context.run_name or run_dir.name,
+                                  cfg.model_dump(mode="json")) if trainer.context.distributed.is_master() else None,
+        ProgressLogger(interval_s=cfg.progress_interval_s),
+        Heartbeat(run_dir / "heartbeat.json", cfg.heartbeat.interval) if cfg.heartbeat.enabled else None,
+    ]
+    for component in optional:
+        if component is not None:
+            trainer.register(component)
     shutdown = GracefulShutdown()
     trainer.register(shutdown)
     trainer.register(ContextCheckpointer(run_dir / "checkpoints", epoch_interval=cfg.checkpoint_interval))
     return shutdown
+
+
+def evaluation_envs(cfg: RunConfig) -> dict[str, Callable[[], TrainingEnvironment]]:
+    """Factories for the Evaluator: the training env and any extra ones, in-process, with the evaluator's size."""
+    from mettle.envs.factory import make_environment
+
+    def factory(name: str) -> Callable[[], TrainingEnvironment]:
+        kwargs = cfg.env.kwargs if name == cfg.env.name else {}
+        env_cfg = cfg.env.model_copy(update={"name": name, "vectorization": "serial", "kwargs": kwargs})
+        return lambda: make_environment(env_cfg, seed=cfg.trainer.seed + 777, num_envs=cfg.evaluator.num_envs)
+
+    names = [cfg.env.name, *(name for name in cfg.evaluator.envs if name != cfg.env.name)]
+    return {name: factory(name) for name in names}
 
 
 def find_policy_dir(path: Path) -> Path:
@@ -251,6 +301,19 @@ def eval_command(args: argparse.Namespace) -> int:
               f"± {summary['std_return']:.2f} (min {summary['min_return']:.2f}, max {summary['max_return']:.2f}), "
               f"mean length {summary['mean_length']:.1f}")
     return 0
+
+
+def play_command(args: argparse.Namespace) -> int:
+    """`mettle play RUN_DIR [--save FILE]` or `mettle play --replay FILE`."""
+    from mettle.play import play_run, replay_file
+
+    if args.replay is not None:
+        if args.run_dir is not None:
+            raise ConfigError("give either RUN_DIR or --replay FILE, not both")
+        return replay_file(args.replay, args.fps, sys.stdout)
+    if args.run_dir is None:
+        raise ConfigError("mettle play needs a RUN_DIR (or --replay FILE)")
+    return play_run(Path(args.run_dir), args.steps, args.fps, args.save, sys.stdout, args.seed, not args.sample)
 
 
 if __name__ == "__main__":

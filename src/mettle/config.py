@@ -9,6 +9,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mettle.rl.trainer_config import TrainerConfig
+from mettle.rl.training.components.autotuner import AutotunerConfig
+from mettle.rl.training.components.evaluator import EvaluatorConfig
+from mettle.rl.training.components.gradients import GradientConfig
+from mettle.rl.training.components.heartbeat import HeartbeatConfig
+from mettle.rl.training.components.monitor import MonitorConfig
+from mettle.rl.training.components.profiler import ProfilerConfig
+from mettle.rl.training.components.scheduler import SchedulesConfig
+from mettle.rl.training.components.stats import StatsConfig
 
 
 class ConfigError(ValueError):
@@ -63,7 +71,23 @@ class RunConfig(_Config):
     checkpoint_interval: int = Field(50, gt=0)
     """Epochs between checkpoints (one is always written at the end)."""
     progress_interval_s: float = Field(5.0, gt=0)
-    """Seconds between progress lines."""
+    """Seconds between progress updates (dashboard refreshes on a terminal, plain lines otherwise)."""
+    stats: StatsConfig = Field(default_factory=StatsConfig)
+    """Metrics to TensorBoard, metrics.jsonl and optionally Weights & Biases."""
+    evaluator: EvaluatorConfig = Field(default_factory=EvaluatorConfig)
+    """Periodic evaluation episodes (off by default)."""
+    schedules: SchedulesConfig = Field(default_factory=SchedulesConfig)
+    """Learning-rate, entropy and clip schedules over agent steps (none by default)."""
+    autotuner: AutotunerConfig = Field(default_factory=AutotunerConfig)
+    """update_epochs tuned from approx-KL and clip fraction (off by default)."""
+    heartbeat: HeartbeatConfig = Field(default_factory=HeartbeatConfig)
+    """heartbeat.json in the run dir, rewritten every epoch (on by default)."""
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    """CPU, memory and GPU memory sampling (off by default)."""
+    gradients: GradientConfig = Field(default_factory=GradientConfig)
+    """Gradient norm, mean and variance per epoch (off by default)."""
+    profiler: ProfilerConfig = Field(default_factory=ProfilerConfig)
+    """torch.profiler traces every N epochs (off by default)."""
 
 
 def parse_value(text: str) -> Any:

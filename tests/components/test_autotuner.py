@@ -136,5 +136,5 @@ def test_a_very_high_learning_rate_drives_update_epochs_down_in_a_real_run() -> 
     trainer.train()
     assert probe.ran == probe.configured  # every update ran the value set after the previous epoch
     assert probe.configured[0] == 6 and trainer.context.config.update_epochs < 6
-    assert all(later <= earlier for earlier, later in zip(probe.configured, probe.configured[1:], strict=False))
+    assert probe.configured[:3] == [6, 5, 4], "the first updates overshoot, so each one lowers update_epochs"
     assert tuner.adjustments

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from mettle.rl.advantage import gae, moment_sums, normalize, returns_from_advantages, vtrace
+from mettle.rl.advantage import explained_variance, gae, moment_sums, normalize, returns_from_advantages, vtrace
 
 GAMMA = 0.9
 LAMBDA = 0.8
@@ -333,3 +333,28 @@ def test_normalize_with_empty_mask_returns_zeros():
     advantages = torch.randn(2, 3)
     mask = torch.zeros(2, 3, dtype=torch.bool)
     assert torch.all(normalize(advantages, mask=mask) == 0.0)
+
+
+def test_explained_variance_matches_stable_baselines3() -> None:
+    from stable_baselines3.common.utils import explained_variance as sb3_explained_variance
+
+    gen = torch.Generator().manual_seed(3)
+    targets = torch.randn(500, generator=gen, dtype=torch.float64)
+    values = 0.7 * targets + 0.3 * torch.randn(500, generator=gen, dtype=torch.float64)
+    expected = float(sb3_explained_variance(values.numpy(), targets.numpy()))
+    assert explained_variance(values, targets) == pytest.approx(expected, rel=1e-9)
+    assert math.isnan(explained_variance(values, torch.full_like(targets, 2.0)))
+
+
+def test_explained_variance_of_two_shards_equals_the_whole() -> None:
+    gen = torch.Generator().manual_seed(4)
+    targets, values = torch.randn(2, 300, generator=gen, dtype=torch.float64)
+    shards = [(values[:100], targets[:100]), (values[100:], targets[100:])]
+    other = [torch.stack([moment_sums(t), moment_sums(t - v)]) for v, t in shards]
+
+    def all_reduce(local: torch.Tensor, index: int) -> torch.Tensor:
+        return local + other[1 - index]
+
+    whole = explained_variance(values, targets)
+    for index, (v, t) in enumerate(shards):
+        assert explained_variance(v, t, lambda sums, i=index: all_reduce(sums, i)) == pytest.approx(whole, rel=1e-9)

@@ -39,8 +39,6 @@ def test_load_or_create_is_static_and_context_is_a_property() -> None:
 
 
 def test_seed_imports_resolve() -> None:
-    from mettle.rl.training.optimizer import create_optimizer
-
     from mettle.agent.policy import Policy
     from mettle.profiling.stopwatch import Stopwatch
     from mettle.rl.trainer_config import TrainerConfig
@@ -55,6 +53,7 @@ def test_seed_imports_resolve() -> None:
         TrainerState,
         TrainingEnvironment,
     )
+    from mettle.rl.training.optimizer import create_optimizer
 
     assert {c.name for c in TrainerCallback} == {"STEP", "ROLLOUT_END", "EPOCH_END", "TRAINING_COMPLETE", "FAILURE"}
     assert all([Policy, Stopwatch, TrainerConfig, ComponentContext, ContextCheckpointer, CoreTrainingLoop,

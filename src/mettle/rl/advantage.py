@@ -14,9 +14,11 @@ The functions are stateless and do not detach: pass detached values when no grad
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-__all__ = ["gae", "moment_sums", "normalize", "returns_from_advantages", "vtrace"]
+__all__ = ["explained_variance", "gae", "moment_sums", "normalize", "returns_from_advantages", "vtrace"]
 
 
 def _check_shapes(rewards: torch.Tensor, bootstrap: torch.Tensor, **others: torch.Tensor) -> None:
@@ -157,3 +159,24 @@ def normalize(
     if mask is None:
         return normalized
     return torch.where(mask.to(torch.bool), normalized, torch.zeros_like(normalized))
+
+
+def explained_variance(
+    values: torch.Tensor,
+    targets: torch.Tensor,
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> float:
+    """``1 - Var(targets - values) / Var(targets)``; nan when the targets do not vary.
+
+    ``all_reduce_sum`` (e.g. a rank all-reduce) combines the moment sums of several processes first, so
+    the figure covers the global batch rather than one rank's share.
+    """
+    sums = torch.stack([moment_sums(targets), moment_sums(targets - values)])
+    if all_reduce_sum is not None:
+        sums = all_reduce_sum(sums)
+    (t_sum, t_sq, count), (r_sum, r_sq, _) = sums.tolist()
+    if count < 2:
+        return float("nan")
+    var_targets = t_sq / count - (t_sum / count) ** 2
+    var_residual = r_sq / count - (r_sum / count) ** 2
+    return float("nan") if var_targets <= 1e-12 * max(1.0, t_sq / count) else 1.0 - var_residual / var_targets

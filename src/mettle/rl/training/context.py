@@ -46,6 +46,8 @@ class EpochStats:
     """Mean loss terms and diagnostics of the last update (policy_loss, approx_kl, ...)."""
     steps_per_second: float = 0.0
     """Agent steps per second over the last epoch, all ranks."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Figures components publish for reporters (eval/, monitor/, gradients/); the StatsReporter logs, then clears."""
 
 
 @dataclass

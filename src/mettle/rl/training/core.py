@@ -206,11 +206,10 @@ class CoreTrainingLoop:
         return exp.from_row_series(advantages), exp.from_row_series(targets)
 
     def _explained_variance(self, returns: torch.Tensor) -> float:
-        exp = self.context.experience
-        mask = exp.buffers["mask"]
-        values, targets = exp.buffers["values"][mask], returns[mask]
-        var = targets.var() if targets.numel() > 1 else torch.tensor(0.0)
-        return float("nan") if var <= 0 else float(1.0 - (targets - values).var() / var)
+        """How much of the returns' variance the value head explains, over the valid rows of every rank."""
+        mask = self.context.experience.buffers["mask"]
+        values = self.context.experience.buffers["values"]
+        return adv.explained_variance(values[mask], returns[mask], self.context.distributed.all_reduce_sum)
 
     def _progress(self) -> float:
         state, cfg = self.context.state, self.context.config

@@ -10,7 +10,7 @@ bit-for-bit like a run without. Evaluation therefore
   evaluation is reproducible, and puts the training streams back afterwards.
 
 Results go to `Evaluator.latest` ({"eval/<name>/mean_return": ..., ...}), to `Evaluator.history`
-(checkpointed), and into `ctx.stats.evaluation` when the trainer's EpochStats has such a dict.
+(checkpointed), and into `ctx.stats.metrics` for the reporters.
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ class EvaluatorConfig(BaseModel):
     """Greedy (argmax) actions; False samples from the policy, seeded for reproducibility."""
     num_envs: int = Field(4, ge=1)
     """Environment instances in each evaluation environment (more finish the episodes sooner)."""
+    envs: list[str] = Field(default_factory=list)
+    """Other environments (family:name) to evaluate on besides the training one, e.g. another MettaGrid task."""
 
     def build(self, envs: Mapping[str, EnvFactory], seed: int = 12345) -> Evaluator | None:
         """The component when enabled (the factories should honour `num_envs`), else None."""
@@ -197,10 +199,8 @@ class Evaluator(TrainerComponent):
         return self._envs[name]
 
     def _publish(self, results: dict[str, float]) -> None:
-        """Copy results into the epoch stats when the trainer provides an `evaluation` dict."""
-        shared = getattr(self.context.stats, "evaluation", None)
-        if isinstance(shared, dict):
-            shared.update(results)
+        """Hand the results to the reporters through the epoch stats."""
+        self.context.stats.metrics.update(results)
 
     def _evaluated_this_epoch(self) -> bool:
         """Whether the newest history entry belongs to the current epoch (avoids a duplicate final run)."""

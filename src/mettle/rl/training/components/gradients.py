@@ -42,6 +42,7 @@ class GradientReporter(TrainerComponent):
         """Measure the gradients the update left behind."""
         named = [(name, p.grad) for name, p in self.context.policy.named_parameters() if p.grad is not None]
         self.latest = gradient_stats(named, self.per_layer)
+        self.context.stats.metrics.update(self.latest)
 
 
 def gradient_stats(named_grads: list[tuple[str, torch.Tensor]], per_layer: bool = False) -> dict[str, float]:

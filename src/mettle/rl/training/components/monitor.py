@@ -53,6 +53,7 @@ class Monitor(TrainerComponent):
     def on_epoch_end(self, epoch: int) -> None:
         """Take one sample."""
         self.latest = self.sample()
+        self.context.stats.metrics.update(self.latest)
 
     def sample(self) -> dict[str, float]:
         """CPU, memory and (on a CUDA device) GPU memory, as monitor/ metrics."""

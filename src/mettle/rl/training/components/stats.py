@@ -148,12 +148,14 @@ class StatsReporter(TrainerComponent):
         for sink in self.loggers:
             sink.log(metrics, step)
         self.episodes.clear()
+        self.context.stats.metrics.clear()
         self._reported_epoch = self.context.state.epoch
         return metrics
 
     def collect(self) -> dict[str, float]:
         """All namespaces; reading the timers starts the next report's timing."""
-        return {**self._environment(), **self._losses(), **self._performance(), **self._timing()}
+        published = {key: float(value) for key, value in self.context.stats.metrics.items()}
+        return {**self._environment(), **self._losses(), **self._performance(), **self._timing(), **published}
 
     def close(self) -> None:
         """Close every logger once; one failing does not keep the others open."""

@@ -1,0 +1,87 @@
+"""Run under torchrun by test_distributed.py: trains on the Bandit env and records what each rank saw."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mettle.agent.registry import build_policy
+from mettle.envs.testing import BanditEnvironment
+from mettle.rl.trainer import Trainer
+from mettle.rl.trainer_config import TrainerConfig
+from mettle.rl.training import ContextCheckpointer, DistributedHelper, TrainerComponent
+
+
+def checksum(module: torch.nn.Module) -> str:
+    """Digest of every parameter's bytes."""
+    digest = hashlib.sha256()
+    for tensor in module.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class StepRecorder(TrainerComponent):
+    """Records a parameter checksum after every optimizer step, and the stats each rank sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checksums: list[str] = []
+        self.epochs: list[dict[str, Any]] = []
+
+    def register(self, context: Any) -> None:
+        super().register(context)
+        context.optimizer.register_step_post_hook(lambda *_: self.checksums.append(checksum(context.policy)))
+
+    def on_epoch_end(self, epoch: int) -> None:
+        ctx = self.context
+        self.epochs.append({"epoch": epoch, "agent_step": ctx.state.agent_step, "episodes": len(ctx.stats.episodes),
+                            "losses": ctx.stats.losses})
+
+
+class StopAt(TrainerComponent):
+    def __init__(self, epoch: int) -> None:
+        super().__init__()
+        self.stop_epoch = epoch
+
+    def on_epoch_end(self, epoch: int) -> None:
+        if epoch >= self.stop_epoch:
+            self.context.stop_requested = True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--stop-at", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    distributed = DistributedHelper("cpu", timeout_s=60)
+    cfg = TrainerConfig(total_timesteps=args.epochs * 128 * distributed.get_world_size(), batch_size=128,
+                        minibatch_size=64, bptt_horizon=8, update_epochs=2, seed=7)
+    env = BanditEnvironment(num_envs=4, episode_length=8)
+    trainer = Trainer.load_or_create(str(Path(args.out) / "checkpoints"), cfg, env,
+                                     build_policy("lstm", hidden_size=16), "cpu", distributed)
+    recorder = StepRecorder()
+    trainer.register(recorder)
+    if args.stop_at:
+        trainer.register(StopAt(args.stop_at))
+    checkpointer = next(c for c in trainer.components if isinstance(c, ContextCheckpointer))
+    checkpointer.epoch_interval = 2
+    start_epoch = trainer.context.state.epoch
+    trainer.train()
+    rank = distributed.get_rank()
+    record = {"rank": rank, "world": distributed.get_world_size(), "start_epoch": start_epoch,
+              "checksums": recorder.checksums, "epochs": recorder.epochs, "final": checksum(trainer.context.policy),
+              "agent_step": trainer.context.state.agent_step, "pid": os.getpid()}
+    Path(args.out, f"rank{rank}.json").write_text(json.dumps(record))
+    distributed.cleanup()
+
+
+if __name__ == "__main__":
+    main()

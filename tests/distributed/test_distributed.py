@@ -1,0 +1,136 @@
+"""Real multi-process training: torchrun, gloo on CPU, two ranks (and two 'nodes' on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mettle.rl.training.checkpointer import list_checkpoints, read_checkpoint
+
+WORKER = str(Path(__file__).with_name("ddp_worker.py"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(*args: str, nproc: int = 2, extra: tuple[str, ...] = ()) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *extra, *args]
+
+
+def run_workers(out: Path, *worker_args: str) -> list[dict[str, Any]]:
+    port = free_port()
+    command = torchrun(WORKER, "--out", str(out), *worker_args,
+                       extra=("--nnodes=1", "--master-addr=127.0.0.1", f"--master-port={port}"))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_two_ranks_stay_identical_and_count_all_steps(tmp_path: Path) -> None:
+    rank0, rank1 = run_workers(tmp_path, "--epochs", "4")
+    assert rank0["world"] == rank1["world"] == 2
+    assert len(rank0["checksums"]) == 4 * 2 * 2  # epochs x update epochs x minibatches
+    assert rank0["checksums"] == rank1["checksums"], "parameters differ between ranks after an optimizer step"
+    assert rank0["agent_step"] == rank1["agent_step"] == 4 * 128 * 2
+    steps = [e["agent_step"] for e in rank0["epochs"]]
+    assert steps == [256, 512, 768, 1024], "agent_step grows by the batches of both ranks"
+    assert [e["losses"] for e in rank0["epochs"]] == [e["losses"] for e in rank1["epochs"]], "losses are all-reduced"
+    assert [e["episodes"] for e in rank0["epochs"]] == [e["episodes"] for e in rank1["epochs"]]
+    assert rank0["epochs"][-1]["episodes"] == 2 * 4 * 128 // 8 // 4, "episodes of both ranks are gathered"
+    checkpoints = list_checkpoints(tmp_path / "checkpoints")
+    assert [p.name for p in checkpoints] == ["00000002", "00000004"]
+    state, _ = read_checkpoint(checkpoints[-1])
+    assert len(state["ranks"]) == 2 and state["trainer"]["agent_step"] == 1024
+    assert not list((tmp_path / "checkpoints").glob(".staging*"))
+
+
+def test_resume_under_two_ranks_restores_both_identically(tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    split = tmp_path / "split"
+    full = run_workers(straight, "--epochs", "4")
+    run_workers(split, "--epochs", "4", "--stop-at", "2")
+    resumed = run_workers(split, "--epochs", "4")
+    assert resumed[0]["start_epoch"] == resumed[1]["start_epoch"] == 2
+    assert resumed[0]["final"] == resumed[1]["final"] == full[0]["final"], "resumed ranks match an unbroken run"
+
+
+def test_cli_under_torchrun_writes_only_from_rank_zero(tmp_path: Path) -> None:
+    port = free_port()
+    command = torchrun("-m", "mettle", "--", "train", "--env", "gym:CartPole-v1", "--run", "r", "--run-dir",
+                       str(tmp_path), "total_timesteps=8192", "progress_interval_s=0.01",
+                       extra=("--nnodes=1", "--master-addr=127.0.0.1", f"--master-port={port}"))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("training gym:CartPole-v1 with mlp policy on 2 ranks") == 1
+    assert result.stdout.count("done epoch") == 1, "progress comes from rank 0 only"
+    assert {p.name for p in (tmp_path / "r").iterdir()} == {"checkpoints", "config.json", "policy.json",
+                                                           "policy.safetensors", "metrics.jsonl", "tensorboard",
+                                                           "heartbeat.json"}
+    steps = [json.loads(line)["step"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 8192, "one metrics line per epoch, from rank 0 only"
+    state, _ = read_checkpoint(list_checkpoints(tmp_path / "r" / "checkpoints")[-1])
+    assert state["trainer"]["agent_step"] == 8192 and len(state["ranks"]) == 2
+
+
+def test_two_nodes_on_loopback_train_together(tmp_path: Path) -> None:
+    port = free_port()
+    common = ("--nnodes=2", "--master-addr=127.0.0.1", f"--master-port={port}")
+    procs = [subprocess.Popen(torchrun(WORKER, "--out", str(tmp_path), "--epochs", "2", nproc=1,
+                                       extra=(*common, f"--node-rank={node}")),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["world"] == 2 and rank0["checksums"] == rank1["checksums"]
+    assert rank0["agent_step"] == 2 * 128 * 2
+
+
+def descendants(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    children = [int(p) for p in out.split()]
+    return children + [d for c in children for d in descendants(c)]
+
+
+def test_killing_one_rank_ends_the_other_with_an_error(tmp_path: Path) -> None:
+    port = free_port()
+    command = torchrun(WORKER, "--out", str(tmp_path), "--epochs", "100000",
+                       extra=("--nnodes=1", "--master-addr=127.0.0.1", f"--master-port={port}"))
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 60
+    workers: list[int] = []
+    while time.time() < deadline and len(workers) < 2:
+        time.sleep(1.0)
+        workers = [p for p in descendants(proc.pid) if "ddp_worker" in Path(f"/proc/{p}/cmdline").read_text()]
+    assert len(workers) == 2, "both ranks started"
+    time.sleep(3.0)
+    os.kill(workers[1], signal.SIGKILL)
+    started = time.time()
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert time.time() - started < 60
+    assert proc.returncode != 0
+    assert "ddp_worker" in err or "ChildFailedError" in err or "Signals.SIGKILL" in err
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
