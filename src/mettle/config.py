@@ -40,6 +40,8 @@ class EnvConfig(_Config):
     """Worker processes for multiprocess vectorisation (num_envs must divide evenly)."""
     async_factor: int = Field(1, gt=0, le=16)
     """Groups of workers stepped in turn, so env stepping overlaps policy inference (1: no overlap)."""
+    worker_timeout_s: float = Field(30.0, gt=0, le=3600)
+    """Seconds a multiprocess env worker may take to answer before the run fails naming it."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments for the environment constructor."""
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import gymnasium as gym
 import numpy as np
 import pytest
 
@@ -133,4 +136,18 @@ def test_contract_checker_catches_a_missing_start() -> None:
     rollout = collect_rollout(ScriptedEnvironment(num_envs=1, episode_length=2), steps=6)
     rollout.starts[3, 0] = False
     with pytest.raises(AssertionError, match="starts"):
+        check_rollout(rollout)
+
+
+def test_contract_checker_takes_uint8_observations_and_checks_them_against_the_space() -> None:
+    env = ScriptedEnvironment(num_envs=2, episode_length=3)
+    rollout = collect_rollout(env, steps=10)
+    rollout.observations = rollout.observations.astype(np.uint8)  # tokens, as MettaGrid writes them
+    check_rollout(rollout)
+    uint8_info = replace(env.policy_env_info, observation_space=gym.spaces.Box(0, 255, (1,), np.uint8))
+    check_rollout(rollout, uint8_info)
+    with pytest.raises(AssertionError, match="observations are uint8, space says float32"):
+        check_rollout(rollout, env.policy_env_info)
+    rollout.observations = rollout.observations.astype(np.int64)
+    with pytest.raises(AssertionError, match=r"float32 .*or uint8 .*got int64"):
         check_rollout(rollout)

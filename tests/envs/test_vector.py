@@ -208,6 +208,8 @@ def test_killed_worker_is_reported_and_cleaned_up() -> None:
     pids, name = env.worker_pids, env.shared_memory_name
     env.reset()
     env.get_observations()
+    with open(f"/proc/{pids[1]}/comm") as comm:  # ps and pgrep show which worker is which
+        assert comm.read().strip() == "mettle-env-1"
     os.kill(pids[1], signal.SIGKILL)
     env.send_actions(np.zeros((8, 1), np.int64))
     start = time.monotonic()
@@ -245,6 +247,41 @@ def test_hanging_worker_times_out() -> None:
     assert 0.9 < time.monotonic() - start < 3
     env.close()
     assert_cleaned_up(pids, env.shared_memory_name)
+
+
+def test_stopped_worker_is_named_within_the_timeout_and_killed_on_close() -> None:
+    env = VectorEnvironment(make_bandit, 4, 2, timeout_s=1.0)
+    pids, name = env.worker_pids, env.shared_memory_name
+    try:
+        env.reset()
+        env.get_observations()
+        os.kill(pids[1], signal.SIGSTOP)  # alive but silent: only the timeout can tell
+        env.send_actions(np.zeros((8, 1), np.int64))
+        start = time.monotonic()
+        pattern = rf"worker 1 \(pid {pids[1]}\) did not answer within timeout_s=1 s \(process state: stopped"
+        with pytest.raises(EnvironmentWorkerError, match=pattern) as error:
+            env.get_observations()
+        assert 0.9 < time.monotonic() - start < 3
+        assert (error.value.worker_index, error.value.pid) == (1, pids[1])
+        start = time.monotonic()
+    finally:
+        env.close()
+    assert time.monotonic() - start < 1.5, "a stopped worker must not need the SIGKILL grace period"
+    assert_cleaned_up(pids, name)
+
+
+def _fail_in_worker_1(num_envs: int, worker: int) -> TrainingEnvironment:
+    """Worker 1 cannot build its sub-env, so start-up must fail naming it."""
+    if worker == 1:
+        raise RuntimeError("cannot build sub-env 1")
+    return BanditEnvironment(num_envs=num_envs)
+
+
+def test_a_worker_failing_at_startup_is_named_and_no_worker_is_left() -> None:
+    pattern = r"worker 1 \(pid \d+\) raised RuntimeError: cannot build sub-env 1"
+    with pytest.raises(EnvironmentWorkerError, match=pattern):
+        VectorEnvironment(_fail_in_worker_1, 4, 2)
+    assert not [p for p in mp.active_children() if p.name.startswith("mettle-env-worker")]
 
 
 def test_close_is_idempotent_and_garbage_collection_cleans_up() -> None:

@@ -50,7 +50,8 @@ def make_environment(cfg: EnvConfig, seed: int = 0, num_envs: int | None = None)
             build_in_process(family, target, cfg.kwargs, "sync", 1).close()  # fail fast, in this process
             factory = functools.partial(build_in_process, family, target, dict(cfg.kwargs), "sync")
             workers = min(cfg.num_workers, count)
-            return VectorEnvironment(factory, count, workers, cfg.async_factor, seed=seed)
+            return VectorEnvironment(factory, count, workers, cfg.async_factor, seed=seed,
+                                     timeout_s=cfg.worker_timeout_s)
         gym_mode = "async" if cfg.vectorization == "gymnasium_async" else "sync"
         return build_in_process(family, target, cfg.kwargs, gym_mode, count)
     except ValueError as error:

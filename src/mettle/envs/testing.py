@@ -372,6 +372,8 @@ class Rollout:
 
 
 ActionFn = Callable[[int, EnvBatch], np.ndarray]
+OBSERVATION_DTYPES = (np.dtype(np.float32), np.dtype(np.uint8))
+"""Observation dtypes the trainer takes: float32 features, or uint8 (MettaGrid's tokens)."""
 
 
 def collect_rollout(
@@ -421,10 +423,14 @@ def _fail(message: str) -> None:
 def _check_layout(r: Rollout, info: PolicyEnvInfo | None) -> None:
     """Shapes and dtypes the trainer relies on."""
     steps, rows = r.rewards.shape
-    if r.observations.dtype != np.float32:
-        _fail(f"observations must be float32, got {r.observations.dtype}")
-    if info is not None and r.observations.shape[2:] != tuple(info.observation_space.shape):
-        _fail(f"observations shaped {r.observations.shape[2:]}, space says {info.observation_space.shape}")
+    if r.observations.dtype not in OBSERVATION_DTYPES:
+        _fail(f"observations must be float32 (features) or uint8 (e.g. MettaGrid tokens), got {r.observations.dtype}")
+    if info is not None:
+        space = info.observation_space
+        if r.observations.shape[2:] != tuple(space.shape):
+            _fail(f"observations shaped {r.observations.shape[2:]}, space says {space.shape}")
+        if space.dtype is not None and np.dtype(space.dtype) != r.observations.dtype:
+            _fail(f"observations are {r.observations.dtype}, space says {space.dtype}")
     for name in ("terminals", "truncations", "mask", "starts"):
         array = getattr(r, name)
         if array.dtype != np.bool_ or array.shape != (steps, rows):

@@ -26,15 +26,17 @@ for actions (normally the only one: the last batch received); pass `rows=` to na
 Start method. "fork" on Linux when the parent runs a single Python thread (fast: nothing is
 imported or pickled again); otherwise "forkserver" where available, else "spawn". Pass
 `start_method=` to force one. `make_env` must be picklable (a top-level function or a
-functools.partial of one) so every start method works; this is checked up front.
+functools.partial of one) so every start method works; this is checked up front. On Linux a worker
+names itself `mettle-env-<index>` (its comm, as ps, top and pgrep show it), matching the errors.
 
 Cleanup. Workers are ended on `close()`, context exit, garbage collection and interpreter exit
 (a `multiprocessing.util.Finalize` with an exit priority, which runs before multiprocessing joins
 its children). Workers ignore SIGINT (the parent decides) and exit by themselves when the parent
 dies: while idle they poll their pipe every 0.5 s and leave when their parent pid changes. That is
 portable and, unlike prctl(PR_SET_PDEATHSIG), does not fire when merely the thread that started
-them exits. The shared-memory segment is unlinked on close (and by multiprocessing's resource
-tracker if the parent is killed).
+them exits. After a failure close() does not wait for answers: it sends SIGTERM (with SIGCONT, so a
+stopped worker acts on it) and SIGKILL to whoever is left after a grace period. The shared-memory
+segment is unlinked on close (and by multiprocessing's resource tracker if the parent is killed).
 
 Seeding. `reset(seed)` resets worker w's sub-env with `seed + w * (num_envs // num_workers)`, the
 global index of its first instance. A sub-env that seeds its instance i with `seed + i` (like
@@ -206,6 +208,12 @@ def _limit_threads() -> None:
         torch.set_num_threads(1)
 
 
+def _name_process(name: str) -> None:
+    """Show workers as `mettle-env-<index>` in ps and top (Linux; the kernel keeps 15 characters)."""
+    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
+        comm.write(name[:15])
+
+
 def _receive(conn: connection.Connection, poller: select.poll, parent_pid: int) -> bytes | None:
     """The next message, or None once the parent is gone (pipe closed or reparented)."""
     while not poller.poll(_PARENT_CHECK_S * 1000):  # a kept poll object: cheaper than conn.poll per step
@@ -220,6 +228,7 @@ def _receive(conn: connection.Connection, poller: select.poll, parent_pid: int) 
 def _worker_main(conn: connection.Connection, make_env: EnvFactory, num_envs: int, index: int) -> None:
     """Worker process entry: build the sub-env, report its spaces, then serve step/reset requests."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _name_process(f"mettle-env-{index}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     parent_pid = os.getppid()
     poller = select.poll()
@@ -438,8 +447,10 @@ class _ProcessBackend:
             ready = poller.poll(max(0.0, deadline - time.monotonic()) * 1000)
             if not ready and time.monotonic() >= deadline:
                 worker = min(pending)
-                detail = f"did not answer within timeout_s={timeout_s:g} s (hung or too slow; raise timeout_s)"
-                raise self._fail(EnvironmentWorkerError(worker, self.processes[worker].pid, detail))
+                pid = self.processes[worker].pid
+                detail = (f"did not answer within timeout_s={timeout_s:g} s (process state: {_process_state(pid)}; "
+                          "hung or too slow; raise env.worker_timeout_s)")
+                raise self._fail(EnvironmentWorkerError(worker, pid, detail))
             readable = {fd for fd, _event in ready}
             for fd in sorted(readable):
                 worker, is_pipe = self._fds[fd]
@@ -534,11 +545,25 @@ def _stop_all(processes: Sequence[Any]) -> None:
     for process in started:
         if process.is_alive():
             process.terminate()
+            with contextlib.suppress(OSError):  # a stopped (SIGSTOP) worker acts on SIGTERM only once continued
+                os.kill(process.pid, signal.SIGCONT)
     _join_all(started, _GRACE_S)
     for process in started:
         if process.is_alive():
             process.kill()
             process.join()
+
+
+def _process_state(pid: int | None) -> str:
+    """The kernel's view of a silent worker (running, sleeping, stopped...), so a hang report says which."""
+    names = {"R": "running", "S": "sleeping", "D": "waiting on I/O", "T": "stopped", "t": "stopped by a tracer",
+             "Z": "exited (zombie)"}
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            code = stat.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "unknown"
+    return names.get(code, code)
 
 
 def _default_start_method() -> str:
