@@ -111,8 +111,10 @@ class TokenEncoder(nn.Module):
         self.pooling = pooling
         self.num_heads = num_heads
         self.location_embed = nn.Embedding(NUM_IDS, embed_size)
-        # Per feature id: a bias and a direction the scaled value moves along, gathered in one lookup.
-        self.feature_embed = nn.Embedding(NUM_IDS, 2 * embed_size)
+        # Per feature id: a bias, and a direction the scaled value moves along (two tables: a split one would
+        # concatenate a gradient the size of every token's embedding in backward).
+        self.feature_bias = nn.Embedding(NUM_IDS, embed_size)
+        self.feature_direction = nn.Embedding(NUM_IDS, embed_size)
         self.register_buffer("value_scale", torch.full((NUM_IDS,), 1.0 / DEFAULT_NORMALIZATION))
         self.token_mlp = build_torso(embed_size, embed_size, token_layers, nn.ReLU)
         self.query = nn.Parameter(torch.zeros(num_heads, embed_size // num_heads)) if pooling == "attention" else None
@@ -121,7 +123,7 @@ class TokenEncoder(nn.Module):
 
     def _init_embeddings(self) -> None:
         """Unit-variance pre-activations: location, bias and value terms each contribute a third."""
-        for table in (self.location_embed, self.feature_embed):
+        for table in (self.location_embed, self.feature_bias, self.feature_direction):
             nn.init.normal_(table.weight, std=1.0 / math.sqrt(3.0))
 
     def set_normalizations(self, norms: torch.Tensor) -> None:
@@ -139,7 +141,7 @@ class TokenEncoder(nn.Module):
         """Per-token ReLU features [N, n, embed], zero on padding so that max and sum pooling ignore it."""
         location, feature = tokens[..., 0], tokens[..., 1]
         value = (tokens[..., 2] * self.value_scale[feature]).unsqueeze(-1)
-        bias, direction = self.feature_embed(feature).chunk(2, dim=-1)
+        bias, direction = self.feature_bias(feature), self.feature_direction(feature)
         keep = valid.unsqueeze(-1).to(bias.dtype)
         # In place where autograd allows (no saved tensor is overwritten): fresh large tensors are slow on CPU.
         x = self.location_embed(location).add_(bias).addcmul_(value, direction).mul_(keep).relu_()
