@@ -59,3 +59,10 @@ def test_seed_imports_resolve() -> None:
     assert all([Policy, Stopwatch, TrainerConfig, ComponentContext, ContextCheckpointer, CoreTrainingLoop,
                 DistributedHelper, Experience, TrainerComponent, TrainerState, TrainingEnvironment,
                 create_optimizer])
+
+
+def test_design_map_names_resolve() -> None:
+    from mettle.envs.vector import VectorEnvironment
+    from mettle.rl.training.environment import TrainingEnvironment, VectorizedTrainingEnvironment
+
+    assert VectorizedTrainingEnvironment is VectorEnvironment and issubclass(VectorEnvironment, TrainingEnvironment)

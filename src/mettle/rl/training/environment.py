@@ -121,3 +121,12 @@ def random_actions(info: PolicyEnvInfo, rows: int, rng: np.random.Generator) -> 
     """Uniform random actions for `rows` agents, shaped [rows, heads]."""
     nvec = np.asarray(info.action_nvec)
     return (rng.random((rows, len(nvec))) * nvec).astype(np.int64)
+
+
+def __getattr__(name: str) -> Any:
+    """`VectorizedTrainingEnvironment` (the map's name) is the shared-memory multi-process env, loaded on use."""
+    if name == "VectorizedTrainingEnvironment":
+        from mettle.envs.vector import VectorEnvironment
+
+        return VectorEnvironment
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
