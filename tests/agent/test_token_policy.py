@@ -268,3 +268,24 @@ def test_learns_action_from_single_token_feature() -> None:
     with torch.no_grad():
         chosen = policy(obs, no_starts(512, 1), memory=memory, deterministic=True).actions
     assert (chosen == target).float().mean() > 0.9
+
+
+def test_winner_max_pooling_matches_dense_max_pooling_and_its_gradients() -> None:
+    from mettle.agent.token import TokenEncoder, padding_mask, trim_padding
+
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 200, (64, 40, 3), dtype=torch.uint8)
+    tokens[:, 30:] = 255  # padding tail
+    tokens[:3] = 255  # rows with no real token pool to zeros
+    encoder = TokenEncoder(16, 32, "max", 4, 0)
+    valid = padding_mask(tokens)
+    ids, valid = trim_padding(tokens.long(), valid)
+    dense = encoder.pool(encoder.embed(ids, valid), valid)
+    sparse = encoder.max_pool_winners(ids, valid)
+    torch.testing.assert_close(sparse, dense, rtol=0, atol=0)
+    assert sparse[:3].abs().sum() == 0
+    params = [encoder.location_embed.weight, encoder.feature_bias.weight, encoder.feature_direction.weight]
+    dense_grads = torch.autograd.grad(dense.square().sum(), params)
+    sparse_grads = torch.autograd.grad(sparse.square().sum(), params)
+    for got, want in zip(sparse_grads, dense_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)

@@ -134,12 +134,33 @@ class TokenEncoder(nn.Module):
         """[N, num_tokens, 3] tokens (any dtype holding bytes) to [N, out_size] ReLU features."""
         valid = padding_mask(tokens)
         tokens, valid = trim_padding(tokens, valid)
-        x = self.embed(tokens.long(), valid)
-        return torch.relu(self.project(self.pool(x, valid)))
+        tokens = tokens.long()
+        if self.pooling == "max" and not len(self.token_mlp):
+            pooled = self.max_pool_winners(tokens, valid)
+        else:
+            pooled = self.pool(self.embed(tokens, valid), valid)
+        return torch.relu(self.project(pooled))
+
+    def max_pool_winners(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Max pooling that keeps the graph to the winning token of each channel, not every token.
+
+        The embeddings of all tokens are computed without autograd to find each channel's winner, then
+        only the winners are recomputed with autograd: the same values and gradients as `amax`, with a
+        backward pass over [N, embed] entries instead of [N, tokens, embed].
+        """
+        with torch.no_grad():
+            winners = self.embed(tokens, valid).max(dim=1).indices  # several times faster than argmax on CPU
+        channels = torch.arange(self.embed_size, device=tokens.device)
+        location = tokens[..., 0].gather(1, winners)
+        feature = tokens[..., 1].gather(1, winners)
+        value = tokens[..., 2].gather(1, winners) * self.value_scale[feature]
+        keep = valid.gather(1, winners).to(self.value_scale.dtype)
+        x = self.location_embed.weight[location, channels] + self.feature_bias.weight[feature, channels]
+        return torch.relu(x.addcmul(value, self.feature_direction.weight[feature, channels])) * keep
 
     def embed(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Per-token ReLU features [N, n, embed], zero on padding so that max and sum pooling ignore it."""
-        location, feature = tokens[..., 0], tokens[..., 1]
+        location, feature = tokens[..., 0].contiguous(), tokens[..., 1].contiguous()  # strided ids gather slowly
         value = (tokens[..., 2] * self.value_scale[feature]).unsqueeze(-1)
         bias, direction = self.feature_bias(feature), self.feature_direction(feature)
         keep = valid.unsqueeze(-1).to(bias.dtype)
