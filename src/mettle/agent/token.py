@@ -135,7 +135,7 @@ class TokenEncoder(nn.Module):
         valid = padding_mask(tokens)
         tokens, valid = trim_padding(tokens, valid)
         tokens = tokens.long()
-        if self.pooling == "max" and not len(self.token_mlp):
+        if self.pooling == "max" and not len(self.token_mlp) and torch.is_grad_enabled():
             pooled = self.max_pool_winners(tokens, valid)
         else:
             pooled = self.pool(self.embed(tokens, valid), valid)

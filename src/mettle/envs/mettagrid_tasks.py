@@ -16,7 +16,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mettagrid.config.game_value import InventoryValue
-from mettagrid.config.handler_config import Handler, actorHas, targetHas, updateActor, withdraw
+from mettagrid.config.handler_config import (
+    Handler,
+    actorHas,
+    query,
+    queryDelta,
+    targetHas,
+    updateActor,
+    updateTarget,
+)
 from mettagrid.config.mettagrid_config import (
     ActionsConfig,
     AgentConfig,
@@ -28,9 +36,11 @@ from mettagrid.config.mettagrid_config import (
     MoveActionConfig,
     NoopActionConfig,
     ObsConfig,
+    ResourceLimitsConfig,
     WallConfig,
 )
 from mettagrid.config.reward_config import reward
+from mettagrid.config.tag import typeTag
 from mettagrid.map_builder.random_map import RandomMapBuilderConfig
 from mettagrid.mapgen.mapgen import MapGenConfig
 from mettagrid.mapgen.scene import ChildrenAction
@@ -118,22 +128,43 @@ def navigation(
     width: int = 20,
     height: int = 20,
     rooms: int = 8,
-    goals: int = 8,
+    goals: int = 4,
+    cooldown: int = 5,
     max_steps: int = 200,
 ) -> MettaGridConfig:
-    """Agents explore a dungeon of rooms and corridors for goals that each pay one heart, once."""
+    """Agents find goals in a dungeon of rooms and corridors; a goal pays a heart, then recharges `cooldown` steps."""
     _check_room(width, height, num_agents + goals)
-    if goals < 1 or rooms < 1:
-        raise ValueError(f"need goals >= 1 and rooms >= 1, got {goals}, {rooms}")
-    goal = GridObjectConfig(
+    if goals < 1 or rooms < 1 or cooldown < 1:
+        raise ValueError(f"need goals >= 1, rooms >= 1 and cooldown >= 1, got {goals}, {rooms}, {cooldown}")
+    objects = {"wall": WallConfig(), "goal": _recharging_goal(cooldown)}
+    game = _game(
+        num_agents,
+        max_steps,
+        ["heart", "charge"],
+        objects=objects,
+        map_builder=_dungeon(width, height, rooms, num_agents, {"goal": goals}),
+        on_tick=Handler(mutations=[queryDelta(query(typeTag("goal")), {"charge": 1})]),
+    )
+    return MettaGridConfig(label="navigation", game=game)
+
+
+def _recharging_goal(cooldown: int) -> GridObjectConfig:
+    """A goal holding up to `cooldown` charge (one more each step); using it full spends it all for a heart."""
+    limit = ResourceLimitsConfig(base=cooldown, max=cooldown, resources=["charge"])
+    return GridObjectConfig(
         name="goal",
-        inventory=InventoryConfig(initial={"heart": 1}),
+        inventory=InventoryConfig(initial={"charge": cooldown}, limits={"charge": limit}),
         on_use_handler=Handler(
-            filters=[targetHas({"heart": 1})], mutations=[withdraw({"heart": 1}, remove_when_empty=True)]
+            filters=[targetHas({"charge": cooldown})],
+            mutations=[updateTarget({"charge": -cooldown}), updateActor({"heart": 1})],
         ),
     )
+
+
+def _dungeon(width: int, height: int, rooms: int, agents: int, objects: dict[str, int]) -> MapGenConfig:
+    """BSP rooms joined by corridors inside a one-cell wall border, agents and objects on random free cells."""
     # mettagrid's Maze scene does not survive a model_dump round trip in 0.26 (its sizes serialise as {}), so
-    # the walls come from BSP rooms and corridors, made fully connected before agents and goals are placed.
+    # the walls come from BSP rooms and corridors, made fully connected before agents and objects are placed.
     dungeon = BSPConfig(
         rooms=rooms,
         min_room_size=2,
@@ -141,13 +172,10 @@ def navigation(
         max_room_size_ratio=0.9,
         children=[
             ChildrenAction(where="full", scene=MakeConnectedConfig()),
-            ChildrenAction(where="full", scene=RandomConfig(agents=num_agents, objects={"goal": goals})),
+            ChildrenAction(where="full", scene=RandomConfig(agents=agents, objects=objects)),
         ],
     )
-    map_builder = MapGenConfig(width=width - 2, height=height - 2, border_width=1, instance=dungeon)
-    objects = {"wall": WallConfig(), "goal": goal}
-    game = _game(num_agents, max_steps, ["heart"], objects=objects, map_builder=map_builder)
-    return MettaGridConfig(label="navigation", game=game)
+    return MapGenConfig(width=width - 2, height=height - 2, border_width=1, instance=dungeon)
 
 
 TASKS: dict[str, Callable[..., MettaGridConfig]] = {"arena": arena, "navigation": navigation}
