@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 CLASSIC_CONTROL = [
-    "total_timesteps=300000",
-    "batch_size=1024",
-    "minibatch_size=256",
+    "total_timesteps=200000",
+    "batch_size=512",
+    "minibatch_size=128",
     "bptt_horizon=16",
     "update_epochs=10",
-    "advantage.gamma=0.99",
-    "advantage.gae_lambda=0.95",
-    "optimizer.learning_rate=0.001",
+    "advantage.gamma=0.98",
+    "advantage.gae_lambda=0.8",
+    "optimizer.learning_rate=0.002",
     "ppo.entropy_coef=0.0",
     "env.num_envs=8",
 ]
 
 RECURRENT = ["policy.hidden_size=128", "bptt_horizon=32", "batch_size=2048", "minibatch_size=512",
-             "total_timesteps=600000"]
+             "total_timesteps=600000", "optimizer.learning_rate=0.001", "advantage.gamma=0.99",
+             "advantage.gae_lambda=0.95"]
 
 
 METTAGRID = [

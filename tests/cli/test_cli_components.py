@@ -25,7 +25,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("runs")
     result = run_mettle(
         "train", "--env", "gym:CartPole-v1", "--run", "full", "--run-dir", str(root), "total_timesteps=6144",
-        "progress_interval_s=0.01", "evaluator.enabled=true", "evaluator.interval=2", "evaluator.episodes=4",
+        "batch_size=1024", "progress_interval_s=0.01", "evaluator.enabled=true", "evaluator.interval=2",
+        "evaluator.episodes=4",
         "monitor.enabled=true", "gradients.enabled=true", "autotuner.enabled=true", "stats.wandb=offline",
         'schedules.learning_rate={"kind": "linear", "start": 0.001, "end": 0.0}', "checkpoint_interval=3",
         cwd=root,

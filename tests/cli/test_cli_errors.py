@@ -22,7 +22,7 @@ def run_mettle(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         (["optimizer.learnng_rate=0.1"], "unknown config key 'optimizer.learnng_rate'"),
         (["optimizer.learning_rate=-0.5"], "trainer.optimizer.learning_rate"),
         (["batch_size=1024", "minibatch_size=4096"], "minibatch_size 4096 is larger than batch_size 1024"),
-        (["--env", "gym:CartPole-v1", "batch_size=1000"], "batch_size 1000 is not a multiple of minibatch_size 256"),
+        (["--env", "gym:CartPole-v1", "batch_size=1000"], "batch_size 1000 is not a multiple of minibatch_size 128"),
         (["--env", "gym:CartPole-v1", "env.num_envs=7"], "try batch_size="),
         (["--env", "mettagrid:no_such_task"], "no_such_task"),
     ],

@@ -23,7 +23,7 @@ def test_train_then_eval(tmp_path: Path) -> None:
     assert config["env"]["name"] == "gym:CartPole-v1"
     assert config["trainer"]["total_timesteps"] == 8192
     assert config["trainer"]["optimizer"]["learning_rate"] == 0.002
-    assert config["trainer"]["batch_size"] == 1024, "the CartPole recipe applies under the user's overrides"
+    assert config["trainer"]["batch_size"] == 512, "the CartPole recipe applies under the user's overrides"
     progress = [line for line in result.stdout.splitlines() if line.startswith("epoch")]
     assert len(progress) >= 2 and all("sps" in line and "return" in line for line in progress)
     assert "steps 8,192/8,192" in result.stdout

@@ -1,0 +1,158 @@
+"""The markdown page bench/compare.py writes from its report dict (results.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+SPS_TARGET = 3.0
+"""Mettle must train CartPole-v1 (8 envs, matched settings) at least this many times faster than SB3."""
+SOLVE_TARGET = 1 / 3
+"""Mettle's time to the threshold must be at most this fraction of SB3's (rl-zoo tuned)."""
+SYSTEM_NAMES = {"mettle": "Mettle", "sb3": "SB3", "raw_gym": "raw env", "raw_mettagrid": "raw env",
+                "mettle_env": "Mettle env adapter"}
+
+
+def num(value: float | None, digits: int = 0) -> str:
+    """A number with thousands separators, or a dash when missing."""
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def ratio(value: float | None) -> str:
+    """A ratio like 3.10x, or a dash."""
+    return "–" if value is None else f"{value:.2f}x"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The whole page: machine, throughput, Mettle's time split, time to solve, targets."""
+    parts = [header(report), throughput_table(report), split_table(report)]
+    solves = {name: entry["solve"] for name, entry in report["tasks"].items() if "solve" in entry}
+    parts += [solve_section(name, solve, report) for name, solve in solves.items()]
+    parts.append(targets(report))
+    return "\n\n".join(part for part in parts if part) + "\n"
+
+
+def header(report: dict[str, Any]) -> str:
+    """Title, the conditions of the run, and the caveat that matters most on a shared machine."""
+    m = report["machine"]
+    quick = "\n\n**--quick smoke run: too short to be a measurement.**" if report["quick"] else ""
+    return (f"# Mettle vs Stable-Baselines3 PPO vs raw environment\n\n"
+            f"{m['date']}, {m['cpus']} CPUs, load average {m['load_avg'][0]:.2f} at start and "
+            f"{m['load_avg_end'][0]:.2f} at the end (the machine may be shared: compare ratios, not absolutes); "
+            f"Python {m['python']}, torch {m['torch']} ({m['torch_threads']} thread for every system), "
+            f"stable-baselines3 {m['stable_baselines3']}; CPU only; total {report['wall_s']:.0f} s.{quick}")
+
+
+def throughput_table(report: dict[str, Any]) -> str:
+    """Median agent-steps/s per system and the ratios, one row per task."""
+    rows = ["## Throughput, matched settings (agent-steps/s, median of runs)", "",
+            "Same envs, steps per env per rollout (= Mettle batch_size / envs), minibatch, update epochs, "
+            "separate 64x64 tanh actor and critic, Adam; SB3 reads Monitor-wrapped DummyVecEnv, Mettle its own "
+            "adapter over Gymnasium's SyncVectorEnv. Raw env: the bare simulator with uniformly random actions.", "",
+            "| task | rows | batch / minibatch / epochs | steps x runs | Mettle | SB3 | Mettle ÷ SB3 | raw env "
+            "| Mettle ÷ raw | Mettle env adapter | adapter ÷ raw |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, entry in report["tasks"].items():
+        t, config = entry["throughput"], first_config(entry)
+        med, r = t["median_sps"], t["ratios"]
+        raw = med.get("raw_gym") or med.get("raw_mettagrid")
+        rows.append(f"| {name} | {rows_text(entry)} | {sizes(config)} | {t['steps']:,} x {t['repeats']} "
+                    f"| {num(med['mettle'])} | {num(med.get('sb3'))} | {ratio(r['mettle_over_sb3'])} | {num(raw)} "
+                    f"| {ratio(r['mettle_over_raw'])} | {num(med['mettle_env'])} | {ratio(r['adapter_over_raw'])} |")
+    return "\n".join(rows)
+
+
+def first_config(entry: dict[str, Any]) -> dict[str, Any] | None:
+    """The resolved Mettle config of the first successful throughput run."""
+    for run in entry["throughput"]["runs"]["mettle"]:
+        if "config" in run:
+            return run["config"]
+    return None
+
+
+def rows_text(entry: dict[str, Any]) -> str:
+    """Envs (x agents per env) as the trainer sees them."""
+    run = next((r for r in entry["throughput"]["runs"]["mettle"] if "rows" in r), {})
+    envs, agents = entry["task"]["num_envs"], run.get("agents_per_env", 1)
+    return f"{envs}" if agents == 1 else f"{envs} x {agents} agents"
+
+
+def sizes(config: dict[str, Any] | None) -> str:
+    """batch / minibatch / update epochs from the resolved config."""
+    if config is None:
+        return "–"
+    t = config["trainer"]
+    return f"{t['batch_size']} / {t['minibatch_size']} / {t['update_epochs']}"
+
+
+def split_table(report: dict[str, Any]) -> str:
+    """Where Mettle's training time went, from its own stopwatch (the median-speed run of each task)."""
+    rows = ["## Mettle's time split (its median-speed throughput run, Mettle's stopwatch)", "",
+            "| task | env step | policy inference | other rollout (buffer, copies) | update | wall |",
+            "|---|---|---|---|---|---|"]
+    for name, entry in report["tasks"].items():
+        runs = sorted((r for r in entry["throughput"]["runs"]["mettle"] if "stopwatch_s" in r), key=lambda r: r["sps"])
+        if not runs:
+            continue
+        run = runs[(len(runs) - 1) // 2]
+        sw, wall = run["stopwatch_s"], run["wall_s"]
+        env, infer, rollout, train = (sw.get(k, 0.0) for k in ("rollout.env", "rollout.inference", "rollout", "train"))
+        cells = [env, infer, rollout - env - infer, train]
+        rows.append(f"| {name} | " + " | ".join(f"{s:.2f} s ({100 * s / wall:.0f}%)" for s in cells)
+                    + f" | {wall:.2f} s |")
+    return "\n".join(rows) if len(rows) > 4 else ""
+
+
+def solve_section(name: str, solve: dict[str, Any], report: dict[str, Any]) -> str:
+    """Per-seed times to the threshold for each trainer, the medians and their ratio."""
+    zoo = report["sb3_zoo_cartpole"]
+    rows = [f"## Time to mean return {solve['threshold']:.0f} ({name})", "",
+            f"Rule, the same for both: wall time from the start of training to the first rollout end at which the "
+            f"last {solve['window']} finished training episodes (sampled actions) average >= {solve['threshold']:.0f}."
+            f" Mettle: its CartPole recipe (CLASSIC_CONTROL) unchanged. SB3: rl-zoo's tuned CartPole-v1 entry "
+            f"(n_envs {zoo['n_envs']}, n_steps {zoo['n_steps']}, batch {zoo['batch_size']}, gamma {zoo['gamma']}, "
+            f"gae_lambda {zoo['gae_lambda']}, n_epochs {zoo['n_epochs']}, ent_coef {zoo['ent_coef']}, "
+            f"lr {zoo['learning_rate']}, clip {zoo['clip_range']}, {zoo['n_timesteps']:,} steps).", "",
+            "| system | per seed: seconds (agent steps) | reached | median s | median steps |", "|---|---|---|---|---|"]
+    for kind, label in (("mettle", "Mettle (recipe)"), ("sb3_zoo", "SB3 (rl-zoo tuned)")):
+        seeds = ", ".join(seed_text(r) for r in solve["runs"][kind])
+        med = solve["medians"][kind]
+        rows.append(f"| {label} | {seeds} | {solve['reached'][kind]}/{len(solve['runs'][kind])} "
+                    f"| {num(med['solved_s'], 1)} | {num(med['solved_step'])} |")
+    rows += ["", f"Mettle ÷ SB3 median time: **{ratio(solve['mettle_over_sb3_time'])}**"]
+    return "\n".join(rows)
+
+
+def seed_text(result: dict[str, Any]) -> str:
+    """One seed's outcome."""
+    if "error" in result:
+        return "error"
+    if result.get("solved_s") is None:
+        return f"not reached in {result['wall_s']:.0f} s"
+    return f"{result['solved_s']:.1f} ({result['solved_step']:,})"
+
+
+def targets(report: dict[str, Any]) -> str:
+    """The issue's targets, each with the measured value and whether it is met."""
+    lines = ["## Targets"]
+    tasks = report["tasks"]
+    if "cartpole8" in tasks:
+        value = tasks["cartpole8"]["throughput"]["ratios"]["mettle_over_sb3"]
+        lines.append(f"- CartPole-v1, 8 envs, matched: Mettle ÷ SB3 agent-steps/s >= {SPS_TARGET:.0f}x: "
+                     f"measured {ratio(value)} — {verdict(value, lambda v: v >= SPS_TARGET)}")
+        solve = tasks["cartpole8"].get("solve")
+        if solve:
+            value = solve["mettle_over_sb3_time"]
+            lines.append(f"- CartPole-v1 time to {solve['threshold']:.0f}: Mettle ÷ SB3 (median) <= 0.33x: "
+                         f"measured {ratio(value)} — {verdict(value, lambda v: v <= SOLVE_TARGET)}")
+    if "arena" in tasks:
+        value = tasks["arena"]["throughput"]["ratios"]["mettle_over_raw"]
+        lines.append(f"- mettagrid:arena: Mettle training ÷ raw simulator agent-steps/s: {ratio(value)} "
+                     "(the raw simulator is the ceiling; SB3 cannot train multi-agent MettaGrid)")
+    return "\n".join(lines)
+
+
+def verdict(value: float | None, test: Any) -> str:
+    """met / NOT met / unknown."""
+    if value is None:
+        return "unknown (a run failed or did not reach the threshold)"
+    return "met" if test(value) else "NOT met"

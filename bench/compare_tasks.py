@@ -1,0 +1,87 @@
+"""The tasks and matched settings that bench/compare.py measures Mettle, Stable-Baselines3 and the raw env on."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+CARTPOLE_THRESHOLD = 475.0
+"""Mean return that counts as solving CartPole-v1 (Gymnasium's reward_threshold)."""
+RETURN_WINDOW = 20
+"""Finished training episodes averaged for the time-to-threshold test (the same rule for both trainers)."""
+
+SB3_ZOO_CARTPOLE: dict[str, Any] = {
+    "n_envs": 8,
+    "n_timesteps": 100_000,
+    "n_steps": 32,
+    "batch_size": 256,
+    "gae_lambda": 0.8,
+    "gamma": 0.98,
+    "n_epochs": 20,
+    "ent_coef": 0.0,
+    "learning_rate": "lin_0.001",
+    "clip_range": "lin_0.2",
+}
+"""rl-baselines3-zoo's tuned PPO entry for CartPole-v1 (hyperparams/ppo.yml); lin_x decays x linearly to 0."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One benchmark task: which env, and the settings both trainers share for the throughput runs."""
+
+    name: str
+    env: str
+    num_envs: int
+    overrides: tuple[str, ...]
+    """Mettle key=value overrides on top of the env's recipe (the SB3 side is derived from the result)."""
+    sps_steps: int
+    """Default agent steps per throughput run."""
+    sb3: bool
+    """Whether Stable-Baselines3 can train it (single-agent Gymnasium only)."""
+    solve: bool
+    """Whether the time-to-threshold comparison runs on it."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain form for the JSON report and for the worker processes."""
+        return asdict(self)
+
+
+TASKS: dict[str, Task] = {
+    "cartpole8": Task(
+        name="cartpole8",
+        env="gym:CartPole-v1",
+        num_envs=8,
+        overrides=("batch_size=1024", "minibatch_size=256", "update_epochs=10"),
+        sps_steps=49_152,
+        sb3=True,
+        solve=True,
+    ),
+    "cartpole64": Task(
+        name="cartpole64",
+        env="gym:CartPole-v1",
+        num_envs=64,
+        overrides=("batch_size=8192", "minibatch_size=2048", "update_epochs=10"),
+        sps_steps=98_304,
+        sb3=True,
+        solve=False,
+    ),
+    "arena": Task(
+        name="arena",
+        env="mettagrid:arena",
+        num_envs=16,
+        overrides=(),
+        sps_steps=49_152,
+        sb3=False,
+        solve=False,
+    ),
+}
+"""cartpole8 is the CLASSIC_CONTROL recipe as is; cartpole64 keeps its 128 steps per env and 4 minibatches."""
+
+
+def parse_tasks(text: str) -> list[Task]:
+    """Task names from a comma-separated list, failing with the known names."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in TASKS]
+    if unknown or not names:
+        raise ValueError(f"unknown task(s) {unknown or text!r}; known: {', '.join(TASKS)}")
+    return [TASKS[name] for name in names]
