@@ -23,5 +23,4 @@ class Loss(ABC):
 
 def masked_mean(values: torch.Tensor, minibatch: Minibatch) -> torch.Tensor:
     """Mean over live steps ([n, T]), weighted by the minibatch's importance weights."""
-    weight = minibatch.data["mask"].to(values.dtype) * minibatch.weights
-    return (values * weight).sum() / weight.sum().clamp_min(1e-8)
+    return (values * minibatch.loss_weights).sum()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -34,6 +35,12 @@ class Minibatch:
     returns: torch.Tensor
     weights: torch.Tensor
     """Importance weights of prioritised sampling ([n, 1]; ones when sampling is uniform)."""
+
+    @functools.cached_property
+    def loss_weights(self) -> torch.Tensor:
+        """Per-step weights of a loss mean, [n, T]: live steps times importance weights, summing to one."""
+        weight = self.data["mask"].to(self.weights.dtype) * self.weights
+        return weight / weight.sum().clamp_min(1e-8)
 
 
 class Experience:
