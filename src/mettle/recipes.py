@@ -25,15 +25,17 @@ METTAGRID = [
     "policy.hidden_size=128",
     "env.num_envs=16",
     "total_timesteps=50000000",
-    "batch_size=12288",
-    "minibatch_size=3072",
+    "batch_size=6144",
+    "minibatch_size=768",
     "bptt_horizon=16",
     "update_epochs=2",
     "optimizer.learning_rate=0.001",
     "ppo.entropy_coef=0.01",
     "advantage.gamma=0.99",
-    "advantage.gae_lambda=0.9",
+    "advantage.gae_lambda=0.95",
 ]
+"""Tuned for 2 CPU cores: many small updates (16 per 6144 steps) learn navigation and arena in minutes; the
+batch is a multiple of rows x bptt for both tasks (16 games of 4 or 12 agents, x16)."""
 
 
 def recipe_for(env_name: str, policy_kind: str | None) -> list[str]:

@@ -80,7 +80,7 @@ def _check_finished_games(env: MettaGridEnvironment, batch: EnvBatch, done: np.n
         infos = [reported[(env_id, agent)] for agent in range(agents)]
         np.testing.assert_allclose([i["episode_return"] for i in infos], returns[rows], atol=1e-5)
         assert {i["episode_length"] for i in infos} == {50}
-        assert all(i["game/objects.mine"] == 10 and "agent/action.move.success" in i for i in infos)
+        assert all(i["game/objects.mine"] == 6 and "agent/action.move.success" in i for i in infos)
         assert all(isinstance(v, float) for i in infos for k, v in i.items() if "/" in k)
     return len(finished)
 
@@ -161,7 +161,7 @@ def test_arena_random_policy_makes_hearts() -> None:
     infos = collect_rollout(env, env.config.game.max_steps + 1, seed=0).infos[-1]
     assert len(infos) == 12
     hearts = _episode_stat(infos, "agent/heart.gained")
-    assert hearts > 0.5  # about 3.7 per agent in a 256-step episode with uniform random moves
+    assert hearts > 0.5  # about 2 per agent in a 256-step episode with uniform random moves
     assert _episode_stat(infos, "episode_return") == pytest.approx(hearts)
     env.close()
 
@@ -172,8 +172,8 @@ def test_navigation_random_policy_finds_goals() -> None:
     rollout = collect_rollout(env, 2 * (env.config.game.max_steps + 1), seed=0)
     infos = [info for batch in rollout.infos for info in batch]
     assert len(infos) == 16  # two episodes of 2 games x 4 agents
-    assert _episode_stat(infos, "episode_return") > 0.2  # about 1 of the 2 goals per agent a random walk finds
-    assert max(info["game/objects.goal"] for info in infos) == 8
+    assert _episode_stat(infos, "episode_return") > 0.2  # a random walk earns about 2 hearts per agent
+    assert max(info["game/objects.goal"] for info in infos) == 4
     env.close()
 
 
