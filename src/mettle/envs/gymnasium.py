@@ -32,7 +32,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 
-from mettle.rl.training.environment import BatchInfo, EnvBatch, PolicyEnvInfo, TrainingEnvironment, check_all_rows
+from mettle.envs.rows import RowBufferEnvironment, RowBuffers, feature_space
+from mettle.rl.training.environment import BatchInfo, PolicyEnvInfo
 
 __all__ = [
     "CARTPOLE_NO_VELOCITY_ID",
@@ -163,18 +164,13 @@ class _ObservationWriter:
     """Writes vector-env observations into the float32 batch buffer (Box as is, Discrete one-hot)."""
 
     def __init__(self, space: gym.Space, env_name: str) -> None:
-        if isinstance(space, gym.spaces.Box):
-            self.one_hot_start: int | None = None
-            low, high = space.low.astype(np.float32), space.high.astype(np.float32)
-            self.space = gym.spaces.Box(low, high, shape=space.shape, dtype=np.float32)
-        elif isinstance(space, gym.spaces.Discrete):
-            self.one_hot_start = int(space.start)
-            self.space = gym.spaces.Box(0.0, 1.0, shape=(int(space.n),), dtype=np.float32)
-        else:
+        converted = feature_space(space)
+        if converted is None:
             raise GymnasiumEnvError(
                 f"{env_name}: observation space {space} is not supported (Box or Discrete only); "
                 "flatten it with wrappers=(gymnasium.wrappers.FlattenObservation,)"
             )
+        self.space, self.one_hot_start = converted
 
     def write(self, out: np.ndarray, obs: np.ndarray, rows: np.ndarray | None = None) -> None:
         """Copy all rows, or only the rows where the boolean `rows` is True."""
@@ -238,8 +234,11 @@ def _scalar_infos(info: dict[str, Any], row: int, prefix: str = "") -> dict[str,
 
 
 # ---------------------------------------------------------------------------------- adapter
-class GymnasiumEnvironment(TrainingEnvironment):
-    """A Gymnasium vector env (one agent per sub-env) as a mettle TrainingEnvironment."""
+class GymnasiumEnvironment(RowBufferEnvironment):
+    """A Gymnasium vector env (one agent per sub-env, one row each) as a mettle TrainingEnvironment.
+
+    `policy_env_info` holds one agent's spaces, observations always as a float32 Box.
+    """
 
     def __init__(
         self,
@@ -285,32 +284,11 @@ class GymnasiumEnvironment(TrainingEnvironment):
             raise
         self._info = PolicyEnvInfo(self._obs_writer.space, vec_env.single_action_space, num_agents=1)
         self._batch_info = BatchInfo(num_envs=n, agents_per_env=1)
-        self._obs = np.zeros((n, *self._obs_writer.space.shape), dtype=np.float32)
-        self._rewards = np.zeros(n, dtype=np.float32)
-        self._terminals = np.zeros(n, dtype=bool)
-        self._truncations = np.zeros(n, dtype=bool)
-        self._mask = np.ones(n, dtype=bool)
-        self._starts = np.ones(n, dtype=bool)
-        self._done = np.zeros(n, dtype=bool)  # rows whose current observation is a final one
-        self._live = np.ones(n, dtype=bool)
+        self._buffers = RowBuffers.allocate(n, self._obs_writer.space.shape)
         self._to_reset = np.zeros(n, dtype=bool)
-        self._raw_rewards = np.zeros(n, dtype=np.float64)
-        self._returns = np.zeros(n, dtype=np.float64)
-        self._lengths = np.zeros(n, dtype=np.int64)
-        self._infos: list[dict[str, Any]] = []
         self._started = False
 
     # -------------------------------------------------------------------- contract
-    @property
-    def policy_env_info(self) -> PolicyEnvInfo:
-        """One agent's spaces; observations are always float32 Box."""
-        return self._info
-
-    @property
-    def batch_info(self) -> BatchInfo:
-        """One row per sub-env."""
-        return self._batch_info
-
     @property
     def autoreset_mode(self) -> AutoresetMode:
         """The vector env's own mode (the delivered batches follow next-step semantics regardless)."""
@@ -323,56 +301,30 @@ class GymnasiumEnvironment(TrainingEnvironment):
 
     def reset(self, seed: int | None = None) -> None:
         """Reset every sub-env, seeding sub-env i with seed + i (first reset: the constructor seed)."""
-        if seed is None and not self._started:
-            seed = self._seed
-        obs, _ = self._vec.reset(seed=seed)
-        self._obs_writer.write(self._obs, obs)
-        for flags in (self._terminals, self._truncations, self._done):
-            flags.fill(False)
-        for flags in (self._mask, self._starts, self._live):
-            flags.fill(True)
-        for totals in (self._rewards, self._returns, self._lengths):
-            totals.fill(0)
-        self._infos = []
+        obs, _ = self._vec.reset(seed=self._reset_seed(seed))
+        self._obs_writer.write(self._buffers.observations, obs)
+        self._buffers.restart_all()
         self._started = True
-
-    def get_observations(self) -> EnvBatch:
-        """The current batch (reset first if never reset); its arrays are reused after send_actions."""
-        if not self._started:
-            self.reset()
-        infos, self._infos = self._infos, []
-        return EnvBatch(
-            rows=slice(0, self._batch_info.num_rows),
-            observations=self._obs,
-            rewards=self._rewards,
-            terminals=self._terminals,
-            truncations=self._truncations,
-            mask=self._mask,
-            starts=self._starts,
-            infos=infos,
-        )
 
     def send_actions(self, actions: np.ndarray, rows: slice | None = None) -> None:
         """Step every sub-env; rows that showed a final observation restart instead (action ignored)."""
-        check_all_rows(rows, self._batch_info.num_rows)
-        if not self._started:
-            self.reset()
+        self._prepare_send(rows)
         obs, rewards, terminals, truncations, info = self._vec.step(
             self._actions.convert(np.asarray(actions))
         )
-        np.copyto(self._starts, self._done)  # rows restarting on this receive
-        np.logical_not(self._starts, out=self._live)
-        self._obs_writer.write(self._obs, obs)
-        self._record_transition(rewards, terminals, truncations)
+        buffers = self._buffers
+        buffers.begin_step()
+        self._obs_writer.write(buffers.observations, obs)
+        buffers.record(rewards, terminals, truncations)
         final_info = info
         if self._mode == AutoresetMode.SAME_STEP:
-            if self._done.any():
+            if buffers.done.any():
                 final_info = info.get("final_info", {})
                 self._write_final_observations(info)
-            self._reset_rows(self._starts)
+            self._reset_rows(buffers.starts)
         elif self._mode == AutoresetMode.DISABLED:
-            self._reset_rows(np.logical_or(self._starts, self._done, out=self._to_reset))
-        if self._done.any():
+            self._reset_rows(np.logical_or(buffers.starts, buffers.done, out=self._to_reset))
+        if buffers.done.any():
             self._finish_episodes(final_info)
 
     def close(self) -> None:
@@ -382,42 +334,25 @@ class GymnasiumEnvironment(TrainingEnvironment):
             self._vec.close()
 
     # -------------------------------------------------------------------- internals
-    def _record_transition(self, rewards: np.ndarray, terminals: np.ndarray, truncations: np.ndarray) -> None:
-        """Flags and rewards of live rows; restarting rows get reward 0 and no flags."""
-        np.copyto(self._rewards, rewards, casting="unsafe")
-        self._rewards[self._starts] = 0.0
-        np.logical_and(terminals, self._live, out=self._terminals)
-        np.logical_and(truncations, self._live, out=self._truncations)
-        self._truncations &= ~self._terminals
-        np.logical_or(self._terminals, self._truncations, out=self._done)
-        np.logical_not(self._done, out=self._mask)
-        np.multiply(rewards, self._live, out=self._raw_rewards)  # raw (not float32) rewards for returns
-        self._returns += self._raw_rewards
-        self._lengths += self._live
-
     def _write_final_observations(self, info: dict[str, Any]) -> None:
         """SAME_STEP puts the reset observation in obs; show the final one from infos instead."""
-        final_obs = info["final_obs"]
-        for row in np.flatnonzero(self._done):
-            self._obs_writer.write(self._obs[row : row + 1], np.asarray(final_obs[row])[None])
+        final_obs, observations = info["final_obs"], self._buffers.observations
+        for row in np.flatnonzero(self._buffers.done):
+            self._obs_writer.write(observations[row : row + 1], np.asarray(final_obs[row])[None])
 
     def _reset_rows(self, rows: np.ndarray) -> None:
         """Reset `rows` now; only the restarting rows' reset observations are delivered."""
         if not rows.any():
             return
         obs, _ = self._vec.reset(options={"reset_mask": rows})
-        if self._starts.any():
-            self._obs_writer.write(self._obs, obs, self._starts)
+        if self._buffers.starts.any():
+            self._obs_writer.write(self._buffers.observations, obs, self._buffers.starts)
 
     def _finish_episodes(self, final_info: dict[str, Any]) -> None:
-        """Queue one info per finished episode and clear its accumulators."""
-        for row in np.flatnonzero(self._done):
+        """Queue one info per finished episode: the sub-env's numeric scalars, then return, length and env_id."""
+        buffers = self._buffers
+        for row in np.flatnonzero(buffers.done):
             episode = _scalar_infos(final_info, row) if final_info else {}
-            episode.update(
-                episode_return=float(self._returns[row]),
-                episode_length=int(self._lengths[row]),
-                env_id=int(row),
-            )
-            self._infos.append(episode)
-        self._returns[self._done] = 0.0
-        self._lengths[self._done] = 0
+            episode.update(buffers.episode_info(row, env_id=int(row)))
+            buffers.infos.append(episode)
+        buffers.clear_totals(buffers.done)

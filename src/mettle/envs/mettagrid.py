@@ -49,13 +49,8 @@ from mettagrid.simulator.simulator import Buffers
 from pydantic import ValidationError
 
 from mettle.envs.mettagrid_tasks import TASKS
-from mettle.rl.training.environment import (
-    BatchInfo,
-    EnvBatch,
-    PolicyEnvInfo,
-    TrainingEnvironment,
-    check_all_rows,
-)
+from mettle.envs.rows import RowBufferEnvironment, RowBuffers
+from mettle.rl.training.environment import BatchInfo, PolicyEnvInfo
 
 __all__ = [
     "MettaGridEnvError",
@@ -76,8 +71,11 @@ class MettaGridEnvError(ValueError):
 
 
 # ---------------------------------------------------------------------------------- adapter
-class MettaGridEnvironment(TrainingEnvironment):
-    """`num_envs` MettaGrid simulations stepped in this process, delivered as N*A token-observation rows."""
+class MettaGridEnvironment(RowBufferEnvironment):
+    """`num_envs` MettaGrid simulations stepped in this process, delivered as N*A token-observation rows.
+
+    `policy_env_info` holds one agent's token space and actions; its `extras` describe the tokens.
+    """
 
     def __init__(
         self,
@@ -106,6 +104,7 @@ class MettaGridEnvironment(TrainingEnvironment):
         self._sims: list[Simulation | None] = [None] * num_envs
         self._rngs: list[np.random.Generator] = []
         self._closed = False
+        self._started = False
         self.reset(seed)
 
     def _policy_env_info(self) -> PolicyEnvInfo:
@@ -142,35 +141,25 @@ class MettaGridEnvironment(TrainingEnvironment):
         }
 
     def _allocate(self) -> None:
-        """Every per-step array, once: the simulations' shared buffers and the delivered batch."""
+        """Every per-step array, once: the delivered batch and the simulations' buffers (observations: the batch's)."""
         rows, n, a = self._batch_info.num_rows, self._num_envs, self._agents
-        self._obs = np.full((rows, *self._info.observation_space.shape), PADDING, dtype=dtype_observations)
+        shape = self._info.observation_space.shape
+        self._buffers = RowBuffers.allocate(rows, shape, dtype_observations, fill=PADDING)
         self._sim_terminals = np.zeros(rows, dtype=bool)
         self._sim_truncations = np.zeros(rows, dtype=bool)
         self._sim_rewards = np.zeros(rows, dtype=np.float32)
         self._actions = np.zeros(rows, dtype=dtype_actions)
         self._vibe_actions = np.zeros(rows, dtype=dtype_actions)
-        self._buffers = [self._env_buffers(slice(e * a, (e + 1) * a)) for e in range(n)]
-        self._rewards = np.zeros(rows, dtype=np.float32)
-        self._terminals = np.zeros(rows, dtype=bool)
-        self._truncations = np.zeros(rows, dtype=bool)
-        self._mask = np.ones(rows, dtype=bool)
-        self._starts = np.ones(rows, dtype=bool)
-        self._done = np.zeros(rows, dtype=bool)  # rows whose current observation is a final one
-        self._live = np.ones(rows, dtype=bool)
-        self._returns = np.zeros(rows, dtype=np.float64)
-        self._lengths = np.zeros(n, dtype=np.int64)
+        self._sim_buffers = [self._env_buffers(slice(e * a, (e + 1) * a)) for e in range(n)]
         self._env_done = np.zeros(n, dtype=bool)
-        self._env_live = np.ones(n, dtype=bool)
         self._cut_at = np.full(n, -1, dtype=np.int64)  # desync: the step ending a game's first episode
         self._vibe_ids = self._vibe_action_ids()
-        self._infos: list[dict[str, Any]] = []
 
     def _env_buffers(self, rows: slice) -> Buffers:
         """Views of one game's rows: the C++ core writes observations, rewards and flags straight into them."""
         unused = np.zeros(self._agents, dtype=dtype_actions)  # teacher actions: no supervisor here
         return Buffers(
-            observations=self._obs[rows],
+            observations=self._buffers.observations[rows],
             terminals=self._sim_terminals[rows],
             truncations=self._sim_truncations[rows],
             rewards=self._sim_rewards[rows],
@@ -186,16 +175,6 @@ class MettaGridEnvironment(TrainingEnvironment):
         return np.array([0, *(ids[n] for n in self._interface.vibe_action_names)], dtype=dtype_actions)
 
     # -------------------------------------------------------------------- contract
-    @property
-    def policy_env_info(self) -> PolicyEnvInfo:
-        """One agent's token space and actions; `extras` describe the tokens."""
-        return self._info
-
-    @property
-    def batch_info(self) -> BatchInfo:
-        """`num_envs` games of `num_agents` rows."""
-        return self._batch_info
-
     @property
     def config(self) -> MettaGridConfig:
         """The game configuration (each game runs a private copy)."""
@@ -220,47 +199,26 @@ class MettaGridEnvironment(TrainingEnvironment):
             self._rngs = [np.random.default_rng(seed + e) for e in range(self._num_envs)]
         for e in range(self._num_envs):
             self._begin_episode(e, seed + e if seed is not None else None)
-        for flags in (self._terminals, self._truncations, self._done, self._env_done):
-            flags.fill(False)
-        for flags in (self._mask, self._starts, self._live, self._env_live):
-            flags.fill(True)
-        for totals in (self._rewards, self._returns, self._lengths):
-            totals.fill(0)
+        self._buffers.restart_all()
+        self._env_done.fill(False)
         self._cut_at.fill(-1)
         self._cut_pending = self._desync
         if self._desync:
             top = self._config.game.max_steps + 1
             self._cut_at[:] = [rng.integers(1, top) for rng in self._rngs]
-        self._infos = []
-
-    def get_observations(self) -> EnvBatch:
-        """The current batch; its arrays are reused (valid until the next `send_actions`)."""
-        infos, self._infos = self._infos, []
-        return EnvBatch(
-            rows=slice(0, self._batch_info.num_rows),
-            observations=self._obs,
-            rewards=self._rewards,
-            terminals=self._terminals,
-            truncations=self._truncations,
-            mask=self._mask,
-            starts=self._starts,
-            infos=infos,
-        )
+        self._started = True
 
     def send_actions(self, actions: np.ndarray, rows: slice | None = None) -> None:
         """Step every live game; games that showed their final observation restart instead (actions ignored)."""
         self._require_open()
-        check_all_rows(rows, self._batch_info.num_rows)
+        self._prepare_send(rows)
         self._write_actions(np.asarray(actions))
-        np.copyto(self._starts, self._done)
-        np.logical_not(self._starts, out=self._live)
-        np.logical_not(self._env_done, out=self._env_live)
+        self._buffers.begin_step()  # counts the step in every live row's episode length
         if self._env_done.any():
             self._step_or_restart()
         else:
             for sim in self._sims:
                 self._step(sim)
-        self._lengths += self._env_live
         if self._cut_pending:
             self._cut_first_episodes()
         self._record_transition()
@@ -321,11 +279,12 @@ class MettaGridEnvironment(TrainingEnvironment):
         old, self._sims[env] = self._sims[env], None
         if old is not None:
             old.close()
-        self._sims[env] = Simulation(config, seed=seed, buffers=self._buffers[env])
+        self._sims[env] = Simulation(config, seed=seed, buffers=self._sim_buffers[env])
 
     def _cut_first_episodes(self) -> None:
         """End each game's first episode at its drawn step, so games do not all restart together."""
-        for e in np.flatnonzero(self._lengths == self._cut_at):
+        game_lengths = self._buffers.lengths[:: self._agents]  # a game's agents all share its length
+        for e in np.flatnonzero(game_lengths == self._cut_at):
             sim = self._sims[e]
             assert sim is not None
             sim.end_episode()
@@ -334,28 +293,21 @@ class MettaGridEnvironment(TrainingEnvironment):
 
     def _record_transition(self) -> None:
         """Delivered rewards and flags (restarting rows: 0 and False), episode totals and finished games."""
-        np.logical_and(self._sim_terminals, self._live, out=self._terminals)
-        np.logical_and(self._sim_truncations, self._live, out=self._truncations)
-        np.greater(self._truncations, self._terminals, out=self._truncations)  # terminal wins over truncation
-        np.logical_or(self._terminals, self._truncations, out=self._done)
-        np.multiply(self._sim_rewards, self._live, out=self._rewards)
-        self._returns += self._rewards
-        self._done.reshape(self._num_envs, self._agents).any(axis=1, out=self._env_done)
+        self._buffers.record(self._sim_rewards, self._sim_terminals, self._sim_truncations)
+        self._buffers.done.reshape(self._num_envs, self._agents).any(axis=1, out=self._env_done)
         if self._env_done.any():
             self._finish_episodes()
-        np.logical_not(self._done, out=self._mask)
 
     def _finish_episodes(self) -> None:
         """End every agent of a finished game (unflagged ones as truncated) and queue one info per agent."""
-        a = self._agents
+        a, buffers = self._agents, self._buffers
         for e in np.flatnonzero(self._env_done):
             rows = slice(e * a, (e + 1) * a)
-            np.logical_not(self._terminals[rows], out=self._truncations[rows])
-            self._done[rows] = True
+            np.logical_not(buffers.terminals[rows], out=buffers.truncations[rows])
+            buffers.done[rows], buffers.mask[rows] = True, False
             self._cut_at[e] = -1
-            self._infos.extend(self._episode_infos(int(e)))
-            self._returns[rows] = 0.0
-            self._lengths[e] = 0
+            buffers.infos.extend(self._episode_infos(int(e)))
+            buffers.clear_totals(rows)
 
     def _episode_infos(self, env: int) -> list[dict[str, Any]]:
         """One dict per agent: return, length, ids, then the game's `game/*` and the agent's `agent/*` stats."""
@@ -365,12 +317,7 @@ class MettaGridEnvironment(TrainingEnvironment):
         game = {f"game/{key}": float(value) for key, value in stats["game"].items()}
         infos = []
         for agent, agent_stats in enumerate(stats["agent"]):
-            info: dict[str, Any] = {
-                "episode_return": float(self._returns[env * self._agents + agent]),
-                "episode_length": int(self._lengths[env]),
-                "env_id": env,
-                "agent_id": agent,
-            }
+            info = self._buffers.episode_info(env * self._agents + agent, env_id=env, agent_id=agent)
             info.update(game)
             info.update((f"agent/{key}", float(value)) for key, value in agent_stats.items())
             infos.append(info)

@@ -45,7 +45,8 @@ try:
 except ImportError as _error:  # an optional dependency: say how to get it
     raise ImportError(f"mettle.envs.pettingzoo needs PettingZoo (pip install pettingzoo): {_error}") from _error
 
-from mettle.rl.training.environment import BatchInfo, EnvBatch, PolicyEnvInfo, TrainingEnvironment, check_all_rows
+from mettle.envs.rows import RowBufferEnvironment, RowBuffers, feature_space
+from mettle.rl.training.environment import BatchInfo, PolicyEnvInfo
 
 __all__ = ["PettingZooEnvError", "PettingZooEnvironment", "PettingZooSpec", "parse_pettingzoo_spec"]
 
@@ -137,17 +138,12 @@ class _ObservationWriter:
     """Writes one agent's observation into a float32 row (Box as is, Discrete one-hot)."""
 
     def __init__(self, space: gym.Space) -> None:
-        if isinstance(space, gym.spaces.Box):
-            self.one_hot_start: int | None = None
-            low, high = space.low.astype(np.float32), space.high.astype(np.float32)
-            self.space = gym.spaces.Box(low, high, shape=space.shape, dtype=np.float32)
-        elif isinstance(space, gym.spaces.Discrete):
-            self.one_hot_start = int(space.start)
-            self.space = gym.spaces.Box(0.0, 1.0, shape=(int(space.n),), dtype=np.float32)
-        else:
+        converted = feature_space(space)
+        if converted is None:
             raise PettingZooEnvError(
                 f"observation space {space} is not supported (Box or Discrete only); flatten it first"
             )
+        self.space, self.one_hot_start = converted
 
     def write(self, out: np.ndarray, obs: Any) -> None:
         """Fill `out` (one row) from a single agent's observation."""
@@ -215,8 +211,12 @@ def _scalar_infos(info: Any, prefix: str = "") -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------- adapter
-class PettingZooEnvironment(TrainingEnvironment):
-    """`num_envs` in-process PettingZoo ParallelEnvs as one row per possible agent per instance."""
+class PettingZooEnvironment(RowBufferEnvironment):
+    """`num_envs` in-process PettingZoo ParallelEnvs as one row per possible agent per instance.
+
+    `policy_env_info` holds one agent's spaces (observations always a float32 Box); its extras name the
+    possible agents.
+    """
 
     def __init__(
         self,
@@ -264,31 +264,12 @@ class PettingZooEnvironment(TrainingEnvironment):
         self._info = PolicyEnvInfo(self._obs_writer.space, self._actions.space, num_agents=a, extras=extras)
         self._batch_info = BatchInfo(num_envs=n, agents_per_env=a)
         self._seed = seed
-        rows = n * a
-        self._obs = np.zeros((rows, *self._obs_writer.space.shape), dtype=np.float32)
-        self._rewards = np.zeros(rows, dtype=np.float32)
-        self._terminals = np.zeros(rows, dtype=bool)
-        self._truncations = np.zeros(rows, dtype=bool)
-        self._mask = np.zeros(rows, dtype=bool)  # live rows: their next action is used
-        self._starts = np.ones(rows, dtype=bool)
-        self._returns = np.zeros(rows, dtype=np.float64)
-        self._lengths = np.zeros(rows, dtype=np.int64)
+        self._buffers = RowBuffers.allocate(n * a, self._obs_writer.space.shape)  # mask: live rows, done/live unused
         self._needs_reset = np.zeros(n, dtype=bool)  # instances left with no live agent
         self._finished: list[set[str]] = [set() for _ in range(n)]  # agents whose episode ended, per instance
-        self._infos: list[dict[str, Any]] = []
         self._started = False
 
     # -------------------------------------------------------------------- contract
-    @property
-    def policy_env_info(self) -> PolicyEnvInfo:
-        """One agent's spaces (observations always float32 Box); extras name the possible agents."""
-        return self._info
-
-    @property
-    def batch_info(self) -> BatchInfo:
-        """`num_envs` instances of one row per possible agent."""
-        return self._batch_info
-
     @property
     def envs(self) -> list[ParallelEnv]:
         """The underlying PettingZoo instances, in row order."""
@@ -296,34 +277,15 @@ class PettingZooEnvironment(TrainingEnvironment):
 
     def reset(self, seed: int | None = None) -> None:
         """Reset every instance, seeding instance i with seed + i (first reset: the constructor seed)."""
-        if seed is None and not self._started:
-            seed = self._seed
-        self._infos = []
+        seed = self._reset_seed(seed)
+        self._buffers.infos = []
         for i in range(len(self._envs)):
             self._reset_instance(i, None if seed is None else seed + i)
         self._started = True
 
-    def get_observations(self) -> EnvBatch:
-        """The current batch (reset first if never reset); its arrays are reused after send_actions."""
-        if not self._started:
-            self.reset()
-        infos, self._infos = self._infos, []
-        return EnvBatch(
-            rows=slice(0, self._batch_info.num_rows),
-            observations=self._obs,
-            rewards=self._rewards,
-            terminals=self._terminals,
-            truncations=self._truncations,
-            mask=self._mask,
-            starts=self._starts,
-            infos=infos,
-        )
-
     def send_actions(self, actions: np.ndarray, rows: slice | None = None) -> None:
         """Step every instance with its live rows' actions; instances with no live agent reset instead."""
-        check_all_rows(rows, self._batch_info.num_rows)
-        if not self._started:
-            self.reset()
+        self._prepare_send(rows)
         actions = self._actions.check(actions, self._batch_info.num_rows)
         for i in range(len(self._envs)):
             if self._needs_reset[i]:
@@ -352,23 +314,23 @@ class PettingZooEnvironment(TrainingEnvironment):
     def _reset_instance(self, i: int, seed: int | None) -> None:
         """Start a new episode in instance i: every row starts, live where its agent is present."""
         obs, _ = self._envs[i].reset(seed=seed)
-        block = self._block(i)
-        for array in (self._obs, self._rewards, self._terminals, self._truncations, self._mask):
+        block, buffers = self._block(i), self._buffers
+        for array in (buffers.observations, buffers.rewards, buffers.terminals, buffers.truncations, buffers.mask):
             array[block] = 0
-        self._returns[block], self._lengths[block] = 0.0, 0
-        self._starts[block] = True
+        buffers.clear_totals(block)
+        buffers.starts[block] = True
         self._finished[i].clear()
         for agent in self._envs[i].agents:
             self._show(i, agent, obs)
-        self._needs_reset[i] = not self._mask[block].any()
+        self._needs_reset[i] = not buffers.mask[block].any()
 
     def _step_instance(self, i: int, actions: np.ndarray) -> None:
         """One PettingZoo step for instance i; updates its rows' states and queues finished episodes."""
-        env, block = self._envs[i], self._block(i)
-        acting = [agent for agent in self.possible_agents if self._mask[self._row(i, agent)]]
+        env, block, buffers = self._envs[i], self._block(i), self._buffers
+        acting = [agent for agent in self.possible_agents if buffers.mask[self._row(i, agent)]]
         sent = {agent: self._actions.convert(actions[self._row(i, agent)]) for agent in acting}
         obs, rewards, terminations, truncations, infos = env.step(sent)
-        for array in (self._rewards, self._terminals, self._truncations, self._starts, self._mask):
+        for array in (buffers.rewards, buffers.terminals, buffers.truncations, buffers.starts, buffers.mask):
             array[block] = 0
         present = set(env.agents)
         for agent in acting:
@@ -377,44 +339,39 @@ class PettingZooEnvironment(TrainingEnvironment):
             if terminal or truncated:
                 self._end_episode(i, agent, terminal, infos.get(agent))
             else:
-                self._mask[self._row(i, agent)] = True
+                buffers.mask[self._row(i, agent)] = True
         for agent in env.agents:
             if agent not in acting and agent not in self._finished[i]:  # joined mid-episode
-                self._starts[self._row(i, agent)] = True
+                buffers.starts[self._row(i, agent)] = True
                 self._show(i, agent, obs)
-        self._needs_reset[i] = not self._mask[block].any()
+        self._needs_reset[i] = not buffers.mask[block].any()
 
     def _show(self, i: int, agent: str, obs: dict[str, Any]) -> None:
         """Write a present agent's observation and mark its row live."""
         if agent not in obs:
             raise PettingZooEnvError(f"instance {i} lists {agent!r} in env.agents but gave it no observation")
         row = self._row(i, agent)
-        self._obs_writer.write(self._obs[row], obs[agent])
-        self._mask[row] = True
+        self._obs_writer.write(self._buffers.observations[row], obs[agent])
+        self._buffers.mask[row] = True
 
     def _record(self, i: int, agent: str, obs: dict[str, Any], reward: float) -> None:
         """Reward, length and observation of an agent that acted (its final one if it just ended)."""
-        row = self._row(i, agent)
-        self._rewards[row] = reward
-        self._returns[row] += reward
-        self._lengths[row] += 1
+        row, buffers = self._row(i, agent), self._buffers
+        buffers.rewards[row] = reward
+        buffers.returns[row] += reward
+        buffers.lengths[row] += 1
         if agent in obs:
-            self._obs_writer.write(self._obs[row], obs[agent])
+            self._obs_writer.write(buffers.observations[row], obs[agent])
 
     def _end_episode(self, i: int, agent: str, terminal: bool, info: Any) -> None:
         """Flag the row (leaving it masked) and queue the agent's episode info."""
-        row = self._row(i, agent)
-        self._terminals[row], self._truncations[row] = terminal, not terminal
+        row, buffers = self._row(i, agent), self._buffers
+        buffers.terminals[row], buffers.truncations[row] = terminal, not terminal
         self._finished[i].add(agent)
         episode = _scalar_infos(info)
-        episode.update(
-            episode_return=float(self._returns[row]),
-            episode_length=int(self._lengths[row]),
-            env_id=i,
-            agent_id=self._index[agent],
-        )
-        self._infos.append(episode)
-        self._returns[row], self._lengths[row] = 0.0, 0
+        episode.update(buffers.episode_info(row, env_id=i, agent_id=self._index[agent]))
+        buffers.infos.append(episode)
+        buffers.clear_totals(row)
 
 
 def _outcome(

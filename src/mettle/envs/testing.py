@@ -24,14 +24,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from mettle.rl.training.environment import (
-    BatchInfo,
-    EnvBatch,
-    PolicyEnvInfo,
-    TrainingEnvironment,
-    check_all_rows,
-    random_actions,
-)
+from mettle.envs.rows import RowBufferEnvironment, RowBuffers
+from mettle.rl.training.environment import BatchInfo, EnvBatch, PolicyEnvInfo, TrainingEnvironment, random_actions
 
 __all__ = [
     "BanditEnvironment",
@@ -43,7 +37,21 @@ __all__ = [
 ]
 
 
-class _RowEpisodeEnvironment(TrainingEnvironment):
+_SAVED_ROW_ARRAYS = {
+    "_obs": "observations",
+    "_rewards": "rewards",
+    "_terminals": "terminals",
+    "_truncations": "truncations",
+    "_mask": "mask",
+    "_starts": "starts",
+    "_done": "done",
+    "_returns": "returns",
+    "_lengths": "lengths",
+}
+"""state_dict key -> RowBuffers field: the attribute names these arrays had, kept so checkpoints still load."""
+
+
+class _RowEpisodeEnvironment(RowBufferEnvironment):
     """Next-step bookkeeping shared by the testing envs, so each only defines its dynamics."""
 
     def __init__(
@@ -60,17 +68,7 @@ class _RowEpisodeEnvironment(TrainingEnvironment):
         self._info = PolicyEnvInfo(observation_space, action_space, num_agents=agents_per_env)
         self._nvec = np.asarray(self._info.action_nvec, dtype=np.int64)
         self._seed = seed
-        rows = self._batch_info.num_rows
-        self._obs = np.zeros((rows, *observation_space.shape), dtype=np.float32)
-        self._rewards = np.zeros(rows, dtype=np.float32)
-        self._terminals = np.zeros(rows, dtype=bool)
-        self._truncations = np.zeros(rows, dtype=bool)
-        self._mask = np.ones(rows, dtype=bool)
-        self._starts = np.ones(rows, dtype=bool)
-        self._done = np.zeros(rows, dtype=bool)
-        self._returns = np.zeros(rows, dtype=np.float64)
-        self._lengths = np.zeros(rows, dtype=np.int64)
-        self._infos: list[dict[str, Any]] = []
+        self._buffers = RowBuffers.allocate(self._batch_info.num_rows, observation_space.shape)
         self._started = False
         self.closed = False
 
@@ -88,66 +86,22 @@ class _RowEpisodeEnvironment(TrainingEnvironment):
         """Begin new episodes for the boolean `rows` and write their first observations."""
 
     # ------------------------------------------------------------------ contract
-    @property
-    def policy_env_info(self) -> PolicyEnvInfo:
-        """One agent's spaces."""
-        return self._info
-
-    @property
-    def batch_info(self) -> BatchInfo:
-        """`num_envs` instances of `agents_per_env` rows."""
-        return self._batch_info
-
     def reset(self, seed: int | None = None) -> None:
         """Restart every row; without a seed the first reset uses the constructor's, later ones continue."""
-        if seed is None and not self._started:
-            seed = self._seed
-        self._reset_dynamics(seed)
-        for flags in (self._terminals, self._truncations, self._done):
-            flags.fill(False)
-        for flags in (self._mask, self._starts):
-            flags.fill(True)
-        for totals in (self._rewards, self._returns, self._lengths):
-            totals.fill(0)
-        self._infos = []
+        self._reset_dynamics(self._reset_seed(seed))
+        self._buffers.restart_all()
         self._started = True
-
-    def get_observations(self) -> EnvBatch:
-        """The current batch (resetting first if never reset)."""
-        if not self._started:
-            self.reset()
-        infos, self._infos = self._infos, []
-        return EnvBatch(
-            rows=slice(0, self._batch_info.num_rows),
-            observations=self._obs,
-            rewards=self._rewards,
-            terminals=self._terminals,
-            truncations=self._truncations,
-            mask=self._mask,
-            starts=self._starts,
-            infos=infos,
-        )
 
     def send_actions(self, actions: np.ndarray, rows: slice | None = None) -> None:
         """Step live rows; rows that showed a final observation restart and their action is ignored."""
-        check_all_rows(rows, self._batch_info.num_rows)
-        if not self._started:
-            self.reset()
+        self._prepare_send(rows)
         actions = self._validate(actions)
-        np.copyto(self._starts, self._done)
-        live = ~self._starts
-        rewards, terminals, truncations = self._advance(actions, live)
-        np.logical_and(terminals, live, out=self._terminals)
-        np.logical_and(truncations, live, out=self._truncations)
-        self._truncations &= ~self._terminals
-        np.logical_or(self._terminals, self._truncations, out=self._done)
-        np.logical_not(self._done, out=self._mask)
-        np.multiply(rewards, live, out=self._rewards, casting="unsafe")
-        self._returns += np.where(live, rewards, 0.0)
-        self._lengths += live
+        buffers = self._buffers
+        buffers.begin_step()
+        buffers.record(*self._advance(actions, buffers.live))
         self._finish_episodes()
-        if self._starts.any():
-            self._restart(self._starts)
+        if buffers.starts.any():
+            self._restart(buffers.starts)
 
     def close(self) -> None:
         """Nothing to release; kept idempotent like real environments."""
@@ -155,23 +109,34 @@ class _RowEpisodeEnvironment(TrainingEnvironment):
 
     def state_dict(self) -> dict[str, Any]:
         """Every array, the pending infos and the RNG, so training resumes bit-for-bit."""
-        arrays = {k: torch.from_numpy(v.copy()) for k, v in vars(self).items() if isinstance(v, np.ndarray)}
+        arrays = {k: torch.from_numpy(v.copy()) for k, v in self._saved_arrays().items()}
         rng = getattr(self, "_rng", None)
         return {
             "arrays": arrays,
-            "infos": [dict(info) for info in self._infos],
+            "infos": [dict(info) for info in self._buffers.infos],
             "started": self._started,
             "rng": json.dumps(rng.bit_generator.state) if rng is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state_dict`'s output."""
+        arrays = self._saved_arrays()
         for name, tensor in state["arrays"].items():
-            np.copyto(getattr(self, name), tensor.numpy())
-        self._infos = [dict(info) for info in state["infos"]]
+            np.copyto(arrays[name], tensor.numpy())
+        self._buffers.infos = [dict(info) for info in state["infos"]]
         self._started = bool(state["started"])
         if state["rng"] is not None:
             self._rng.bit_generator.state = json.loads(state["rng"])
+
+    def _saved_arrays(self) -> dict[str, np.ndarray]:
+        """Every array attribute, the row arrays under their `_SAVED_ROW_ARRAYS` keys, in attribute order."""
+        arrays: dict[str, np.ndarray] = {}
+        for name, value in vars(self).items():
+            if isinstance(value, RowBuffers):
+                arrays.update((key, getattr(value, field)) for key, field in _SAVED_ROW_ARRAYS.items())
+            elif isinstance(value, np.ndarray):
+                arrays[name] = value
+        return arrays
 
     # ------------------------------------------------------------------ internals
     def _validate(self, actions: np.ndarray) -> np.ndarray:
@@ -185,19 +150,11 @@ class _RowEpisodeEnvironment(TrainingEnvironment):
         return actions
 
     def _finish_episodes(self) -> None:
-        """Queue one info per finished episode and clear its accumulators."""
-        agents = self._batch_info.agents_per_env
-        for row in np.flatnonzero(self._done):
-            self._infos.append(
-                {
-                    "episode_return": float(self._returns[row]),
-                    "episode_length": int(self._lengths[row]),
-                    "env_id": int(row // agents),
-                    "agent_id": int(row % agents),
-                }
-            )
-        self._returns[self._done] = 0.0
-        self._lengths[self._done] = 0
+        """Queue one info (return, length, env_id, agent_id) per finished episode."""
+        agents, buffers = self._batch_info.agents_per_env, self._buffers
+        for row in np.flatnonzero(buffers.done):
+            buffers.infos.append(buffers.episode_info(row, env_id=int(row // agents), agent_id=int(row % agents)))
+        buffers.clear_totals(buffers.done)
 
 
 class BanditEnvironment(_RowEpisodeEnvironment):
@@ -265,7 +222,8 @@ class BanditEnvironment(_RowEpisodeEnvironment):
     def _draw_targets(self) -> None:
         """New targets for all rows, written as one-hot blocks into the observation buffer."""
         self._targets[:] = self._rng.integers(self.num_actions, size=self._targets.shape)
-        blocks = self._obs.reshape(len(self._obs), self._targets.shape[1], self.num_actions)
+        observations = self._buffers.observations
+        blocks = observations.reshape(len(observations), self._targets.shape[1], self.num_actions)
         blocks.fill(0.0)
         np.put_along_axis(blocks, self._targets[..., None], 1.0, axis=2)
 
@@ -324,7 +282,7 @@ class ScriptedEnvironment(_RowEpisodeEnvironment):
     def _reset_dynamics(self, seed: int | None) -> None:
         """Back to the configured offsets; the seed is irrelevant to a script."""
         np.copyto(self._t, self._offsets)
-        self._obs[:, 0] = self._t
+        self._buffers.observations[:, 0] = self._t
 
     def _advance(self, actions: np.ndarray, live: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Reward the step from t, count it, and end episodes that reach `episode_length`."""
@@ -332,7 +290,7 @@ class ScriptedEnvironment(_RowEpisodeEnvironment):
             self.actions.append(actions.copy())
         rewards = self.reward_table[np.minimum(self._t, self.episode_length - 1)]
         self._t += live
-        self._obs[:, 0] = self._t
+        self._buffers.observations[:, 0] = self._t
         return self._split_end(rewards, self._t >= self.episode_length)
 
     def _split_end(self, rewards: np.ndarray, ended: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -345,7 +303,7 @@ class ScriptedEnvironment(_RowEpisodeEnvironment):
     def _restart(self, rows: np.ndarray) -> None:
         """New episodes start at t = 0 (offsets apply to the first episode only)."""
         self._t[rows] = 0
-        self._obs[rows, 0] = 0.0
+        self._buffers.observations[rows, 0] = 0.0
 
 
 # ---------------------------------------------------------------------- contract checking

@@ -70,6 +70,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from mettle.envs.rows import RowLayoutEnvironment
 from mettle.rl.training.environment import BatchInfo, EnvBatch, PolicyEnvInfo, TrainingEnvironment
 
 __all__ = ["EnvFactory", "EnvironmentWorkerError", "VectorEnvironment"]
@@ -575,8 +576,12 @@ def _default_start_method() -> str:
 
 
 # ------------------------------------------------------------------------------- front end
-class VectorEnvironment(TrainingEnvironment):
-    """Runs `num_workers` sub-environments (in processes or serially) as one batch of agent rows."""
+class VectorEnvironment(RowLayoutEnvironment):
+    """Runs `num_workers` sub-environments (in processes or serially) as one batch of agent rows.
+
+    `policy_env_info` is the sub-envs' (identical) spaces; `batch_info` lays out all workers' instances,
+    worker w's rows after worker w-1's.
+    """
 
     def __init__(
         self,
@@ -625,16 +630,6 @@ class VectorEnvironment(TrainingEnvironment):
 
     # ------------------------------------------------------------------ contract
     @property
-    def policy_env_info(self) -> PolicyEnvInfo:
-        """The sub-envs' (identical) spaces."""
-        return self._info
-
-    @property
-    def batch_info(self) -> BatchInfo:
-        """All workers' instances, worker w's rows after worker w-1's."""
-        return self._batch_info
-
-    @property
     def worker_pids(self) -> list[int]:
         """Worker process ids in worker order (empty in serial mode)."""
         return list(self._backend.pids)
@@ -652,8 +647,7 @@ class VectorEnvironment(TrainingEnvironment):
     def reset(self, seed: int | None = None) -> None:
         """Finish steps in flight, then reset sub-env w with seed + its first instance's global index."""
         self._check_open()
-        if seed is None and not self._started:
-            seed = self._seed
+        seed = self._reset_seed(seed)
         while self._outstanding:
             self._backend.collect(self._group_workers[self._outstanding.popleft()])
         self._held.clear()
