@@ -114,10 +114,12 @@ class StatsReporter(TrainerComponent):
         self.report()
 
     def on_training_complete(self) -> None:
-        """Report the epochs since the last report, then close the loggers."""
+        """Report the epochs since the last report (or figures published since, e.g. a final evaluation), then close."""
         try:
             if self.context.state.epoch > self._reported_epoch:
                 self.report()
+            elif self.context.stats.metrics:
+                self._send(self._published())
         finally:
             self.close()
 
@@ -144,18 +146,24 @@ class StatsReporter(TrainerComponent):
     def report(self) -> dict[str, float]:
         """Build this report's metrics, send them to every logger at the current agent step, return them."""
         metrics = self.collect()
-        step = self.context.state.agent_step
-        for sink in self.loggers:
-            sink.log(metrics, step)
+        self._send(metrics)
         self.episodes.clear()
-        self.context.stats.metrics.clear()
         self._reported_epoch = self.context.state.epoch
         return metrics
 
+    def _send(self, metrics: dict[str, float]) -> None:
+        """Log at the current agent step; published figures are consumed."""
+        for sink in self.loggers:
+            sink.log(metrics, self.context.state.agent_step)
+        self.context.stats.metrics.clear()
+
     def collect(self) -> dict[str, float]:
         """All namespaces; reading the timers starts the next report's timing."""
-        published = {key: float(value) for key, value in self.context.stats.metrics.items()}
-        return {**self._environment(), **self._losses(), **self._performance(), **self._timing(), **published}
+        return {**self._environment(), **self._losses(), **self._performance(), **self._timing(), **self._published()}
+
+    def _published(self) -> dict[str, float]:
+        """What other components published for this report (eval/, monitor/, gradients/...)."""
+        return {key: float(value) for key, value in self.context.stats.metrics.items()}
 
     def close(self) -> None:
         """Close every logger once; one failing does not keep the others open."""
