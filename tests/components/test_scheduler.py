@@ -15,6 +15,7 @@ from mettle.rl.trainer import Trainer
 from mettle.rl.trainer_config import TrainerConfig
 from mettle.rl.training import ContextCheckpointer, TrainerComponent
 from mettle.rl.training.components.scheduler import HyperparameterScheduler, Schedule, SchedulesConfig
+from mettle.rl.training.components.signals import StopAtEpoch
 
 BATCH = 64
 EPOCHS = 6
@@ -129,21 +130,11 @@ def scheduled_trainer(path: Path, kind: str = "mlp", stop_at: int | None = None)
     trainer.register(HyperparameterScheduler(learning_rate=LR, entropy_coef=ENTROPY, clip_coef=CLIP))
     probe = trainer.register(Probe())
     if stop_at is not None:
-        trainer.register(StopAt(stop_at))
+        trainer.register(StopAtEpoch(stop_at))
     trainer.restore()
     return trainer, probe
 
 
-class StopAt(TrainerComponent):
-    """Requests a clean stop after `epoch`, as SIGINT does."""
-
-    def __init__(self, epoch: int) -> None:
-        super().__init__()
-        self.stop_epoch = epoch
-
-    def on_epoch_end(self, epoch: int) -> None:
-        if epoch >= self.stop_epoch:
-            self.context.stop_requested = True
 
 
 def test_values_follow_the_schedules_over_agent_steps(tmp_path: Path) -> None:

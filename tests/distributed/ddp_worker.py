@@ -16,6 +16,7 @@ from mettle.envs.testing import BanditEnvironment
 from mettle.rl.trainer import Trainer
 from mettle.rl.trainer_config import TrainerConfig
 from mettle.rl.training import ContextCheckpointer, DistributedHelper, TrainerComponent
+from mettle.rl.training.components.signals import StopAtEpoch
 
 
 def checksum(module: torch.nn.Module) -> str:
@@ -44,14 +45,6 @@ class StepRecorder(TrainerComponent):
                             "losses": ctx.stats.losses})
 
 
-class StopAt(TrainerComponent):
-    def __init__(self, epoch: int) -> None:
-        super().__init__()
-        self.stop_epoch = epoch
-
-    def on_epoch_end(self, epoch: int) -> None:
-        if epoch >= self.stop_epoch:
-            self.context.stop_requested = True
 
 
 def main() -> None:
@@ -70,7 +63,7 @@ def main() -> None:
     recorder = StepRecorder()
     trainer.register(recorder)
     if args.stop_at:
-        trainer.register(StopAt(args.stop_at))
+        trainer.register(StopAtEpoch(args.stop_at))
     checkpointer = next(c for c in trainer.components if isinstance(c, ContextCheckpointer))
     checkpointer.epoch_interval = 2
     start_epoch = trainer.context.state.epoch

@@ -15,9 +15,10 @@ from mettle.agent.registry import build_policy
 from mettle.envs.testing import BanditEnvironment
 from mettle.rl.trainer import Trainer
 from mettle.rl.trainer_config import TrainerConfig
-from mettle.rl.training import ContextCheckpointer, TrainerComponent
+from mettle.rl.training import ContextCheckpointer
 from mettle.rl.training import checkpointer as ckpt
 from mettle.rl.training.checkpointer import CheckpointError, list_checkpoints, write_manifest
+from mettle.rl.training.components.signals import StopAtEpoch
 
 BATCH = 64
 
@@ -27,16 +28,6 @@ def config() -> TrainerConfig:
                          update_epochs=2, seed=3)
 
 
-class StopAt(TrainerComponent):
-    """Requests a clean stop after `epoch`, as SIGINT does."""
-
-    def __init__(self, epoch: int) -> None:
-        super().__init__()
-        self.stop_epoch = epoch
-
-    def on_epoch_end(self, epoch: int) -> None:
-        if epoch >= self.stop_epoch:
-            self.context.stop_requested = True
 
 
 def make_trainer(path: Path, kind: str, interval: int = 1, keep_last: int = 3) -> Trainer:
@@ -66,7 +57,7 @@ def test_stop_and_resume_is_bitwise_identical_to_one_run(tmp_path: Path, kind: s
     straight.train()
 
     first = make_trainer(tmp_path / "split", kind, interval=2)
-    first.register(StopAt(3))
+    first.register(StopAtEpoch(3))
     first.train()
     assert first.context.state.epoch == 3
     second = Trainer.load_or_create(str(tmp_path / "split"), config(), BanditEnvironment(num_envs=4, seed=5),

@@ -50,3 +50,18 @@ class GracefulShutdown(TrainerComponent):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+class StopAtEpoch(TrainerComponent):
+    """Ends training cleanly once `epoch` epochs are done, as a signal would (a time-boxed job, a staged run)."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__()
+        if epoch < 1:
+            raise ValueError(f"epoch {epoch} must be >= 1")
+        self.stop_epoch = epoch
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """Ask the trainer to stop after this epoch (the checkpointer, registered later, still saves it)."""
+        if epoch >= self.stop_epoch:
+            self.context.stop_requested = True
