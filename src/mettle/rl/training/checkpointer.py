@@ -226,13 +226,19 @@ class ContextCheckpointer(TrainerComponent):
         A damaged newest checkpoint is reported by name and the previous one is used; if checkpoints
         exist but none loads, CheckpointError is raised rather than silently starting over.
         """
+        distributed = trainer.context.distributed
         problems: list[str] = []
-        for path in reversed(list_checkpoints(self.directory)):
+        # Rank 0's listing, and a checkpoint only when every rank can read it: all ranks restore the same one.
+        names = distributed.broadcast_from_master([p.name for p in list_checkpoints(self.directory)])
+        for path in (self.directory / name for name in reversed(names)):
             try:
                 state, weights = read_checkpoint(path)
             except CheckpointError as error:
-                logger.warning("checkpoint %s is unusable, trying the previous one: %s", path, error)
-                problems.append(str(error))
+                state, problem = None, str(error)
+            if distributed.any_rank(state is None):
+                problem = problem if state is None else f"{path} is unreadable on another rank"
+                logger.warning("checkpoint %s is unusable, trying the previous one: %s", path, problem)
+                problems.append(problem)
                 continue
             self._apply(trainer, state, weights)
             return path
