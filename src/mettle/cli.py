@@ -115,9 +115,12 @@ def train_command(args: argparse.Namespace, argv: list[str]) -> int:
 
     distributed = DistributedHelper("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return train_in_process(args, distributed)
-    finally:
+        code = train_in_process(args, distributed)
+    except BaseException:
         distributed.cleanup()
+        raise
+    distributed.cleanup(synchronize=True)
+    return code
 
 
 def launch_torchrun(nproc: int, argv: list[str]) -> int:

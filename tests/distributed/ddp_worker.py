@@ -73,7 +73,7 @@ def main() -> None:
               "checksums": recorder.checksums, "epochs": recorder.epochs, "final": checksum(trainer.context.policy),
               "agent_step": trainer.context.state.agent_step, "pid": os.getpid()}
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(record))
-    distributed.cleanup()
+    distributed.cleanup(synchronize=True)
 
 
 if __name__ == "__main__":

@@ -119,8 +119,14 @@ class DistributedHelper:
         dist.all_gather_object(out, obj)
         return out
 
-    def cleanup(self) -> None:
-        """Leave the process group if this helper created it; safe to call twice."""
+    def cleanup(self, synchronize: bool = False) -> None:
+        """Leave the process group if this helper created it; safe to call twice.
+
+        `synchronize=True` (normal exits) waits for every rank first, so no rank tears the group (and
+        rank 0 its store) down while another still uses it; after an error, leave at once instead.
+        """
         if self._owns_group and dist.is_initialized():
+            if synchronize:
+                dist.barrier()
             dist.destroy_process_group()
         self._owns_group = False
