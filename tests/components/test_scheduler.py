@@ -135,8 +135,6 @@ def scheduled_trainer(path: Path, kind: str = "mlp", stop_at: int | None = None)
     return trainer, probe
 
 
-
-
 def test_values_follow_the_schedules_over_agent_steps(tmp_path: Path) -> None:
     trainer, probe = scheduled_trainer(tmp_path)
     assert probe.values() == expected_at(0)  # applied at registration

@@ -45,8 +45,6 @@ class StepRecorder(TrainerComponent):
                             "losses": ctx.stats.losses})
 
 
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)

@@ -28,8 +28,6 @@ def config() -> TrainerConfig:
                          update_epochs=2, seed=3)
 
 
-
-
 def make_trainer(path: Path, kind: str, interval: int = 1, keep_last: int = 3) -> Trainer:
     trainer = Trainer(config(), BanditEnvironment(num_envs=4, seed=5), build_policy(kind, hidden_size=16), "cpu")
     trainer.register(ContextCheckpointer(path, epoch_interval=interval, keep_last=keep_last))
@@ -86,6 +84,25 @@ def test_damaged_newest_checkpoint_is_named_and_the_previous_used(tmp_path: Path
         resumed = make_trainer(tmp_path, "mlp")
     assert resumed.context.state.epoch == 5
     assert str(newest) in caplog.text and "truncated or altered" in caplog.text
+
+
+def test_a_checkpoint_another_rank_cannot_read_is_skipped_on_every_rank(tmp_path: Path, monkeypatch: Any,
+                                                                        caplog: Any) -> None:
+    make_trainer(tmp_path, "mlp").train()
+    newest = list_checkpoints(tmp_path)[-1]
+    trainer = Trainer(config(), BanditEnvironment(num_envs=4, seed=5), build_policy("mlp", hidden_size=16), "cpu")
+    trainer.register(ContextCheckpointer(tmp_path))
+    votes: list[bool] = []
+
+    def another_rank_fails_first(flag: bool) -> bool:  # this rank reads fine; "rank 1" fails on the newest
+        votes.append(flag)
+        return flag or len(votes) == 1
+
+    monkeypatch.setattr(trainer.context.distributed, "any_rank", another_rank_fails_first)
+    with caplog.at_level(logging.WARNING):
+        assert trainer.restore() == list_checkpoints(tmp_path)[-2]
+    assert votes == [False, False] and trainer.context.state.epoch == 5
+    assert f"{newest} is unreadable on another rank" in caplog.text
 
 
 def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path: Path) -> None:

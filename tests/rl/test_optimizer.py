@@ -319,3 +319,9 @@ def test_set_learning_rate_changes_step_size() -> None:
         _train(model, opt, 1, data)
         deltas.append((model[2].bias - start).abs().item())
     assert deltas[0] == pytest.approx(10 * deltas[1], rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw"])
+def test_adam_on_cpu_uses_the_fused_kernel(kind: str) -> None:
+    optimizer = create_optimizer(OptimizerConfig(type=kind), nn.Linear(4, 2))
+    assert optimizer.param_groups[0]["fused"] is True

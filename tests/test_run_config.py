@@ -1,0 +1,41 @@
+"""RunConfig settings reach the parts they configure: worker timeout, evaluation envs, stop epoch."""
+
+from __future__ import annotations
+
+import pytest
+
+from mettle.cli import evaluation_envs
+from mettle.config import build_run_config
+from mettle.envs.factory import make_environment
+from mettle.rl.training.components.signals import StopAtEpoch
+
+
+def test_worker_timeout_reaches_the_env_workers() -> None:
+    cfg = build_run_config(["env.name=gym:CartPole-v1", "env.num_envs=2", "env.vectorization=multiprocess",
+                            "env.num_workers=2", "env.worker_timeout_s=7.5"])
+    env = make_environment(cfg.env, seed=0)
+    try:
+        assert env._backend.timeout_s == 7.5
+    finally:
+        env.close()
+
+
+def test_evaluator_envs_are_the_training_env_plus_the_extra_ones() -> None:
+    cfg = build_run_config(["env.name=mettagrid:arena", "env.kwargs.num_agents=4", "env.vectorization=multiprocess",
+                            "env.num_workers=2", "evaluator.num_envs=2",
+                            'evaluator.envs=["mettagrid:navigation", "mettagrid:arena"]'])
+    factories = evaluation_envs(cfg)
+    assert list(factories) == ["mettagrid:arena", "mettagrid:navigation"]
+    arena, navigation = (factories[name]() for name in factories)
+    try:
+        assert arena.batch_info.num_rows == 2 * 4, "training kwargs apply to the training env, in-process"
+        assert type(arena).__name__ == "MettaGridEnvironment"
+        assert navigation.batch_info.num_rows == 2 * 4, "the extra task keeps its own defaults (4 agents)"
+    finally:
+        arena.close()
+        navigation.close()
+
+
+def test_stop_at_epoch_rejects_a_non_positive_epoch() -> None:
+    with pytest.raises(ValueError, match="epoch 0 must be >= 1"):
+        StopAtEpoch(0)
