@@ -23,6 +23,8 @@ import torch
 
 from compare_tasks import RETURN_WINDOW, SB3_ZOO_CARTPOLE
 
+WARMUP_EPOCHS = 2
+"""Epochs left out of `warm_sps`: the first ones pay one-off costs such as torch.compile."""
 RANDOM_CHUNK = 1024
 """Random actions are drawn this many steps at a time, so drawing them costs the raw loops almost nothing."""
 
@@ -53,11 +55,14 @@ def make_return_probe(threshold: float | None, max_seconds: float | None) -> Any
             self.started = time.perf_counter()
             self.returns: deque[float] = deque(maxlen=RETURN_WINDOW)
             self.result: dict[str, Any] = {"solved_s": None, "solved_step": None, "timed_out": False}
+            self.marks: list[tuple[float, int]] = []
+            """(seconds, agent_step) at each rollout end, for the throughput after warm-up."""
 
         def on_step(self, infos: list[dict[str, Any]]) -> None:
             """At each rollout end: the same test as the SB3 callback, so both are timed alike."""
             self.returns.extend(float(info["episode_return"]) for info in infos)
             elapsed = time.perf_counter() - self.started
+            self.marks.append((elapsed, self.context.state.agent_step))
             if threshold is not None and self.result["solved_s"] is None and solved(self.returns, threshold):
                 self.result.update(solved_s=elapsed, solved_step=self.context.state.agent_step)
                 self.context.stop_requested = True
@@ -66,6 +71,17 @@ def make_return_probe(threshold: float | None, max_seconds: float | None) -> Any
                 self.context.stop_requested = True
 
     return ReturnProbe()
+
+
+def warm_sps(marks: list[tuple[float, int]], warmup_epochs: int) -> float | None:
+    """Agent-steps/s after the first `warmup_epochs` epochs (compiles, caches, heap growth), or None if too short.
+
+    Timed between two rollout ends, so the window holds as many updates as rollouts.
+    """
+    if len(marks) < warmup_epochs + 2:
+        return None
+    (start_s, start_step), (end_s, end_step) = marks[warmup_epochs], marks[-1]
+    return (end_step - start_step) / (end_s - start_s)
 
 
 def solved(returns: deque[float], threshold: float) -> bool:
@@ -93,6 +109,7 @@ def run_mettle(spec: dict[str, Any]) -> dict[str, Any]:
     steps, batch = trainer.context.state.agent_step, env.batch_info
     recent = list(probe.returns)
     return {"agent_steps": steps, "wall_s": wall, "sps": steps / wall, **probe.result,
+            "warm_sps": warm_sps(probe.marks, spec.get("warmup_epochs", WARMUP_EPOCHS)),
             "rows": batch.num_rows, "agents_per_env": batch.agents_per_env,
             "recent_mean_return": float(np.mean(recent)) if recent else None,
             "stopwatch_s": trainer.context.stopwatch.summary(), "config": cfg.model_dump(mode="json")}

@@ -11,6 +11,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+import torch._dynamo
 
 from mettle.agent import TensorSpec, build_policy, policy_from_spec
 from mettle.agent.token import TokenPolicy, feature_normalizations
@@ -289,3 +290,28 @@ def test_winner_max_pooling_matches_dense_max_pooling_and_its_gradients() -> Non
     sparse_grads = torch.autograd.grad(sparse.square().sum(), params)
     for got, want in zip(sparse_grads, dense_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_token_policy_compiles_its_encoder_and_keeps_values_and_gradients() -> None:
+    torch._dynamo.reset()
+    eager = make_policy(seed=1)
+    compiled = copy.deepcopy(eager)
+    compiled.compile_hot_path()
+    assert isinstance(compiled, TokenPolicy)
+    assert compiled.encoder._compiled_call_impl is not None and compiled._compiled_call_impl is None
+    for num_valid in (5, 9):  # trimming changes the token count: one dynamic-shape graph serves both
+        obs = random_tokens(6, 3, num_valid, seed=num_valid)
+        actions = torch.randint(0, 4, (6, 3, 1), generator=torch.Generator().manual_seed(num_valid))
+        memory = {key: torch.zeros(6, eager.hidden_size) for key in ("lstm_h", "lstm_c")}
+        outputs = []
+        for policy in (eager, compiled):
+            policy.zero_grad()
+            out = policy(obs, no_starts(6, 3), actions=actions, memory=memory)
+            (out.log_prob.sum() + out.values.sum()).backward()
+            outputs.append((out, {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}))
+        (want, want_grads), (got, got_grads) = outputs
+        torch.testing.assert_close(got.log_prob, want.log_prob, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got.values, want.values, atol=1e-5, rtol=1e-4)
+        assert got_grads.keys() == want_grads.keys()
+        for name, grad in want_grads.items():
+            torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-4, msg=f"gradient of {name}")

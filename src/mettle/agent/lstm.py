@@ -118,6 +118,10 @@ class LSTMPolicy(Policy):
         memory_out = {"lstm_h": h0, "lstm_c": c0}
         return PolicyOutput(chosen, log_prob, entropy, values, memory_out)
 
+    def compile_hot_path(self) -> None:
+        """Compile the encoder only: the unroll's chunking depends on where episodes start in the data."""
+        self.encoder.compile(dynamic=True)
+
     def unroll(
         self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, starts: torch.Tensor, per_step: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

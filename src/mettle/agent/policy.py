@@ -66,6 +66,13 @@ class Policy(nn.Module, ABC):
         `rows` (rollout), which they then advance.
         """
 
+    def compile_hot_path(self) -> None:
+        """Compile, with torch.compile, the part of the policy that dominates its compute (here: all of it).
+
+        Shapes are marked dynamic, so rollout and training batches share one compiled graph.
+        """
+        self.compile(dynamic=True)
+
     def reset_memory(self) -> None:
         """Forget every row's recurrent state (stateless policies have none)."""
 

@@ -27,6 +27,7 @@ from mettle.rl.training import (
 )
 from mettle.rl.training.component import crossed_interval
 from mettle.rl.training.optimizer import create_optimizer
+from mettle.runtime import check_torch_compile, keep_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +45,17 @@ class Trainer:
         run_name: str | None = None,
     ) -> None:
         self._cfg = cfg
+        if cfg.keep_freed_memory:
+            keep_freed_memory()
         device = torch.device(device)
         self._distributed = distributed_helper or DistributedHelper(device)
         cfg.check_rows(env.batch_info.num_rows)
         seed = cfg.seed + self._distributed.seed_offset()
         seed_everything(seed)
         policy.initialize_to_environment(env.policy_env_info, device)
+        if cfg.torch_compile:
+            check_torch_compile(device)
+            policy.compile_hot_path()
         experience = Experience(
             cfg.batch_size, cfg.bptt_horizon, env.batch_info.num_rows, policy.get_agent_experience_spec(), device
         )

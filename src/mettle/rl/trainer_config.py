@@ -103,6 +103,13 @@ class TrainerConfig(_Config):
     """PPO loss."""
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     """Minibatch sampling."""
+    torch_compile: bool = False
+    """Compile the policy's hot path with torch.compile (`Policy.compile_hot_path`); the first epochs pay
+    the compile (seconds to a minute). It pays off for the token policy on CPU, not for small MLPs: see
+    bench/speedups.py. Needs a C++ compiler on CPU."""
+    keep_freed_memory: bool = True
+    """Let glibc reuse freed memory instead of unmapping it (`mettle.runtime.keep_freed_memory`), so large
+    temporary tensors do not page-fault on every allocation; process-wide."""
 
     @model_validator(mode="after")
     def _check_sizes(self) -> TrainerConfig:

@@ -1,0 +1,57 @@
+"""Process-wide settings that make CPU training fast, applied once by the Trainer."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+"""glibc's mallopt parameter numbers (malloc.h)."""
+FREED_MEMORY_KEPT = 1 << 30
+"""Bytes of freed memory glibc may keep for reuse instead of returning them to the kernel."""
+
+
+@functools.cache
+def keep_freed_memory(limit: int = FREED_MEMORY_KEPT) -> bool:
+    """Make glibc reuse freed blocks up to `limit` bytes instead of unmapping them; True when applied.
+
+    By default glibc serves every block over a few MiB with a fresh mmap and unmaps it on free, so each
+    large temporary tensor (the token encoder's [rows, tokens, embed] activations) page-faults all its
+    pages again: that roughly doubled the token policy's update time. Not glibc (macOS, musl): no-op.
+    """
+    path = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(path)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        logger.debug("no glibc mallopt here (%s); the allocator keeps its defaults", path)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    applied = bool(mallopt(M_MMAP_THRESHOLD, limit)) and bool(mallopt(M_TRIM_THRESHOLD, limit))
+    if not applied:
+        logger.debug("mallopt refused a %d-byte threshold; the allocator keeps its defaults", limit)
+    return applied
+
+
+def check_torch_compile(device: torch.device) -> None:
+    """Fail before training, naming the fix, when torch.compile cannot build CPU kernels here."""
+    if device.type != "cpu":
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # a torch without this helper: let torch.compile report for itself
+        return
+    try:
+        get_cpp_compiler()
+    except Exception as error:  # inductor raises its own InvalidCxxCompiler
+        raise ValueError(
+            f"torch_compile=true needs a C++ compiler for CPU kernels, and none was found ({error}); "
+            "install g++ (or set CXX), or set torch_compile=false"
+        ) from None
