@@ -47,7 +47,9 @@ def throughput_table(report: dict[str, Any]) -> str:
     rows = ["## Throughput, matched settings (agent-steps/s, median of runs)", "",
             "Same envs, steps per env per rollout (= Mettle batch_size / envs), minibatch, update epochs, "
             "separate 64x64 tanh actor and critic, Adam; SB3 reads Monitor-wrapped DummyVecEnv, Mettle its own "
-            "adapter over Gymnasium's SyncVectorEnv. Raw env: the bare simulator with uniformly random actions.", "",
+            "adapter over the env's native vector class where Gymnasium registers one (CartPoleVectorEnv), else "
+            "SyncVectorEnv. Raw env: that same bare vector env (MettaGrid: the bare simulator) with uniformly random "
+            "actions.", "",
             "| task | rows | batch / minibatch / epochs | steps x runs | Mettle | SB3 | Mettle ÷ SB3 | raw env "
             "| Mettle ÷ raw | Mettle env adapter | adapter ÷ raw |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -1,4 +1,4 @@
-"""RunConfig settings reach the parts they configure: worker timeout, evaluation envs, stop epoch."""
+"""RunConfig settings reach the parts they configure: worker timeout, vectorisation, evaluation envs, stop epoch."""
 
 from __future__ import annotations
 
@@ -16,6 +16,20 @@ def test_worker_timeout_reaches_the_env_workers() -> None:
     env = make_environment(cfg.env, seed=0)
     try:
         assert env._backend.timeout_s == 7.5
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [(["env.name=gym:CartPole-v1"], "CartPoleVectorEnv"),
+     (["env.name=gym:CartPole-v1", "env.vectorization=gymnasium_sync"], "SyncVectorEnv"),
+     (["env.name=gym:mettle/CartPoleNoVel-v1"], "SyncVectorEnv")],
+)
+def test_serial_gymnasium_uses_the_native_vector_env_where_there_is_one(overrides: list[str], expected: str) -> None:
+    env = make_environment(build_run_config([*overrides, "env.num_envs=2"]).env, seed=0)
+    try:
+        assert type(env.vector_env).__name__ == expected
     finally:
         env.close()
 

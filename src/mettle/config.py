@@ -34,8 +34,10 @@ class EnvConfig(_Config):
     """mettagrid:<task or config file>, gym:<registered id>, or pettingzoo:<module>:<callable>."""
     num_envs: int = Field(8, gt=0, le=4096)
     """Environment instances stepped together (per rank)."""
-    vectorization: Literal["serial", "multiprocess", "gymnasium_async"] = "serial"
-    """serial: in this process; multiprocess: mettle's shared-memory workers; gymnasium_async: Gymnasium's own."""
+    vectorization: Literal["serial", "multiprocess", "gymnasium_sync", "gymnasium_async"] = "serial"
+    """serial: in this process (a Gymnasium id's own vectorised class where it has one, e.g. CartPole, else
+    SyncVectorEnv); multiprocess: mettle's shared-memory workers; gymnasium_sync/async: Gymnasium's
+    Sync/AsyncVectorEnv over single envs."""
     num_workers: int = Field(1, gt=0, le=1024)
     """Worker processes for multiprocess vectorisation (num_envs must divide evenly)."""
     async_factor: int = Field(1, gt=0, le=16)

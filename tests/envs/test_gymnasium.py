@@ -216,3 +216,47 @@ def test_wrong_action_shape_is_rejected() -> None:
         env.get_observations()
         with pytest.raises(ValueError, match="actions shaped"):
             env.send_actions(np.zeros(2, dtype=np.int64))
+
+
+def cartpole_step_from(obs: np.ndarray, action: int) -> tuple[np.ndarray, bool]:
+    """One step of a single CartPole started from `obs`: the reference for the native vector env's dynamics."""
+    env = gym.make("CartPole-v1").unwrapped
+    env.reset(seed=0)
+    env.state = obs.astype(np.float64)
+    next_obs, _, terminal, _, _ = env.step(action)
+    return next_obs, terminal
+
+
+def test_native_vector_env_keeps_the_contract_and_cartpoles_dynamics() -> None:
+    rollout = cartpole_rollout("next_step", "native", num_envs=4, steps=300)
+    assert rollout.terminals.any() and rollout.truncations.any()
+    for t in range(1, len(rollout.rewards)):
+        for row in range(4):
+            if not rollout.mask[t - 1, row]:
+                assert rollout.starts[t, row] and rollout.rewards[t, row] == 0.0  # a fresh episode
+                continue
+            action = int(rollout.actions[t - 1, row, 0])
+            expected, terminal = cartpole_step_from(rollout.observations[t - 1, row], action)
+            np.testing.assert_allclose(rollout.observations[t, row], expected, rtol=1e-5, atol=1e-6)
+            assert rollout.terminals[t, row] == terminal and rollout.rewards[t, row] == 1.0
+    lengths = [info["episode_length"] for infos in rollout.infos for info in infos]
+    assert max(lengths) == 20 and all(0 < n <= 20 for n in lengths)
+
+
+@pytest.mark.parametrize(
+    "env_id,vectorization,wrappers,expected",
+    [("CartPole-v1", "auto", (), "CartPoleVectorEnv"),
+     ("CartPole-v1", "sync", (), "SyncVectorEnv"),
+     ("CartPole-v1", "auto", (gym.wrappers.RecordEpisodeStatistics,), "SyncVectorEnv"),
+     ("mettle/CartPoleNoVel-v1", "auto", (), "SyncVectorEnv")],
+)
+def test_auto_uses_the_native_vector_env_only_where_it_stands_in_exactly(
+    env_id: str, vectorization: str, wrappers: tuple, expected: str
+) -> None:
+    with GymnasiumEnvironment(env_id, 2, vectorization, wrappers=wrappers) as env:
+        assert type(env.vector_env).__name__ == expected
+
+
+def test_native_without_a_vector_entry_point_names_the_fix() -> None:
+    with pytest.raises(GymnasiumEnvError, match=r"no native vector env.*vectorization='sync'"):
+        GymnasiumEnvironment("mettle/CartPoleNoVel-v1", 2, "native")

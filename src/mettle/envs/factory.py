@@ -47,12 +47,12 @@ def make_environment(cfg: EnvConfig, seed: int = 0, num_envs: int | None = None)
         if cfg.vectorization == "multiprocess" and cfg.num_workers > 1:
             from mettle.envs.vector import VectorEnvironment
 
-            build_in_process(family, target, cfg.kwargs, "sync", 1).close()  # fail fast, in this process
-            factory = functools.partial(build_in_process, family, target, dict(cfg.kwargs), "sync")
+            build_in_process(family, target, cfg.kwargs, "auto", 1).close()  # fail fast, in this process
+            factory = functools.partial(build_in_process, family, target, dict(cfg.kwargs), "auto")
             workers = min(cfg.num_workers, count)
             return VectorEnvironment(factory, count, workers, cfg.async_factor, seed=seed,
                                      timeout_s=cfg.worker_timeout_s)
-        gym_mode = "async" if cfg.vectorization == "gymnasium_async" else "sync"
+        gym_mode = {"gymnasium_async": "async", "gymnasium_sync": "sync"}.get(cfg.vectorization, "auto")
         return build_in_process(family, target, cfg.kwargs, gym_mode, count)
     except ValueError as error:
         raise ConfigError(str(error).splitlines()[0]) from None

@@ -45,6 +45,9 @@ __all__ = [
 
 CARTPOLE_NO_VELOCITY_ID = "mettle/CartPoleNoVel-v1"
 AUTORESET_MODES = ("next_step", "same_step", "disabled")
+VECTORIZATIONS = ("auto", "native", "sync", "async")
+"""native: the id's own vectorised class (e.g. CartPoleVectorEnv); sync/async: Gymnasium's Sync/AsyncVectorEnv
+over single envs; auto: native where the id has one and no wrappers are given, else sync."""
 
 Wrapper = Callable[[gym.Env], gym.Env]
 
@@ -134,16 +137,47 @@ def _build_vector_env(
     wrappers: Sequence[Wrapper],
     env_kwargs: dict[str, Any],
 ) -> VectorEnv:
-    """Gymnasium's own Sync/AsyncVectorEnv, with construction errors turned into one clear line."""
+    """The env's own vectorised class, or Gymnasium's Sync/AsyncVectorEnv; construction errors in one line."""
+    if vectorization == "auto":
+        vectorization = "native" if _has_native_vector_env(env_id, mode, wrappers) else "sync"
     thunks = [
         functools.partial(_make_env, env_id, tuple(wrappers), dict(env_kwargs)) for _ in range(num_envs)
     ]
     try:
+        if vectorization == "native":
+            return _build_native(env_id, num_envs, mode, wrappers, env_kwargs)
         if vectorization == "sync":
             return gym.vector.SyncVectorEnv(thunks, copy=False, autoreset_mode=mode)
         return gym.vector.AsyncVectorEnv(thunks, shared_memory=True, copy=False, autoreset_mode=mode)
     except (TypeError, gym.error.Error) as error:
         raise GymnasiumEnvError(f"cannot create {env_id!r} with {env_kwargs}: {error}") from None
+
+
+def _has_native_vector_env(env_id: str, mode: AutoresetMode, wrappers: Sequence[Wrapper]) -> bool:
+    """Whether the id registers its own vectorised class (CartPole does) that can stand in for SyncVectorEnv."""
+    if wrappers or mode != AutoresetMode.NEXT_STEP:
+        return False
+    try:
+        spec = gym.spec(env_id.rpartition(":")[2])
+    except gym.error.Error:
+        return False
+    return spec.vector_entry_point is not None
+
+
+def _build_native(
+    env_id: str, num_envs: int, mode: AutoresetMode, wrappers: Sequence[Wrapper], env_kwargs: dict[str, Any]
+) -> VectorEnv:
+    """One object stepping every sub-env in numpy at once: no per-env Python calls, wrappers or checks."""
+    if not _has_native_vector_env(env_id, mode, wrappers):
+        raise GymnasiumEnvError(
+            f"{env_id!r} has no native vector env usable here (it needs a registered vector_entry_point, "
+            "next_step autoreset and no wrappers); use vectorization='sync'"
+        )
+    vec_env = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="vector_entry_point", **env_kwargs)
+    if _parse_mode(vec_env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)) != AutoresetMode.NEXT_STEP:
+        vec_env.close()
+        raise GymnasiumEnvError(f"{env_id!r}'s native vector env does not autoreset next-step; use 'sync'")
+    return vec_env
 
 
 def _parse_mode(mode: str | AutoresetMode) -> AutoresetMode:
@@ -244,7 +278,7 @@ class GymnasiumEnvironment(RowBufferEnvironment):
         self,
         env_id: str,
         num_envs: int = 8,
-        vectorization: Literal["sync", "async"] = "sync",
+        vectorization: Literal["auto", "native", "sync", "async"] = "sync",
         autoreset_mode: str | AutoresetMode = "next_step",
         seed: int = 0,
         wrappers: Sequence[Wrapper] = (),
@@ -252,8 +286,8 @@ class GymnasiumEnvironment(RowBufferEnvironment):
     ) -> None:
         if num_envs < 1:
             raise GymnasiumEnvError(f"num_envs must be at least 1, got {num_envs}")
-        if vectorization not in ("sync", "async"):
-            raise GymnasiumEnvError(f"vectorization {vectorization!r} is not one of sync, async")
+        if vectorization not in VECTORIZATIONS:
+            raise GymnasiumEnvError(f"vectorization {vectorization!r} is not one of {', '.join(VECTORIZATIONS)}")
         mode = _parse_mode(autoreset_mode)
         _check_env_id(env_id)
         vec_env = _build_vector_env(env_id, num_envs, vectorization, mode, wrappers, env_kwargs or {})
@@ -300,7 +334,10 @@ class GymnasiumEnvironment(RowBufferEnvironment):
         return self._vec
 
     def reset(self, seed: int | None = None) -> None:
-        """Reset every sub-env, seeding sub-env i with seed + i (first reset: the constructor seed)."""
+        """Reset every sub-env, seeding sub-env i with seed + i (first reset: the constructor seed).
+
+        A native vector env draws every sub-env from one generator, seeded with `seed`.
+        """
         obs, _ = self._vec.reset(seed=self._reset_seed(seed))
         self._obs_writer.write(self._buffers.observations, obs)
         self._buffers.restart_all()
