@@ -100,6 +100,9 @@ def run_mettle(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         policy = build_policy(cfg.policy.kind, hidden_size=cfg.policy.hidden_size)
         trainer = Trainer(cfg.trainer, env, policy, "cpu")
+        schedules = cfg.schedules.build()  # the recipe's schedules, registered as `mettle train` does
+        if schedules is not None:
+            trainer.register(schedules)
         probe = trainer.register(make_return_probe(spec.get("threshold"), spec.get("max_seconds")))
         probe.started = started = time.perf_counter()
         trainer.train()

