@@ -39,6 +39,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = [s for s in args.switches if s not in SWITCHES]
     if unknown or args.repeats < 1:
         parser.error(f"unknown switch(es) {unknown}; known: {', '.join(SWITCHES)}" if unknown else "--repeats >= 1")
+    try:
+        args.tasks = parse_tasks(args.tasks)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -93,14 +97,9 @@ def times(value: float | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Measure every task and switch, then write the report."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        tasks = parse_tasks(args.tasks)
-    except ValueError as error:
-        print(f"speedups.py: error: {error}", file=sys.stderr)
-        return 2
     started = time.perf_counter()
     report: dict[str, Any] = {"machine": machine_info(), "results": {}}
-    for task in tasks:
+    for task in args.tasks:
         for switch in args.switches:
             steps = args.steps or DEFAULT_STEPS.get(task.name, task.sps_steps)
             report["results"][f"{task.name}/{switch}"] = measure_switch(task, switch, steps, args.repeats)
