@@ -135,6 +135,7 @@ def test_a_very_high_learning_rate_drives_update_epochs_down_in_a_real_run() -> 
     probe = trainer.register(EpochsProbe())
     trainer.train()
     assert probe.ran == probe.configured  # every update ran the value set after the previous epoch
-    assert probe.configured[0] == 6 and trainer.context.config.update_epochs < 6
-    assert probe.configured[:3] == [6, 5, 4], "the first updates overshoot, so each one lowers update_epochs"
+    # The first updates overshoot, so each one lowers update_epochs; once the bandit's policy has settled, its
+    # updates are small and the epochs may climb again (how soon depends on the sampled actions).
+    assert probe.configured[:3] == [6, 5, 4]
     assert tuner.adjustments
