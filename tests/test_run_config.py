@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import pytest
 
 from mettle.cli import evaluation_envs
@@ -32,6 +35,30 @@ def test_serial_gymnasium_uses_the_native_vector_env_where_there_is_one(override
         assert type(env.vector_env).__name__ == expected
     finally:
         env.close()
+
+
+def test_multiprocess_gymnasium_starts_like_the_serial_sync_env_whatever_the_worker_count() -> None:
+    firsts = []
+    for layout in (["env.vectorization=gymnasium_sync"], ["env.vectorization=multiprocess", "env.num_workers=2"],
+                   ["env.vectorization=multiprocess", "env.num_workers=4"]):
+        env = make_environment(build_run_config(["env.name=gym:CartPole-v1", "env.num_envs=4", *layout]).env, seed=5)
+        try:
+            env.reset(seed=5)
+            firsts.append(np.concatenate([batch.observations for batch in receive_all(env)]))
+        finally:
+            env.close()
+    for other in firsts[1:]:
+        np.testing.assert_array_equal(other, firsts[0])
+
+
+def receive_all(env: Any) -> list[Any]:
+    """One batch per row group, until every row has been delivered once."""
+    batches, rows = [], 0
+    while rows < env.batch_info.num_rows:
+        batch = env.get_observations()
+        batches.append(batch)
+        rows += batch.observations.shape[0]
+    return batches
 
 
 def test_evaluator_envs_are_the_training_env_plus_the_extra_ones() -> None:

@@ -1,49 +1,65 @@
-"""The allocator setting the Trainer applies: freed large blocks are reused, not page-faulted in again."""
+"""The allocator setting the Trainer applies: large freed blocks stay in the heap for reuse, not unmapped."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from mettle.runtime import keep_freed_memory
+import mettle.rl.trainer
+from mettle.agent.mlp import MLPPolicy
+from mettle.envs.testing import BanditEnvironment
+from mettle.rl.trainer import Trainer
+from mettle.rl.trainer_config import TrainerConfig
 
-FAULTS_PER_ROUND = textwrap.dedent(
+MAPPED_BYTES_WHILE_ALIVE = textwrap.dedent(
     """
-    import resource, sys, torch
+    import ctypes, sys, torch
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")]
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo2
     if sys.argv[1] == "tuned":
         from mettle.runtime import keep_freed_memory
         assert keep_freed_memory()
-    def faults():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    def round():
-        x = torch.empty(16 << 20)  # 64 MiB: allocated, written and freed each round
-        x.fill_(1.0)
-        del x
-    for _ in range(12):
-        round()  # the heap grows to its working size
-    before = faults()
-    for _ in range(10):
-        round()
-    print((faults() - before) / 10)
+    x = torch.empty(16 << 20)  # 64 MiB
+    x.fill_(1.0)
+    print(libc.mallinfo2().hblkhd)  # bytes glibc holds in separate mmaps, which free() unmaps
     """
 )
 
 
-def faults_per_round(mode: str) -> float:
-    """Minor page faults per 64 MiB tensor allocated, written and freed, in a fresh interpreter."""
-    done = subprocess.run([sys.executable, "-c", FAULTS_PER_ROUND, mode], capture_output=True, text=True, check=True)
-    return float(done.stdout.strip().splitlines()[-1])
+def has_mallinfo2() -> bool:
+    """glibc >= 2.33, where mallinfo2 reports the mmapped bytes."""
+    try:
+        return hasattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallinfo2")
+    except OSError:
+        return False
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_keep_freed_memory_stops_large_tensors_page_faulting_again() -> None:
-    default, tuned = faults_per_round("default"), faults_per_round("tuned")
-    assert default > 10_000  # glibc mmaps blocks this large: 16384 fresh 4 KiB pages every round
-    assert tuned < 100
+def mapped_bytes(mode: str) -> int:
+    """Bytes in separately mmapped blocks while a 64 MiB tensor is alive, in a fresh interpreter."""
+    done = subprocess.run([sys.executable, "-c", MAPPED_BYTES_WHILE_ALIVE, mode], capture_output=True, text=True,
+                          check=True)
+    return int(done.stdout.strip().splitlines()[-1])
 
 
-def test_keep_freed_memory_is_applied_once_and_reports_it() -> None:
-    assert keep_freed_memory() is keep_freed_memory()
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not has_mallinfo2(), reason="glibc's mallopt/mallinfo2")
+def test_keep_freed_memory_moves_large_tensors_from_mmap_to_the_reusable_heap() -> None:
+    assert mapped_bytes("default") >= 64 << 20  # its own mmap: unmapped on free, page-faulted in again next time
+    assert mapped_bytes("tuned") < 64 << 20  # from the heap, whose freed blocks are reused
+
+
+@pytest.mark.parametrize("switch", [True, False])
+def test_trainer_applies_keep_freed_memory_only_when_switched_on(switch: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bool] = []
+    monkeypatch.setattr(mettle.rl.trainer, "keep_freed_memory", lambda: calls.append(True) or True)
+    cfg = TrainerConfig(total_timesteps=64, batch_size=64, minibatch_size=32, bptt_horizon=4, keep_freed_memory=switch)
+    Trainer(cfg, BanditEnvironment(num_envs=4), MLPPolicy(), "cpu")
+    assert calls == ([True] if switch else [])

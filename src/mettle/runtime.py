@@ -16,6 +16,8 @@ M_MMAP_THRESHOLD = -3
 """glibc's mallopt parameter numbers (malloc.h)."""
 FREED_MEMORY_KEPT = 1 << 30
 """Bytes of freed memory glibc may keep for reuse instead of returning them to the kernel."""
+OLDER_GLIBC_MMAP_MAX = 32 << 20
+"""The largest mmap threshold glibc releases before about 2.35 accept (HEAP_MAX_SIZE / 2 on 64-bit)."""
 
 
 @functools.cache
@@ -24,7 +26,7 @@ def keep_freed_memory(limit: int = FREED_MEMORY_KEPT) -> bool:
 
     By default glibc serves every block over a few MiB with a fresh mmap and unmaps it on free, so each
     large temporary tensor (the token encoder's [rows, tokens, embed] activations) page-faults all its
-    pages again: that roughly doubled the token policy's update time. Not glibc (macOS, musl): no-op.
+    pages again: that made arena training about 1.3x slower. Not glibc (macOS, musl): no-op.
     """
     path = ctypes.util.find_library("c")
     try:
@@ -34,10 +36,12 @@ def keep_freed_memory(limit: int = FREED_MEMORY_KEPT) -> bool:
         logger.debug("no glibc mallopt here (%s); the allocator keeps its defaults", path)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    applied = bool(mallopt(M_MMAP_THRESHOLD, limit)) and bool(mallopt(M_TRIM_THRESHOLD, limit))
-    if not applied:
-        logger.debug("mallopt refused a %d-byte threshold; the allocator keeps its defaults", limit)
-    return applied
+    trimmed = bool(mallopt(M_TRIM_THRESHOLD, limit))
+    mapped = any(bool(mallopt(M_MMAP_THRESHOLD, value)) for value in (limit, min(limit, OLDER_GLIBC_MMAP_MAX)))
+    if not (trimmed and mapped):
+        logger.warning("glibc refused to keep freed memory (mallopt trim %s, mmap %s): large tensors will "
+                       "page-fault on every allocation; set keep_freed_memory=false to silence this", trimmed, mapped)
+    return trimmed and mapped
 
 
 def check_torch_compile(device: torch.device) -> None:

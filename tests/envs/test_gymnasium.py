@@ -244,16 +244,18 @@ def test_native_vector_env_keeps_the_contract_and_cartpoles_dynamics() -> None:
 
 
 @pytest.mark.parametrize(
-    "env_id,vectorization,wrappers,expected",
-    [("CartPole-v1", "auto", (), "CartPoleVectorEnv"),
-     ("CartPole-v1", "sync", (), "SyncVectorEnv"),
-     ("CartPole-v1", "auto", (gym.wrappers.RecordEpisodeStatistics,), "SyncVectorEnv"),
-     ("mettle/CartPoleNoVel-v1", "auto", (), "SyncVectorEnv")],
+    "env_id,vectorization,wrappers,kwargs,expected",
+    [("CartPole-v1", "auto", (), {}, "CartPoleVectorEnv"),
+     ("CartPole-v1", "auto", (), SHORT, "CartPoleVectorEnv"),
+     ("CartPole-v1", "sync", (), {}, "SyncVectorEnv"),
+     ("CartPole-v1", "auto", (gym.wrappers.RecordEpisodeStatistics,), {}, "SyncVectorEnv"),
+     ("CartPole-v1", "auto", (), {"disable_env_checker": True}, "SyncVectorEnv"),  # gym.make's, not the class's
+     ("mettle/CartPoleNoVel-v1", "auto", (), {}, "SyncVectorEnv")],
 )
 def test_auto_uses_the_native_vector_env_only_where_it_stands_in_exactly(
-    env_id: str, vectorization: str, wrappers: tuple, expected: str
+    env_id: str, vectorization: str, wrappers: tuple, kwargs: dict[str, Any], expected: str
 ) -> None:
-    with GymnasiumEnvironment(env_id, 2, vectorization, wrappers=wrappers) as env:
+    with GymnasiumEnvironment(env_id, 2, vectorization, wrappers=wrappers, env_kwargs=kwargs) as env:
         assert type(env.vector_env).__name__ == expected
 
 

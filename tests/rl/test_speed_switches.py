@@ -41,7 +41,9 @@ def test_compiled_mlp_policy_trains_exactly_like_eager() -> None:
     eager_trainer, eager = train_bandit(torch_compile=False)
     compiled_trainer, compiled = train_bandit(torch_compile=True)
     assert compiled._compiled_call_impl is not None and eager._compiled_call_impl is None
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the compiled graph really ran
+    counters = torch._dynamo.utils.counters
+    assert counters["stats"]["unique_graphs"] > 0  # the compiled graph really ran
+    assert not counters["graph_break"], f"the policy's forward should compile whole: {dict(counters['graph_break'])}"
     for (name, a), (_, b) in zip(eager.state_dict().items(), compiled.state_dict().items(), strict=True):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=f"{name} differs after compiled training")
     eager_actions = eager_trainer.context.experience.buffers["actions"]

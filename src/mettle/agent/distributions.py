@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -23,24 +22,20 @@ class MultiCategorical:
         self.batch_shape = logits.shape[:-1]
         # Normalised log-probabilities [..., heads, max(nvec)]; padding entries are -inf.
         self.log_probs = F.log_softmax(_per_head(logits, self.nvec), dim=-1)
+        # Probabilities, zero on padding: computed once, as sampling, entropy and both callers of act() need them.
+        self.probs = self.log_probs.exp()
 
     @property
     def num_heads(self) -> int:
         """Action heads; actions end in this many entries."""
         return len(self.nvec)
 
-    @functools.cached_property
-    def probs(self) -> torch.Tensor:
-        """Per-head probabilities [..., heads, max(nvec)], zero on padding (computed once: sampling and entropy
-        both read it)."""
-        return self.log_probs.exp()
-
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw one action per head, [..., heads] int64: the first action whose cumulative probability exceeds
         a uniform draw (a few tensor ops, several times cheaper than torch.multinomial on small batches)."""
         probs = self.probs
         uniform = torch.rand((*probs.shape[:-1], 1), generator=generator, dtype=probs.dtype, device=probs.device)
-        drawn = (probs.cumsum(dim=-1) < uniform).sum(dim=-1)
+        drawn = (probs.cumsum(dim=-1) <= uniform).sum(dim=-1)
         # Rounding can leave a head's total a hair under the draw: keep the index inside that head.
         if len(set(self.nvec)) == 1:
             return drawn.clamp_(max=self.nvec[0] - 1)

@@ -69,7 +69,7 @@ class Policy(nn.Module, ABC):
     def compile_hot_path(self) -> None:
         """Compile, with torch.compile, the part of the policy that dominates its compute (here: all of it).
 
-        Shapes are marked dynamic, so rollout and training batches share one compiled graph.
+        Shapes are marked dynamic, so new batch sizes and token counts do not each trigger a recompile.
         """
         self.compile(dynamic=True)
 

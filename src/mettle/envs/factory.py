@@ -47,8 +47,9 @@ def make_environment(cfg: EnvConfig, seed: int = 0, num_envs: int | None = None)
         if cfg.vectorization == "multiprocess" and cfg.num_workers > 1:
             from mettle.envs.vector import VectorEnvironment
 
-            build_in_process(family, target, cfg.kwargs, "auto", 1).close()  # fail fast, in this process
-            factory = functools.partial(build_in_process, family, target, dict(cfg.kwargs), "auto")
+            build_in_process(family, target, cfg.kwargs, "sync", 1).close()  # fail fast, in this process
+            # SyncVectorEnv in the workers: its per-sub-env seeds give the same rollouts for any num_workers.
+            factory = functools.partial(build_in_process, family, target, dict(cfg.kwargs), "sync")
             workers = min(cfg.num_workers, count)
             return VectorEnvironment(factory, count, workers, cfg.async_factor, seed=seed,
                                      timeout_s=cfg.worker_timeout_s)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -47,7 +48,8 @@ CARTPOLE_NO_VELOCITY_ID = "mettle/CartPoleNoVel-v1"
 AUTORESET_MODES = ("next_step", "same_step", "disabled")
 VECTORIZATIONS = ("auto", "native", "sync", "async")
 """native: the id's own vectorised class (e.g. CartPoleVectorEnv); sync/async: Gymnasium's Sync/AsyncVectorEnv
-over single envs; auto: native where the id has one and no wrappers are given, else sync."""
+over single envs; auto: native where the id has one, no wrappers are given and the class takes the env kwargs,
+else sync."""
 
 Wrapper = Callable[[gym.Env], gym.Env]
 
@@ -139,7 +141,8 @@ def _build_vector_env(
 ) -> VectorEnv:
     """The env's own vectorised class, or Gymnasium's Sync/AsyncVectorEnv; construction errors in one line."""
     if vectorization == "auto":
-        vectorization = "native" if _has_native_vector_env(env_id, mode, wrappers) else "sync"
+        native = _has_native_vector_env(env_id, mode, wrappers) and _native_accepts(env_id, env_kwargs)
+        vectorization = "native" if native else "sync"
     thunks = [
         functools.partial(_make_env, env_id, tuple(wrappers), dict(env_kwargs)) for _ in range(num_envs)
     ]
@@ -162,6 +165,17 @@ def _has_native_vector_env(env_id: str, mode: AutoresetMode, wrappers: Sequence[
     except gym.error.Error:
         return False
     return spec.vector_entry_point is not None
+
+
+def _native_accepts(env_id: str, env_kwargs: dict[str, Any]) -> bool:
+    """Whether the native vector class takes every given keyword (a single env may take more, e.g. render options)."""
+    creator = gym.spec(env_id.rpartition(":")[2]).vector_entry_point
+    if isinstance(creator, str):
+        creator = gym.envs.registration.load_env_creator(creator)
+    parameters = inspect.signature(creator).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return True
+    return set(env_kwargs) <= {p.name for p in parameters}
 
 
 def _build_native(

@@ -106,7 +106,8 @@ class TrainerConfig(_Config):
     torch_compile: bool = False
     """Compile the policy's hot path with torch.compile (`Policy.compile_hot_path`); the first epochs pay
     the compile (seconds to a minute). It pays off for the token policy on CPU, not for small MLPs: see
-    bench/speedups.py. Needs a C++ compiler on CPU."""
+    bench/speedups.py. Needs a C++ compiler on CPU. Compiled code draws random numbers its own way, so a
+    seed gives a different (equally valid) run than in eager mode."""
     keep_freed_memory: bool = True
     """Let glibc reuse freed memory instead of unmapping it (`mettle.runtime.keep_freed_memory`), so large
     temporary tensors do not page-fault on every allocation; process-wide."""
