@@ -34,7 +34,7 @@ class MultiCategorical:
         """Draw one action per head, [..., heads] int64: the first action whose cumulative probability exceeds
         a uniform draw (a few tensor ops, several times cheaper than torch.multinomial on small batches)."""
         probs = self.probs
-        uniform = torch.rand((*probs.shape[:-1], 1), generator=generator, dtype=probs.dtype, device=probs.device)
+        uniform = torch.empty_like(probs[..., :1]).uniform_(generator=generator)  # traceable with dynamic shapes
         drawn = (probs.cumsum(dim=-1) <= uniform).sum(dim=-1)
         # Rounding can leave a head's total a hair under the draw: keep the index inside that head.
         if len(set(self.nvec)) == 1:
