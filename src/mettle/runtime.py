@@ -26,7 +26,7 @@ def keep_freed_memory(limit: int = FREED_MEMORY_KEPT) -> bool:
 
     By default glibc serves every block over a few MiB with a fresh mmap and unmaps it on free, so each
     large temporary tensor (the token encoder's [rows, tokens, embed] activations) page-faults all its
-    pages again: that made arena training about 1.3x slower. Not glibc (macOS, musl): no-op.
+    pages again: that made arena training 1.3-1.5x slower. Not glibc (macOS, musl): no-op.
     """
     path = ctypes.util.find_library("c")
     try:
