@@ -22,6 +22,7 @@ def fresh_compiler_state() -> Iterator[None]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # graph counts and breaks of earlier tests' compiles
     with torch._inductor.config.patch(fallback_random=True):
         yield
     torch._dynamo.reset()
