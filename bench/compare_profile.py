@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from compare_tasks import TASKS
-from compare_workers import mettle_config
+from compare_workers import build_mettle, mettle_config
 
 
 class Timers:
@@ -92,14 +92,7 @@ def instrument(trainer: Any, timers: Timers) -> None:
 
 def build(task_name: str, steps: int) -> tuple[Any, Any]:
     """Env and trainer for a compare.py task, as its throughput run builds them."""
-    from mettle.agent.registry import build_policy
-    from mettle.envs.factory import make_environment
-    from mettle.rl.trainer import Trainer
-
-    cfg = mettle_config({"task": TASKS[task_name].as_dict(), "steps": steps, "seed": 0})
-    env = make_environment(cfg.env, seed=cfg.trainer.seed)
-    policy = build_policy(cfg.policy.kind, hidden_size=cfg.policy.hidden_size)
-    return env, Trainer(cfg.trainer, env, policy, "cpu")
+    return build_mettle(mettle_config({"task": TASKS[task_name].as_dict(), "steps": steps, "seed": 0}))
 
 
 def timed_run(task_name: str, steps: int) -> tuple[dict[str, float], dict[str, int], float, int]:

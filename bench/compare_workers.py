@@ -89,17 +89,25 @@ def solved(returns: deque[float], threshold: float) -> bool:
     return len(returns) == returns.maxlen and sum(returns) / len(returns) >= threshold
 
 
-def run_mettle(spec: dict[str, Any]) -> dict[str, Any]:
-    """Train Mettle for `steps` (or to the threshold) and report agent-steps/s and the stopwatch breakdown."""
+def build_mettle(cfg: Any) -> tuple[Any, Any]:
+    """The env and Trainer (on CPU, no components) a resolved run config describes; the env is closed on failure."""
     from mettle.agent.registry import build_policy
     from mettle.envs.factory import make_environment
     from mettle.rl.trainer import Trainer
 
-    cfg = mettle_config(spec)
     env = make_environment(cfg.env, seed=cfg.trainer.seed)
     try:
-        policy = build_policy(cfg.policy.kind, hidden_size=cfg.policy.hidden_size)
-        trainer = Trainer(cfg.trainer, env, policy, "cpu")
+        return env, Trainer(cfg.trainer, env, build_policy(cfg.policy.kind, hidden_size=cfg.policy.hidden_size), "cpu")
+    except BaseException:
+        env.close()
+        raise
+
+
+def run_mettle(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train Mettle for `steps` (or to the threshold) and report agent-steps/s and the stopwatch breakdown."""
+    cfg = mettle_config(spec)
+    env, trainer = build_mettle(cfg)
+    try:
         schedules = cfg.schedules.build()  # the recipe's schedules, registered as `mettle train` does
         if schedules is not None:
             trainer.register(schedules)

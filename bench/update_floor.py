@@ -31,7 +31,7 @@ from torch import nn
 
 from compare import machine_info
 from compare_tasks import TASKS
-from compare_workers import mettle_config, sb3_matched_kwargs
+from compare_workers import build_mettle, mettle_config, sb3_matched_kwargs
 
 ROWS = 256
 """Minibatch rows, as in compare.py's cartpole8."""
@@ -86,13 +86,8 @@ def sb3_phases() -> tuple[Callable[[], None], Callable[[], None], int]:
 
 def mettle_phases() -> tuple[Callable[[], None], Callable[[], None], int]:
     """Mettle's Trainer with the same settings: (one rollout phase, one training phase, gradient steps)."""
-    from mettle.agent.registry import build_policy
-    from mettle.envs.factory import make_environment
-    from mettle.rl.trainer import Trainer
-
     cfg = mettle_config({"task": TASKS["cartpole8"].as_dict(), "steps": 10**9, "seed": 0})
-    env = make_environment(cfg.env, seed=0)
-    trainer = Trainer(cfg.trainer, env, build_policy(cfg.policy.kind, hidden_size=cfg.policy.hidden_size), "cpu")
+    _, trainer = build_mettle(cfg)
     core = trainer.core_loop
     core.rollout_phase()
     return core.rollout_phase, core.training_phase, cfg.trainer.update_epochs * cfg.trainer.minibatches_per_epoch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -39,7 +40,7 @@ class MultiCategorical:
         # Rounding can leave a head's total a hair under the draw: keep the index inside that head.
         if len(set(self.nvec)) == 1:
             return drawn.clamp_(max=self.nvec[0] - 1)
-        return torch.minimum(drawn, torch.tensor([n - 1 for n in self.nvec], device=drawn.device))
+        return torch.minimum(drawn, _last_actions(self.nvec, drawn.device))
 
     def mode(self) -> torch.Tensor:
         """Most likely action per head, [..., heads] int64 (deterministic evaluation)."""
@@ -56,6 +57,12 @@ class MultiCategorical:
         """Joint entropy [...]: the sum of the heads' entropies, as the heads are independent."""
         finite = self.log_probs.clamp(min=torch.finfo(self.log_probs.dtype).min)
         return -(self.probs * finite).sum(dim=(-2, -1))
+
+
+@functools.cache
+def _last_actions(nvec: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Each head's largest action, [heads]; built once per action space, not on every draw."""
+    return torch.tensor([n - 1 for n in nvec], device=device)
 
 
 def _per_head(logits: torch.Tensor, nvec: tuple[int, ...]) -> torch.Tensor:

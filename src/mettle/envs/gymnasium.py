@@ -141,8 +141,8 @@ def _build_vector_env(
 ) -> VectorEnv:
     """The env's own vectorised class, or Gymnasium's Sync/AsyncVectorEnv; construction errors in one line."""
     if vectorization == "auto":
-        native = _has_native_vector_env(env_id, mode, wrappers) and _native_accepts(env_id, env_kwargs)
-        vectorization = "native" if native else "sync"
+        creator = _native_creator(env_id, mode, wrappers)
+        vectorization = "native" if creator is not None and _takes_kwargs(creator, env_kwargs) else "sync"
     thunks = [
         functools.partial(_make_env, env_id, tuple(wrappers), dict(env_kwargs)) for _ in range(num_envs)
     ]
@@ -156,22 +156,19 @@ def _build_vector_env(
         raise GymnasiumEnvError(f"cannot create {env_id!r} with {env_kwargs}: {error}") from None
 
 
-def _has_native_vector_env(env_id: str, mode: AutoresetMode, wrappers: Sequence[Wrapper]) -> bool:
-    """Whether the id registers its own vectorised class (CartPole does) that can stand in for SyncVectorEnv."""
+def _native_creator(env_id: str, mode: AutoresetMode, wrappers: Sequence[Wrapper]) -> Callable[..., Any] | None:
+    """The id's own vectorised class (CartPole has one) where it can stand in for SyncVectorEnv, else None."""
     if wrappers or mode != AutoresetMode.NEXT_STEP:
-        return False
+        return None
     try:
-        spec = gym.spec(env_id.rpartition(":")[2])
+        creator = gym.spec(env_id.rpartition(":")[2]).vector_entry_point
     except gym.error.Error:
-        return False
-    return spec.vector_entry_point is not None
+        return None
+    return gym.envs.registration.load_env_creator(creator) if isinstance(creator, str) else creator
 
 
-def _native_accepts(env_id: str, env_kwargs: dict[str, Any]) -> bool:
+def _takes_kwargs(creator: Callable[..., Any], env_kwargs: dict[str, Any]) -> bool:
     """Whether the native vector class takes every given keyword (a single env may take more, e.g. render options)."""
-    creator = gym.spec(env_id.rpartition(":")[2]).vector_entry_point
-    if isinstance(creator, str):
-        creator = gym.envs.registration.load_env_creator(creator)
     parameters = inspect.signature(creator).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return True
@@ -182,7 +179,7 @@ def _build_native(
     env_id: str, num_envs: int, mode: AutoresetMode, wrappers: Sequence[Wrapper], env_kwargs: dict[str, Any]
 ) -> VectorEnv:
     """One object stepping every sub-env in numpy at once: no per-env Python calls, wrappers or checks."""
-    if not _has_native_vector_env(env_id, mode, wrappers):
+    if _native_creator(env_id, mode, wrappers) is None:
         raise GymnasiumEnvError(
             f"{env_id!r} has no native vector env usable here (it needs a registered vector_entry_point, "
             "next_step autoreset and no wrappers); use vectorization='sync'"
