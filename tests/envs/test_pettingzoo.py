@@ -64,6 +64,7 @@ def replay_instance(rollout: Rollout, i: int, seed: int, kwargs: dict[str, Any])
     """One instance's finished episodes, as the adapter must report them."""
     env = TargetMatchParallelEnv(**kwargs)
     env.reset(seed=seed)
+    later_seeds = np.random.default_rng(seed)  # the adapter's documented seeds for later episodes
     a = len(env.possible_agents)
     block = slice(i * a, (i + 1) * a)
     steps = len(rollout.rewards)
@@ -71,7 +72,7 @@ def replay_instance(rollout: Rollout, i: int, seed: int, kwargs: dict[str, Any])
     for t in range(steps - 1):
         if not env.agents:  # the adapter resets on this send; everyone starts next receive
             assert not rollout.mask[t, block].any()
-            env.reset()
+            env.reset(seed=int(later_seeds.integers(2**31)))
             assert rollout.starts[t + 1, block].all() and not rollout.rewards[t + 1, block].any()
             continue
         live = [agent in env.agents for agent in env.possible_agents]

@@ -31,9 +31,18 @@ from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
+import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 
-from mettle.envs.rows import RowBufferEnvironment, RowBuffers, feature_space
+from mettle.envs.rows import (
+    EnvStateError,
+    EpisodeLog,
+    ReplayEnvironment,
+    RowBuffers,
+    feature_space,
+    generator_state,
+    set_generator_state,
+)
 from mettle.rl.training.environment import BatchInfo, PolicyEnvInfo
 
 __all__ = [
@@ -52,6 +61,9 @@ over single envs; auto: native where the id has one, no wrappers are given and t
 else sync."""
 
 Wrapper = Callable[[gym.Env], gym.Env]
+
+NATIVE_STATE = {"CartPoleVectorEnv": ("state", "steps", "prev_done", "low", "high")}
+"""Native vector env class -> the attributes that, with its generator, hold all of its state (for resume)."""
 
 
 class GymnasiumEnvError(ValueError):
@@ -279,10 +291,13 @@ def _scalar_infos(info: dict[str, Any], row: int, prefix: str = "") -> dict[str,
 
 
 # ---------------------------------------------------------------------------------- adapter
-class GymnasiumEnvironment(RowBufferEnvironment):
+class GymnasiumEnvironment(ReplayEnvironment):
     """A Gymnasium vector env (one agent per sub-env, one row each) as a mettle TrainingEnvironment.
 
-    `policy_env_info` holds one agent's spaces, observations always as a float32 Box.
+    `policy_env_info` holds one agent's spaces, observations always as a float32 Box. Resume is exact
+    with a SyncVectorEnv in next-step mode (each sub-env's episode is replayed from the RNG state it
+    reset from) and with native vector envs listed in `NATIVE_STATE` (their arrays are saved); other
+    vector envs (AsyncVectorEnv, same-step or disabled autoreset) restart their episodes on resume.
     """
 
     def __init__(
@@ -332,6 +347,9 @@ class GymnasiumEnvironment(RowBufferEnvironment):
         self._buffers = RowBuffers.allocate(n, self._obs_writer.space.shape)
         self._to_reset = np.zeros(n, dtype=bool)
         self._started = False
+        replays = isinstance(vec_env, gym.vector.SyncVectorEnv) and self._mode == AutoresetMode.NEXT_STEP
+        self._log = EpisodeLog(n, 1) if replays else None
+        self._native_fields = NATIVE_STATE.get(type(vec_env).__name__)
 
     # -------------------------------------------------------------------- contract
     @property
@@ -349,7 +367,11 @@ class GymnasiumEnvironment(RowBufferEnvironment):
 
         A native vector env draws every sub-env from one generator, seeded with `seed`.
         """
-        obs, _ = self._vec.reset(seed=self._reset_seed(seed))
+        seed = self._reset_seed(seed)
+        if self._log is not None:
+            for i in range(self._vec.num_envs):
+                self._log.begin(i, {"seed": seed + i} if seed is not None else self._rng_start(i))
+        obs, _ = self._vec.reset(seed=seed)
         self._obs_writer.write(self._buffers.observations, obs)
         self._buffers.restart_all()
         self._started = True
@@ -357,9 +379,10 @@ class GymnasiumEnvironment(RowBufferEnvironment):
     def send_actions(self, actions: np.ndarray, rows: slice | None = None) -> None:
         """Step every sub-env; rows that showed a final observation restart instead (action ignored)."""
         self._prepare_send(rows)
-        obs, rewards, terminals, truncations, info = self._vec.step(
-            self._actions.convert(np.asarray(actions))
-        )
+        actions = np.asarray(actions)
+        if self._log is not None:
+            self._log_send(actions)
+        obs, rewards, terminals, truncations, info = self._vec.step(self._actions.convert(actions))
         buffers = self._buffers
         buffers.begin_step()
         self._obs_writer.write(buffers.observations, obs)
@@ -380,6 +403,58 @@ class GymnasiumEnvironment(RowBufferEnvironment):
         if not self._closed:
             self._closed = True
             self._vec.close()
+
+    # -------------------------------------------------------------------- exact resume
+    def _resumable(self) -> bool:
+        """Replayable sub-envs, or a native vector env whose arrays are known."""
+        return self._log is not None or self._native_fields is not None
+
+    def _log_send(self, actions: np.ndarray) -> None:
+        """Log the actions; rows showing a final observation reset in this step, from their RNG's state now."""
+        assert self._log is not None
+        self._log.record(actions)
+        for row in np.flatnonzero(self._buffers.done):
+            self._log.begin(int(row), self._rng_start(int(row)))
+
+    def _rng_start(self, row: int) -> dict[str, Any]:
+        """An unseeded reset of sub-env `row` continues its RNG: its state now is the episode's start."""
+        return {"rng": self._vec.envs[row].unwrapped.np_random.bit_generator.state}
+
+    def _replay_instance(self, instance: int, start: dict[str, Any], actions: np.ndarray) -> None:
+        """Reset sub-env `instance` as it was reset, step it through its actions, and show its observation."""
+        vec, env = self._vec, self._vec.envs[instance]
+        if "seed" in start:
+            obs, _ = env.reset(seed=start["seed"])
+        else:
+            env.unwrapped.np_random.bit_generator.state = start["rng"]
+            obs, _ = env.reset()
+        full = np.zeros((vec.num_envs, self._actions.heads), dtype=np.int64)
+        for step in actions:
+            full[instance] = step[0]
+            obs, *_ = env.step(self._actions.convert(full)[instance])
+        vec._env_obs[instance] = obs
+        self._obs_writer.write(self._buffers.observations[instance : instance + 1], np.asarray(obs)[None])
+
+    def _extra_state(self) -> dict[str, Any]:
+        """A native vector env's arrays and generator; the sync env's flags follow from the batch."""
+        if self._native_fields is None:
+            return {}
+        vec = self._vec
+        arrays = {name: torch.from_numpy(np.array(getattr(vec, name))) for name in self._native_fields}
+        return {"class": type(vec).__name__, "arrays": arrays, "rng": generator_state(vec.np_random)}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        """Put the native arrays back, or tell the sync env which sub-envs reset on the next step."""
+        vec = self._vec
+        if self._native_fields is None:
+            vec._autoreset_envs = self._buffers.done.copy()
+            return
+        if state.get("class") != type(vec).__name__:
+            raise EnvStateError(f"saved native vector env {state.get('class')!r}, this is {type(vec).__name__!r}")
+        for name, tensor in state["arrays"].items():
+            value = tensor.numpy().copy()
+            setattr(vec, name, value.item() if value.ndim == 0 else value)
+        set_generator_state(vec.np_random, state["rng"])
 
     # -------------------------------------------------------------------- internals
     def _write_final_observations(self, info: dict[str, Any]) -> None:

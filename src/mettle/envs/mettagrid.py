@@ -18,7 +18,8 @@ game only, writing the reset observation into the same slice, while the other ga
 
 Seeding: `reset(seed)` gives game i the seed `seed + i` for its first episode (for the simulation
 and, unless the config fixes one, for the map builder) and a generator seeded the same way draws
-the seeds of its later episodes, so a run is a function of the seed and the actions. Simulations are
+the seeds of its later episodes, so a run is a function of the seed and the actions: resume replays
+each game's episode from its seed and the actions since, which restores it exactly. Simulations are
 built directly rather than through `Simulator.new_simulation`, which shifts map seeds by a counter
 that runs across resets.
 
@@ -40,6 +41,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
 import yaml
 from mettagrid.config.mettagrid_config import MettaGridConfig
 from mettagrid.mettagrid_c import PackedCoordinate, dtype_actions, dtype_observations
@@ -49,7 +51,7 @@ from mettagrid.simulator.simulator import Buffers
 from pydantic import ValidationError
 
 from mettle.envs.mettagrid_tasks import TASKS
-from mettle.envs.rows import RowBufferEnvironment, RowBuffers
+from mettle.envs.rows import EpisodeLog, ReplayEnvironment, RowBuffers, generator_state, set_generator_state
 from mettle.rl.training.environment import BatchInfo, PolicyEnvInfo
 
 __all__ = [
@@ -71,7 +73,7 @@ class MettaGridEnvError(ValueError):
 
 
 # ---------------------------------------------------------------------------------- adapter
-class MettaGridEnvironment(RowBufferEnvironment):
+class MettaGridEnvironment(ReplayEnvironment):
     """`num_envs` MettaGrid simulations stepped in this process, delivered as N*A token-observation rows.
 
     `policy_env_info` holds one agent's token space and actions; its `extras` describe the tokens.
@@ -103,6 +105,7 @@ class MettaGridEnvironment(RowBufferEnvironment):
         self._fast_step = not config.game.talk.enabled and not config.game.end_episode_on_game_stats
         self._sims: list[Simulation | None] = [None] * num_envs
         self._rngs: list[np.random.Generator] = []
+        self._log = EpisodeLog(num_envs, self._agents)
         self._closed = False
         self._started = False
         self.reset(seed)
@@ -206,13 +209,18 @@ class MettaGridEnvironment(RowBufferEnvironment):
         if self._desync:
             top = self._config.game.max_steps + 1
             self._cut_at[:] = [rng.integers(1, top) for rng in self._rngs]
+            for e, start in enumerate(self._log.starts):
+                start["cut_at"] = int(self._cut_at[e])  # type: ignore[index]
         self._started = True
 
     def send_actions(self, actions: np.ndarray, rows: slice | None = None) -> None:
         """Step every live game; games that showed their final observation restart instead (actions ignored)."""
         self._require_open()
         self._prepare_send(rows)
-        self._write_actions(np.asarray(actions))
+        actions = np.asarray(actions)
+        self._check_actions(actions)
+        self._log.record(actions)
+        self._copy_actions(actions, slice(None))
         self._buffers.begin_step()  # counts the step in every live row's episode length
         if self._env_done.any():
             self._step_or_restart()
@@ -239,8 +247,8 @@ class MettaGridEnvironment(RowBufferEnvironment):
         if self._closed:
             raise RuntimeError(f"MettaGridEnvironment {self.name!r} is closed")
 
-    def _write_actions(self, actions: np.ndarray) -> None:
-        """Check [rows, heads] integer actions and copy them into the simulators' int32 action buffers."""
+    def _check_actions(self, actions: np.ndarray) -> None:
+        """Actions must be [rows, heads] integers within each head's range."""
         heads = len(self._info.action_nvec)
         if actions.shape != (self._batch_info.num_rows, heads) or actions.dtype.kind not in "iu":
             raise ValueError(
@@ -249,9 +257,12 @@ class MettaGridEnvironment(RowBufferEnvironment):
             )
         if (actions.min(axis=0) < 0).any() or (actions.max(axis=0) >= self._info.action_nvec).any():
             raise ValueError(f"actions must lie in [0, {list(self._info.action_nvec)}) per head")
-        np.copyto(self._actions, actions[:, 0], casting="unsafe")
-        if heads == 2:
-            np.take(self._vibe_ids, actions[:, 1], out=self._vibe_actions)
+
+    def _copy_actions(self, actions: np.ndarray, rows: slice) -> None:
+        """Copy checked actions for `rows` into the simulators' int32 action buffers (vibe ids looked up)."""
+        np.copyto(self._actions[rows], actions[:, 0], casting="unsafe")
+        if actions.shape[1] == 2:
+            np.take(self._vibe_ids, actions[:, 1], out=self._vibe_actions[rows])
 
     def _step(self, sim: Simulation | None) -> None:
         """One game step; without talk or stat-based endings, Simulation.step only adds timers around the C++ step."""
@@ -273,6 +284,11 @@ class MettaGridEnvironment(RowBufferEnvironment):
         """Replace game `env`'s simulation; the new one writes its first observation into the game's rows."""
         if seed is None:
             seed = int(self._rngs[env].integers(_SEED_LIMIT))
+        self._log.begin(env, {"seed": seed})
+        self._new_simulation(env, seed)
+
+    def _new_simulation(self, env: int, seed: int) -> None:
+        """Build game `env`'s simulation for `seed`, closing the one it replaces."""
         config = self._configs[env]
         if self._reseed_maps:
             config.game.map_builder.seed = seed
@@ -280,6 +296,34 @@ class MettaGridEnvironment(RowBufferEnvironment):
         if old is not None:
             old.close()
         self._sims[env] = Simulation(config, seed=seed, buffers=self._sim_buffers[env])
+
+    def _replay_instance(self, instance: int, start: dict[str, Any], actions: np.ndarray) -> None:
+        """Rebuild game `instance` from its episode's seed, stepping it through the logged actions."""
+        self._new_simulation(instance, start["seed"])
+        sim, rows = self._sims[instance], slice(instance * self._agents, (instance + 1) * self._agents)
+        assert sim is not None
+        for step, step_actions in enumerate(actions, start=1):
+            self._copy_actions(step_actions, rows)
+            self._step(sim)
+            if step == start.get("cut_at"):
+                sim.end_episode()
+
+    def _extra_state(self) -> dict[str, Any]:
+        """Seed generators, finished games and desync cuts still to come."""
+        return {
+            "rngs": [generator_state(rng) for rng in self._rngs],
+            "env_done": torch.from_numpy(self._env_done.copy()),
+            "cut_at": torch.from_numpy(self._cut_at.copy()),
+            "cut_pending": self._cut_pending,
+        }
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what `_extra_state` returned."""
+        for rng, saved in zip(self._rngs, state["rngs"], strict=True):
+            set_generator_state(rng, saved)
+        np.copyto(self._env_done, state["env_done"].numpy())
+        np.copyto(self._cut_at, state["cut_at"].numpy())
+        self._cut_pending = bool(state["cut_pending"])
 
     def _cut_first_episodes(self) -> None:
         """End each game's first episode at its drawn step, so games do not all restart together."""

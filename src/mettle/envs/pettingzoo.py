@@ -22,8 +22,10 @@ case. A dormant row shows `mask` False without an episode end and its next start
 flag; `check_rollout` from `mettle.envs.testing` assumes single-agent episodes and rejects that, so
 check environments with early exits with a multi-agent-aware checker.
 
-Instance i is seeded with `seed + i` on `reset(seed)`; automatic resets pass no seed, so each
-instance continues its own random stream. Episode infos carry `episode_return`, `episode_length`
+Instance i is seeded with `seed + i` on `reset(seed)`; its later resets get seeds drawn from a
+generator seeded the same way, so a run is a function of the seed and the actions. That makes resume
+exact for any environment that is deterministic given its reset seed: each instance's episode is
+replayed from its seed and the actions since. Episode infos carry `episode_return`, `episode_length`
 (the agent's own steps), `env_id`, `agent_id` (index in `possible_agents`) and the numeric scalars
 of the agent's last PettingZoo info (nested dicts flattened as `outer/inner`). Batches reuse
 preallocated arrays: one is valid until the next `send_actions`.
@@ -45,7 +47,14 @@ try:
 except ImportError as _error:  # an optional dependency: say how to get it
     raise ImportError(f"mettle.envs.pettingzoo needs PettingZoo (pip install pettingzoo): {_error}") from _error
 
-from mettle.envs.rows import RowBufferEnvironment, RowBuffers, feature_space
+from mettle.envs.rows import (
+    EpisodeLog,
+    ReplayEnvironment,
+    RowBuffers,
+    feature_space,
+    generator_state,
+    set_generator_state,
+)
 from mettle.rl.training.environment import BatchInfo, PolicyEnvInfo
 
 __all__ = ["PettingZooEnvError", "PettingZooEnvironment", "PettingZooSpec", "parse_pettingzoo_spec"]
@@ -211,7 +220,7 @@ def _scalar_infos(info: Any, prefix: str = "") -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------- adapter
-class PettingZooEnvironment(RowBufferEnvironment):
+class PettingZooEnvironment(ReplayEnvironment):
     """`num_envs` in-process PettingZoo ParallelEnvs as one row per possible agent per instance.
 
     `policy_env_info` holds one agent's spaces (observations always a float32 Box); its extras name the
@@ -267,6 +276,8 @@ class PettingZooEnvironment(RowBufferEnvironment):
         self._buffers = RowBuffers.allocate(n * a, self._obs_writer.space.shape)  # mask: live rows, done/live unused
         self._needs_reset = np.zeros(n, dtype=bool)  # instances left with no live agent
         self._finished: list[set[str]] = [set() for _ in range(n)]  # agents whose episode ended, per instance
+        self._rngs: list[np.random.Generator] = []  # per instance: draws the seeds of its later episodes
+        self._log = EpisodeLog(n, a)
         self._started = False
 
     # -------------------------------------------------------------------- contract
@@ -278,20 +289,23 @@ class PettingZooEnvironment(RowBufferEnvironment):
     def reset(self, seed: int | None = None) -> None:
         """Reset every instance, seeding instance i with seed + i (first reset: the constructor seed)."""
         seed = self._reset_seed(seed)
+        if seed is not None:
+            self._rngs = [np.random.default_rng(seed + i) for i in range(len(self._envs))]
         self._buffers.infos = []
         for i in range(len(self._envs)):
-            self._reset_instance(i, None if seed is None else seed + i)
+            self._begin_episode(i, None if seed is None else seed + i)
         self._started = True
 
     def send_actions(self, actions: np.ndarray, rows: slice | None = None) -> None:
         """Step every instance with its live rows' actions; instances with no live agent reset instead."""
         self._prepare_send(rows)
         actions = self._actions.check(actions, self._batch_info.num_rows)
+        self._log.record(actions)
         for i in range(len(self._envs)):
             if self._needs_reset[i]:
-                self._reset_instance(i, None)
+                self._begin_episode(i, None)
             else:
-                self._step_instance(i, actions)
+                self._step_instance(i, actions[self._block(i)])
 
     def close(self) -> None:
         """Close every instance once; safe to call twice."""
@@ -311,6 +325,29 @@ class PettingZooEnvironment(RowBufferEnvironment):
         """The row of `agent` in instance i."""
         return i * self._batch_info.agents_per_env + self._index[agent]
 
+    def _begin_episode(self, i: int, seed: int | None) -> None:
+        """Reset instance i with `seed`, or the next seed its generator draws, and log the episode's start."""
+        if seed is None:
+            seed = int(self._rngs[i].integers(2**31))
+        self._log.begin(i, {"seed": seed})
+        self._reset_instance(i, seed)
+
+    def _replay_instance(self, instance: int, start: dict[str, Any], actions: np.ndarray) -> None:
+        """Reset the instance with its episode's seed and step it through the logged actions."""
+        self._reset_instance(instance, start["seed"])
+        for step in actions:
+            self._step_instance(instance, step)
+
+    def _extra_state(self) -> dict[str, Any]:
+        """The generators that draw each instance's next episode seed."""
+        return {"rngs": [generator_state(rng) for rng in self._rngs]}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what `_extra_state` returned."""
+        self._rngs = [np.random.default_rng() for _ in state["rngs"]]
+        for rng, saved in zip(self._rngs, state["rngs"], strict=True):
+            set_generator_state(rng, saved)
+
     def _reset_instance(self, i: int, seed: int | None) -> None:
         """Start a new episode in instance i: every row starts, live where its agent is present."""
         obs, _ = self._envs[i].reset(seed=seed)
@@ -325,10 +362,10 @@ class PettingZooEnvironment(RowBufferEnvironment):
         self._needs_reset[i] = not buffers.mask[block].any()
 
     def _step_instance(self, i: int, actions: np.ndarray) -> None:
-        """One PettingZoo step for instance i; updates its rows' states and queues finished episodes."""
+        """One PettingZoo step for instance i with its rows' actions; updates rows and queues finished episodes."""
         env, block, buffers = self._envs[i], self._block(i), self._buffers
         acting = [agent for agent in self.possible_agents if buffers.mask[self._row(i, agent)]]
-        sent = {agent: self._actions.convert(actions[self._row(i, agent)]) for agent in acting}
+        sent = {agent: self._actions.convert(actions[self._index[agent]]) for agent in acting}
         obs, rewards, terminations, truncations, infos = env.step(sent)
         for array in (buffers.rewards, buffers.terminals, buffers.truncations, buffers.starts, buffers.mask):
             array[block] = 0

@@ -16,15 +16,34 @@ Gymnasium and PettingZoo adapters deliver.
 
 from __future__ import annotations
 
+import json
+import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
 
-from mettle.rl.training.environment import BatchInfo, EnvBatch, PolicyEnvInfo, TrainingEnvironment, check_all_rows
+from mettle.rl.training.environment import (
+    BatchInfo,
+    EnvBatch,
+    EnvStateError,
+    PolicyEnvInfo,
+    TrainingEnvironment,
+    check_all_rows,
+)
 
-__all__ = ["RowBufferEnvironment", "RowBuffers", "RowLayoutEnvironment", "feature_space"]
+__all__ = [
+    "EnvStateError",
+    "EpisodeLog",
+    "ReplayEnvironment",
+    "RowBufferEnvironment",
+    "RowBuffers",
+    "RowLayoutEnvironment",
+    "feature_space",
+]
 
 
 @dataclass(eq=False, kw_only=True)
@@ -172,3 +191,178 @@ class RowBufferEnvironment(RowLayoutEnvironment):
         check_all_rows(rows, self._batch_info.num_rows)
         if not self._started:
             self.reset()
+
+
+# ------------------------------------------------------------------ exact resume by replay
+MAX_LOGGED_SENDS = 200_000
+"""An episode longer than this many sends stops the log: resume then restarts episodes (and says so)."""
+
+logger = logging.getLogger(__name__)
+
+
+class EpisodeLog:
+    """Per instance: how its current episode began and the actions sent since, so resume can replay it.
+
+    Any environment that is deterministic given its reset (a seed, or the RNG state it reset from) and
+    its actions is rebuilt exactly this way; an episode is short next to a run, so the log stays small.
+    Call `record` at the start of every send, then `begin` for each instance that (re)starts.
+    """
+
+    def __init__(self, num_instances: int, rows_per_instance: int) -> None:
+        self.rows_per_instance = rows_per_instance
+        self.starts: list[dict[str, Any] | None] = [None] * num_instances
+        self.first = np.zeros(num_instances, dtype=np.int64)
+        """Index of the first send whose actions count in each instance's episode."""
+        self._sends: deque[np.ndarray] = deque()
+        self._base = 0
+        self._count = 0
+        self._trim = False
+        self.overflowed = False
+
+    def record(self, actions: np.ndarray) -> None:
+        """Keep a copy of one send's actions (all rows), dropping sends no live episode needs."""
+        if self.overflowed:
+            return
+        self._sends.append(np.array(actions, dtype=np.int64, copy=True))
+        self._count += 1
+        if self._trim:
+            self._trim = False
+            for _ in range(int(self.first.min()) - self._base):
+                self._sends.popleft()
+            self._base = int(self.first.min())
+        if len(self._sends) > MAX_LOGGED_SENDS:
+            self.overflowed = True
+            self._sends.clear()
+            logger.warning("an episode outlasted %d steps: a resume of this run will restart its episodes "
+                           "instead of continuing them exactly", MAX_LOGGED_SENDS)
+
+    def begin(self, instance: int, start: dict[str, Any]) -> None:
+        """Instance `instance` started an episode from `start` (plain JSON); later sends' actions belong to it."""
+        self.starts[instance] = start
+        self.first[instance] = self._count
+        self._trim = True
+
+    def episodes(self) -> list[tuple[dict[str, Any], np.ndarray]]:
+        """Each instance's start and its actions since, shaped [sends, rows_per_instance, heads]."""
+        out, logged = [], list(self._sends)
+        for i, start in enumerate(self.starts):
+            if start is None:
+                raise EnvStateError(f"instance {i} has no recorded episode start")
+            rows = slice(i * self.rows_per_instance, (i + 1) * self.rows_per_instance)
+            sends = logged[int(self.first[i]) - self._base :]
+            heads = sends[0].shape[1] if sends else 0
+            actions = np.stack([s[rows] for s in sends]) if sends else np.zeros((0, self.rows_per_instance, heads))
+            out.append((start, actions.astype(np.int64)))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Starts as JSON and each instance's actions as int64 tensors."""
+        return {
+            "starts": json.dumps(self.starts),
+            "actions": [torch.from_numpy(actions) for _, actions in self.episodes()],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Rebuild the log from `state_dict`, as if every instance's episode began just before its actions."""
+        starts, actions = json.loads(state["starts"]), [a.numpy() for a in state["actions"]]
+        if len(starts) != len(self.starts) or any(a.ndim != 3 or a.shape[1] != self.rows_per_instance
+                                                    for a in actions):
+            raise EnvStateError(f"saved episodes are for {len(starts)} instances of another row layout")
+        longest = max((len(a) for a in actions), default=0)
+        heads = next((a.shape[2] for a in actions if len(a)), 1)
+        sends = np.zeros((longest, len(starts) * self.rows_per_instance, heads), dtype=np.int64)
+        for i, episode in enumerate(actions):  # right-aligned: every episode ends at the last send
+            if len(episode):
+                sends[longest - len(episode) :, i * self.rows_per_instance : (i + 1) * self.rows_per_instance] = episode
+        self._sends, self._base, self._count = deque(sends), 0, longest
+        self.starts = starts
+        self.first = np.array([longest - len(a) for a in actions], dtype=np.int64)
+        self._trim, self.overflowed = False, False
+
+
+class ReplayEnvironment(RowBufferEnvironment):
+    """A RowBufferEnvironment that resumes exactly: it saves its batch arrays and episode log, and replays.
+
+    Subclasses keep `_log` up to date and implement `_replay_instance` (rebuild one instance's simulator
+    from its start and actions, writing its observations into the batch) and, where they have more
+    state, `_extra_state` / `_load_extra_state`. One whose whole simulator state fits in `_extra_state`
+    sets `_log` to None; one that cannot be restored at all returns False from `_resumable`.
+    """
+
+    _log: EpisodeLog | None
+    name: str
+
+    def _resumable(self) -> bool:
+        """Whether this instance's state can be saved and restored exactly."""
+        return True
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """Batch arrays, queued infos, the episode log and any extra state; None when resume cannot be exact."""
+        if not self._started or not self._resumable() or (self._log is not None and self._log.overflowed):
+            return None
+        buffers = self._buffers
+        return {
+            "kind": type(self).__name__,
+            "arrays": {name: torch.from_numpy(getattr(buffers, name).copy()) for name in _SAVED_BUFFERS},
+            "infos": [dict(info) for info in buffers.infos],
+            "log": self._log.state_dict() if self._log is not None else None,
+            "extra": self._extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replay every instance's episode, then restore the batch exactly; warn if the replay diverged."""
+        self._check_state(state)
+        replayed = self._replay(state["log"]) if self._log is not None else None
+        for name in _SAVED_BUFFERS:
+            np.copyto(getattr(self._buffers, name), state["arrays"][name].numpy())
+        self._buffers.infos = [dict(info) for info in state["infos"]]
+        self._load_extra_state(state["extra"])
+        self._started = True
+        if replayed is not None and not np.array_equal(replayed, self._buffers.observations):
+            logger.warning("%s: replaying the saved episodes gave other observations (the environment is not "
+                           "deterministic given its seed and actions): the resumed run is not exact",
+                           getattr(self, "name", type(self).__name__))
+
+    def _replay(self, log_state: dict[str, Any]) -> np.ndarray:
+        """Rebuild every instance from the saved log; the observations the replay ended on."""
+        assert self._log is not None
+        self._log.load_state_dict(log_state)
+        for instance, (start, actions) in enumerate(self._log.episodes()):
+            self._replay_instance(instance, start, actions)
+        return self._buffers.observations.copy()
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        """Refuse state saved by another kind of environment, for another number of rows or another resume path."""
+        kind = state.get("kind") if isinstance(state, dict) else None
+        if kind != type(self).__name__:
+            raise EnvStateError(f"saved environment state is for {kind!r}, this is {type(self).__name__!r}")
+        saved = tuple(state["arrays"]["observations"].shape)
+        if saved != self._buffers.observations.shape:
+            raise EnvStateError(f"saved observations are shaped {saved}, this env's {self._buffers.observations.shape}")
+        if not self._resumable() or (state["log"] is None) != (self._log is None):
+            raise EnvStateError(f"{type(self).__name__} was saved with another vectorisation than it has now")
+
+    def _replay_instance(self, instance: int, start: dict[str, Any], actions: np.ndarray) -> None:
+        """Rebuild one instance's simulator from its episode start and actions ([sends, rows, heads])."""
+        raise NotImplementedError
+
+    def _extra_state(self) -> dict[str, Any]:
+        """Adapter state beyond the batch and the log (RNGs, flags), as plain containers and tensors."""
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what `_extra_state` returned."""
+
+
+_SAVED_BUFFERS = ("observations", "rewards", "terminals", "truncations", "mask", "starts", "done", "live",
+                  "returns", "lengths")
+
+
+def generator_state(rng: np.random.Generator) -> str:
+    """A numpy Generator's state as JSON (its integers exceed 64 bits, so not as tensors)."""
+    return json.dumps(rng.bit_generator.state)
+
+
+def set_generator_state(rng: np.random.Generator, state: str) -> None:
+    """Inverse of `generator_state`."""
+    rng.bit_generator.state = json.loads(state)

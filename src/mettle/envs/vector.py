@@ -70,7 +70,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from mettle.envs.rows import RowLayoutEnvironment
+from mettle.envs.rows import EnvStateError, RowLayoutEnvironment
 from mettle.rl.training.environment import BatchInfo, EnvBatch, PolicyEnvInfo, TrainingEnvironment
 
 __all__ = ["EnvFactory", "EnvironmentWorkerError", "VectorEnvironment"]
@@ -82,8 +82,8 @@ Mode = Literal["multiprocess", "serial"]
 SubEnvInfo = tuple[PolicyEnvInfo, BatchInfo]
 
 # one-byte message tags (parent -> worker, then worker -> parent)
-_STEP, _RESET, _ATTACH, _CLOSE = b"s", b"r", b"a", b"c"
-_OK, _INFOS, _READY, _ERROR = b"k", b"i", b"y", b"e"
+_STEP, _RESET, _ATTACH, _CLOSE, _SAVE, _LOAD = b"s", b"r", b"a", b"c", b"g", b"l"
+_OK, _INFOS, _READY, _ERROR, _STATE = b"k", b"i", b"y", b"e", b"d"
 
 _PARENT_CHECK_S = 0.5
 """How often an idle worker checks that its parent is still alive."""
@@ -178,6 +178,11 @@ class _SubEnvRunner:
     def step(self) -> list[dict[str, Any]]:
         """Apply the actions the parent wrote into this block and publish the next batch."""
         self.env.send_actions(self.views["actions"])
+        return self._publish()
+
+    def load(self, state: dict[str, Any]) -> list[dict[str, Any]]:
+        """Restore the sub-env from a checkpoint and publish the batch it was showing."""
+        self.env.load_state_dict(state)
         return self._publish()
 
     def _publish(self) -> list[dict[str, Any]]:
@@ -277,6 +282,11 @@ def _serve(conn: connection.Connection, poller: select.poll, runner: _SubEnvRunn
             infos = runner.step()
         elif message[:1] == _RESET:
             infos = runner.reset(pickle.loads(message[1:]))
+        elif message[:1] == _SAVE:
+            conn.send_bytes(_STATE + pickle.dumps(runner.env.state_dict(), pickle.HIGHEST_PROTOCOL))
+            continue
+        elif message[:1] == _LOAD:
+            infos = runner.load(pickle.loads(message[1:]))
         else:
             raise ValueError(f"unknown request {message[:1]!r}")
         conn.send_bytes(_INFOS + pickle.dumps(infos, pickle.HIGHEST_PROTOCOL) if infos else _OK)
@@ -294,6 +304,8 @@ class _Backend(Protocol):
     def reset(self, worker: int, seed: int | None) -> None: ...
     def step(self, worker: int) -> None: ...
     def collect(self, workers: Sequence[int]) -> list[dict[str, Any]]: ...
+    def save(self, workers: Sequence[int]) -> list[dict[str, Any] | None]: ...
+    def load(self, worker: int, state: dict[str, Any]) -> None: ...
     def close(self) -> None: ...
 
 
@@ -332,6 +344,14 @@ class _SerialBackend:
     def step(self, worker: int) -> None:
         """Step now."""
         self._run(worker, _SubEnvRunner.step)
+
+    def save(self, workers: Sequence[int]) -> list[dict[str, Any] | None]:
+        """Each sub-env's state_dict."""
+        return [self.runners[worker].env.state_dict() for worker in workers]
+
+    def load(self, worker: int, state: dict[str, Any]) -> None:
+        """Restore now; its answer is collected like a step's."""
+        self._run(worker, lambda runner: runner.load(state))
 
     def _run(self, worker: int, request: Callable[[_SubEnvRunner], list[dict[str, Any]]]) -> None:
         """Run a request, keeping its infos or its error for `collect`."""
@@ -423,6 +443,17 @@ class _ProcessBackend:
     def step(self, worker: int) -> None:
         """Ask for a step with the actions already in shared memory."""
         self._send(worker, _STEP)
+
+    def save(self, workers: Sequence[int]) -> list[dict[str, Any] | None]:
+        """Ask every worker for its sub-env's state_dict and wait for them."""
+        for worker in workers:
+            self._send(worker, _SAVE)
+        messages = self._gather(workers, self.timeout_s, _STATE)
+        return [pickle.loads(messages[worker]) for worker in workers]
+
+    def load(self, worker: int, state: dict[str, Any]) -> None:
+        """Ask for a restore; the answer is collected like a step's."""
+        self._send(worker, _LOAD + pickle.dumps(state, pickle.HIGHEST_PROTOCOL))
 
     def collect(self, workers: Sequence[int]) -> list[dict[str, Any]]:
         """Wait for every worker's answer; their infos in worker order."""
@@ -696,6 +727,41 @@ class VectorEnvironment(RowLayoutEnvironment):
         """End workers (politely, then by signal), close sub-envs and unlink shared memory; idempotent."""
         self._closed = True
         self._finalizer()
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """Every sub-env's state and which groups wait for actions; None if any sub-env cannot save its state.
+
+        Taken between steps, when every group has been received (as at the end of a rollout).
+        """
+        self._check_open()
+        if not self._started:
+            return None
+        if self._outstanding:
+            raise RuntimeError("VectorEnvironment.state_dict needs every group received (none stepping); "
+                               f"groups {list(self._outstanding)} are still stepping")
+        states = self._backend.save(range(self.num_workers))
+        if any(state is None for state in states):
+            return None
+        return {"kind": type(self).__name__, "layout": self._layout_key(), "held": list(self._held), "workers": states}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore every sub-env (each republishes the batch it showed) and the groups waiting for actions."""
+        self._check_open()
+        if not isinstance(state, dict) or state.get("kind") != type(self).__name__:
+            raise EnvStateError(f"saved environment state is not a {type(self).__name__}'s")
+        if state["layout"] != self._layout_key():
+            raise EnvStateError(f"saved with (envs, workers, async_factor) = {tuple(state['layout'])}, "
+                                f"now {self._layout_key()}")
+        while self._outstanding:
+            self._backend.collect(self._group_workers[self._outstanding.popleft()])
+        for worker, worker_state in enumerate(state["workers"]):
+            self._backend.load(worker, worker_state)
+        self._backend.collect(range(self.num_workers))
+        self._held, self._started = list(state["held"]), True
+
+    def _layout_key(self) -> list[int]:
+        """What must match for saved per-worker state to fit: instances, workers and groups."""
+        return [self._batch_info.num_envs, self.num_workers, self.async_factor]
 
     # ------------------------------------------------------------------ internals
     def _check_open(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,11 +13,13 @@ import torch
 from mettle.agent.policy import PolicyOutput
 from mettle.rl import advantage as adv
 from mettle.rl.training.context import ComponentContext
-from mettle.rl.training.environment import EnvBatch
+from mettle.rl.training.environment import EnvBatch, EnvStateError
 from mettle.rl.training.optimizer import set_optimizer_mode
 
 if TYPE_CHECKING:
     from mettle.rl.loss.base import Loss
+
+logger = logging.getLogger(__name__)
 
 NON_MEMORY_FIELDS = frozenset({"observations", "actions"})
 
@@ -121,18 +124,37 @@ class CoreTrainingLoop:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume rollouts where `state_dict` left them; without env state the env restarts fresh."""
+        """Resume rollouts where `state_dict` left them; without usable env state the env restarts, and says so."""
         ctx = self.context
-        if state["env"] is None or not state["env_started"]:
-            self._pending, self._awaiting, self._env_started = {}, set(), False
-            ctx.policy.reset_memory()
+        if not state["env_started"]:
+            self._restart_rollouts()
             return
-        ctx.env.load_state_dict(state["env"])
+        problem = self._load_env_state(state["env"])
+        if problem is not None:
+            logger.warning("%s: every episode restarts, so this resume is not exact (%s)",
+                           type(ctx.env).__name__, problem)
+            self._restart_rollouts()
+            return
         ctx.policy.load_memory_state({k: v.to(ctx.device) for k, v in state["policy_memory"].items()})
         decisions = [decision_from_dict(d, ctx.device) for d in state["pending"]]
         self._pending = {d.rows.start: d for d in decisions}
         self._awaiting = set(state["awaiting"])
         self._env_started = True
+
+    def _load_env_state(self, env_state: dict[str, Any] | None) -> str | None:
+        """Restore the env from a checkpoint; why it could not be, or None once it is."""
+        if env_state is None:
+            return "the checkpoint holds no environment state: this environment cannot save it"
+        try:
+            self.context.env.load_state_dict(env_state)
+        except (EnvStateError, NotImplementedError) as error:
+            return str(error)
+        return None
+
+    def _restart_rollouts(self) -> None:
+        """Forget held decisions and policy memory: the next rollout resets the environment."""
+        self._pending, self._awaiting, self._env_started = {}, set(), False
+        self.context.policy.reset_memory()
 
     # ---------------------------------------------------------------- training
     def training_phase(self) -> dict[str, float]:

@@ -67,6 +67,10 @@ class EnvBatch:
     """One dict per episode that finished since the last receive (`episode_return`, ...)."""
 
 
+class EnvStateError(ValueError):
+    """Saved environment state that does not fit this environment (another kind, size or layout)."""
+
+
 class TrainingEnvironment(ABC):
     """A vectorised multi-agent environment seen as rows of agents."""
 
@@ -97,11 +101,14 @@ class TrainingEnvironment(ABC):
         """Release worker processes and other resources; safe to call twice."""
 
     def state_dict(self) -> dict[str, Any] | None:
-        """Plain-container state (RNG, episode progress) for exact resume; None when the env cannot save it."""
+        """Plain-container state (RNG, episode progress) for exact resume; None when the env cannot save it.
+
+        Called between steps, when every row has been received and none is stepping (the end of a rollout).
+        """
         return None
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly from `state_dict`'s output."""
+        """Continue exactly from `state_dict`'s output; EnvStateError when the state does not fit this env."""
         raise NotImplementedError(f"{type(self).__name__} cannot restore its state")
 
     def __enter__(self) -> TrainingEnvironment:
