@@ -18,10 +18,11 @@ from mettle.config import ConfigError, RunConfig, build_run_config
 from mettle.recipes import recipe_for
 
 if TYPE_CHECKING:
+    from mettle.agent.policy import Policy
     from mettle.rl.trainer import Trainer
     from mettle.rl.training import DistributedHelper
     from mettle.rl.training.components.signals import GracefulShutdown
-    from mettle.rl.training.environment import TrainingEnvironment
+    from mettle.rl.training.environment import PolicyEnvInfo, TrainingEnvironment
 
 DEFAULT_ENV = "mettagrid:arena"
 
@@ -258,16 +259,16 @@ def evaluation_envs(cfg: RunConfig) -> dict[str, Callable[[], TrainingEnvironmen
     return {name: factory(name) for name in names}
 
 
-def find_policy_dir(path: Path) -> Path:
-    """A directory holding policy files: a run's newest checkpoint, or the path itself (a checkpoint)."""
-    from mettle.rl.training.checkpointer import POLICY_SPEC, list_checkpoints, resolve_checkpoint_dir
+def load_newest_policy(path: Path, device: str) -> tuple[Policy, PolicyEnvInfo, Path]:
+    """The newest intact checkpoint's policy under `path` (or `path` itself), named on stderr; flaws are one line."""
+    from mettle.rl.training.checkpointer import CheckpointError, newest_usable_policy
 
-    checkpoints = list_checkpoints(resolve_checkpoint_dir(path))
-    if checkpoints:
-        return checkpoints[-1]
-    if (path / POLICY_SPEC).exists():
-        return path
-    raise ConfigError(f"{path} holds no policy; pass a run directory made by `mettle train` or a checkpoint")
+    try:
+        policy, env_info, used = newest_usable_policy(path, device)
+    except CheckpointError as error:
+        raise ConfigError(str(error)) from None
+    print(f"using checkpoint {used}", file=sys.stderr, flush=True)
+    return policy, env_info, used
 
 
 def load_run_config(path: Path) -> RunConfig:
@@ -282,7 +283,6 @@ def eval_command(args: argparse.Namespace) -> int:
     """Load a run's policy, run whole episodes and print return statistics."""
     from mettle.envs.factory import make_environment
     from mettle.rl.evaluate import evaluate_policy, summarize_returns
-    from mettle.rl.training.checkpointer import load_policy
 
     if args.episodes < 1:
         raise ConfigError(f"--episodes {args.episodes} must be at least 1")
@@ -290,7 +290,7 @@ def eval_command(args: argparse.Namespace) -> int:
     if not path.exists():
         raise ConfigError(f"run directory {path} does not exist")
     cfg = load_run_config(path)
-    policy, _ = load_policy(find_policy_dir(path), cfg.device)
+    policy, _, _ = load_newest_policy(path, cfg.device)
     env = make_environment(cfg.env, seed=args.seed, num_envs=min(args.episodes, cfg.env.num_envs))
     try:
         infos = evaluate_policy(policy, env, args.episodes, cfg.device, not args.sample, args.seed)

@@ -312,16 +312,14 @@ def play_run(
     Ctrl-C stops early and returns 130; what was played is still written to `save`. User errors
     (no such run, not a MettaGrid run, bad options) raise ConfigError (a ValueError) with a one-line message.
     """
-    from mettle.cli import find_policy_dir, load_run_config
-    from mettle.rl.training.checkpointer import load_policy
+    from mettle.cli import load_newest_policy, load_run_config
 
     _check_play_options(run_path, steps, fps, seed)
     cfg = load_run_config(run_path)
     title = cfg.env.name
     target = mettagrid_target(title)
     device = _usable_device(cfg.device)
-    policy_dir = find_policy_dir(run_path)
-    policy, policy_info = load_policy(policy_dir, device)
+    policy, policy_info, policy_dir = load_newest_policy(run_path, device)
     env = _make_env(target, cfg.env.kwargs, seed)
     try:
         _check_compatible(title, policy_info, env)

@@ -162,7 +162,7 @@ def test_mlp_rebuild_spec_round_trip() -> None:
     policy = make_mlp((4,), (3, 2, 4), num_layers=3)
     spec = json.loads(json.dumps(policy.rebuild_spec()))
     assert spec == {
-        "class": "mettle.agent.mlp:MLPPolicy",
+        "class": "mlp",
         "kwargs": {"hidden_size": 32, "num_layers": 3, "shared_torso": False},
     }
     clone = policy_from_spec(spec)

@@ -178,7 +178,7 @@ def test_rebuild_gives_identical_outputs(core: str) -> None:
     policy = TokenPolicy(hidden_size=16, embed_size=8, core=core, pooling="attention", num_heads=2, token_layers=1)
     policy.initialize_to_environment(make_info(nvec=(4, 3), extras=extras), "cpu")
     spec = json.loads(json.dumps(policy.rebuild_spec()))
-    assert spec["class"] == "mettle.agent.token:TokenPolicy" and spec["kwargs"]["core"] == core
+    assert spec["class"] == "token" and spec["kwargs"]["core"] == core
     clone = policy_from_spec(spec)
     assert isinstance(clone, TokenPolicy)
     clone.initialize_to_environment(make_info(nvec=(4, 3)), "cpu")  # scales come back with the state dict

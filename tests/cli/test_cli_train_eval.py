@@ -28,7 +28,7 @@ def test_train_then_eval(tmp_path: Path) -> None:
     assert len(progress) >= 2 and all("sps" in line and "return" in line for line in progress)
     assert "steps 8,192/8,192" in result.stdout
     spec = json.loads((run_dir / "policy.json").read_text())
-    assert spec["policy"]["class"] == "mettle.agent.mlp:MLPPolicy" and spec["agent_step"] == 8192
+    assert spec["policy"]["class"] == "mlp" and spec["agent_step"] == 8192
     assert (run_dir / "policy.safetensors").stat().st_size > 0
 
     evaluation = run_mettle("eval", str(run_dir), "--episodes", "5", "--json", cwd=tmp_path)

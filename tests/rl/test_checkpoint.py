@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import save as save_file_bytes
 
 from mettle.agent.registry import build_policy
 from mettle.envs.testing import BanditEnvironment
@@ -99,10 +101,12 @@ def test_a_checkpoint_another_rank_cannot_read_is_skipped_on_every_rank(tmp_path
         return flag or len(votes) == 1
 
     monkeypatch.setattr(trainer.context.distributed, "any_rank", another_rank_fails_first)
+    previous = list_checkpoints(tmp_path)[-2]
     with caplog.at_level(logging.WARNING):
-        assert trainer.restore() == list_checkpoints(tmp_path)[-2]
+        assert trainer.restore() == previous
     assert votes == [False, False] and trainer.context.state.epoch == 5
     assert f"{newest} is unreadable on another rank" in caplog.text
+    assert (tmp_path / "damaged" / f"{newest.name}-other-rank").is_dir(), "every rank skipped it: set aside"
 
 
 def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path: Path) -> None:
@@ -110,6 +114,7 @@ def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path: Path) -> N
     (list_checkpoints(tmp_path)[-1] / "policy.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="no usable checkpoint"):
         make_trainer(tmp_path, "mlp")
+    assert len(list_checkpoints(tmp_path)) == 1, "with none usable nothing is moved: the error repeats, no fresh start"
 
 
 class Payload:
@@ -158,5 +163,99 @@ def test_write_failure_mid_checkpoint_keeps_the_previous_one(tmp_path: Path, mon
         trainer.train()
     monkeypatch.setattr(ckpt.torch, "save", real_save)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["00000001", "00000002"]
+    assert not list(tmp_path.glob(".staging-*")), "the partial checkpoint is removed at once"
     resumed = make_trainer(tmp_path, "mlp")
     assert resumed.context.state.epoch == 2 and resumed.context.state.agent_step == 2 * BATCH
+
+
+# --------------------------------------------------------------------------- damage, fallback and healing
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six checkpoints of one short run, copied by each test that damages one."""
+    path = tmp_path_factory.mktemp("trained")
+    make_trainer(path, "mlp", keep_last=6).train()
+    return path
+
+
+def flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def other_shape_weights(newest: Path) -> None:
+    policy = build_policy("mlp", hidden_size=8)
+    policy.initialize_to_environment(BanditEnvironment(num_envs=4, seed=5).policy_env_info, "cpu")
+    ckpt.atomic_write(newest / "policy.safetensors",
+                      lambda f: f.write(save_file_bytes({k: v.contiguous() for k, v in policy.state_dict().items()})))
+    write_manifest(newest)
+
+
+def hostile_pickle(newest: Path) -> None:
+    torch.save({"evil": Payload(newest.parent.parent / "pwned")}, newest / "trainer_state.pt")
+    write_manifest(newest)
+
+
+def hello_state(newest: Path) -> None:
+    torch.save({"hello": 1}, newest / "trainer_state.pt")
+    write_manifest(newest)
+
+
+def misshaped_optimizer(newest: Path) -> None:
+    state = torch.load(newest / "trainer_state.pt", weights_only=True)
+    slot = next(iter(state["optimizer"]["state"].values()))
+    slot["exp_avg"] = torch.zeros(3, 3)
+    torch.save(state, newest / "trainer_state.pt")
+    write_manifest(newest)
+
+
+def header_flipped_behind_manifest(newest: Path) -> None:
+    flip(newest / "policy.safetensors", 10)
+    write_manifest(newest)
+
+
+DAMAGE = {
+    "truncated-state": (lambda d: (d / "trainer_state.pt").write_bytes((d / "trainer_state.pt").read_bytes()[:99]),
+                        "altered"),
+    "flipped-weight-data": (lambda d: flip(d / "policy.safetensors", -5), "altered"),
+    "flipped-weight-header": (lambda d: flip(d / "policy.safetensors", 10), "altered"),
+    "missing-manifest": (lambda d: (d / "manifest.json").unlink(), "no-manifest"),
+    "empty-manifest": (lambda d: (d / "manifest.json").write_text("{}"), "no-manifest"),
+    "missing-weights": (lambda d: (d / "policy.safetensors").unlink(), "missing-file"),
+    "code-in-state": (hostile_pickle, "refused-code"),
+    "hello-state": (hello_state, "does-not-fit"),
+    "other-shape-weights": (other_shape_weights, "does-not-fit"),
+    "misshaped-optimizer": (misshaped_optimizer, "does-not-fit"),
+    "bad-header-matching-manifest": (header_flipped_behind_manifest, "bad-weights"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_damage_falls_back_sets_the_checkpoint_aside_and_heals(trained: Path, tmp_path: Path, case: str,
+                                                              caplog: Any) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    newest = list_checkpoints(run)[-1]
+    damage, reason = DAMAGE[case]
+    damage(newest)
+    with caplog.at_level(logging.WARNING):
+        trainer = make_trainer(run, "mlp", keep_last=3)
+    assert trainer.context.state.epoch == 5 and trainer.context.state.agent_step == 5 * BATCH
+    assert str(newest) in caplog.text
+    assert [p.name for p in (run / "damaged").iterdir()] == [f"00000006-{reason}"]
+    assert list_checkpoints(run)[-1].name == "00000005"
+    assert not (tmp_path / "pwned").exists() and not (run / "pwned").exists()
+    trainer.train()  # epoch 6 again: written fresh, pruning counts intact checkpoints only
+    assert [p.name for p in list_checkpoints(run)] == ["00000004", "00000005", "00000006"]
+    for path in list_checkpoints(run):
+        ckpt.read_checkpoint(path)
+    assert make_trainer(run, "mlp").context.state.epoch == 6
+
+
+def test_a_damaged_dir_set_aside_twice_keeps_both(trained: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    for _ in range(2):
+        (list_checkpoints(run)[-1] / "manifest.json").unlink()
+        make_trainer(run, "mlp", keep_last=6).train()
+    assert sorted(p.name for p in (run / "damaged").iterdir()) == ["00000006-no-manifest", "00000006-no-manifest-2"]

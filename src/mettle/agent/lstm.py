@@ -156,9 +156,11 @@ class LSTMPolicy(Policy):
         self._h, self._c = state["lstm_h"].clone(), state["lstm_c"].clone()
 
     def rebuild_spec(self) -> dict[str, Any]:
-        """Class path and constructor arguments, enough to build an identically shaped policy."""
+        """Registered name and constructor arguments, enough to build an identically shaped policy."""
+        from mettle.agent.registry import policy_name  # the registry imports this module
+
         return {
-            "class": "mettle.agent.lstm:LSTMPolicy",
+            "class": policy_name(type(self)),
             "kwargs": {"hidden_size": self.hidden_size, "encoder_layers": self.encoder_layers},
         }
 

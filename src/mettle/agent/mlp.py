@@ -111,9 +111,11 @@ class MLPPolicy(Policy):
         return PolicyOutput(actions=chosen, log_prob=log_prob, entropy=entropy, values=values, memory={})
 
     def rebuild_spec(self) -> dict[str, Any]:
-        """Class path and constructor arguments, enough to build an identically shaped policy."""
+        """Registered name and constructor arguments, enough to build an identically shaped policy."""
+        from mettle.agent.registry import policy_name  # the registry imports this module
+
         return {
-            "class": "mettle.agent.mlp:MLPPolicy",
+            "class": policy_name(type(self)),
             "kwargs": {
                 "hidden_size": self.hidden_size,
                 "num_layers": self.num_layers,

@@ -89,5 +89,6 @@ class Policy(nn.Module, ABC):
         return False
 
     def rebuild_spec(self) -> dict:
-        """A JSON-able description (class path and config) from which an equal policy is built."""
-        raise NotImplementedError(f"{type(self).__name__} does not describe how to rebuild itself")
+        """A JSON-able description ({"class": registered name, "kwargs": ...}) from which an equal policy is built."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe how to rebuild itself; define "
+                                  "rebuild_spec() returning its register_policy name and constructor kwargs")

@@ -1,8 +1,13 @@
-"""Build policies by short name (configs, CLI) or from a saved `rebuild_spec` (checkpoints)."""
+"""Policy classes by registered name: configs, the CLI and checkpoint specs name a class, never a module.
+
+A checkpoint's `policy.json` is data from disk, so its `class` is only looked up here; nothing it says is
+imported. User classes join through `register_policy(name, cls)` or an installed package's entry point in
+the `mettle.policies` group (the package's author declared it; the spec only names it).
+"""
 
 from __future__ import annotations
 
-import importlib
+from importlib.metadata import entry_points
 from typing import Any
 
 from mettle.agent.lstm import LSTMPolicy
@@ -10,38 +15,83 @@ from mettle.agent.mlp import MLPPolicy
 from mettle.agent.policy import Policy
 from mettle.agent.token import TokenPolicy
 
+ENTRY_POINT_GROUP = "mettle.policies"
 POLICY_KINDS: dict[str, type[Policy]] = {"mlp": MLPPolicy, "lstm": LSTMPolicy, "token": TokenPolicy}
+# Specs written before the registry named built-ins by import path; these exact strings map to names.
+LEGACY_CLASS_PATHS = {
+    "mettle.agent.mlp:MLPPolicy": "mlp",
+    "mettle.agent.lstm:LSTMPolicy": "lstm",
+    "mettle.agent.token:TokenPolicy": "token",
+}
+REGISTER_HINT = (f"register it with mettle.agent.register_policy(name, cls) before loading, "
+                 f"or declare it as a {ENTRY_POINT_GROUP!r} entry point of an installed package")
+
+_registry: dict[str, type[Policy]] = dict(POLICY_KINDS)
+
+
+def register_policy(name: str, cls: type[Policy]) -> None:
+    """Make `cls` buildable by `name`, so checkpoints that name it load without importing anything."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"policy name {name!r} must be a Python identifier (e.g. 'my_policy')")
+    if not (isinstance(cls, type) and issubclass(cls, Policy)):
+        raise ValueError(f"register_policy({name!r}, {cls!r}): the class must subclass mettle.agent.Policy")
+    if _registry.get(name, cls) is not cls:
+        raise ValueError(f"policy name {name!r} is already registered to {_registry[name].__qualname__}; "
+                         "choose another name")
+    _registry[name] = cls
+
+
+def policy_class(name: str) -> type[Policy]:
+    """The class registered (or declared as an entry point) under `name`."""
+    if name not in _registry:
+        _load_entry_point(name)
+    try:
+        return _registry[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; registered: {sorted(_registry)}; {REGISTER_HINT}") from None
+
+
+def policy_name(cls: type[Policy]) -> str:
+    """The name `cls` is registered under (the first, built-ins win), for `rebuild_spec`."""
+    for name, registered in _registry.items():
+        if registered is cls:
+            return name
+    raise ValueError(f"policy class {cls.__qualname__} is not registered, so checkpoints cannot name it; "
+                     f"{REGISTER_HINT}")
+
+
+def _load_entry_point(name: str) -> None:
+    """Register the installed entry point called `name`, if a package declares one."""
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        if point.name == name:
+            try:
+                cls = point.load()
+            except Exception as error:  # an installed plugin that fails to import: say which
+                raise ValueError(f"{ENTRY_POINT_GROUP} entry point {name!r} ({point.value}) failed to load: "
+                                 f"{type(error).__name__}: {error}") from None
+            register_policy(name, cls)
+            return
 
 
 def build_policy(kind: str, **kwargs: Any) -> Policy:
     """A policy of a named kind, so configs need not spell out class paths."""
-    try:
-        cls = POLICY_KINDS[kind]
-    except KeyError:
-        raise ValueError(f"unknown policy kind {kind!r}; valid kinds: {sorted(POLICY_KINDS)}") from None
-    return cls(**kwargs)
+    if kind not in _registry:
+        _load_entry_point(kind)
+    if kind not in _registry:
+        raise ValueError(f"unknown policy kind {kind!r}; valid kinds: {sorted(_registry)}; {REGISTER_HINT}")
+    return _registry[kind](**kwargs)
 
 
 def policy_from_spec(spec: dict[str, Any]) -> Policy:
-    """Rebuild an uninitialised policy from `Policy.rebuild_spec()`; refuse classes that are not Policies."""
-    path = spec.get("class") if isinstance(spec, dict) else None
-    if not isinstance(path, str) or path.count(":") != 1:
-        raise ValueError(f"spec needs a 'class' of the form 'module:Class', got {spec!r}")
-    cls = _import_class(path)
+    """Rebuild an uninitialised policy from `Policy.rebuild_spec()`, by registered name only."""
+    name = spec.get("class") if isinstance(spec, dict) else None
+    if not isinstance(name, str):
+        raise ValueError(f"policy spec needs a 'class' naming a registered policy, got {spec!r}")
+    cls = policy_class(LEGACY_CLASS_PATHS.get(name, name))
     kwargs = spec.get("kwargs") or {}
     if not isinstance(kwargs, dict):
-        raise ValueError(f"spec 'kwargs' must be a dict, got {kwargs!r}")
-    return cls(**kwargs)
-
-
-def _import_class(path: str) -> type[Policy]:
-    """Resolve 'module:Class' to a Policy subclass, with errors that name the offending path."""
-    module_name, class_name = path.split(":")
+        raise ValueError(f"policy spec 'kwargs' must be an object, got {kwargs!r}")
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(f"cannot import module {module_name!r} for policy {path!r}: {error}") from error
-    cls = getattr(module, class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, Policy)):
-        raise ValueError(f"{path!r} does not name a Policy subclass")
-    return cls
+        return cls(**kwargs)
+    except TypeError as error:
+        raise ValueError(f"policy {name!r} rejects kwargs {kwargs!r}: {error}") from None

@@ -278,9 +278,11 @@ class TokenPolicy(LSTMPolicy):
         return hidden, {"lstm_h": h0, "lstm_c": c0}
 
     def rebuild_spec(self) -> dict[str, Any]:
-        """Class path and constructor arguments; value scales travel in the state dict."""
+        """Registered name and constructor arguments; value scales travel in the state dict."""
+        from mettle.agent.registry import policy_name  # the registry imports this module
+
         return {
-            "class": "mettle.agent.token:TokenPolicy",
+            "class": policy_name(type(self)),
             "kwargs": {
                 "hidden_size": self.hidden_size,
                 "embed_size": self.embed_size,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import os
 import pickle
 import random
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -32,10 +34,22 @@ POLICY_WEIGHTS = "policy.safetensors"
 POLICY_SPEC = "policy.json"
 TRAINER_STATE = "trainer_state.pt"
 MANIFEST = "manifest.json"
+DAMAGED_DIR = "damaged"
+"""Where restore moves damaged checkpoints: out of the listing, so pruning never counts them."""
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint exists but cannot be used."""
+    """A checkpoint exists but cannot be used; `reason` is a short slug that names its damaged/ directory."""
+
+    def __init__(self, message: str, reason: str = "unusable") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as `Type: first line` (terminal colour codes dropped), so every checkpoint error stays one line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 # ------------------------------------------------------------------ atomic files
@@ -89,8 +103,9 @@ def space_from_json(data: dict[str, Any]) -> gym.spaces.Space:
 
 
 # ------------------------------------------------------------------ policy files
-def save_policy(policy: Policy, env_info: PolicyEnvInfo, directory: Path, **metadata: Any) -> None:
-    """Write `policy.safetensors` and the JSON that says how to rebuild it."""
+def save_policy(policy: Policy, env_info: PolicyEnvInfo, directory: Path, manifest: bool = True,
+                **metadata: Any) -> None:
+    """Write `policy.safetensors`, the JSON that says how to rebuild it and (unless the caller will) a manifest."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in policy.state_dict().items()}
@@ -103,21 +118,86 @@ def save_policy(policy: Policy, env_info: PolicyEnvInfo, directory: Path, **meta
     }
     atomic_write(directory / POLICY_WEIGHTS, lambda f: f.write(save_safetensors(tensors)))
     atomic_write(directory / POLICY_SPEC, lambda f: f.write(json.dumps(spec, indent=2).encode()))
+    if manifest:
+        write_manifest(directory, (POLICY_WEIGHTS, POLICY_SPEC))
 
 
 def load_policy(directory: Path, device: torch.device | str = "cpu") -> tuple[Policy, PolicyEnvInfo]:
-    """Rebuild a policy from `save_policy`'s files, without needing the environment."""
+    """Rebuild a policy from `save_policy`'s files, without the environment; any flaw is one CheckpointError."""
+    directory = Path(directory)
+    policy, env_info = read_policy_spec(directory / POLICY_SPEC, device)
+    weights = read_weights(directory / POLICY_WEIGHTS)
+    check_weights_fit(policy, weights, directory / POLICY_WEIGHTS)
+    policy.load_state_dict(weights)
+    return policy, env_info
+
+
+def read_policy_spec(path: Path, device: torch.device | str = "cpu") -> tuple[Policy, PolicyEnvInfo]:
+    """An initialised (untrained) policy built from a policy.json; the spec names a registered class only."""
     from mettle.agent.registry import policy_from_spec
 
-    directory = Path(directory)
-    spec = json.loads((directory / POLICY_SPEC).read_text())
-    env_info = PolicyEnvInfo(
-        space_from_json(spec["observation_space"]), space_from_json(spec["action_space"]), spec["num_agents"]
-    )
-    policy = policy_from_spec(spec["policy"])
-    policy.initialize_to_environment(env_info, device)
-    policy.load_state_dict(load_safetensors((directory / POLICY_WEIGHTS).read_bytes()))
+    try:
+        spec = json.loads(path.read_text())
+        env_info = PolicyEnvInfo(
+            space_from_json(spec["observation_space"]), space_from_json(spec["action_space"]), int(spec["num_agents"])
+        )
+        policy = policy_from_spec(spec["policy"])
+        policy.initialize_to_environment(env_info, device)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, CheckpointError) as error:
+        raise CheckpointError(f"{path}: {one_line(error)}", "bad-spec") from None
     return policy, env_info
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; a damaged header or a missing file is a CheckpointError."""
+    try:
+        return load_safetensors(path.read_bytes())
+    except Exception as error:  # safetensors raises its own SafetensorError
+        raise CheckpointError(f"{path}: {one_line(error)}", "bad-weights") from None
+
+
+def check_weights_fit(policy: Policy, weights: dict[str, torch.Tensor], source: Path) -> None:
+    """Same names and shapes as the policy's own, so loading cannot fail halfway or load a misfit."""
+    expected = policy.state_dict()
+    problems = [f"missing {name}" for name in expected if name not in weights]
+    problems += [f"unexpected {name}" for name in weights if name not in expected]
+    problems += [f"{name} is {tuple(weights[name].shape)}, the policy's {tuple(tensor.shape)}"
+                 for name, tensor in expected.items() if name in weights and weights[name].shape != tensor.shape]
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"{source} does not fit the policy: {'; '.join(problems[:3])}{more}; it was written "
+                              "for another architecture or environment", "does-not-fit")
+
+
+def policy_candidates(path: Path) -> list[Path]:
+    """Checkpoint directories newest first, or `path` itself when it is one checkpoint."""
+    checkpoints = list_checkpoints(resolve_checkpoint_dir(path))
+    if checkpoints:
+        return checkpoints[::-1]
+    if (path / POLICY_SPEC).exists() or (path / MANIFEST).exists():
+        return [path]
+    raise CheckpointError(f"{path} holds no checkpoint; pass a run directory made by `mettle train` "
+                          "or one of its checkpoints/<epoch> directories", "missing")
+
+
+def newest_usable_policy(path: Path, device: torch.device | str = "cpu") -> tuple[Policy, PolicyEnvInfo, Path]:
+    """The newest checkpoint's policy whose manifest verifies and whose weights fit; skipped ones are named.
+
+    Read-only (nothing is moved aside). When none is usable, only the one-line error is raised.
+    """
+    problems: list[str] = []
+    for candidate in policy_candidates(Path(path)):
+        try:
+            verify_manifest(candidate)
+            policy, env_info = load_policy(candidate, device)
+        except CheckpointError as error:
+            problems.append(str(error))
+            continue
+        for problem in problems:
+            logger.warning("skipping damaged checkpoint: %s", problem)
+        return policy, env_info, candidate
+    raise CheckpointError(f"no usable checkpoint in {path}: {len(problems)} damaged (newest: {problems[0]}); "
+                          "evaluate another run or restore this one from a backup", "none")
 
 
 # ------------------------------------------------------------------ RNG state
@@ -132,13 +212,15 @@ def rng_state() -> dict[str, Any]:
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of `rng_state`."""
+def set_rng_state(state: dict[str, Any], throwaway: bool = False) -> None:
+    """Inverse of `rng_state`; `throwaway` sets fresh generators instead, to check a state without using it."""
     py_version, py_state, py_gauss = state["python"]
-    random.setstate((py_version, tuple(py_state), py_gauss))
+    (random.Random() if throwaway else random).setstate((py_version, tuple(py_state), py_gauss))
     kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
+    (np.random.RandomState() if throwaway else np.random).set_state(
+        (kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss)
+    )
+    (torch.Generator() if throwaway else torch.default_generator).set_state(state["torch"])
 
 
 # ------------------------------------------------------------------ the component
@@ -192,16 +274,21 @@ class ContextCheckpointer(TrainerComponent):
         }
 
     def _write(self, final: Path, per_rank: list[dict[str, Any]]) -> None:
+        """Stage every file, then rename; a failed write (disk full...) removes the staging dir and re-raises."""
         ctx = self.context
         staging = self.directory / f".staging-{final.name}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        save_policy(ctx.policy, ctx.env.policy_env_info, staging, agent_step=ctx.state.agent_step,
-                    epoch=ctx.state.epoch)
-        state = {**self._trainer_state(), "ranks": per_rank}
-        atomic_write(staging / TRAINER_STATE, lambda f: torch.save(state, f))
-        write_manifest(staging)
-        os.replace(staging, final)
+        try:
+            save_policy(ctx.policy, ctx.env.policy_env_info, staging, manifest=False,
+                        agent_step=ctx.state.agent_step, epoch=ctx.state.epoch)
+            state = {**self._trainer_state(), "ranks": per_rank}
+            atomic_write(staging / TRAINER_STATE, lambda f: torch.save(state, f))
+            write_manifest(staging)
+            os.replace(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         fsync_dir(self.directory)
 
     def _trainer_state(self) -> dict[str, Any]:
@@ -223,28 +310,76 @@ class ContextCheckpointer(TrainerComponent):
     def restore(self, trainer: Trainer) -> Path | None:
         """Load the newest usable checkpoint; None (fresh start) when there is none.
 
-        A damaged newest checkpoint is reported by name and the previous one is used; if checkpoints
-        exist but none loads, CheckpointError is raised rather than silently starting over.
+        A damaged or misfitting newer checkpoint is reported by name, moved to damaged/ and the previous one
+        used; if checkpoints exist but none is usable, CheckpointError is raised rather than starting over.
         """
         distributed = trainer.context.distributed
-        problems: list[str] = []
-        # Rank 0's listing, and a checkpoint only when every rank can read it: all ranks restore the same one.
+        rejected: list[tuple[Path, CheckpointError]] = []
+        # Rank 0's listing, and a checkpoint only when every rank can use it: all ranks restore the same one.
         names = distributed.broadcast_from_master([p.name for p in list_checkpoints(self.directory)])
         for path in (self.directory / name for name in reversed(names)):
             try:
                 state, weights = read_checkpoint(path)
+                self._check_fits(trainer, state, weights, path)
+                problem = None
             except CheckpointError as error:
-                state, problem = None, str(error)
-            if distributed.any_rank(state is None):
-                problem = problem if state is None else f"{path} is unreadable on another rank"
+                problem = error
+            if distributed.any_rank(problem is not None):
+                problem = problem or CheckpointError(f"{path} is unreadable on another rank", "other-rank")
                 logger.warning("checkpoint %s is unusable, trying the previous one: %s", path, problem)
-                problems.append(problem)
+                rejected.append((path, problem))
                 continue
-            self._apply(trainer, state, weights)
+            self._apply_checked(trainer, state, weights, path)
+            self._set_aside(trainer, rejected)
             return path
-        if problems:
-            raise CheckpointError(f"no usable checkpoint in {self.directory}: " + "; ".join(problems))
+        if rejected:
+            raise CheckpointError(f"no usable checkpoint in {self.directory}: "
+                                  + "; ".join(str(problem) for _, problem in rejected)
+                                  + f"; move them out of {self.directory} to start over, or restore a backup", "none")
         return None
+
+    def _check_fits(self, trainer: Trainer, state: Any, weights: dict[str, torch.Tensor], path: Path) -> None:
+        """Everything that can be checked without touching the live trainer, so a misfit falls back cleanly."""
+        ctx = trainer.context
+        check_state_fields(state, path / TRAINER_STATE)
+        check_weights_fit(ctx.policy, weights, path / POLICY_WEIGHTS)
+        try:
+            check_optimizer_state(ctx.optimizer, state["optimizer"])
+            copy.copy(ctx.state).load_state_dict(state["trainer"])
+            type(ctx.stopwatch)().load_state_dict(state["stopwatch"])
+            ranks, rank = state["ranks"], ctx.distributed.get_rank()
+            if len(ranks) == ctx.distributed.get_world_size():
+                set_rng_state(ranks[rank]["rng"], throwaway=True)
+                torch.Generator(device=ctx.generator.device).set_state(ranks[rank]["generator"])
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as error:
+            raise CheckpointError(f"{path / TRAINER_STATE} does not fit this trainer: {one_line(error)}",
+                                  "does-not-fit") from None
+
+    def _apply_checked(self, trainer: Trainer, state: dict[str, Any], weights: dict[str, torch.Tensor],
+                       path: Path) -> None:
+        """Apply a checked checkpoint; a failure past the checks (component state) stops rather than half-resumes."""
+        try:
+            self._apply(trainer, state, weights)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as error:
+            raise CheckpointError(f"{path} passed its checks but failed to apply ({one_line(error)}); the trainer "
+                                  f"is partly restored, so it stops: move {path} aside and retry",
+                                  "apply-failed") from error
+
+    def _set_aside(self, trainer: Trainer, rejected: list[tuple[Path, CheckpointError]]) -> None:
+        """Rank 0 moves the rejected checkpoints to damaged/, so their epochs are saved afresh and never pruned for."""
+        if not rejected or not trainer.context.distributed.is_master():
+            return
+        damaged = self.directory / DAMAGED_DIR
+        damaged.mkdir(exist_ok=True)
+        for path, problem in rejected:
+            target = damaged / f"{path.name}-{problem.reason}"
+            suffix = 1
+            while target.exists():
+                suffix += 1
+                target = damaged / f"{path.name}-{problem.reason}-{suffix}"
+            os.replace(path, target)
+            logger.warning("moved damaged checkpoint %s to %s", path, target)
+        fsync_dir(self.directory)
 
     def _apply(self, trainer: Trainer, state: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
         ctx = trainer.context
@@ -285,9 +420,10 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def write_manifest(directory: Path) -> None:
-    """Record every file's size and sha256, so damage after the write is detected on load."""
-    files = {p.name: file_digest(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+def write_manifest(directory: Path, names: tuple[str, ...] | None = None) -> None:
+    """Record the size and sha256 of each file (`names`, or all), so damage after the write is detected on load."""
+    paths = [directory / name for name in names] if names is not None else sorted(directory.iterdir())
+    files = {p.name: file_digest(p) for p in paths if p.is_file() and p.name != MANIFEST}
     atomic_write(directory / MANIFEST, lambda f: f.write(json.dumps(files, indent=2).encode()))
 
 
@@ -300,29 +436,70 @@ def file_digest(path: Path) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
-def verify_manifest(directory: Path) -> None:
-    """Raise CheckpointError naming the first missing, truncated or altered file."""
+def verify_manifest(directory: Path, required: tuple[str, ...] = (POLICY_WEIGHTS, POLICY_SPEC)) -> None:
+    """Raise CheckpointError naming the first missing, truncated or altered file, or a `required` one unlisted."""
     try:
         expected = json.loads((directory / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{directory}: missing or unreadable {MANIFEST} ({error})") from None
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{directory}: missing or unreadable {MANIFEST} ({one_line(error)})",
+                              "no-manifest") from None
+    if not isinstance(expected, dict) or not all(isinstance(facts, dict) for facts in expected.values()):
+        raise CheckpointError(f"{directory / MANIFEST} is not a manifest (name -> size and sha256)", "no-manifest")
+    unlisted = [name for name in required if name not in expected]
+    if unlisted:
+        raise CheckpointError(f"{directory / MANIFEST} does not list {unlisted}", "no-manifest")
     for name, facts in expected.items():
         path = directory / name
         if not path.is_file():
-            raise CheckpointError(f"{path} is missing")
+            raise CheckpointError(f"{path} is missing", "missing-file")
         if file_digest(path) != facts:
-            raise CheckpointError(f"{path} is truncated or altered (size/sha256 differ from {MANIFEST})")
+            raise CheckpointError(f"{path} is truncated or altered (size/sha256 differ from {MANIFEST})", "altered")
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Verified trainer state and policy weights of one checkpoint directory."""
-    verify_manifest(path)
-    state = load_trainer_state(path / TRAINER_STATE)
-    try:
-        weights = load_safetensors((path / POLICY_WEIGHTS).read_bytes())
-    except Exception as error:  # safetensors raises its own SafetensorError
-        raise CheckpointError(f"{path / POLICY_WEIGHTS}: {error}") from None
-    return state, weights
+    verify_manifest(path, (POLICY_WEIGHTS, POLICY_SPEC, TRAINER_STATE))
+    return load_trainer_state(path / TRAINER_STATE), read_weights(path / POLICY_WEIGHTS)
+
+
+STATE_FIELDS: dict[str, tuple[type, ...]] = {
+    "trainer": (dict,), "optimizer": (dict,), "lr_scheduler": (dict, type(None)), "stopwatch": (dict,),
+    "components": (dict,), "ranks": (list,),
+}
+
+
+def check_state_fields(state: Any, path: Path) -> None:
+    """A trainer state holds every field `_trainer_state` writes, each of the right container type."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a trainer state dict", "does-not-fit")
+    problems = [f"lacks {key!r}" for key in STATE_FIELDS if key not in state]
+    problems += [f"{key!r} is a {type(state[key]).__name__}" for key, types in STATE_FIELDS.items()
+                 if key in state and not isinstance(state[key], types)]
+    if problems:
+        raise CheckpointError(f"{path} is not a trainer state: {', '.join(problems)}", "does-not-fit")
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Group count, group sizes and per-parameter state shapes match, so loading cannot misfit silently.
+
+    Every built-in optimizer keeps per-parameter tensors of the parameter's shape, or scalars (step).
+    """
+    groups, saved_groups = optimizer.param_groups, saved["param_groups"]
+    if len(saved_groups) != len(groups):
+        raise ValueError(f"optimizer state has {len(saved_groups)} parameter groups, the optimizer {len(groups)}")
+    params: dict[Any, torch.Tensor] = {}
+    for index, (group, saved_group) in enumerate(zip(groups, saved_groups, strict=True)):
+        if len(saved_group["params"]) != len(group["params"]):
+            raise ValueError(f"optimizer group {index} holds {len(saved_group['params'])} parameters, "
+                             f"the optimizer's {len(group['params'])}")
+        params.update(zip(saved_group["params"], group["params"], strict=True))
+    for key, slot in saved["state"].items():
+        if key not in params:
+            raise ValueError(f"optimizer state for unknown parameter {key!r}")
+        for field, value in slot.items():
+            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape != params[key].shape:
+                raise ValueError(f"optimizer {field!r} of parameter {key} is {tuple(value.shape)}, "
+                                 f"the parameter {tuple(params[key].shape)}")
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
@@ -330,9 +507,9 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(
-            f"{path}: refused: it holds objects other than tensors and plain containers ({first_line})"
+            f"{path}: refused: it holds objects other than tensors and plain containers ({one_line(error)})",
+            "refused-code",
         ) from None
     except Exception as error:  # truncated zip, EOF, bad magic...
-        raise CheckpointError(f"cannot load {path}: {error}") from None
+        raise CheckpointError(f"cannot load {path}: {one_line(error)}", "unloadable-state") from None
