@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import re
 import subprocess
 import sys
 import types
@@ -111,3 +112,15 @@ def test_register_policy_refuses_clashes_and_non_policies() -> None:
     with pytest.raises(ValueError, match="identifier"):
         register_policy("my:policy", WidePolicy)
     register_policy("mlp", MLPPolicy)  # the same class again is fine
+
+
+def test_readme_own_policy_example_round_trips(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (code,) = re.findall(r"```py\n(.*?)```", readme, flags=re.S)
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    policy = namespace["WideMLP"](width=12)
+    policy.initialize_to_environment(INFO, "cpu")
+    save_policy(policy, INFO, tmp_path)
+    loaded, _ = load_policy(tmp_path)
+    assert type(loaded) is namespace["WideMLP"] and loaded.width == 12
