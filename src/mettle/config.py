@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mettle.rl.trainer_config import TrainerConfig
+from mettle.rl.trainer_config import DEFER_SIZE_CHECK, TrainerConfig, fit_sizes_to_rows
 from mettle.rl.training.components.autotuner import AutotunerConfig
 from mettle.rl.training.components.evaluator import EvaluatorConfig
 from mettle.rl.training.components.gradients import GradientConfig
@@ -146,10 +147,29 @@ def format_validation_error(error: ValidationError) -> str:
     return "invalid config: " + "; ".join(parts)
 
 
-def build_run_config(overrides: list[str], base: dict[str, Any] | None = None) -> RunConfig:
-    """Validate defaults plus overrides, raising ConfigError with a readable one-line message."""
-    data = apply_overrides(json.loads(json.dumps(base or {})), overrides)
+def build_run_config(
+    overrides: list[str], base: dict[str, Any] | None = None, defaults: Sequence[str] = ()
+) -> RunConfig:
+    """Validate base, then `defaults` (a recipe), then the user's overrides, raising a one-line ConfigError.
+
+    The batch-size rules wait for `fit_run_config`, which knows the env's agent rows; only the trainer fields in
+    `base` or `overrides` count as set (`model_fields_set`), so sizes from defaults may be fitted to the rows.
+    """
+    start = json.loads(json.dumps(base or {}))
+    data = apply_overrides(apply_overrides(json.loads(json.dumps(start)), list(defaults)), overrides)
     try:
-        return RunConfig.model_validate(data)
+        cfg = RunConfig.model_validate(data, context={DEFER_SIZE_CHECK: True})
     except ValidationError as error:
         raise ConfigError(format_validation_error(error)) from None
+    explicit = set(start.get("trainer", {})) | set(apply_overrides({}, overrides).get("trainer", {}))
+    trainer = TrainerConfig.model_construct(_fields_set=explicit, **dict(cfg.trainer))
+    return cfg.model_copy(update={"trainer": trainer})
+
+
+def fit_run_config(cfg: RunConfig, num_rows: int) -> RunConfig:
+    """cfg with the batch sizes the user did not set fitted to the env's `num_rows`; ConfigError if set ones can't."""
+    try:
+        trainer = fit_sizes_to_rows(cfg.trainer, num_rows, cfg.trainer.model_fields_set)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return cfg if trainer is cfg.trainer else cfg.model_copy(update={"trainer": trainer})

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Collection
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+
+logger = logging.getLogger(__name__)
+
+SIZE_FIELDS = ("batch_size", "minibatch_size")
+"""The sizes that are fitted to the environment's agent rows when the user leaves them unset."""
+
+DEFER_SIZE_CHECK = "defer_size_check"
+"""Validation-context key: leave the size rules to `fit_sizes_to_rows`, which knows the agent rows."""
 
 
 class _Config(BaseModel):
@@ -113,24 +123,11 @@ class TrainerConfig(_Config):
     temporary tensors do not page-fault on every allocation; process-wide."""
 
     @model_validator(mode="after")
-    def _check_sizes(self) -> TrainerConfig:
-        if self.minibatch_size > self.batch_size:
-            raise ValueError(
-                f"minibatch_size {self.minibatch_size} is larger than batch_size {self.batch_size}; "
-                f"set minibatch_size <= {self.batch_size} or batch_size >= {self.minibatch_size}"
-            )
-        if self.batch_size % self.minibatch_size:
-            fix = math.ceil(self.batch_size / self.minibatch_size) * self.minibatch_size
-            raise ValueError(
-                f"batch_size {self.batch_size} is not a multiple of minibatch_size {self.minibatch_size}; "
-                f"try batch_size={fix}"
-            )
-        if self.minibatch_size % self.bptt_horizon:
-            fix = math.ceil(self.minibatch_size / self.bptt_horizon) * self.bptt_horizon
-            raise ValueError(
-                f"minibatch_size {self.minibatch_size} is not a multiple of bptt_horizon {self.bptt_horizon}; "
-                f"try minibatch_size={fix}"
-            )
+    def _check_sizes(self, info: ValidationInfo) -> TrainerConfig:
+        """Size rules (with the agent rows when the context has num_rows), unless deferred until the rows are known."""
+        context = info.context or {}
+        if not context.get(DEFER_SIZE_CHECK):
+            self.check_rows(context.get("num_rows"))
         return self
 
     @property
@@ -148,12 +145,104 @@ class TrainerConfig(_Config):
         """Gradient steps per update epoch."""
         return self.batch_size // self.minibatch_size
 
-    def check_rows(self, num_rows: int) -> None:
-        """Fail with a computed fix unless every agent row fills whole bptt windows each epoch."""
-        if self.batch_size % (num_rows * self.bptt_horizon):
-            step = num_rows * self.bptt_horizon
-            fix = max(step, round(self.batch_size / step) * step)
-            raise ValueError(
-                f"batch_size {self.batch_size} must be a multiple of agent rows x bptt_horizon "
-                f"({num_rows} x {self.bptt_horizon} = {step}); try batch_size={fix}"
-            )
+    def check_rows(self, num_rows: int | None) -> None:
+        """Fail with one fix that passes every size rule unless the sizes fit (agent rows too, when known)."""
+        error = size_error(self.batch_size, self.minibatch_size, self.bptt_horizon, num_rows)
+        if error:
+            raise ValueError(error)
+
+
+def size_problem(
+    batch: int, minibatch: int, bptt: int, num_rows: int | None = None, among: Collection[str] = SIZE_FIELDS
+) -> str | None:
+    """The first size rule the values break, naming one field and value; only rules on fields in `among` count."""
+    rules = [
+        (SIZE_FIELDS, minibatch > batch, f"minibatch_size {minibatch} is larger than batch_size {batch}"),
+        (SIZE_FIELDS, batch % minibatch != 0, f"batch_size {batch} is not a multiple of minibatch_size {minibatch}"),
+        (("minibatch_size",), minibatch % bptt != 0,
+         f"minibatch_size {minibatch} is not a multiple of bptt_horizon {bptt}"),
+        (("batch_size",), bool(num_rows) and batch % (bptt * (num_rows or 1)) != 0,
+         f"batch_size {batch} must be a multiple of agent rows x bptt_horizon "
+         f"({num_rows} x {bptt} = {bptt * (num_rows or 1)})"),
+    ]
+    return next((text for fields, broken, text in rules if broken and set(fields) <= set(among)), None)
+
+
+def size_error(
+    batch: int, minibatch: int, bptt: int, num_rows: int | None = None, problem: str | None = None
+) -> str | None:
+    """One line: the broken size rule (default: the first) and a fix that passes all of them at once; None if none."""
+    problem = problem or size_problem(batch, minibatch, bptt, num_rows)
+    if problem is None:
+        return None
+    fixed = nearest_sizes(batch, minibatch, bptt, num_rows)
+    assert fixed is not None  # with nothing kept there is always a fit
+    return f"{problem}; try {format_sizes(fixed, batch, minibatch)}"
+
+
+def format_sizes(fixed: tuple[int, int], batch: int, minibatch: int) -> str:
+    """The changed sizes as key=value overrides, ready to paste after `mettle train`."""
+    pairs = zip(SIZE_FIELDS, fixed, (batch, minibatch), strict=True)
+    return " ".join(f"{name}={new}" for name, new, old in pairs if new != old)
+
+
+def nearest_sizes(
+    batch: int, minibatch: int, bptt: int, num_rows: int | None = None, keep: Collection[str] = ()
+) -> tuple[int, int] | None:
+    """The (batch_size, minibatch_size) closest to the given ones that passes every size rule; None if `keep` forbids.
+
+    bptt_horizon never changes (it shapes the policy). Closeness is the summed |log ratio| of the two sizes;
+    without a row count an unchanged batch_size wins, since it may be the one multiple of the rows that works.
+    """
+    step = bptt * (num_rows or 1)
+    options = [(b, _nearest_minibatch(b, bptt, minibatch)) for b in _multiples_around(batch, step)]
+    if minibatch % bptt == 0:
+        options += [(b, minibatch) for b in _multiples_around(batch, math.lcm(step, minibatch))]
+    options = [o for o in options if _keeps(o, batch, minibatch, keep)]
+    if not options:
+        return None
+
+    def cost(option: tuple[int, int]) -> tuple[bool, float, int, tuple[int, int]]:
+        moved = (option[0] != batch) + (option[1] != minibatch)
+        distance = abs(math.log(option[0] / batch)) + abs(math.log(option[1] / minibatch))
+        return num_rows is None and option[0] != batch, round(distance, 12), moved, option
+
+    return min(options, key=cost)
+
+
+def _keeps(option: tuple[int, int], batch: int, minibatch: int, keep: Collection[str]) -> bool:
+    return ("batch_size" not in keep or option[0] == batch) and ("minibatch_size" not in keep or option[1] == minibatch)
+
+
+def _multiples_around(value: int, step: int) -> list[int]:
+    """The multiples of `step` just below and above `value` (never below `step`)."""
+    return sorted({max(step, value // step * step), max(step, -(-value // step) * step)})
+
+
+def _nearest_minibatch(batch: int, bptt: int, target: int) -> int:
+    """The multiple of bptt that divides batch and is closest to target (ties: the larger, fewer steps)."""
+    windows = batch // bptt
+    divisors = {d for i in range(1, math.isqrt(windows) + 1) if windows % i == 0 for d in (i, windows // i)}
+    return min((d * bptt for d in divisors), key=lambda m: (round(abs(math.log(m / target)), 12), -m))
+
+
+def fit_sizes_to_rows(cfg: TrainerConfig, num_rows: int, explicit: Collection[str]) -> TrainerConfig:
+    """cfg with the sizes not in `explicit` moved to the nearest that fit `num_rows`, so defaults suit any env.
+
+    Logs one line when it changes a size; raises ValueError (one line, with a fix that passes every rule) when
+    the explicitly set sizes cannot be kept.
+    """
+    batch, minibatch, bptt = cfg.batch_size, cfg.minibatch_size, cfg.bptt_horizon
+    if size_problem(batch, minibatch, bptt, num_rows) is None:
+        return cfg
+    fixed = nearest_sizes(batch, minibatch, bptt, num_rows, keep=set(SIZE_FIELDS) & set(explicit))
+    if fixed is None:
+        problem = size_problem(batch, minibatch, bptt, num_rows, among=explicit)  # blame a value the user set
+        raise ValueError(size_error(batch, minibatch, bptt, num_rows, problem))
+    logger.info(
+        "batch_size %d / minibatch_size %d do not fit %d agent rows x bptt_horizon %d; using %s (set them to choose)",
+        batch, minibatch, num_rows, bptt, format_sizes(fixed, batch, minibatch),
+    )
+    data = cfg.model_dump() | dict(zip(SIZE_FIELDS, fixed, strict=True))
+    return type(cfg).model_validate(data, context={"num_rows": num_rows})
+
