@@ -9,7 +9,9 @@ import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
+
+from mettle.rl.training.checkpointer import atomic_write
 
 WandbMode = Literal["online", "offline", "disabled"]
 
@@ -37,7 +39,11 @@ class MetricsLogger(ABC):
 
 
 class TensorBoardLogger(MetricsLogger):
-    """Scalars into TensorBoard event files under `log_dir`, flushed every report so they are readable live."""
+    """Scalars into TensorBoard event files under `log_dir`, flushed every report so they are readable live.
+
+    The event file is opened at the first report, marking everything logged before at that step or later
+    as purged: after a resume, readers see the resumed run's values, not those of the run it replaced.
+    """
 
     def __init__(self, log_dir: str | Path) -> None:
         try:
@@ -45,11 +51,14 @@ class TensorBoardLogger(MetricsLogger):
         except ImportError as error:  # tensorboard is an optional extra
             raise ImportError("TensorBoard logging needs the tensorboard package: pip install tensorboard") from error
         self.log_dir = Path(log_dir)
-        self._writer: Any = SummaryWriter(log_dir=str(self.log_dir))
+        self._open = SummaryWriter
+        self._writer: Any = None
         self._closed = False
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """One scalar per metric, then flush."""
+        if self._writer is None:
+            self._writer = self._open(log_dir=str(self.log_dir), purge_step=int(step))
         for tag, value in metrics.items():
             self._writer.add_scalar(tag, float(value), global_step=step)
         self._writer.flush()
@@ -58,19 +67,26 @@ class TensorBoardLogger(MetricsLogger):
         """Flush and close the event file."""
         if not self._closed:
             self._closed = True
-            self._writer.close()
+            if self._writer is not None:
+                self._writer.close()
 
 
 class JsonlLogger(MetricsLogger):
-    """One JSON object per report ({"step", "time", "epoch"?, metrics...}), appended so resumed runs continue it."""
+    """One JSON object per report ({"step", "time", "epoch"?, metrics...}), appended so resumed runs continue it.
+
+    The first report drops earlier records at its step or later (logged by a run that was killed after its
+    last checkpoint), so every step appears once, with the values of the run that continued.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a", encoding="utf-8")
+        self._file: TextIO | None = None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Write and flush one line, so a crash loses at most the report being written."""
+        if self._file is None:
+            self._file = self._open_from(int(step))
         record: dict[str, Any] = {"step": int(step), "time": time.time()}
         if "performance/epoch" in metrics:
             record["epoch"] = int(metrics["performance/epoch"])
@@ -80,7 +96,24 @@ class JsonlLogger(MetricsLogger):
 
     def close(self) -> None:
         """Close the file."""
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+
+    def _open_from(self, step: int) -> TextIO:
+        """Keep the records before `step` (a torn last line too is dropped), then append."""
+        if self.path.exists():
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+                    if line.endswith("\n") and _record_step(line) < step]
+            atomic_write(self.path, lambda handle: handle.write("".join(kept).encode()))
+        return self.path.open("a", encoding="utf-8")
+
+
+def _record_step(line: str) -> float:
+    """The step of one metrics.jsonl line; an unreadable line sorts last, so it is dropped."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 class WandbLogger(MetricsLogger):
