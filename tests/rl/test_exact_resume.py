@@ -7,10 +7,12 @@ epoch's losses and finished episodes (returns, lengths, ids), which is what metr
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +20,7 @@ from mettle.agent.registry import build_policy
 from mettle.config import EnvConfig
 from mettle.envs.factory import make_environment
 from mettle.envs.gymnasium import GymnasiumEnvironment
+from mettle.envs.pettingzoo import PettingZooEnvironment, parse_pettingzoo_spec
 from mettle.rl.trainer import Trainer
 from mettle.rl.trainer_config import TrainerConfig
 from mettle.rl.training import ContextCheckpointer, TrainerComponent
@@ -137,3 +140,27 @@ def test_gymnasium_async_vector_env_cannot_save_its_state() -> None:
         assert env.state_dict() is None
     finally:
         env.close()
+
+
+def test_a_replay_that_rebuilds_other_observations_is_reported(caplog: Any) -> None:
+    """An environment that is not deterministic given its seed cannot be resumed exactly: resume says so."""
+    def make() -> PettingZooEnvironment:
+        return PettingZooEnvironment(parse_pettingzoo_spec("mpe2.simple_spread_v3:parallel_env"), num_envs=2, seed=1)
+
+    env, rng = make(), np.random.default_rng(0)
+    for _ in range(10):
+        env.get_observations()
+        env.send_actions(rng.integers(0, 5, (env.batch_info.num_rows, 1)))
+    env.get_observations()
+    state = env.state_dict()
+    assert state is not None
+    starts = json.loads(state["log"]["starts"])
+    starts[1]["seed"] += 1  # as if instance 1's simulator drew other numbers from the same seed
+    state["log"]["starts"] = json.dumps(starts)
+    with caplog.at_level(logging.WARNING):
+        make().load_state_dict(state)
+    assert "not deterministic given its seed and actions" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        make().load_state_dict(env.state_dict())
+    assert "not deterministic" not in caplog.text
