@@ -62,7 +62,7 @@ def test_seed_imports_resolve() -> None:
 
 
 def test_design_map_names_resolve() -> None:
-    from mettle.envs.vector import VectorEnvironment
-    from mettle.rl.training.environment import TrainingEnvironment, VectorizedTrainingEnvironment
+    from mettle.envs.vector import VectorEnvironment, VectorizedTrainingEnvironment
+    from mettle.rl.training.environment import TrainingEnvironment
 
     assert VectorizedTrainingEnvironment is VectorEnvironment and issubclass(VectorEnvironment, TrainingEnvironment)

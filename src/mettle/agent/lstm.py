@@ -14,7 +14,7 @@ from mettle.agent.mlp import ACTOR_GAIN, CRITIC_GAIN, box_shape, build_torso, fl
 from mettle.agent.policy import Policy, PolicyOutput, TensorSpec
 
 if TYPE_CHECKING:
-    from mettle.rl.training.environment import PolicyEnvInfo
+    from mettle.contracts import PolicyEnvInfo
 
 MEMORY_KEYS = ("lstm_h", "lstm_c")
 

@@ -14,7 +14,7 @@ from mettle.agent.distributions import act
 from mettle.agent.policy import Policy, PolicyOutput, TensorSpec
 
 if TYPE_CHECKING:
-    from mettle.rl.training.environment import PolicyEnvInfo
+    from mettle.contracts import PolicyEnvInfo
 
 HIDDEN_GAIN = math.sqrt(2.0)
 ACTOR_GAIN = 0.01

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from mettle.rl.training.environment import PolicyEnvInfo
+    from mettle.contracts import PolicyEnvInfo
 
 
 @dataclass(frozen=True)

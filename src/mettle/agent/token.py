@@ -23,7 +23,7 @@ from mettle.agent.mlp import ACTOR_GAIN, CRITIC_GAIN, HIDDEN_GAIN, box_shape, bu
 from mettle.agent.policy import PolicyOutput, TensorSpec
 
 if TYPE_CHECKING:
-    from mettle.rl.training.environment import PolicyEnvInfo
+    from mettle.contracts import PolicyEnvInfo
 
 Core = Literal["lstm", "none"]
 Pooling = Literal["max", "mean", "attention"]

@@ -22,6 +22,7 @@ _EXPORTS = {
     "PettingZooEnvError": "mettle.envs.pettingzoo",
     "EnvironmentWorkerError": "mettle.envs.vector",
     "VectorEnvironment": "mettle.envs.vector",
+    "VectorizedTrainingEnvironment": "mettle.envs.vector",
     "BanditEnvironment": "mettle.envs.testing",
     "ScriptedEnvironment": "mettle.envs.testing",
     "check_environment_contract": "mettle.envs.testing",

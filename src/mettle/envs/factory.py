@@ -6,7 +6,7 @@ import functools
 from typing import Any
 
 from mettle.config import ConfigError, EnvConfig
-from mettle.rl.training.environment import TrainingEnvironment
+from mettle.contracts import TrainingEnvironment
 
 FAMILIES = ("mettagrid", "gym", "pettingzoo")
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 
+from mettle.contracts import BatchInfo, PolicyEnvInfo
 from mettle.envs.rows import (
     EnvStateError,
     EpisodeLog,
@@ -43,7 +44,6 @@ from mettle.envs.rows import (
     generator_state,
     set_generator_state,
 )
-from mettle.rl.training.environment import BatchInfo, PolicyEnvInfo
 
 __all__ = [
     "CARTPOLE_NO_VELOCITY_ID",

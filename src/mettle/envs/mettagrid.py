@@ -50,9 +50,9 @@ from mettagrid.simulator import Simulation
 from mettagrid.simulator.simulator import Buffers
 from pydantic import ValidationError
 
+from mettle.contracts import BatchInfo, PolicyEnvInfo
 from mettle.envs.mettagrid_tasks import TASKS
 from mettle.envs.rows import EpisodeLog, ReplayEnvironment, RowBuffers, generator_state, set_generator_state
-from mettle.rl.training.environment import BatchInfo, PolicyEnvInfo
 
 __all__ = [
     "MettaGridEnvError",

@@ -47,6 +47,7 @@ try:
 except ImportError as _error:  # an optional dependency: say how to get it
     raise ImportError(f"mettle.envs.pettingzoo needs PettingZoo (pip install pettingzoo): {_error}") from _error
 
+from mettle.contracts import BatchInfo, PolicyEnvInfo
 from mettle.envs.rows import (
     EpisodeLog,
     ReplayEnvironment,
@@ -55,7 +56,6 @@ from mettle.envs.rows import (
     generator_state,
     set_generator_state,
 )
-from mettle.rl.training.environment import BatchInfo, PolicyEnvInfo
 
 __all__ = ["PettingZooEnvError", "PettingZooEnvironment", "PettingZooSpec", "parse_pettingzoo_spec"]
 

@@ -26,7 +26,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from mettle.rl.training.environment import (
+from mettle.contracts import (
     BatchInfo,
     EnvBatch,
     EnvStateError,

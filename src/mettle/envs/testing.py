@@ -24,8 +24,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from mettle.contracts import BatchInfo, EnvBatch, PolicyEnvInfo, TrainingEnvironment, random_actions
 from mettle.envs.rows import RowBufferEnvironment, RowBuffers
-from mettle.rl.training.environment import BatchInfo, EnvBatch, PolicyEnvInfo, TrainingEnvironment, random_actions
 
 __all__ = [
     "BanditEnvironment",

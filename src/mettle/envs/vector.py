@@ -70,10 +70,10 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from mettle.envs.rows import EnvStateError, RowLayoutEnvironment
-from mettle.rl.training.environment import BatchInfo, EnvBatch, PolicyEnvInfo, TrainingEnvironment
+from mettle.contracts import BatchInfo, EnvBatch, EnvStateError, PolicyEnvInfo, TrainingEnvironment
+from mettle.envs.rows import RowLayoutEnvironment
 
-__all__ = ["EnvFactory", "EnvironmentWorkerError", "VectorEnvironment"]
+__all__ = ["EnvFactory", "EnvironmentWorkerError", "VectorEnvironment", "VectorizedTrainingEnvironment"]
 
 EnvFactory = Callable[[int, int], TrainingEnvironment]
 """`make_env(num_envs_for_worker, worker_index)` -> the worker's sub-environment."""
@@ -844,3 +844,7 @@ def _check_sub_envs(infos: list[SubEnvInfo], envs_per_worker: int) -> tuple[Poli
                 f"per env vs {first} with {agents}; every sub-env must share spaces and agents_per_env"
             )
     return first, agents
+
+
+VectorizedTrainingEnvironment = VectorEnvironment
+"""Metta's name for the shared-memory multi-process environment, for readers who know it by that name."""

@@ -1,139 +1,21 @@
-"""The environment contract the training loop consumes: batches of agent rows."""
+"""The environment contract, re-exported where a reader of the seed looks for `TrainingEnvironment`."""
 
-from __future__ import annotations
+from mettle.contracts import (
+    BatchInfo,
+    EnvBatch,
+    EnvStateError,
+    PolicyEnvInfo,
+    TrainingEnvironment,
+    check_all_rows,
+    random_actions,
+)
 
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any
-
-import gymnasium as gym
-import numpy as np
-
-
-@dataclass(frozen=True)
-class PolicyEnvInfo:
-    """What a policy needs to know to fit an environment: one agent's spaces."""
-
-    observation_space: gym.spaces.Space
-    action_space: gym.spaces.Discrete | gym.spaces.MultiDiscrete
-    num_agents: int = 1
-    """Agents per environment instance (each is one row of the batch)."""
-    extras: dict[str, Any] = field(default_factory=dict)
-    """Environment-specific facts (feature names, map size...) a specialised policy may use."""
-
-    @property
-    def action_nvec(self) -> tuple[int, ...]:
-        """Choices per action head; a Discrete space is a single head."""
-        space = self.action_space
-        if isinstance(space, gym.spaces.Discrete):
-            return (int(space.n),)
-        return tuple(int(n) for n in np.asarray(space.nvec).reshape(-1))
-
-
-@dataclass(frozen=True)
-class BatchInfo:
-    """How agent rows are laid out: `num_envs` instances of `agents_per_env` agents."""
-
-    num_envs: int
-    agents_per_env: int = 1
-
-    @property
-    def num_rows(self) -> int:
-        """Total agent rows the environment produces per step."""
-        return self.num_envs * self.agents_per_env
-
-
-@dataclass
-class EnvBatch:
-    """One receive from the environment, for the agent rows in `rows`.
-
-    `rewards`, `terminals` and `truncations` describe the transition caused by the previous
-    actions of these rows; `observations` are what the next actions are chosen from. When an
-    episode ends, its final observation is delivered with `mask` False (the action chosen for it
-    is ignored) and the reset observation follows on the next receive with `starts` True. The
-    final observation's value therefore bootstraps a truncated episode.
-    """
-
-    rows: slice
-    observations: np.ndarray
-    rewards: np.ndarray
-    terminals: np.ndarray
-    truncations: np.ndarray
-    mask: np.ndarray
-    """True where this row's next action is used by the environment (a live agent)."""
-    starts: np.ndarray
-    """True where the observation is the first of a new episode."""
-    infos: list[dict[str, Any]] = field(default_factory=list)
-    """One dict per episode that finished since the last receive (`episode_return`, ...)."""
-
-
-class EnvStateError(ValueError):
-    """Saved environment state that does not fit this environment (another kind, size or layout)."""
-
-
-class TrainingEnvironment(ABC):
-    """A vectorised multi-agent environment seen as rows of agents."""
-
-    @property
-    @abstractmethod
-    def policy_env_info(self) -> PolicyEnvInfo:
-        """The spaces a policy is built for."""
-
-    @property
-    @abstractmethod
-    def batch_info(self) -> BatchInfo:
-        """The row layout of every batch."""
-
-    @abstractmethod
-    def reset(self, seed: int | None = None) -> None:
-        """Start fresh episodes in every instance; the next `get_observations` returns them."""
-
-    @abstractmethod
-    def get_observations(self) -> EnvBatch:
-        """Wait for and return the next batch of agent rows."""
-
-    @abstractmethod
-    def send_actions(self, actions: np.ndarray, rows: slice | None = None) -> None:
-        """Apply actions ([rows, heads] int64) to `rows` (default: the rows of the last batch received)."""
-
-    @abstractmethod
-    def close(self) -> None:
-        """Release worker processes and other resources; safe to call twice."""
-
-    def state_dict(self) -> dict[str, Any] | None:
-        """Plain-container state (RNG, episode progress) for exact resume; None when the env cannot save it.
-
-        Called between steps, when every row has been received and none is stepping (the end of a rollout).
-        """
-        return None
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly from `state_dict`'s output; EnvStateError when the state does not fit this env."""
-        raise NotImplementedError(f"{type(self).__name__} cannot restore its state")
-
-    def __enter__(self) -> TrainingEnvironment:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def check_all_rows(rows: slice | None, num_rows: int) -> None:
-    """Environments that always deliver every row accept actions only for all of them."""
-    if rows is not None and (rows.start, rows.stop) != (0, num_rows):
-        raise ValueError(f"this environment steps all {num_rows} rows together; got actions for rows {rows}")
-
-
-def random_actions(info: PolicyEnvInfo, rows: int, rng: np.random.Generator) -> np.ndarray:
-    """Uniform random actions for `rows` agents, shaped [rows, heads]."""
-    nvec = np.asarray(info.action_nvec)
-    return (rng.random((rows, len(nvec))) * nvec).astype(np.int64)
-
-
-def __getattr__(name: str) -> Any:
-    """`VectorizedTrainingEnvironment` (the map's name) is the shared-memory multi-process env, loaded on use."""
-    if name == "VectorizedTrainingEnvironment":
-        from mettle.envs.vector import VectorEnvironment
-
-        return VectorEnvironment
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = [
+    "BatchInfo",
+    "EnvBatch",
+    "EnvStateError",
+    "PolicyEnvInfo",
+    "TrainingEnvironment",
+    "check_all_rows",
+    "random_actions",
+]
