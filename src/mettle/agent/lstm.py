@@ -10,27 +10,22 @@ import torch
 from torch import nn
 
 from mettle.agent.distributions import act
-from mettle.agent.mlp import ACTOR_GAIN, CRITIC_GAIN, box_shape, build_torso, flatten_steps, orthogonal_linear
+from mettle.agent.layers import (
+    ACTOR_GAIN,
+    CRITIC_GAIN,
+    box_shape,
+    build_torso,
+    flatten_steps,
+    init_lstm,
+    normalize_rows,
+    orthogonal_linear,
+)
 from mettle.agent.policy import Policy, PolicyOutput, TensorSpec
 
 if TYPE_CHECKING:
     from mettle.contracts import PolicyEnvInfo
 
 MEMORY_KEYS = ("lstm_h", "lstm_c")
-
-
-def init_lstm(lstm: nn.LSTM, forget_bias: float = 1.0) -> None:
-    """Orthogonal weights per gate and zero biases, with a forget-gate bias so early memories persist."""
-    hidden = lstm.hidden_size
-    with torch.no_grad():
-        for name, param in lstm.named_parameters():
-            if name.startswith("weight"):
-                for gate in param.chunk(4, dim=0):
-                    nn.init.orthogonal_(gate, 1.0)
-            else:
-                param.zero_()
-        # PyTorch orders the gates (input, forget, cell, output).
-        lstm.bias_ih_l0[hidden : 2 * hidden].fill_(forget_bias)
 
 
 def chunk_bounds(starts: torch.Tensor, per_step: bool = False) -> list[int]:
@@ -108,7 +103,7 @@ class LSTMPolicy(Policy):
             h0, c0 = self._given_state(memory, b)
             hidden, _, _ = self.unroll(x, h0, c0, starts)
         else:
-            rows = _normalize_rows(rows, b)
+            rows = normalize_rows(rows, b)
             h0, c0 = self._row_state(rows, x)
             hidden, h_n, c_n = self.unroll(x, h0, c0, starts)
             self._write_rows(rows, h_n, c_n)
@@ -204,19 +199,6 @@ class LSTMPolicy(Policy):
         """Fail clearly when used before its layers exist."""
         if not self.nvec:
             raise RuntimeError(f"{type(self).__name__}.initialize_to_environment must be called first")
-
-
-def _normalize_rows(rows: slice | None, batch: int) -> slice:
-    """Concrete [start, stop) rows for a batch of `batch` rows; None means rows 0..batch."""
-    if rows is None:
-        return slice(0, batch)
-    if rows.step not in (None, 1):
-        raise ValueError(f"rows must be a contiguous slice, got {rows}")
-    start = rows.start or 0
-    stop = start + batch if rows.stop is None else rows.stop
-    if stop - start != batch:
-        raise ValueError(f"rows {start}:{stop} hold {stop - start} rows but the batch has {batch}")
-    return slice(start, stop)
 
 
 def _grown(old: torch.Tensor | None, rows: int, hidden: int, device: torch.device) -> torch.Tensor:

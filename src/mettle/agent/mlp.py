@@ -2,58 +2,18 @@
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
-import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
 
 from mettle.agent.distributions import act
+from mettle.agent.layers import ACTOR_GAIN, CRITIC_GAIN, box_shape, build_torso, flatten_steps, orthogonal_linear
 from mettle.agent.policy import Policy, PolicyOutput, TensorSpec
 
 if TYPE_CHECKING:
     from mettle.contracts import PolicyEnvInfo
-
-HIDDEN_GAIN = math.sqrt(2.0)
-ACTOR_GAIN = 0.01
-CRITIC_GAIN = 1.0
-
-
-def orthogonal_linear(in_features: int, out_features: int, gain: float) -> nn.Linear:
-    """A Linear layer with orthogonal weights and zero bias, the init PPO is known to train well from."""
-    layer = nn.Linear(in_features, out_features)
-    nn.init.orthogonal_(layer.weight, gain)
-    nn.init.zeros_(layer.bias)
-    return layer
-
-
-def build_torso(
-    in_features: int, hidden_size: int, num_layers: int, activation: type[nn.Module]
-) -> nn.Sequential:
-    """Stack `num_layers` (Linear, activation) pairs; zero layers is the identity."""
-    layers: list[nn.Module] = []
-    for i in range(num_layers):
-        width = in_features if i == 0 else hidden_size
-        layers += [orthogonal_linear(width, hidden_size, HIDDEN_GAIN), activation()]
-    return nn.Sequential(*layers)
-
-
-def box_shape(env_info: PolicyEnvInfo, policy_name: str) -> tuple[int, ...]:
-    """The observation shape, rejecting spaces a dense encoder cannot read."""
-    space = env_info.observation_space
-    if not isinstance(space, gym.spaces.Box):
-        raise ValueError(f"{policy_name} needs a Box observation space, got {space!r}")
-    return tuple(int(d) for d in space.shape)
-
-
-def flatten_steps(observations: torch.Tensor, obs_shape: tuple[int, ...]) -> torch.Tensor:
-    """[B, T, *obs_shape] in any dtype to float32 [B*T, prod(obs_shape)], the encoders' input."""
-    b, t = observations.shape[:2]
-    if tuple(observations.shape[2:]) != obs_shape:
-        raise ValueError(f"observations shaped {tuple(observations.shape)}, expected [B, T, *{obs_shape}]")
-    return observations.reshape(b * t, -1).to(torch.float32)
 
 
 class MLPPolicy(Policy):

@@ -18,8 +18,17 @@ import torch
 from torch import nn
 
 from mettle.agent.distributions import act
-from mettle.agent.lstm import LSTMPolicy, _normalize_rows, init_lstm
-from mettle.agent.mlp import ACTOR_GAIN, CRITIC_GAIN, HIDDEN_GAIN, box_shape, build_torso, orthogonal_linear
+from mettle.agent.layers import (
+    ACTOR_GAIN,
+    CRITIC_GAIN,
+    HIDDEN_GAIN,
+    box_shape,
+    build_torso,
+    init_lstm,
+    normalize_rows,
+    orthogonal_linear,
+)
+from mettle.agent.lstm import LSTMPolicy
 from mettle.agent.policy import PolicyOutput, TensorSpec
 
 if TYPE_CHECKING:
@@ -271,7 +280,7 @@ class TokenPolicy(LSTMPolicy):
             h0, c0 = self._given_state(memory, x.shape[0])
             hidden, _, _ = self.unroll(x, h0, c0, starts)
         else:
-            rows = _normalize_rows(rows, x.shape[0])
+            rows = normalize_rows(rows, x.shape[0])
             h0, c0 = self._row_state(rows, x)
             hidden, h_n, c_n = self.unroll(x, h0, c0, starts)
             self._write_rows(rows, h_n, c_n)

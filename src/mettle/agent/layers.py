@@ -1,0 +1,79 @@
+"""Building blocks every policy reuses: orthogonal init, dense torsos, observation checks, LSTM init, row slices."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import gymnasium as gym
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from mettle.contracts import PolicyEnvInfo
+
+HIDDEN_GAIN = math.sqrt(2.0)
+ACTOR_GAIN = 0.01
+CRITIC_GAIN = 1.0
+
+
+def orthogonal_linear(in_features: int, out_features: int, gain: float) -> nn.Linear:
+    """A Linear layer with orthogonal weights and zero bias, the init PPO is known to train well from."""
+    layer = nn.Linear(in_features, out_features)
+    nn.init.orthogonal_(layer.weight, gain)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def build_torso(
+    in_features: int, hidden_size: int, num_layers: int, activation: type[nn.Module]
+) -> nn.Sequential:
+    """Stack `num_layers` (Linear, activation) pairs; zero layers is the identity."""
+    layers: list[nn.Module] = []
+    for i in range(num_layers):
+        width = in_features if i == 0 else hidden_size
+        layers += [orthogonal_linear(width, hidden_size, HIDDEN_GAIN), activation()]
+    return nn.Sequential(*layers)
+
+
+def box_shape(env_info: PolicyEnvInfo, policy_name: str) -> tuple[int, ...]:
+    """The observation shape, rejecting spaces a dense encoder cannot read."""
+    space = env_info.observation_space
+    if not isinstance(space, gym.spaces.Box):
+        raise ValueError(f"{policy_name} needs a Box observation space, got {space!r}")
+    return tuple(int(d) for d in space.shape)
+
+
+def flatten_steps(observations: torch.Tensor, obs_shape: tuple[int, ...]) -> torch.Tensor:
+    """[B, T, *obs_shape] in any dtype to float32 [B*T, prod(obs_shape)], the encoders' input."""
+    b, t = observations.shape[:2]
+    if tuple(observations.shape[2:]) != obs_shape:
+        raise ValueError(f"observations shaped {tuple(observations.shape)}, expected [B, T, *{obs_shape}]")
+    return observations.reshape(b * t, -1).to(torch.float32)
+
+
+def init_lstm(lstm: nn.LSTM, forget_bias: float = 1.0) -> None:
+    """Orthogonal weights per gate and zero biases, with a forget-gate bias so early memories persist."""
+    hidden = lstm.hidden_size
+    with torch.no_grad():
+        for name, param in lstm.named_parameters():
+            if name.startswith("weight"):
+                for gate in param.chunk(4, dim=0):
+                    nn.init.orthogonal_(gate, 1.0)
+            else:
+                param.zero_()
+        # PyTorch orders the gates (input, forget, cell, output).
+        lstm.bias_ih_l0[hidden : 2 * hidden].fill_(forget_bias)
+
+
+def normalize_rows(rows: slice | None, batch: int) -> slice:
+    """Concrete [start, stop) rows for a batch of `batch` rows; None means rows 0..batch."""
+    if rows is None:
+        return slice(0, batch)
+    if rows.step not in (None, 1):
+        raise ValueError(f"rows must be a contiguous slice, got {rows}")
+    start = rows.start or 0
+    stop = start + batch if rows.stop is None else rows.stop
+    if stop - start != batch:
+        raise ValueError(f"rows {start}:{stop} hold {stop - start} rows but the batch has {batch}")
+    return slice(start, stop)
