@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import gymnasium as gym
@@ -21,13 +20,7 @@ NUM_TOKENS = 12
 POOLINGS = ["max", "mean", "attention"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Run torch single-threaded: these ops are tiny, and threads only contend on the shared test machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_info(num_tokens: int = NUM_TOKENS, nvec: tuple[int, ...] = (4,), extras: dict | None = None) -> PolicyEnvInfo:

@@ -25,13 +25,7 @@ BATCH = 64
 EVAL_SEED = 777
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """Tiny models run far faster on one thread, especially on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(epochs: int = 4, **changes: Any) -> TrainerConfig:
