@@ -31,6 +31,8 @@ STEPS = HORIZON * WINDOWS
 ROWS = len(OFFSETS)
 GAMMA, LAMBDA = 0.9, 0.8
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @dataclass
 class ScriptStep:
