@@ -12,8 +12,9 @@ from mettle.agent.registry import build_policy
 from mettle.envs.testing import BanditEnvironment
 from mettle.rl.trainer import Trainer
 from mettle.rl.trainer_config import TrainerConfig
-from mettle.rl.training import DistributedHelper, EpochStats, TrainerComponent
+from mettle.rl.training import DistributedHelper, EpochStats, TrainerComponent, TrainerState
 from mettle.rl.training.components.autotuner import AutotunerConfig, UpdateEpochsAutotuner
+from mettle.rl.training.context import Hyperparameters
 
 HIGH_KL = (0.1, 0.1)  # approx_kl above kl_high
 HIGH_CLIP = (0.01, 0.5)  # clipfrac above clipfrac_high
@@ -30,12 +31,23 @@ def one_thread() -> Any:
     torch.set_num_threads(threads)
 
 
-def registered(update_epochs: int = 4, **kwargs: Any) -> UpdateEpochsAutotuner:
-    """An autotuner on a bare context holding a real (validating) TrainerConfig."""
-    tuner = UpdateEpochsAutotuner(**kwargs)
+def bare_context(update_epochs: int) -> SimpleNamespace:
+    """The parts of a context the autotuner uses: a read-only config and the state it tunes."""
     config = TrainerConfig(batch_size=64, minibatch_size=32, bptt_horizon=4, update_epochs=update_epochs)
-    tuner.register(SimpleNamespace(config=config, stats=EpochStats(), distributed=DistributedHelper("cpu")))
+    state = TrainerState(hyperparameters=Hyperparameters.from_config(config))
+    return SimpleNamespace(config=config, state=state, stats=EpochStats(), distributed=DistributedHelper("cpu"))
+
+
+def registered(update_epochs: int = 4, **kwargs: Any) -> UpdateEpochsAutotuner:
+    """An autotuner on a bare context."""
+    tuner = UpdateEpochsAutotuner(**kwargs)
+    tuner.register(bare_context(update_epochs))
     return tuner
+
+
+def tuned(tuner: UpdateEpochsAutotuner) -> int:
+    """The update_epochs the next update will run."""
+    return int(tuner.context.state.hyperparameters.update_epochs)
 
 
 def feed(tuner: UpdateEpochsAutotuner, *signals: tuple[float, float]) -> list[int]:
@@ -44,7 +56,7 @@ def feed(tuner: UpdateEpochsAutotuner, *signals: tuple[float, float]) -> list[in
     for epoch, (kl, clipfrac) in enumerate(signals, start=1):
         tuner.context.stats.losses = {"approx_kl": kl, "clipfrac": clipfrac}
         tuner.on_epoch_end(epoch)
-        seen.append(tuner.context.config.update_epochs)
+        seen.append(tuned(tuner))
     return seen
 
 
@@ -70,7 +82,7 @@ def test_an_epoch_in_between_resets_the_streak_and_missing_signals_are_skipped()
     assert feed(tuner, MID, HIGH_KL, (float("nan"), 0.1), HIGH_KL) == [4, 4, 4, 3]
     tuner.context.stats.losses = {}
     tuner.on_epoch_end(9)
-    assert tuner.context.config.update_epochs == 3
+    assert tuned(tuner) == 3
 
 
 def test_patience_one_reacts_every_epoch() -> None:
@@ -78,22 +90,32 @@ def test_patience_one_reacts_every_epoch() -> None:
 
 
 def test_registration_brings_update_epochs_into_bounds() -> None:
-    assert registered(20, max_epochs=16).context.config.update_epochs == 16
-    assert registered(1, min_epochs=3).context.config.update_epochs == 3
+    assert tuned(registered(20, max_epochs=16)) == 16
+    assert tuned(registered(1, min_epochs=3)) == 3
 
 
-def test_state_round_trips_into_a_fresh_config_even_before_registration() -> None:
+def test_streaks_round_trip_and_the_tuned_value_lives_in_trainer_state() -> None:
     tuner = registered(6, patience=3)
     feed(tuner, HIGH_KL, HIGH_KL, HIGH_KL, HIGH_KL)
     state = tuner.state_dict()
-    assert state == {"update_epochs": 5, "high_streak": 1, "low_streak": 0, "adjustments": [[3, 5]]}
+    assert state == {"high_streak": 1, "low_streak": 0, "adjustments": [[3, 5]]}
+    assert tuner.context.state.state_dict()["hyperparameters"]["update_epochs"] == 5
+    assert tuner.context.config.update_epochs == 6  # the config keeps what was asked
+    context = bare_context(4)
+    context.state.load_state_dict(tuner.context.state.state_dict())  # the checkpointer loads TrainerState first
     restored = UpdateEpochsAutotuner(patience=3)
     restored.load_state_dict(state)
-    restored.register(SimpleNamespace(config=TrainerConfig(batch_size=64, minibatch_size=32, update_epochs=4),
-                                      stats=EpochStats(), distributed=DistributedHelper("cpu")))
-    assert restored.context.config.update_epochs == 5
+    restored.register(context)
+    assert tuned(restored) == 5
     assert feed(restored, HIGH_KL, HIGH_KL) == [5, 4]  # the restored streak of 1 continues: 2 more reach 3 in all
     assert restored.state_dict()["adjustments"] == [[3, 5], [2, 4]]
+
+
+def test_an_older_checkpoints_tuned_value_is_applied_even_before_registration() -> None:
+    restored = UpdateEpochsAutotuner(patience=3)
+    restored.load_state_dict({"update_epochs": 5, "high_streak": 1, "low_streak": 0, "adjustments": [[3, 5]]})
+    restored.register(bare_context(4))
+    assert tuned(restored) == 5
 
 
 def test_inconsistent_thresholds_are_refused() -> None:
@@ -113,7 +135,7 @@ def test_inconsistent_thresholds_are_refused() -> None:
 
 
 class EpochsProbe(TrainerComponent):
-    """Records the configured update_epochs at each update and the passes the update actually ran."""
+    """Records the tuned update_epochs at each update and the passes the update actually ran."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -121,7 +143,7 @@ class EpochsProbe(TrainerComponent):
         self.ran: list[int] = []
 
     def on_rollout_end(self) -> None:
-        self.configured.append(self.context.config.update_epochs)
+        self.configured.append(self.context.state.hyperparameters.update_epochs)
 
     def on_epoch_end(self, epoch: int) -> None:
         self.ran.append(int(self.context.stats.losses["update_epochs_run"]))

@@ -15,6 +15,7 @@ from mettle.rl.trainer import Trainer
 from mettle.rl.trainer_config import TrainerConfig
 from mettle.rl.training import TrainerComponent
 from mettle.rl.training.components.progress import ProgressLogger, format_duration
+from mettle.rl.training.components.signals import StopAtEpoch
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -75,10 +76,9 @@ def test_interval_limits_plain_lines() -> None:
 
 def test_dashboard_shows_every_field() -> None:
     trainer = make_trainer(epochs=4)
-    trainer.context.config.total_timesteps = 2 * 64  # stop after two epochs; the dashboard still expects 4
+    trainer.register(StopAtEpoch(2))  # stop after two epochs of the four the dashboard expects
     progress = trainer.register(ProgressLogger(stream=io.StringIO(), interval_s=3600, live=False))
     trainer.train()
-    trainer.context.config.total_timesteps = 4 * 64
     progress.on_step([{"episode_return": 5.0, "episode_length": 8, "game/ore_mined": 3.0, "agent/moves": 7.0}])
     text = render(progress.build_dashboard())
     for field in ("tiny-run", "agent steps", "128 / 256 (50.0%)", "ETA", "SPS", "SPS avg", "epoch", "rollout",

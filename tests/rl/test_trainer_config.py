@@ -210,3 +210,24 @@ def test_an_explicit_batch_that_cannot_fit_names_itself() -> None:
                                          r"\(24 x 16 = 384\); try batch_size=8064 minibatch_size=2016$"):
         fit_sizes_to_rows(cfg, 24, explicit={"batch_size"})
     assert fit_sizes_to_rows(cfg, 24, explicit={"minibatch_size"}).batch_size == 6144, "a multiple of 384 and 2048"
+
+
+@pytest.mark.parametrize(
+    "path,value",
+    [("update_epochs", 2), ("total_timesteps", 64), ("ppo.entropy_coef", 0.1), ("ppo.clip_coef", 0.1),
+     ("optimizer.learning_rate", 1e-3), ("advantage.gamma", 0.9), ("sampling.method", "prioritized"),
+     ("ppo", None)],
+)
+def test_a_trainer_config_cannot_be_changed(path: str, value: object) -> None:
+    """What schedules and the autotuner move lives in TrainerState; writing to the config fails loudly."""
+    cfg = TrainerConfig()
+    *parents, name = path.split(".")
+    owner = cfg
+    for parent in parents:
+        owner = getattr(owner, parent)
+    before = cfg.model_dump_json()
+    with pytest.raises(ValidationError, match="frozen"):
+        setattr(owner, name, value)
+    assert cfg.model_dump_json() == before
+    changed = cfg.model_copy(update={"update_epochs": 2})  # variants are new objects
+    assert (changed.update_epochs, cfg.update_epochs) == (2, 4)

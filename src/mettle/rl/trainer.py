@@ -26,6 +26,7 @@ from mettle.rl.training import (
     TrainingEnvironment,
 )
 from mettle.rl.training.component import crossed_interval
+from mettle.rl.training.context import Hyperparameters
 from mettle.rl.training.optimizer import create_optimizer
 from mettle.runtime import check_torch_compile, keep_freed_memory
 
@@ -61,7 +62,7 @@ class Trainer:
         )
         self._context = ComponentContext(
             config=cfg,
-            state=TrainerState(),
+            state=TrainerState(hyperparameters=Hyperparameters.from_config(cfg)),
             policy=policy,
             env=env,
             experience=experience,
@@ -72,7 +73,8 @@ class Trainer:
             run_name=run_name,
             generator=torch.Generator().manual_seed(seed),
         )
-        self._core = CoreTrainingLoop(self._context, [PPOActorLoss(cfg.ppo), PPOCriticLoss(cfg.ppo)])
+        live = self._context.state.hyperparameters
+        self._core = CoreTrainingLoop(self._context, [PPOActorLoss(cfg.ppo, live), PPOCriticLoss(cfg.ppo)])
         self._components = self._context.components
         self._checkpointer: ContextCheckpointer | None = None
 
@@ -115,8 +117,6 @@ class Trainer:
         self._invoke(TrainerCallback.STEP, ctx.stats.episodes)
         self._invoke(TrainerCallback.ROLLOUT_END)
         ctx.stats.losses = self._core.training_phase()
-        if ctx.lr_scheduler is not None:
-            ctx.lr_scheduler.step()
         ctx.state.epoch += 1
         elapsed = max(time.perf_counter() - started, 1e-9)
         ctx.stats.steps_per_second = (ctx.state.agent_step - first_step) / elapsed

@@ -19,7 +19,9 @@ DEFER_SIZE_CHECK = "defer_size_check"
 
 
 class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    """Read-only once built (`frozen`): a run's config says what was asked; what changes lives in TrainerState."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class OptimizerConfig(_Config):

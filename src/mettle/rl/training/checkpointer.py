@@ -296,7 +296,6 @@ class ContextCheckpointer(TrainerComponent):
         return {
             "trainer": ctx.state.state_dict(),
             "optimizer": ctx.optimizer.state_dict(),
-            "lr_scheduler": ctx.lr_scheduler.state_dict() if ctx.lr_scheduler is not None else None,
             "stopwatch": ctx.stopwatch.state_dict(),
             "components": {c.state_key: c.state_dict() for c in ctx.components if c is not self},
         }
@@ -345,7 +344,7 @@ class ContextCheckpointer(TrainerComponent):
         check_weights_fit(ctx.policy, weights, path / POLICY_WEIGHTS)
         try:
             check_optimizer_state(ctx.optimizer, state["optimizer"])
-            copy.copy(ctx.state).load_state_dict(state["trainer"])
+            copy.deepcopy(ctx.state).load_state_dict(state["trainer"])
             type(ctx.stopwatch)().load_state_dict(state["stopwatch"])
             ranks, rank = state["ranks"], ctx.distributed.get_rank()
             if len(ranks) == ctx.distributed.get_world_size():
@@ -385,8 +384,6 @@ class ContextCheckpointer(TrainerComponent):
         ctx = trainer.context
         ctx.policy.load_state_dict(weights)
         ctx.optimizer.load_state_dict(state["optimizer"])
-        if ctx.lr_scheduler is not None and state["lr_scheduler"] is not None:
-            ctx.lr_scheduler.load_state_dict(state["lr_scheduler"])
         ctx.state.load_state_dict(state["trainer"])
         ctx.stopwatch.load_state_dict(state["stopwatch"])
         self._apply_rank_state(trainer, state["ranks"])
@@ -463,9 +460,9 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
 
 
 STATE_FIELDS: dict[str, tuple[type, ...]] = {
-    "trainer": (dict,), "optimizer": (dict,), "lr_scheduler": (dict, type(None)), "stopwatch": (dict,),
-    "components": (dict,), "ranks": (list,),
+    "trainer": (dict,), "optimizer": (dict,), "stopwatch": (dict,), "components": (dict,), "ranks": (list,),
 }
+"""Older checkpoints also hold "lr_scheduler" (always None: nothing set one); it is ignored."""
 
 
 def check_state_fields(state: Any, path: Path) -> None:

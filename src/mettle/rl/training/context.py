@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mettle.rl.trainer_config import TrainerConfig
+
 if TYPE_CHECKING:
     from mettle.agent.policy import Policy
     from mettle.profiling.stopwatch import Stopwatch
-    from mettle.rl.trainer_config import TrainerConfig
     from mettle.rl.training.component import TrainerComponent
     from mettle.rl.training.distributed import DistributedHelper
     from mettle.rl.training.environment import TrainingEnvironment
@@ -18,22 +19,62 @@ if TYPE_CHECKING:
 
 
 @dataclass
+class Hyperparameters:
+    """The config values that schedules and the autotuner move during a run; the loop and losses read them here."""
+
+    learning_rate: float
+    """Optimizer step size; the core loop writes it to every param group before each update (0 allowed)."""
+    entropy_coef: float
+    """Weight of the PPO entropy bonus."""
+    clip_coef: float
+    """PPO policy ratio clip range."""
+    update_epochs: int
+    """Passes over the batch in the next update."""
+
+    @classmethod
+    def from_config(cls, cfg: TrainerConfig) -> Hyperparameters:
+        """The starting values, as the (read-only) config asks."""
+        return cls(learning_rate=cfg.optimizer.learning_rate, entropy_coef=cfg.ppo.entropy_coef,
+                   clip_coef=cfg.ppo.clip_coef, update_epochs=cfg.update_epochs)
+
+    def state_dict(self) -> dict[str, float | int]:
+        """Plain-container copy for checkpoints."""
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore in place (losses hold this object), all fields or none."""
+        values = (float(state["learning_rate"]), float(state["entropy_coef"]), float(state["clip_coef"]),
+                  int(state["update_epochs"]))
+        self.learning_rate, self.entropy_coef, self.clip_coef, self.update_epochs = values
+
+
+def _default_hyperparameters() -> Hyperparameters:
+    """The defaults of TrainerConfig, for a TrainerState built without a config (tests, tools)."""
+    return Hyperparameters.from_config(TrainerConfig())
+
+
+@dataclass
 class TrainerState:
-    """Progress counters that survive a restart; plain values only."""
+    """Progress counters and live hyperparameters that survive a restart; plain values only."""
 
     agent_step: int = 0
     """Agent steps taken so far, summed over every rank."""
     epoch: int = 0
     """Completed epochs (rollout + update)."""
+    hyperparameters: Hyperparameters = field(default_factory=_default_hyperparameters)
+    """What schedules and the autotuner set; the Trainer starts it from its config."""
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         """Plain-container copy for checkpoints."""
-        return {"agent_step": self.agent_step, "epoch": self.epoch}
+        return {"agent_step": self.agent_step, "epoch": self.epoch,
+                "hyperparameters": self.hyperparameters.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore counters saved by `state_dict`."""
-        self.agent_step = int(state["agent_step"])
-        self.epoch = int(state["epoch"])
+        """Restore what `state_dict` saved; checkpoints from before hyperparameters were kept leave them as they are."""
+        agent_step, epoch = int(state["agent_step"]), int(state["epoch"])
+        if "hyperparameters" in state:
+            self.hyperparameters.load_state_dict(state["hyperparameters"])
+        self.agent_step, self.epoch = agent_step, epoch
 
 
 @dataclass
@@ -55,6 +96,7 @@ class ComponentContext:
     """Live handles every component can use; built once by the Trainer."""
 
     config: TrainerConfig
+    """What was asked, read-only (frozen); values that change during training are in `state.hyperparameters`."""
     state: TrainerState
     policy: Policy
     env: TrainingEnvironment
@@ -71,5 +113,3 @@ class ComponentContext:
     """Registered components in callback order (their state goes into checkpoints)."""
     stop_requested: bool = False
     """Set (by a signal handler or any component) to end training cleanly after the current epoch."""
-    lr_scheduler: Any = None
-    """An optional learning-rate scheduler stepped once per epoch (set by a schedule component)."""

@@ -14,7 +14,7 @@ from mettle.agent.policy import PolicyOutput
 from mettle.rl import advantage as adv
 from mettle.rl.training.context import ComponentContext
 from mettle.rl.training.environment import EnvBatch, EnvStateError
-from mettle.rl.training.optimizer import set_optimizer_mode
+from mettle.rl.training.optimizer import set_learning_rate, set_optimizer_mode
 
 if TYPE_CHECKING:
     from mettle.rl.loss.base import Loss
@@ -158,13 +158,14 @@ class CoreTrainingLoop:
 
     # ---------------------------------------------------------------- training
     def training_phase(self) -> dict[str, float]:
-        """Run `update_epochs` passes of minibatch PPO over the buffer; return mean diagnostics."""
-        ctx, cfg = self.context, self.context.config
+        """Run `update_epochs` passes of minibatch PPO (live values from TrainerState); return mean diagnostics."""
+        ctx, cfg, live = self.context, self.context.config, self.context.state.hyperparameters
+        set_learning_rate(ctx.optimizer, live.learning_rate)
         set_optimizer_mode(ctx.optimizer, training=True)
         ctx.policy.train()
         sums: dict[str, list[torch.Tensor]] = defaultdict(list)
         with ctx.stopwatch("train"):
-            for epoch in range(cfg.update_epochs):
+            for epoch in range(live.update_epochs):
                 if epoch == 0 or cfg.advantage.method == "vtrace":
                     advantages, returns = self.compute_advantages()
                 for minibatch in ctx.experience.minibatches(

@@ -46,7 +46,7 @@ def _check_thresholds(min_epochs: int, max_epochs: int, kl: tuple[float, float],
 
 
 class UpdateEpochsAutotuner(TrainerComponent):
-    """Moves `ctx.config.update_epochs` by one within [min_epochs, max_epochs] from the update's KL and clipping."""
+    """Moves `state.hyperparameters.update_epochs` by one within [min_epochs, max_epochs] from KL and clipping."""
 
     def __init__(
         self,
@@ -71,12 +71,14 @@ class UpdateEpochsAutotuner(TrainerComponent):
         self.adjustments: list[tuple[int, int]] = []
         """(epoch, new update_epochs) for every change made."""
         self._restored_epochs: int | None = None
+        """update_epochs from an old checkpoint (kept by the autotuner, not TrainerState) loaded before registration."""
 
     # -- hooks ---------------------------------------------------------------------
     def register(self, context: ComponentContext) -> None:
-        """Bring the config's update_epochs into bounds (or back to a value loaded before registration)."""
+        """Bring update_epochs into bounds (or back to a value loaded before registration)."""
         super().register(context)
-        wanted = self._restored_epochs if self._restored_epochs is not None else context.config.update_epochs
+        current = context.state.hyperparameters.update_epochs
+        wanted = self._restored_epochs if self._restored_epochs is not None else current
         self._restored_epochs = None
         self._set(self._clamp(wanted))
 
@@ -85,7 +87,7 @@ class UpdateEpochsAutotuner(TrainerComponent):
         signals = self._signals()
         if signals is None:
             return
-        current = self.context.config.update_epochs
+        current = self.context.state.hyperparameters.update_epochs
         proposed = self.observe(*signals, current)
         if proposed != current:
             self._set(proposed)
@@ -123,22 +125,20 @@ class UpdateEpochsAutotuner(TrainerComponent):
         return min(max(int(epochs), self.min_epochs), self.max_epochs)
 
     def _set(self, epochs: int) -> None:
-        """Write the value where the training loop reads it (validated by the config)."""
-        self.context.config.update_epochs = epochs
+        """Write the value where the training loop reads it (checkpointed with TrainerState)."""
+        self.context.state.hyperparameters.update_epochs = epochs
 
     # -- checkpoint ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The tuned value, both streaks and the adjustment log, as plain containers."""
-        current = self._context.config.update_epochs if self._context is not None else self._restored_epochs
+        """Both streaks and the adjustment log, as plain containers (the tuned value is in TrainerState)."""
         return {
-            "update_epochs": current,
             "high_streak": self.high_streak,
             "low_streak": self.low_streak,
             "adjustments": [list(item) for item in self.adjustments],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the tuned value into the config (now, or at registration) and the streaks."""
+        """Restore the streaks; an old checkpoint's tuned value too (now, or at registration)."""
         self.high_streak = int(state["high_streak"])
         self.low_streak = int(state["low_streak"])
         self.adjustments = [(int(epoch), int(value)) for epoch, value in state.get("adjustments", [])]
@@ -153,7 +153,7 @@ class UpdateEpochsAutotuner(TrainerComponent):
 class AutotunerConfig(BaseModel):
     """Automatic tuning of PPO update epochs from approx-KL and clip fraction, for the CLI."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     enabled: bool = False
     """Adjust `update_epochs` during training."""

@@ -1,19 +1,20 @@
 """Hyperparameter schedules over agent steps, and the component that applies them during training.
 
 A `Schedule` is a pure function of (agent_step, total_steps). `HyperparameterScheduler` evaluates its
-schedules at the agent step an epoch starts from and writes the results where training reads them:
+schedules at the agent step an epoch starts from and writes the results to the checkpointed
+`ctx.state.hyperparameters`, where training reads them; the config is read-only and keeps what was asked:
 
-* learning rate: every optimizer param group (`set_learning_rate`); the config's `learning_rate`
-  stays the initial value, so an annealed rate of exactly 0 is allowed;
-* entropy and clip coefficients: `ctx.config.ppo` (the PPO loss reads them live on every call; the
-  config re-validates each assignment, so schedules are checked against the same bounds up front).
+* learning rate: `hyperparameters.learning_rate` and every optimizer param group (`set_learning_rate`;
+  the core loop also writes it there before each update), so an annealed rate of exactly 0 is allowed;
+* entropy and clip coefficients: `hyperparameters` (the PPO actor loss reads them on every call);
+  schedules are checked up front against the bounds the config accepts.
 
-Why not a torch `LambdaLR` in `ctx.lr_scheduler`: the Trainer steps it once per epoch, so its lambda
-sees an epoch counter and must assume agent_step = epochs x batch_size x world_size, which breaks
-when a resumed run changes batch size or rank count; it scales the optimizer's initial lr by a
-factor (a schedule's absolute values would have to be divided by it); and its own `last_epoch`
-becomes one more counter to keep in step with TrainerState. Setting the values directly from
-`agent_step` needs no state of its own and resumes exactly by construction.
+Why not a torch `LambdaLR`: stepped once per epoch, its lambda sees an epoch counter and must assume
+agent_step = epochs x batch_size x world_size, which breaks when a resumed run changes batch size or
+rank count; it scales the optimizer's initial lr by a factor (a schedule's absolute values would have
+to be divided by it); and its own `last_epoch` becomes one more counter to keep in step with
+TrainerState. Setting the values directly from `agent_step` needs no state of its own and resumes
+exactly by construction.
 """
 
 from __future__ import annotations
@@ -76,18 +77,19 @@ class Schedule(BaseModel):
 
 # ---------------------------------------------------------------------- targets
 def _set_learning_rate(ctx: ComponentContext, value: float) -> None:
-    """Write the rate to the optimizer's groups only (0 is fine there, unlike in OptimizerConfig)."""
+    """Into the state and, so that it shows at once, the optimizer's groups (0 is fine, unlike in OptimizerConfig)."""
+    ctx.state.hyperparameters.learning_rate = value
     set_learning_rate(ctx.optimizer, value)
 
 
 def _set_entropy_coef(ctx: ComponentContext, value: float) -> None:
-    """The actor loss reads `ppo.entropy_coef` on every call."""
-    ctx.config.ppo.entropy_coef = value
+    """The actor loss reads `hyperparameters.entropy_coef` on every call."""
+    ctx.state.hyperparameters.entropy_coef = value
 
 
 def _set_clip_coef(ctx: ComponentContext, value: float) -> None:
-    """The actor loss reads `ppo.clip_coef` on every call."""
-    ctx.config.ppo.clip_coef = value
+    """The actor loss reads `hyperparameters.clip_coef` on every call."""
+    ctx.state.hyperparameters.clip_coef = value
 
 
 _SETTERS: dict[str, Callable[[ComponentContext, float], None]] = {
@@ -120,8 +122,8 @@ class HyperparameterScheduler(TrainerComponent):
     """Sets learning rate, entropy and clip coefficients from their schedules before every update.
 
     Epoch k's update (1-based) uses the values at agent_step = (k - 1) x batch_size x world_size,
-    the step its rollout started from; so after k epochs the optimizer and config show the values
-    at the current agent_step. Values are applied at registration, after a checkpoint is loaded,
+    the step its rollout started from; so after k epochs the optimizer and `state.hyperparameters`
+    show the values at the current agent_step. Values are applied at registration, after a checkpoint is loaded,
     after every epoch, and again at every rollout end (so nothing that ran in between, such as a
     restore that reloaded the optimizer's groups, can leave a stale value in the update).
     """
@@ -143,9 +145,7 @@ class HyperparameterScheduler(TrainerComponent):
         """The agent step those values were evaluated at."""
 
     def register(self, context: ComponentContext) -> None:
-        """Refuse a second learning-rate scheduler, then apply the values for the current step."""
-        if "learning_rate" in self.schedules and context.lr_scheduler is not None:
-            raise ValueError("ctx.lr_scheduler is already set; two learning-rate schedules would fight")
+        """Apply the values for the current step."""
         super().register(context)
         self.apply(context.state.agent_step)
 
@@ -173,7 +173,7 @@ class HyperparameterScheduler(TrainerComponent):
         return {"agent_step": self.applied_step, "values": dict(self.current)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Re-apply the values for the restored agent step (loaded before components by the checkpointer)."""
+        """Re-apply the values for the restored agent step (TrainerState, loaded first, holds the same ones)."""
         if self._context is not None:
             self.apply(self.context.state.agent_step)
 
@@ -185,7 +185,7 @@ ScheduleComponent = HyperparameterScheduler
 class SchedulesConfig(BaseModel):
     """Schedules over agent steps for the CLI; an unset one leaves its hyperparameter fixed."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     learning_rate: Schedule | None = None
     """Optimizer learning rate, in [0, 1] (0 allowed: it is set on the optimizer, not the config)."""
