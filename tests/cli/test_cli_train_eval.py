@@ -35,5 +35,8 @@ def test_train_then_eval(tmp_path: Path) -> None:
     assert evaluation.returncode == 0, evaluation.stderr
     summary = json.loads(evaluation.stdout.strip().splitlines()[-1])
     assert summary["episodes"] == 5
-    assert 8 <= summary["mean_return"] <= 500 and summary["std_return"] >= 0
+    # It learned: random actions last 22.7 steps on average (the longest of 200 random episodes: 63), one action
+    # always ~9. These 8,192 steps gave mean eval returns of 240, 396, 500, 281, 294 and 284 over seeds 0-5
+    # (5 episodes, default eval seed); 100 sits 2.4x under the worst of those and 4x over random.
+    assert 100 <= summary["mean_return"] <= 500 and summary["std_return"] >= 0
     assert summary["mean_return"] == summary["mean_length"], "CartPole pays 1 per step"
