@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import errno
 import json
 import logging
 import os
+import shlex
+import shutil
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,6 +31,7 @@ if TYPE_CHECKING:
     from mettle.rl.training import DistributedHelper
     from mettle.rl.training.components.signals import GracefulShutdown
     from mettle.rl.training.environment import PolicyEnvInfo, TrainingEnvironment
+    from mettle.runlock import RunLock
 
 DEFAULT_ENV = "mettagrid:arena"
 
@@ -58,8 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_USAGE = 2  # bad input: one line says what to change
+EXIT_IO = 74  # EX_IOERR: the disk or file system failed (full, read-only, I/O error); the last checkpoint is intact
+EXIT_SIGNAL_BASE = 128  # stopped by signal N (after writing a checkpoint): 128 + N, as shells report it
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM}
+COMMAND_ENV = "METTLE_COMMAND"  # the command as the user ran it (set by the --nproc launcher for its ranks)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: user errors print one line and exit 2."""
+    """Entry point: user errors print one line and exit 2; see the README for every exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -75,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return eval_command(args)
     except ConfigError as error:
         print(f"mettle: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
 
 def resolve_train_config(args: argparse.Namespace, saved: RunConfig | None = None) -> RunConfig:
@@ -110,28 +126,100 @@ def check_resumable(saved: RunConfig, new: RunConfig) -> None:
 
 def train_command(args: argparse.Namespace, argv: list[str]) -> int:
     """Launch torchrun for --nproc, else train in this process (one rank of many under torchrun)."""
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc} must be at least 1 (the number of ranks on this machine)")
+    command = os.environ.get(COMMAND_ENV) or user_command(argv)
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        return launch_torchrun(args.nproc, argv)
+        return launch_torchrun(args.nproc, argv, command)
+    from mettle.rl.training.components.signals import install_early_handlers
+
+    install_early_handlers()
     from mettle.rl.training import DistributedHelper
 
     distributed = DistributedHelper("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        code = train_in_process(args, distributed)
+        code = train_in_process(args, distributed, command)
     except BaseException:
         distributed.cleanup()
         raise
-    distributed.cleanup(synchronize=True)
+    distributed.cleanup(synchronize=code == 0 or code > EXIT_SIGNAL_BASE)
     return code
 
 
-def launch_torchrun(nproc: int, argv: list[str]) -> int:
-    """Re-run this command under torchrun with `nproc` ranks on this machine (torchrun forwards signals)."""
+def user_command(argv: list[str]) -> str:
+    """The command as it was typed: `mettle ...`, `.venv/bin/mettle ...` or `python -m mettle ...`."""
+    program = sys.argv[0]
+    if Path(program).name == "__main__.py":
+        program = f"{Path(sys.executable).name} -m mettle"
+    elif shutil.which(Path(program).name) == str(Path(program).resolve()) or Path(program).name == program:
+        program = Path(program).name
+    return f"{program} {shlex.join(argv)}"
+
+
+def resume_command(command: str, run_name: str) -> str:
+    """The user's command with `--run NAME` (a generated name included) and without --fresh."""
+    words = shlex.split(command)
+    at = words.index("train")
+    rest = [word for word in strip_option(words[at + 1:], "--run") if word != "--fresh"]
+    return shlex.join([*words[: at + 1], "--run", run_name, *rest])
+
+
+def launch_torchrun(nproc: int, argv: list[str], command: str) -> int:
+    """Run torchrun (quietly, in its own session) with `nproc` ranks; relay SIGINT/SIGTERM as a graceful stop.
+
+    Terminal Ctrl-C reaches only this process, which asks the ranks (through torchrun) to finish their
+    epoch and checkpoint; a second SIGINT kills them at once. Exit: the first failed rank's code, or 128+N.
+    """
     rest = strip_option(argv, "--nproc")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "mettle", "--", *rest]
-    print("launching: " + " ".join(command[1:]), flush=True)
-    os.execv(sys.executable, command)
-    return 0  # not reached
+    torchrun_args = ["--standalone", f"--nproc-per-node={nproc}", "-m", "mettle", "--", *rest]
+    print("launching: torchrun " + shlex.join(torchrun_args), flush=True)
+    child = subprocess.Popen([sys.executable, "-c", QUIET_TORCHRUN, *torchrun_args], start_new_session=True,
+                             env={**os.environ, COMMAND_ENV: command}, preexec_fn=die_with_parent)
+    received: list[int] = []
+
+    def relay(signum: int, frame: FrameType | None) -> None:
+        if received and signum == signal.SIGINT:
+            os.killpg(child.pid, signal.SIGKILL)
+        elif not received:
+            os.kill(child.pid, signal.SIGTERM)
+        received.append(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, relay)
+    code = child.wait()
+    if not received:
+        return code if code >= 0 else EXIT_SIGNAL_BASE - code
+    how = "at once, without a final checkpoint" if len(received) > 1 and received[-1] == signal.SIGINT \
+        else "after the ranks' checkpoint"
+    print(f"mettle: stopped by {signal.Signals(received[0]).name} {how}; resume with: {command}",
+          file=sys.stderr, flush=True)
+    return EXIT_SIGNAL_BASE + received[0]
+
+
+QUIET_TORCHRUN = "import sys; from mettle.cli import run_torchrun; sys.exit(run_torchrun(sys.argv[1:]))"
+
+
+def run_torchrun(torchrun_args: list[str]) -> int:
+    """torchrun without its tracebacks: a stop by signal exits 128+N, a failed rank with that rank's code."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    try:
+        run(parse_args(torchrun_args))
+    except SignalException as stop:
+        return EXIT_SIGNAL_BASE + int(stop.sigval)
+    except ChildFailedError as error:
+        code = error.get_first_failure()[1].exitcode
+        return code if code > 0 else EXIT_SIGNAL_BASE - code
+    return 0
+
+
+def die_with_parent() -> None:
+    """In the torchrun child: SIGTERM (a graceful stop) when the launcher dies, even by SIGKILL (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: ranks outlive a killed launcher (the lock says)
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def strip_option(argv: list[str], name: str) -> list[str]:
@@ -147,13 +235,53 @@ def strip_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
-def train_in_process(args: argparse.Namespace, distributed: DistributedHelper) -> int:
-    """Validate everything on every rank, then train (resuming a run that has checkpoints)."""
-    from mettle.rl.training.checkpointer import list_checkpoints
+def train_in_process(args: argparse.Namespace, distributed: DistributedHelper, command: str) -> int:
+    """Lock the run (rank 0), validate everything on every rank, then train (resuming a run with checkpoints)."""
+    from mettle.runlock import RunLock
 
     env_label = (args.env or DEFAULT_ENV).split(":")[-1].replace("/", "-")
     run_name = distributed.broadcast_from_master(args.run or f"{env_label}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = Path(args.run_dir) / run_name
+    resume = resume_command(command, run_name)
+    with RunLock(run_dir) as lock:
+        try:
+            lock_run(lock, run_name, distributed)
+            cfg = prepare_config(args, run_name, run_dir, distributed)
+            return run_training(cfg, run_name, run_dir, distributed, resume)
+        except KeyboardInterrupt:
+            print(f"mettle: stopped at once by a second SIGINT, without a final checkpoint; {intact(run_dir)}; "
+                  f"resume with: {resume}", file=sys.stderr, flush=True)
+            return EXIT_SIGNAL_BASE + signal.SIGINT
+        except Exception as error:
+            failure = environment_failure(error)
+            if failure is None:
+                raise
+            print(f"mettle: error: {failure} (run {run_dir}); free space or fix the file system, then resume "
+                  f"with: {resume}; {intact(run_dir)}", file=sys.stderr, flush=True)
+            return EXIT_IO
+
+
+def lock_run(lock: RunLock, run_name: str, distributed: DistributedHelper) -> None:
+    """Rank 0 takes the run lock before anything is written; every rank learns the outcome and fails alike."""
+    from mettle.runlock import RunLocked
+
+    refusal = None
+    if distributed.is_master():
+        try:
+            lock.acquire(run_name)
+        except (RunLocked, OSError) as error:
+            refusal = error
+    message = distributed.broadcast_from_master(None if refusal is None else str(refusal))
+    if isinstance(refusal, OSError):
+        raise refusal
+    if message is not None:
+        raise RunLocked(message)
+
+
+def prepare_config(args: argparse.Namespace, run_name: str, run_dir: Path, distributed: DistributedHelper) -> RunConfig:
+    """The run's config on every rank: saved (when resuming) + command line, scaled to the world size."""
+    from mettle.rl.training.checkpointer import list_checkpoints
+
     existing = (run_dir / "config.json").exists() or bool(list_checkpoints(run_dir / "checkpoints"))
     if existing and args.fresh:
         raise ConfigError(f"run {run_name!r} already exists in {run_dir}; --fresh refuses to resume it "
@@ -168,11 +296,36 @@ def train_in_process(args: argparse.Namespace, distributed: DistributedHelper) -
             raise ConfigError(str(error)) from None
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
-    return run_training(cfg, run_name, run_dir, distributed)
+    return cfg
 
 
-def run_training(cfg: RunConfig, run_name: str, run_dir: Path, distributed: DistributedHelper) -> int:
-    """Build env, policy and trainer with its components; train; write the final policy (rank 0)."""
+def environment_failure(error: BaseException) -> str | None:
+    """`[Errno 28] No space left on device: FILE` and the like, found anywhere in the exception chain."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in ENVIRONMENT_ERRNOS:
+            return str(current)
+        if "No space left on device" in str(current) or "errno 28" in str(current).lower():
+            return f"[Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)} ({str(current).splitlines()[0][:200]})"
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def intact(run_dir: Path) -> str:
+    """Which checkpoint a resume will start from."""
+    from mettle.rl.training.checkpointer import list_checkpoints
+
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    return f"the last checkpoint {checkpoints[-1]} is intact" if checkpoints else "no checkpoint was written yet"
+
+
+def run_training(cfg: RunConfig, run_name: str, run_dir: Path, distributed: DistributedHelper, resume: str) -> int:
+    """Build env, policy and trainer with its components; restore; train; write the final policy (rank 0).
+
+    Returns 0 when done, 128+N when signal N stopped the run (after its checkpoint).
+    """
     from mettle.agent.registry import build_policy
     from mettle.envs.factory import make_environment
     from mettle.rl.trainer import Trainer
@@ -186,15 +339,20 @@ def run_training(cfg: RunConfig, run_name: str, run_dir: Path, distributed: Dist
             trainer = Trainer(cfg.trainer, env, policy, distributed.local_device(cfg.device), distributed, run_name)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        if master:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(run_dir / "config.json", lambda f: f.write(cfg.model_dump_json(indent=2).encode()))
         shutdown = register_components(trainer, cfg, run_dir)
         try:
             resumed = trainer.restore()
         except CheckpointError as error:
             raise ConfigError(str(error)) from None
         state = trainer.context.state
+        if distributed.any_rank(shutdown.received is not None):
+            signum = shutdown.received or signal.SIGTERM
+            if master:
+                print(f"stopped by {signal.Signals(signum).name} before training started; resume with: {resume}",
+                      flush=True)
+            return EXIT_SIGNAL_BASE + signum
+        if master:  # only now: a restore that fails leaves the saved config as it was
+            atomic_write(run_dir / "config.json", lambda f: f.write(cfg.model_dump_json(indent=2).encode()))
         if resumed is not None and master:
             print(f"resuming run {run_name} from {resumed} at agent step {state.agent_step:,} (epoch {state.epoch})")
         if master:
@@ -204,13 +362,12 @@ def run_training(cfg: RunConfig, run_name: str, run_dir: Path, distributed: Dist
         if master:
             save_policy(policy, env.policy_env_info, run_dir, agent_step=state.agent_step, epoch=state.epoch)
             if shutdown.received is not None or state.agent_step < cfg.trainer.total_timesteps:
-                print(f"stopped at agent step {state.agent_step:,}; resume with: "
-                      f"mettle train --run {run_name} --run-dir {run_dir.parent}", flush=True)
+                print(f"stopped at agent step {state.agent_step:,}; resume with: {resume}", flush=True)
             else:
                 print(f"policy written to {run_dir / 'policy.safetensors'}")
     finally:
         env.close()
-    return 0
+    return 0 if shutdown.received is None else EXIT_SIGNAL_BASE + shutdown.received
 
 
 def register_components(trainer: Trainer, cfg: RunConfig, run_dir: Path) -> GracefulShutdown:

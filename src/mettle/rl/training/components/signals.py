@@ -12,6 +12,43 @@ from mettle.rl.training.component import TrainerComponent
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
 
+_pending: int | None = None  # a signal that arrived during start-up, before a GracefulShutdown was registered
+
+
+def install_early_handlers(stream: TextIO | None = None) -> None:
+    """From the first line of `mettle train`: a SIGINT/SIGTERM during start-up is remembered, not fatal."""
+    out = stream or sys.stderr
+
+    def record(signum: int, frame: FrameType | None) -> None:
+        global _pending
+        _pending = signum
+        print(f"{signal.Signals(signum).name} received during start-up: stopping before training starts",
+              file=out, flush=True)
+        install_repeat_handlers(out)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in HANDLED:
+            signal.signal(sig, record)
+
+
+def pending_signal() -> int | None:
+    """The signal recorded during start-up, if any."""
+    return _pending
+
+
+def install_repeat_handlers(stream: TextIO) -> None:
+    """After the first signal: SIGINT again stops now; SIGTERM again is noted (a scheduler escalates to SIGKILL)."""
+
+    for sig in HANDLED:
+        signal.signal(sig, lambda signum, frame: repeat_signal(signum, stream))
+
+
+def repeat_signal(signum: int, stream: TextIO) -> None:
+    """A second SIGINT stops now (KeyboardInterrupt); a second SIGTERM is only noted."""
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    print("SIGTERM received again: already stopping (SIGINT or SIGKILL to stop now)", file=stream, flush=True)
+
 
 class GracefulShutdown(TrainerComponent):
     """First signal: finish the epoch and stop cleanly (the checkpointer saves); second SIGINT: stop now."""
@@ -23,19 +60,29 @@ class GracefulShutdown(TrainerComponent):
         self._previous: dict[int, Any] = {}
 
     def register(self, context: Any) -> None:
-        """Install the handlers (only possible from the main thread)."""
+        """Install the handlers (only possible from the main thread); take over a signal from start-up."""
         super().register(context)
         if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in HANDLED}
+            self._previous = {sig: signal.getsignal(sig) for sig in HANDLED}
+            if _pending is None:
+                for sig in HANDLED:
+                    signal.signal(sig, self._handle)
+            else:
+                install_repeat_handlers(self.stream)
+        if _pending is not None:
+            self.received = _pending
+            context.stop_requested = True
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None:  # a repeat, should this handler still be (or again be) installed
+            repeat_signal(signum, self.stream)
+            return
         self.received = signum
         self.context.stop_requested = True
         name = signal.Signals(signum).name
         print(f"{name} received: finishing this epoch and writing a checkpoint (SIGINT again to stop now)",
               file=self.stream, flush=True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        install_repeat_handlers(self.stream)
 
     def on_training_complete(self) -> None:
         """Give the process its previous handlers back."""
@@ -46,7 +93,10 @@ class GracefulShutdown(TrainerComponent):
         self.uninstall()
 
     def uninstall(self) -> None:
-        """Restore the handlers that were there before registration."""
+        """Restore the handlers that were there before registration (after a signal: keep the repeat handlers)."""
+        if self.received is not None and self._previous:
+            install_repeat_handlers(self.stream)
+            self._previous = {}
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
