@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -93,7 +94,7 @@ class Trainer:
         """Registered components, in registration (and callback) order."""
         return list(self._components)
 
-    def train(self) -> Any:
+    def train(self) -> TrainerState:
         """Run the main training loop.
 
         Runs epochs until `total_timesteps` agent steps, or until a component sets
@@ -152,7 +153,7 @@ class Trainer:
         device: Any,
         distributed_helper: DistributedHelper | None = None,
         run_name: str | None = None,
-    ) -> Any:
+    ) -> Trainer:
         """Create a trainer from a configuration.
 
         Args:
@@ -163,11 +164,14 @@ class Trainer:
         trainer.restore()
         return trainer
 
-    def register(self, component: TrainerComponent) -> Any:
+    def register(self, component: TrainerComponent) -> TrainerComponent | None:
         """Register a training component.
 
         Args:
             component: Training component to register
+
+        Returns:
+            The component, or None when it is master-only and this rank is not the master (it is not registered).
         """
         if component.master_only and not self._distributed.is_master():
             return None
@@ -180,10 +184,11 @@ class Trainer:
             component.attach(self)
         return component
 
-    def restore(self) -> Any:
+    def restore(self) -> Path | None:
         """Restore trainer state from checkpoints.
 
         This should be called after setup() to restore any saved state.
+        Returns the checkpoint directory restored from, or None (no checkpointer, or no checkpoint yet).
         """
         if self._checkpointer is None:
             return None

@@ -53,7 +53,7 @@ def one_line(error: BaseException) -> str:
 
 
 # ------------------------------------------------------------------ atomic files
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write via a temp file in the same directory, fsync, then rename: readers never see a partial file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -78,7 +78,7 @@ def fsync_dir(directory: Path) -> None:
 
 
 # ------------------------------------------------------------------ spaces as JSON
-def space_to_json(space: gym.spaces.Space) -> dict[str, Any]:
+def space_to_json(space: gym.spaces.Space[Any]) -> dict[str, Any]:
     """Describe a Box, Discrete or MultiDiscrete space in plain JSON."""
     if isinstance(space, gym.spaces.Box):
         return {"type": "Box", "low": space.low.tolist(), "high": space.high.tolist(), "dtype": str(space.dtype)}
@@ -89,7 +89,7 @@ def space_to_json(space: gym.spaces.Space) -> dict[str, Any]:
     raise ValueError(f"cannot describe observation/action space {space} in a checkpoint")
 
 
-def space_from_json(data: dict[str, Any]) -> gym.spaces.Space:
+def space_from_json(data: dict[str, Any]) -> gym.spaces.Space[Any]:
     """Inverse of `space_to_json`."""
     kind = data["type"]
     if kind == "Box":
@@ -138,9 +138,10 @@ def read_policy_spec(path: Path, device: torch.device | str = "cpu") -> tuple[Po
 
     try:
         spec = json.loads(path.read_text())
-        env_info = PolicyEnvInfo(
-            space_from_json(spec["observation_space"]), space_from_json(spec["action_space"]), int(spec["num_agents"])
-        )
+        action_space = space_from_json(spec["action_space"])
+        if not isinstance(action_space, gym.spaces.Discrete | gym.spaces.MultiDiscrete):
+            raise ValueError(f"action space {action_space} is neither Discrete nor MultiDiscrete")
+        env_info = PolicyEnvInfo(space_from_json(spec["observation_space"]), action_space, int(spec["num_agents"]))
         policy = policy_from_spec(spec["policy"])
         policy.initialize_to_environment(env_info, device)
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, CheckpointError) as error:
@@ -203,7 +204,9 @@ def newest_usable_policy(path: Path, device: torch.device | str = "cpu") -> tupl
 # ------------------------------------------------------------------ RNG state
 def rng_state() -> dict[str, Any]:
     """Python, numpy and torch RNG states as plain containers and tensors."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = np.random.get_state()
+    assert isinstance(numpy_state, tuple), "the global numpy generator is the legacy MT19937, whose state is a tuple"
+    kind, keys, pos, has_gauss, gauss = numpy_state
     py_version, py_state, py_gauss = random.getstate()
     return {
         "python": [py_version, list(py_state), py_gauss],
@@ -231,7 +234,7 @@ class ContextCheckpointer(TrainerComponent):
     staging directory and renamed into place, so a directory named by its epoch is always complete.
     """
 
-    def __init__(self, checkpoint_dir: str | os.PathLike, epoch_interval: int = 10, keep_last: int = 3) -> None:
+    def __init__(self, checkpoint_dir: str | os.PathLike[str], epoch_interval: int = 10, keep_last: int = 3) -> None:
         super().__init__(epoch_interval)
         if keep_last < 1:
             raise ValueError(f"keep_last {keep_last} must be >= 1")
@@ -315,7 +318,7 @@ class ContextCheckpointer(TrainerComponent):
         distributed = trainer.context.distributed
         rejected: list[tuple[Path, CheckpointError]] = []
         # Rank 0's listing, and a checkpoint only when every rank can use it: all ranks restore the same one.
-        names = distributed.broadcast_from_master([p.name for p in list_checkpoints(self.directory)])
+        names: list[str] = distributed.broadcast_from_master([p.name for p in list_checkpoints(self.directory)])
         for path in (self.directory / name for name in reversed(names)):
             try:
                 state, weights = read_checkpoint(path)
@@ -502,7 +505,7 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any
 def load_trainer_state(path: Path) -> dict[str, Any]:
     """Load trainer state with `weights_only=True`, so a file carrying code is refused, never run."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"{path}: refused: it holds objects other than tensors and plain containers ({one_line(error)})",
@@ -510,3 +513,4 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
         ) from None
     except Exception as error:  # truncated zip, EOF, bad magic...
         raise CheckpointError(f"cannot load {path}: {one_line(error)}", "unloadable-state") from None
+    return state

@@ -192,7 +192,7 @@ class CoreTrainingLoop:
             total = total + value
             metrics.update(terms)
         ctx.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        total.backward()  # type: ignore[no-untyped-call]
         metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(ctx.policy.parameters(), ctx.config.ppo.max_grad_norm)
         ctx.optimizer.step()
         ctx.experience.log_ratio[minibatch.indices] = (output.log_prob - data["log_probs"]).detach()
@@ -207,8 +207,8 @@ class CoreTrainingLoop:
         """Mean of each diagnostic over minibatches and ranks."""
         names = sorted(sums)
         means = torch.stack([torch.stack(sums[name]).mean() for name in names])
-        means = self.context.distributed.all_reduce_mean(means).tolist()
-        return dict(zip(names, means, strict=True))
+        values: list[float] = self.context.distributed.all_reduce_mean(means).tolist()
+        return dict(zip(names, values, strict=True))
 
     def compute_advantages(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Advantages (normalised if configured) and value targets for the whole buffer, [segments, T]."""

@@ -103,7 +103,7 @@ def _sgd(cfg: OptimizerConfig, params: list[nn.Parameter]) -> torch.optim.Optimi
 
 def _schedulefree(cfg: OptimizerConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     """Schedule-free AdamW: iterate averaging replaces the lr schedule; warm-up is built in."""
-    return schedulefree.AdamWScheduleFree(
+    optimizer: torch.optim.Optimizer = schedulefree.AdamWScheduleFree(
         params,
         lr=cfg.learning_rate,
         betas=(cfg.beta1, cfg.beta2),
@@ -111,6 +111,7 @@ def _schedulefree(cfg: OptimizerConfig, params: list[nn.Parameter]) -> torch.opt
         weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_steps,
     )
+    return optimizer
 
 
 def _muon(cfg: OptimizerConfig, policy: nn.Module) -> CombinedOptimizer:

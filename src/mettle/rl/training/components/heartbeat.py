@@ -81,6 +81,7 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
 def read_heartbeat(path: Path) -> dict[str, Any] | None:
     """The last heartbeat written at `path`, or None when there is none yet (for watchdogs and tests)."""
     try:
-        return json.loads(Path(path).read_text())
+        heartbeat: dict[str, Any] = json.loads(Path(path).read_text())
     except FileNotFoundError:
         return None
+    return heartbeat

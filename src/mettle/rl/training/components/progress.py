@@ -9,7 +9,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, TextIO
+from typing import IO, Any, TextIO
 
 from rich import box
 from rich.columns import Columns
@@ -107,7 +107,7 @@ class ProgressLogger(TrainerComponent):
             raise ValueError(f"need interval_s >= 0 and window >= 1, got {interval_s} and {window}")
         self.interval_s = interval_s
         self.window = window
-        self.stream: TextIO = stream or (console.file if console is not None else sys.stdout)
+        self.stream: IO[str] = stream or (console.file if console is not None else sys.stdout)
         self.console = console
         self.live_mode = _is_terminal(self.stream) if live is None else live
         self.returns: deque[float] = deque(maxlen=window)
