@@ -70,7 +70,7 @@ def _per_head(logits: torch.Tensor, nvec: tuple[int, ...]) -> torch.Tensor:
     width = max(nvec)
     if all(n == width for n in nvec):
         return logits.reshape(*logits.shape[:-1], len(nvec), width)
-    chunks = logits.split(list(nvec), dim=-1)
+    chunks = torch.split(logits, list(nvec), dim=-1)
     padded = [F.pad(chunk, (0, width - chunk.shape[-1]), value=float("-inf")) for chunk in chunks]
     return torch.stack(padded, dim=-2)
 

@@ -63,7 +63,7 @@ def init_lstm(lstm: nn.LSTM, forget_bias: float = 1.0) -> None:
             else:
                 param.zero_()
         # PyTorch orders the gates (input, forget, cell, output).
-        lstm.bias_ih_l0[hidden : 2 * hidden].fill_(forget_bias)
+        lstm.get_parameter("bias_ih_l0")[hidden : 2 * hidden].fill_(forget_bias)
 
 
 def normalize_rows(rows: slice | None, batch: int) -> slice:

@@ -65,7 +65,7 @@ class LSTMPolicy(Policy):
         self.obs_shape = box_shape(env_info, type(self).__name__)
         self.nvec = env_info.action_nvec
         in_features = int(np.prod(self.obs_shape))
-        self.encoder = build_torso(in_features, self.hidden_size, self.encoder_layers, nn.ReLU)
+        self.encoder: nn.Module = build_torso(in_features, self.hidden_size, self.encoder_layers, nn.ReLU)
         lstm_in = self.hidden_size if self.encoder_layers else in_features
         self.lstm = nn.LSTM(lstm_in, self.hidden_size, batch_first=True)
         init_lstm(self.lstm)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -88,7 +88,7 @@ class Policy(nn.Module, ABC):
         """Whether outputs depend on earlier steps of the same row."""
         return False
 
-    def rebuild_spec(self) -> dict:
+    def rebuild_spec(self) -> dict[str, Any]:
         """A JSON-able description ({"class": registered name, "kwargs": ...}) from which an equal policy is built."""
         raise NotImplementedError(f"{type(self).__name__} does not describe how to rebuild itself; define "
                                   "rebuild_spec() returning its register_policy name and constructor kwargs")

@@ -174,7 +174,7 @@ class TokenEncoder(nn.Module):
         bias, direction = self.feature_bias(feature), self.feature_direction(feature)
         keep = valid.unsqueeze(-1).to(bias.dtype)
         # In place where autograd allows (no saved tensor is overwritten): fresh large tensors are slow on CPU.
-        x = self.location_embed(location).add_(bias).addcmul_(value, direction).mul_(keep).relu_()
+        x: torch.Tensor = self.location_embed(location).add_(bias).addcmul_(value, direction).mul_(keep).relu_()
         if len(self.token_mlp):
             x = self.token_mlp(x) * keep
         return x
@@ -227,8 +227,9 @@ class TokenPolicy(LSTMPolicy):
         """Build encoder, core and heads, read per-feature value scales from the extras, then move to `device`."""
         self.obs_shape = token_shape(env_info, type(self).__name__)
         self.nvec = env_info.action_nvec
-        self.encoder = TokenEncoder(self.embed_size, self.hidden_size, self.pooling, self.num_heads, self.token_layers)
-        self.encoder.set_normalizations(feature_normalizations(env_info.extras))
+        encoder = TokenEncoder(self.embed_size, self.hidden_size, self.pooling, self.num_heads, self.token_layers)
+        encoder.set_normalizations(feature_normalizations(env_info.extras))
+        self.encoder = encoder
         if self.core == "lstm":
             self.lstm = nn.LSTM(self.hidden_size, self.hidden_size, batch_first=True)
             init_lstm(self.lstm)
