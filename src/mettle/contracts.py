@@ -17,7 +17,7 @@ import numpy as np
 class PolicyEnvInfo:
     """What a policy needs to know to fit an environment: one agent's spaces."""
 
-    observation_space: gym.spaces.Space
+    observation_space: gym.spaces.Space[Any]
     action_space: gym.spaces.Discrete | gym.spaces.MultiDiscrete
     num_agents: int = 1
     """Agents per environment instance (each is one row of the batch)."""
@@ -130,4 +130,5 @@ def check_all_rows(rows: slice | None, num_rows: int) -> None:
 def random_actions(info: PolicyEnvInfo, rows: int, rng: np.random.Generator) -> np.ndarray:
     """Uniform random actions for `rows` agents, shaped [rows, heads]."""
     nvec = np.asarray(info.action_nvec)
-    return (rng.random((rows, len(nvec))) * nvec).astype(np.int64)
+    actions: np.ndarray = (rng.random((rows, len(nvec))) * nvec).astype(np.int64)
+    return actions

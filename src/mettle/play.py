@@ -375,7 +375,7 @@ def _make_env(target: str, kwargs: Mapping[str, Any], seed: int) -> MettaGridEnv
 def _check_compatible(name: str, policy_info: Any, env: MettaGridEnvironment) -> None:
     """The saved policy must fit the game's observations and actions (the run's kwargs may have changed)."""
     info = env.policy_env_info
-    same_obs = tuple(policy_info.observation_space.shape) == tuple(info.observation_space.shape)
+    same_obs = tuple(policy_info.observation_space.shape) == info.observation_space.shape
     if not same_obs or policy_info.action_space != info.action_space:
         raise ConfigError(
             f"the policy was saved for observations {policy_info.observation_space.shape} and actions "
@@ -430,7 +430,8 @@ def _act(policy: Policy, batch: EnvBatch, device: str, deterministic: bool) -> n
         obs = torch.as_tensor(batch.observations).to(device).unsqueeze(1)
         starts = torch.as_tensor(batch.starts, dtype=torch.bool).to(device).unsqueeze(1)
         output = policy(obs, starts, rows=batch.rows, deterministic=deterministic)
-    return output.actions[:, 0].cpu().numpy()
+    actions: np.ndarray = output.actions[:, 0].cpu().numpy()
+    return actions
 
 
 # ---------------------------------------------------------------------------------- recordings

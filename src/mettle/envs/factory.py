@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mettle.config import ConfigError, EnvConfig
 from mettle.contracts import TrainingEnvironment
+
+if TYPE_CHECKING:
+    from mettle.envs.gymnasium import Vectorization
 
 FAMILIES = ("mettagrid", "gym", "pettingzoo")
 
@@ -23,7 +26,12 @@ def split_env_name(name: str) -> tuple[str, str]:
 
 
 def build_in_process(
-    family: str, target: str, kwargs: dict[str, Any], gym_mode: str, num_envs: int, worker_index: int = 0
+    family: str,
+    target: str,
+    kwargs: dict[str, Any],
+    gym_mode: Vectorization,
+    num_envs: int,
+    worker_index: int = 0,
 ) -> TrainingEnvironment:
     """One in-process environment of `num_envs` instances (also what each vector worker runs)."""
     if family == "gym":
@@ -53,7 +61,8 @@ def make_environment(cfg: EnvConfig, seed: int = 0, num_envs: int | None = None)
             workers = min(cfg.num_workers, count)
             return VectorEnvironment(factory, count, workers, cfg.async_factor, seed=seed,
                                      timeout_s=cfg.worker_timeout_s)
-        gym_mode = {"gymnasium_async": "async", "gymnasium_sync": "sync"}.get(cfg.vectorization, "auto")
+        modes: dict[str, Vectorization] = {"gymnasium_async": "async", "gymnasium_sync": "sync"}
+        gym_mode = modes.get(cfg.vectorization, "auto")
         return build_in_process(family, target, cfg.kwargs, gym_mode, count)
     except ValueError as error:
         raise ConfigError(str(error).splitlines()[0]) from None

@@ -55,7 +55,8 @@ __all__ = [
 
 CARTPOLE_NO_VELOCITY_ID = "mettle/CartPoleNoVel-v1"
 AUTORESET_MODES = ("next_step", "same_step", "disabled")
-VECTORIZATIONS = ("auto", "native", "sync", "async")
+Vectorization = Literal["auto", "native", "sync", "async"]
+VECTORIZATIONS: tuple[Vectorization, ...] = ("auto", "native", "sync", "async")
 """native: the id's own vectorised class (e.g. CartPoleVectorEnv); sync/async: Gymnasium's Sync/AsyncVectorEnv
 over single envs; auto: native where the id has one, no wrappers are given and the class takes the env kwargs,
 else sync."""
@@ -89,7 +90,8 @@ class MaskVelocityObservation(gym.ObservationWrapper):
 
     def observation(self, observation: np.ndarray) -> np.ndarray:
         """Drop the cart velocity (1) and the pole angular velocity (3)."""
-        return observation[self.KEEP]
+        kept: np.ndarray = observation[self.KEEP]
+        return kept
 
 
 def make_cartpole_no_velocity(**kwargs: Any) -> gym.Env:
@@ -127,7 +129,7 @@ def _check_env_id(env_id: str) -> None:
     try:
         namespace, base, version = gym.envs.registration.parse_env_id(name)
     except gym.error.Error:
-        namespace, base, version = None, None, 0
+        namespace, base, version = None, name, 0
     if version is None and gym.envs.registration.find_highest_version(namespace, base) is not None:
         return  # an unversioned id; gymnasium picks the latest version
     matches = difflib.get_close_matches(name, list(gym.registry), n=1, cutoff=0.5)
@@ -220,7 +222,7 @@ def _parse_mode(mode: str | AutoresetMode) -> AutoresetMode:
 class _ObservationWriter:
     """Writes vector-env observations into the float32 batch buffer (Box as is, Discrete one-hot)."""
 
-    def __init__(self, space: gym.Space, env_name: str) -> None:
+    def __init__(self, space: gym.Space[Any], env_name: str) -> None:
         converted = feature_space(space)
         if converted is None:
             raise GymnasiumEnvError(
@@ -245,7 +247,7 @@ class _ObservationWriter:
 class _ActionConverter:
     """Turns [rows, heads] int64 actions into the vector env's batched action layout."""
 
-    def __init__(self, space: gym.Space, num_envs: int, env_name: str) -> None:
+    def __init__(self, space: gym.Space[Any], num_envs: int, env_name: str) -> None:
         if isinstance(space, gym.spaces.Discrete):
             self.shape: tuple[int, ...] = (num_envs,)
             self.heads = 1
@@ -304,7 +306,7 @@ class GymnasiumEnvironment(ReplayEnvironment):
         self,
         env_id: str,
         num_envs: int = 8,
-        vectorization: Literal["auto", "native", "sync", "async"] = "sync",
+        vectorization: Vectorization = "sync",
         autoreset_mode: str | AutoresetMode = "next_step",
         seed: int = 0,
         wrappers: Sequence[Wrapper] = (),
@@ -342,7 +344,7 @@ class GymnasiumEnvironment(ReplayEnvironment):
         except GymnasiumEnvError:
             self.close()
             raise
-        self._info = PolicyEnvInfo(self._obs_writer.space, vec_env.single_action_space, num_agents=1)
+        self._info = PolicyEnvInfo(self._obs_writer.space, self._actions.space, num_agents=1)
         self._batch_info = BatchInfo(num_envs=n, agents_per_env=1)
         self._buffers = RowBuffers.allocate(n, self._obs_writer.space.shape)
         self._to_reset = np.zeros(n, dtype=bool)
@@ -409,6 +411,12 @@ class GymnasiumEnvironment(ReplayEnvironment):
         """Replayable sub-envs, or a native vector env whose arrays are known."""
         return self._log is not None or self._native_fields is not None
 
+    @property
+    def _sync_vec(self) -> gym.vector.SyncVectorEnv:
+        """The vector env as the SyncVectorEnv that it is whenever episodes are logged and replayed."""
+        assert isinstance(self._vec, gym.vector.SyncVectorEnv), "only a SyncVectorEnv's episodes are replayed"
+        return self._vec
+
     def _log_send(self, actions: np.ndarray) -> None:
         """Log the actions; rows showing a final observation reset in this step, from their RNG's state now."""
         assert self._log is not None
@@ -418,11 +426,12 @@ class GymnasiumEnvironment(ReplayEnvironment):
 
     def _rng_start(self, row: int) -> dict[str, Any]:
         """An unseeded reset of sub-env `row` continues its RNG: its state now is the episode's start."""
-        return {"rng": self._vec.envs[row].unwrapped.np_random.bit_generator.state}
+        return {"rng": self._sync_vec.envs[row].unwrapped.np_random.bit_generator.state}
 
     def _replay_instance(self, instance: int, start: dict[str, Any], actions: np.ndarray) -> None:
         """Reset sub-env `instance` as it was reset, step it through its actions, and show its observation."""
-        vec, env = self._vec, self._vec.envs[instance]
+        vec = self._sync_vec
+        env = vec.envs[instance]
         if "seed" in start:
             obs, _ = env.reset(seed=start["seed"])
         else:
@@ -445,10 +454,10 @@ class GymnasiumEnvironment(ReplayEnvironment):
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         """Put the native arrays back, or tell the sync env which sub-envs reset on the next step."""
-        vec = self._vec
         if self._native_fields is None:
-            vec._autoreset_envs = self._buffers.done.copy()
+            self._sync_vec._autoreset_envs = self._buffers.done.copy()
             return
+        vec = self._vec
         if state.get("class") != type(vec).__name__:
             raise EnvStateError(f"saved native vector env {state.get('class')!r}, this is {type(vec).__name__!r}")
         for name, tensor in state["arrays"].items():
@@ -475,7 +484,7 @@ class GymnasiumEnvironment(ReplayEnvironment):
         """Queue one info per finished episode: the sub-env's numeric scalars, then return, length and env_id."""
         buffers = self._buffers
         for row in np.flatnonzero(buffers.done):
-            episode = _scalar_infos(final_info, row) if final_info else {}
-            episode.update(buffers.episode_info(row, env_id=int(row)))
+            episode = _scalar_infos(final_info, int(row)) if final_info else {}
+            episode.update(buffers.episode_info(int(row), env_id=int(row)))
             buffers.infos.append(episode)
         buffers.clear_totals(buffers.done)

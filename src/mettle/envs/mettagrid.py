@@ -79,6 +79,9 @@ class MettaGridEnvironment(ReplayEnvironment):
     `policy_env_info` holds one agent's token space and actions; its `extras` describe the tokens.
     """
 
+    _log: EpisodeLog
+    """Every game's episodes are always logged (resume replays them)."""
+
     def __init__(
         self,
         config: MettaGridConfig,
@@ -146,8 +149,9 @@ class MettaGridEnvironment(ReplayEnvironment):
     def _allocate(self) -> None:
         """Every per-step array, once: the delivered batch and the simulations' buffers (observations: the batch's)."""
         rows, n, a = self._batch_info.num_rows, self._num_envs, self._agents
-        shape = self._info.observation_space.shape
-        self._buffers = RowBuffers.allocate(rows, shape, dtype_observations, fill=PADDING)
+        space = self._info.observation_space
+        assert isinstance(space, gym.spaces.Box), "token observations are a Box"
+        self._buffers = RowBuffers.allocate(rows, space.shape, dtype_observations, fill=PADDING)
         self._sim_terminals = np.zeros(rows, dtype=bool)
         self._sim_truncations = np.zeros(rows, dtype=bool)
         self._sim_rewards = np.zeros(rows, dtype=np.float32)
@@ -290,8 +294,9 @@ class MettaGridEnvironment(ReplayEnvironment):
     def _new_simulation(self, env: int, seed: int) -> None:
         """Build game `env`'s simulation for `seed`, closing the one it replaces."""
         config = self._configs[env]
-        if self._reseed_maps:
-            config.game.map_builder.seed = seed
+        builder = config.game.map_builder
+        if self._reseed_maps and hasattr(builder, "seed"):
+            builder.seed = seed
         old, self._sims[env] = self._sims[env], None
         if old is not None:
             old.close()

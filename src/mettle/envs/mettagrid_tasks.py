@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from mettagrid.config.action_config import ActionsConfig, ChangeVibeActionConfig, MoveActionConfig, NoopActionConfig
 from mettagrid.config.game_value import InventoryValue
 from mettagrid.config.handler_config import (
     Handler,
@@ -36,19 +37,15 @@ from mettagrid.config.handler_config import (
     updateTarget,
 )
 from mettagrid.config.mettagrid_config import (
-    ActionsConfig,
     AgentConfig,
-    ChangeVibeActionConfig,
     GameConfig,
     GridObjectConfig,
     InventoryConfig,
     MettaGridConfig,
-    MoveActionConfig,
-    NoopActionConfig,
-    ObsConfig,
     ResourceLimitsConfig,
     WallConfig,
 )
+from mettagrid.config.obs_config import ObsConfig
 from mettagrid.config.reward_config import reward
 from mettagrid.config.tag import typeTag
 from mettagrid.map_builder.random_map import RandomMapBuilderConfig

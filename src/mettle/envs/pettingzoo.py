@@ -91,7 +91,7 @@ class PettingZooSpec:
             matches = difflib.get_close_matches(self.name, public, n=1, cutoff=0.5)
             hint = f"; did you mean {matches[0]!r}?" if matches else ""
             raise PettingZooEnvError(f"module {self.module!r} has no attribute {self.name!r}{hint}")
-        factory = getattr(module, self.name)
+        factory: Callable[..., Any] = getattr(module, self.name)
         if not callable(factory):
             raise PettingZooEnvError(f"{self.spec!r} is a {type(factory).__name__}, not a callable")
         return factory
@@ -132,10 +132,10 @@ def _line(error: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------- space conversion
-def _shared_space(env: ParallelEnv, kind: str) -> gym.Space:
+def _shared_space(env: ParallelEnv, kind: str) -> gym.Space[Any]:
     """The one space every possible agent has, or an error listing each agent's space."""
     get = env.observation_space if kind == "observation" else env.action_space
-    by_agent = {agent: get(agent) for agent in env.possible_agents}
+    by_agent: dict[Any, gym.Space[Any]] = {agent: get(agent) for agent in env.possible_agents}
     first = next(iter(by_agent.values()))
     if all(space == first for space in by_agent.values()):
         return first
@@ -146,7 +146,7 @@ def _shared_space(env: ParallelEnv, kind: str) -> gym.Space:
 class _ObservationWriter:
     """Writes one agent's observation into a float32 row (Box as is, Discrete one-hot)."""
 
-    def __init__(self, space: gym.Space) -> None:
+    def __init__(self, space: gym.Space[Any]) -> None:
         converted = feature_space(space)
         if converted is None:
             raise PettingZooEnvError(
@@ -166,7 +166,7 @@ class _ObservationWriter:
 class _ActionConverter:
     """Turns one row of [heads] int64 choices into the action the agent's space expects."""
 
-    def __init__(self, space: gym.Space) -> None:
+    def __init__(self, space: gym.Space[Any]) -> None:
         self.space: gym.spaces.Discrete | gym.spaces.MultiDiscrete
         if isinstance(space, gym.spaces.Discrete):
             self.shape: tuple[int, ...] = ()
@@ -226,6 +226,9 @@ class PettingZooEnvironment(ReplayEnvironment):
     `policy_env_info` holds one agent's spaces (observations always a float32 Box); its extras name the
     possible agents.
     """
+
+    _log: EpisodeLog
+    """Every instance's episodes are always logged (resume replays them)."""
 
     def __init__(
         self,

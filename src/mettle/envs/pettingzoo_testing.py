@@ -24,7 +24,7 @@ from pettingzoo.utils.conversions import parallel_to_aec
 __all__ = ["TargetMatchParallelEnv", "env", "parallel_env", "raw_env"]
 
 
-class TargetMatchParallelEnv(ParallelEnv):
+class TargetMatchParallelEnv(ParallelEnv):  # type: ignore[misc]  # pettingzoo ships no type information
     """Agents copy a shown target action; repeated mistakes or a fixed step make them leave early."""
 
     metadata: ClassVar[dict[str, Any]] = {

@@ -139,7 +139,7 @@ class RowBuffers(EnvBatch):
         self.lengths[rows] = 0
 
 
-def feature_space(space: gym.Space) -> tuple[gym.spaces.Box, int | None] | None:
+def feature_space(space: gym.Space[Any]) -> tuple[gym.spaces.Box, int | None] | None:
     """Box (as is) or Discrete (one-hot) as the float32 Box delivered, with the one-hot's start; else None."""
     if isinstance(space, gym.spaces.Box):
         low, high = space.low.astype(np.float32), space.high.astype(np.float32)

@@ -54,6 +54,9 @@ _SAVED_ROW_ARRAYS = {
 class _RowEpisodeEnvironment(RowBufferEnvironment):
     """Next-step bookkeeping shared by the testing envs, so each only defines its dynamics."""
 
+    _rng: np.random.Generator
+    """Set by the environments that draw random numbers (saved and restored with the state); others have none."""
+
     def __init__(
         self,
         num_envs: int,
@@ -153,7 +156,9 @@ class _RowEpisodeEnvironment(RowBufferEnvironment):
         """Queue one info (return, length, env_id, agent_id) per finished episode."""
         agents, buffers = self._batch_info.agents_per_env, self._buffers
         for row in np.flatnonzero(buffers.done):
-            buffers.infos.append(buffers.episode_info(row, env_id=int(row // agents), agent_id=int(row % agents)))
+            buffers.infos.append(
+                buffers.episode_info(int(row), env_id=int(row // agents), agent_id=int(row % agents))
+            )
         buffers.clear_totals(buffers.done)
 
 
@@ -385,7 +390,7 @@ def _check_layout(r: Rollout, info: PolicyEnvInfo | None) -> None:
         _fail(f"observations must be float32 (features) or uint8 (e.g. MettaGrid tokens), got {r.observations.dtype}")
     if info is not None:
         space = info.observation_space
-        if r.observations.shape[2:] != tuple(space.shape):
+        if r.observations.shape[2:] != space.shape:
             _fail(f"observations shaped {r.observations.shape[2:]}, space says {space.shape}")
         if space.dtype is not None and np.dtype(space.dtype) != r.observations.dtype:
             _fail(f"observations are {r.observations.dtype}, space says {space.dtype}")
@@ -437,7 +442,7 @@ def _check_episode_infos(r: Rollout) -> None:
             _fail(
                 f"batch {t}: infos for rows {sorted(reported)} but episodes ended in rows {finished.tolist()}"
             )
-        for row in finished:
+        for row in finished.tolist():
             info = reported[row]
             if info["episode_length"] != lengths[row]:
                 _fail(f"batch {t} row {row}: episode_length {info['episode_length']} != {lengths[row]} seen")

@@ -57,9 +57,10 @@ class EnvironmentWorkerError(RuntimeError):
 class _Backend(Protocol):
     """Where sub-envs run: worker processes or this process."""
 
-    pids: list[int]
     shm_name: str | None
 
+    @property
+    def pids(self) -> list[int]: ...
     def start(self) -> list[SubEnvInfo]: ...
     def attach(self, layout: _Layout, worker_rows: Sequence[slice]) -> dict[str, np.ndarray]: ...
     def reset(self, worker: int, seed: int | None) -> None: ...
@@ -173,7 +174,7 @@ class _ProcessBackend:
             resource_tracker.ensure_running()
         for worker in range(self.num_workers):
             ours, theirs = self.context.Pipe(duplex=True)
-            process = self.context.Process(
+            process = self.context.Process(  # type: ignore[attr-defined]  # typeshed: only concrete contexts have it
                 target=_worker_main,
                 args=(theirs, self.make_env, self.envs_per_worker, worker),
                 name=f"mettle-env-worker-{worker}",
