@@ -84,6 +84,11 @@ class GracefulShutdown(TrainerComponent):
               file=self.stream, flush=True)
         install_repeat_handlers(self.stream)
 
+    def on_epoch_end(self, epoch: int) -> None:
+        """Ask again: a handler that ran while the trainer was agreeing on a stop across ranks was overwritten."""
+        if self.received is not None:
+            self.context.stop_requested = True
+
     def on_training_complete(self) -> None:
         """Give the process its previous handlers back."""
         self.uninstall()
