@@ -212,7 +212,8 @@ def test_nproc_launcher_relays_sigterm_to_checkpointing_ranks_and_exits_143(tmp_
     out, err = finish(proc, timeout=90)
     assert proc.returncode == 143, err
     assert "Traceback" not in err
-    assert f"resume with: {Path(sys.executable).name} -m mettle train --run r --run-dir {tmp_path} --nproc 2" in out, err
+    python = Path(sys.executable).name
+    assert f"resume with: {python} -m mettle train --run r --run-dir {tmp_path} --nproc 2" in out, err
     assert err.strip().splitlines()[-1].startswith("mettle: stopped by SIGTERM after the ranks' checkpoint")
     assert newest_step(tmp_path / "r") > 0
     assert json.loads((tmp_path / "r" / "config.json").read_text())["env"]["name"] == "gym:CartPole-v1"
