@@ -76,8 +76,8 @@ class Trainer:
         )
         live = self._context.state.hyperparameters
         self._core = CoreTrainingLoop(self._context, [PPOActorLoss(cfg.ppo, live), PPOCriticLoss(cfg.ppo)])
+        self._context.core_loop = self._core
         self._components = self._context.components
-        self._checkpointer: ContextCheckpointer | None = None
 
     @property
     def context(self) -> ComponentContext:
@@ -101,6 +101,7 @@ class Trainer:
         `context.stop_requested`; either way `on_training_complete` follows (a checkpoint, a summary).
         """
         state = self._context.state
+        self._warn_unclaimed_state()
         try:
             while state.agent_step < self._cfg.total_timesteps and not self._stop_requested():
                 self._run_epoch()
@@ -124,9 +125,17 @@ class Trainer:
         self._invoke_epoch_end(ctx.state.epoch - 1, ctx.state.epoch)
 
     def _stop_requested(self) -> bool:
-        """A stop asked for on any rank stops every rank at the same epoch."""
-        self._context.stop_requested = self._distributed.any_rank(self._context.stop_requested)
-        return self._context.stop_requested
+        """A stop asked for on any rank stops every rank at the same epoch (one asked during the vote: the next)."""
+        agreed = self._distributed.any_rank(self._context.stop_requested)
+        self._context.stop_requested = self._context.stop_requested or agreed
+        return agreed
+
+    def _warn_unclaimed_state(self) -> None:
+        """Saved state that no registered component took is ignored: say which, rather than resume without it."""
+        checkpointer = self._checkpointer()
+        for key in sorted(checkpointer.unclaimed if checkpointer is not None else ()):
+            logger.warning("the checkpoint holds state for component %r, but no registered component has that "
+                           "state_key: its state is ignored (register it before train() to restore it)", key)
 
     def _invoke(self, callback: TrainerCallback, *args: Any) -> None:
         for component in self._components:
@@ -179,9 +188,9 @@ class Trainer:
             raise ValueError(f"a component with state_key {component.state_key!r} is already registered")
         component.register(self._context)
         self._components.append(component)
-        if isinstance(component, ContextCheckpointer):
-            self._checkpointer = component
-            component.attach(self)
+        checkpointer = self._checkpointer()
+        if checkpointer is not None:  # registered after restore(): it still gets its saved state
+            checkpointer.hand_state_to(component)
         return component
 
     def restore(self) -> Path | None:
@@ -190,9 +199,12 @@ class Trainer:
         This should be called after setup() to restore any saved state.
         Returns the checkpoint directory restored from, or None (no checkpointer, or no checkpoint yet).
         """
-        if self._checkpointer is None:
-            return None
-        return self._checkpointer.restore(self)
+        checkpointer = self._checkpointer()
+        return checkpointer.restore() if checkpointer is not None else None
+
+    def _checkpointer(self) -> ContextCheckpointer | None:
+        """The registered checkpointer, which restore() reads from (at most one: they share a state_key)."""
+        return next((c for c in self._components if isinstance(c, ContextCheckpointer)), None)
 
 
 def seed_everything(seed: int) -> None:

@@ -26,7 +26,6 @@ from mettle.rl.training.environment import PolicyEnvInfo
 
 if TYPE_CHECKING:
     from mettle.agent.policy import Policy
-    from mettle.rl.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -241,11 +240,8 @@ class ContextCheckpointer(TrainerComponent):
         self.directory = resolve_checkpoint_dir(Path(checkpoint_dir))
         self.keep_last = keep_last
         self._last_saved_epoch = -1
-        self._trainer: Trainer | None = None
-
-    def attach(self, trainer: Trainer) -> None:
-        """Called by `Trainer.register`: the trainer's loop state goes into every checkpoint."""
-        self._trainer = trainer
+        self.unclaimed: dict[str, dict[str, Any]] = {}
+        """Component state from the restored checkpoint that no registered component has taken (yet)."""
 
     def on_epoch_end(self, epoch: int) -> None:
         """Save on the interval."""
@@ -270,10 +266,11 @@ class ContextCheckpointer(TrainerComponent):
 
     def _rank_state(self) -> dict[str, Any]:
         """What differs between ranks: RNG streams and rollout progress (envs, held decisions, memory)."""
+        core_loop = self.context.core_loop
         return {
             "rng": rng_state(),
             "generator": self.context.generator.get_state(),
-            "core_loop": self._trainer.core_loop.state_dict() if self._trainer is not None else None,
+            "core_loop": core_loop.state_dict() if core_loop is not None else None,
         }
 
     def _write(self, final: Path, per_rank: list[dict[str, Any]]) -> None:
@@ -309,20 +306,20 @@ class ContextCheckpointer(TrainerComponent):
         for stale in self.directory.glob(".staging-*"):
             shutil.rmtree(stale, ignore_errors=True)
 
-    def restore(self, trainer: Trainer) -> Path | None:
+    def restore(self) -> Path | None:
         """Load the newest usable checkpoint; None (fresh start) when there is none.
 
         A damaged or misfitting newer checkpoint is reported by name, moved to damaged/ and the previous one
         used; if checkpoints exist but none is usable, CheckpointError is raised rather than starting over.
         """
-        distributed = trainer.context.distributed
+        distributed = self.context.distributed
         rejected: list[tuple[Path, CheckpointError]] = []
         # Rank 0's listing, and a checkpoint only when every rank can use it: all ranks restore the same one.
         names: list[str] = distributed.broadcast_from_master([p.name for p in list_checkpoints(self.directory)])
         for path in (self.directory / name for name in reversed(names)):
             try:
                 state, weights = read_checkpoint(path)
-                self._check_fits(trainer, state, weights, path)
+                self._check_fits(state, weights, path)
                 problem = None
             except CheckpointError as error:
                 problem = error
@@ -331,8 +328,8 @@ class ContextCheckpointer(TrainerComponent):
                 logger.warning("checkpoint %s is unusable, trying the previous one: %s", path, problem)
                 rejected.append((path, problem))
                 continue
-            self._apply_checked(trainer, state, weights, path)
-            self._set_aside(trainer, rejected)
+            self._apply_checked(state, weights, path)
+            self._set_aside(rejected)
             return path
         if rejected:
             raise CheckpointError(f"no usable checkpoint in {self.directory}: "
@@ -340,9 +337,9 @@ class ContextCheckpointer(TrainerComponent):
                                   + f"; move them out of {self.directory} to start over, or restore a backup", "none")
         return None
 
-    def _check_fits(self, trainer: Trainer, state: Any, weights: dict[str, torch.Tensor], path: Path) -> None:
+    def _check_fits(self, state: Any, weights: dict[str, torch.Tensor], path: Path) -> None:
         """Everything that can be checked without touching the live trainer, so a misfit falls back cleanly."""
-        ctx = trainer.context
+        ctx = self.context
         check_state_fields(state, path / TRAINER_STATE)
         check_weights_fit(ctx.policy, weights, path / POLICY_WEIGHTS)
         try:
@@ -357,19 +354,18 @@ class ContextCheckpointer(TrainerComponent):
             raise CheckpointError(f"{path / TRAINER_STATE} does not fit this trainer: {one_line(error)}",
                                   "does-not-fit") from None
 
-    def _apply_checked(self, trainer: Trainer, state: dict[str, Any], weights: dict[str, torch.Tensor],
-                       path: Path) -> None:
+    def _apply_checked(self, state: dict[str, Any], weights: dict[str, torch.Tensor], path: Path) -> None:
         """Apply a checked checkpoint; a failure past the checks (component state) stops rather than half-resumes."""
         try:
-            self._apply(trainer, state, weights)
+            self._apply(state, weights)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as error:
             raise CheckpointError(f"{path} passed its checks but failed to apply ({one_line(error)}); the trainer "
                                   f"is partly restored, so it stops: move {path} aside and retry",
                                   "apply-failed") from error
 
-    def _set_aside(self, trainer: Trainer, rejected: list[tuple[Path, CheckpointError]]) -> None:
+    def _set_aside(self, rejected: list[tuple[Path, CheckpointError]]) -> None:
         """Rank 0 moves the rejected checkpoints to damaged/, so their epochs are saved afresh and never pruned for."""
-        if not rejected or not trainer.context.distributed.is_master():
+        if not rejected or not self.context.distributed.is_master():
             return
         damaged = self.directory / DAMAGED_DIR
         damaged.mkdir(exist_ok=True)
@@ -383,29 +379,36 @@ class ContextCheckpointer(TrainerComponent):
             logger.warning("moved damaged checkpoint %s to %s", path, target)
         fsync_dir(self.directory)
 
-    def _apply(self, trainer: Trainer, state: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
-        ctx = trainer.context
+    def _apply(self, state: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
+        """Load everything into the live trainer; component state waits in `unclaimed` for late registrations."""
+        ctx = self.context
         ctx.policy.load_state_dict(weights)
         ctx.optimizer.load_state_dict(state["optimizer"])
         ctx.state.load_state_dict(state["trainer"])
         ctx.stopwatch.load_state_dict(state["stopwatch"])
-        self._apply_rank_state(trainer, state["ranks"])
-        for component in trainer.components:
-            if component.state_key in state["components"]:
-                component.load_state_dict(state["components"][component.state_key])
+        self._apply_rank_state(state["ranks"])
+        self.unclaimed = {key: value for key, value in state["components"].items() if key != self.state_key}
+        for component in ctx.components:
+            self.hand_state_to(component)
         self._last_saved_epoch = ctx.state.epoch
 
-    def _apply_rank_state(self, trainer: Trainer, ranks: list[dict[str, Any]]) -> None:
-        rank, world = trainer.context.distributed.get_rank(), trainer.context.distributed.get_world_size()
+    def hand_state_to(self, component: TrainerComponent) -> None:
+        """Give a component its state from the restored checkpoint, if it has any (also when registered late)."""
+        if component.state_key in self.unclaimed:
+            component.load_state_dict(self.unclaimed.pop(component.state_key))
+
+    def _apply_rank_state(self, ranks: list[dict[str, Any]]) -> None:
+        ctx = self.context
+        rank, world = ctx.distributed.get_rank(), ctx.distributed.get_world_size()
         if len(ranks) != world:
             logger.warning("checkpoint was written by %d ranks, now %d: environments and RNG restart fresh",
                            len(ranks), world)
             return
         mine = ranks[rank]
         set_rng_state(mine["rng"])
-        trainer.context.generator.set_state(mine["generator"])
-        if mine["core_loop"] is not None:
-            trainer.core_loop.load_state_dict(mine["core_loop"])
+        ctx.generator.set_state(mine["generator"])
+        if mine["core_loop"] is not None and ctx.core_loop is not None:
+            ctx.core_loop.load_state_dict(mine["core_loop"])
 
 
 def resolve_checkpoint_dir(path: Path) -> Path:

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from mettle.agent.policy import Policy
     from mettle.profiling.stopwatch import Stopwatch
     from mettle.rl.training.component import TrainerComponent
+    from mettle.rl.training.core import CoreTrainingLoop
     from mettle.rl.training.distributed import DistributedHelper
     from mettle.rl.training.environment import TrainingEnvironment
     from mettle.rl.training.experience import Experience
@@ -113,3 +114,5 @@ class ComponentContext:
     """Registered components in callback order (their state goes into checkpoints)."""
     stop_requested: bool = False
     """Set (by a signal handler or any component) to end training cleanly after the current epoch."""
+    core_loop: CoreTrainingLoop | None = None
+    """The rollout/update loop, set by the Trainer: its held decisions and env state go into checkpoints."""
