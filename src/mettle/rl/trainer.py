@@ -133,7 +133,9 @@ class Trainer:
     def _warn_unclaimed_state(self) -> None:
         """Saved state that no registered component took is ignored: say which, rather than resume without it."""
         checkpointer = self._checkpointer()
-        for key in sorted(checkpointer.unclaimed if checkpointer is not None else ()):
+        if checkpointer is None or not self._distributed.is_master():  # other ranks skip master-only components
+            return
+        for key in sorted(checkpointer.unclaimed):
             logger.warning("the checkpoint holds state for component %r, but no registered component has that "
                            "state_key: its state is ignored (register it before train() to restore it)", key)
 
