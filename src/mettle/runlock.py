@@ -13,6 +13,19 @@ from typing import Any
 from mettle.config import ConfigError
 
 LOCK_NAME = ".lock"
+_HELD: set[int] = set()
+"""File descriptors of the locks this process holds."""
+
+
+def _drop_held_in_child() -> None:
+    """A forked child (an env worker) closes its copies, so the lock ends with its holder, not with the workers."""
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_held_in_child)
 
 
 class RunLocked(ConfigError):
@@ -51,6 +64,7 @@ class RunLock:
                 ) from None
             if same_file(fd, self.path):
                 self._fd = fd
+                _HELD.add(fd)
             else:  # a releasing holder unlinked this file after we opened it: lock the new one instead
                 os.close(fd)
         holder = {"pid": os.getpid(), "host": socket.gethostname()}
@@ -62,6 +76,7 @@ class RunLock:
         if self._fd is None:
             return
         self.path.unlink(missing_ok=True)
+        _HELD.discard(self._fd)
         os.close(self._fd)
         self._fd = None
         self._remove_made_dir()

@@ -75,6 +75,28 @@ def test_second_trainer_of_a_run_fails_at_once_and_a_killed_holders_lock_is_take
     assert not (tmp_path / "r" / ".lock").exists(), "a finished run releases its lock"
 
 
+def test_the_lock_ends_with_its_holder_even_while_its_env_workers_live_on(tmp_path: Path) -> None:
+    """Forked env workers must not keep the run locked after the trainer itself was killed."""
+    import psutil
+
+    holder = start(tmp_path, *LONG, "env.vectorization=multiprocess", "env.num_workers=2")
+    wait_for_epoch(holder)
+    workers = [c for c in psutil.Process(holder.pid).children() if c.name().startswith("mettle-env")]
+    assert len(workers) == 2
+    for worker in workers:
+        worker.suspend()  # stopped workers cannot notice their parent is gone
+    try:
+        holder.kill()
+        holder.wait(timeout=30)  # not communicate(): the stopped workers still hold its output pipes open
+        assert all(worker.is_running() for worker in workers)
+        takeover = start(tmp_path, *CARTPOLE, "total_timesteps=1024")
+        _, err = finish(takeover)
+        assert takeover.returncode == 0 and "already being trained" not in err, err
+    finally:
+        for worker in workers:
+            worker.kill()
+
+
 def test_sigterm_exits_143_after_its_checkpoint_and_prints_the_command_as_run(tmp_path: Path) -> None:
     proc = start(tmp_path, *LONG, "checkpoint_interval=1000")
     wait_for_epoch(proc)
