@@ -90,17 +90,12 @@ def solved(returns: deque[float], threshold: float) -> bool:
 
 
 def build_mettle(cfg: Any) -> tuple[Any, Any]:
-    """The env and Trainer (on CPU, no components) a resolved run config describes; the env is closed on failure."""
-    from mettle.agent.registry import build_policy
-    from mettle.envs.factory import make_environment
-    from mettle.rl.trainer import Trainer
+    """The env and Trainer of `mettle train` for a resolved config (its components, e.g. the recipe's schedules),
+    without a run directory: nothing is written to disk."""
+    from mettle.run import build_run
 
-    env = make_environment(cfg.env, seed=cfg.trainer.seed)
-    try:
-        return env, Trainer(cfg.trainer, env, build_policy(cfg.policy.kind, hidden_size=cfg.policy.hidden_size), "cpu")
-    except BaseException:
-        env.close()
-        raise
+    run = build_run(cfg)
+    return run.env, run.trainer
 
 
 def run_mettle(spec: dict[str, Any]) -> dict[str, Any]:
@@ -108,9 +103,6 @@ def run_mettle(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = mettle_config(spec)
     env, trainer = build_mettle(cfg)
     try:
-        schedules = cfg.schedules.build()  # the recipe's schedules, registered as `mettle train` does
-        if schedules is not None:
-            trainer.register(schedules)
         probe = trainer.register(make_return_probe(spec.get("threshold"), spec.get("max_seconds")))
         probe.started = started = time.perf_counter()
         trainer.train()

@@ -64,3 +64,15 @@ def test_the_walk_sees_type_checking_relative_and_from_package_imports() -> None
     )
     found = within(imported_modules(source, "mettle.envs"), UPPER)
     assert found == ["mettle.cli", "mettle.rl.training", "mettle.rl.training.Experience"]
+
+
+def test_building_environments_loads_nothing_from_the_layers_above() -> None:
+    """Also indirectly: importing every env module (the factory included) pulls in no mettle.rl, run or cli."""
+    import subprocess
+    import sys
+
+    modules = ["mettle.envs.factory", "mettle.envs.gymnasium", "mettle.envs.pettingzoo", "mettle.envs.mettagrid",
+               "mettle.envs.vector", "mettle.agent.registry"]
+    probe = f"import sys; import {', '.join(modules)}; print(sorted(m for m in sys.modules if m.startswith({UPPER!r})))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]", loaded

@@ -12,11 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-import mettle.cli
-from mettle.cli import evaluation_envs
 from mettle.config import ConfigError, build_run_config, fit_run_config
 from mettle.envs.factory import make_environment
 from mettle.rl.training.components.signals import StopAtEpoch
+from mettle.run import evaluation_envs
 
 
 def test_worker_timeout_reaches_the_env_workers() -> None:
@@ -128,10 +127,6 @@ def train(tmp_path: Path, run: str, *overrides: str) -> subprocess.CompletedProc
     return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
 
-CLI_FITS_SIZES = "fit_run_config" in Path(mettle.cli.__file__).read_text()
-
-
-@pytest.mark.xfail(not CLI_FITS_SIZES, strict=True, reason="cli.run_training does not call fit_run_config yet")
 def test_cli_fits_default_sizes_to_24_rows_and_trains(tmp_path: Path) -> None:
     result = train(tmp_path, "defaults")
     assert result.returncode == 0, result.stderr

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -26,11 +26,8 @@ from mettle.config import ConfigError, RunConfig, build_run_config
 from mettle.recipes import recipe_for
 
 if TYPE_CHECKING:
-    from mettle.agent.policy import Policy
-    from mettle.rl.trainer import Trainer
     from mettle.rl.training import DistributedHelper
-    from mettle.rl.training.components.signals import GracefulShutdown
-    from mettle.rl.training.environment import PolicyEnvInfo, TrainingEnvironment
+    from mettle.run import Run
     from mettle.runlock import RunLock
 
 DEFAULT_ENV = "mettagrid:arena"
@@ -100,28 +97,14 @@ def resolve_train_config(args: argparse.Namespace, saved: RunConfig | None = Non
     if args.policy:
         overrides.append(f"policy.kind={args.policy}")
     if saved is not None:
+        from mettle.run import check_resumable
+
         cfg = build_run_config([*overrides, *args.overrides], base=saved.model_dump(mode="json"))
         check_resumable(saved, cfg)
         return cfg
     env_name = args.env or DEFAULT_ENV
-    return build_run_config([*recipe_for(env_name, args.policy), f"env.name={env_name}", *overrides, *args.overrides])
-
-
-RESUME_FIXED = ("env.name", "env.kwargs", "env.num_envs", "policy", "trainer.optimizer.type", "trainer.bptt_horizon")
-
-
-def check_resumable(saved: RunConfig, new: RunConfig) -> None:
-    """Refuse to resume into another environment, policy architecture or optimizer."""
-    old, cur = saved.model_dump(mode="json"), new.model_dump(mode="json")
-    for key in RESUME_FIXED:
-        before, after = old, cur
-        for part in key.split("."):
-            before, after = before[part], after[part]
-        if before != after:
-            raise ConfigError(
-                f"cannot resume: {key} was {before!r} in the saved run, now {after!r}; "
-                "start a new run with another --run name"
-            )
+    return build_run_config([f"env.name={env_name}", *overrides, *args.overrides],
+                            defaults=recipe_for(env_name, args.policy))
 
 
 def train_command(args: argparse.Namespace, argv: list[str]) -> int:
@@ -207,7 +190,7 @@ def run_torchrun(torchrun_args: list[str]) -> int:
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
     try:
-        run(parse_args(torchrun_args))
+        run(parse_args(torchrun_args))  # type: ignore[no-untyped-call]
     except SignalException as stop:
         return EXIT_SIGNAL_BASE + int(stop.sigval)
     except ChildFailedError as error:
@@ -286,6 +269,8 @@ def prepare_config(args: argparse.Namespace, run_name: str, run_dir: Path, distr
     if existing and args.fresh:
         raise ConfigError(f"run {run_name!r} already exists in {run_dir}; --fresh refuses to resume it "
                           "(choose another --run name, or delete the directory)")
+    from mettle.run import load_run_config
+
     saved = load_run_config(run_dir) if (run_dir / "config.json").exists() else None
     cfg = resolve_train_config(args, saved)
     distributed.synchronize()  # every rank has read the run dir before rank 0 writes to it
@@ -322,29 +307,18 @@ def intact(run_dir: Path) -> str:
 
 
 def run_training(cfg: RunConfig, run_name: str, run_dir: Path, distributed: DistributedHelper, resume: str) -> int:
-    """Build env, policy and trainer with its components; restore; train; write the final policy (rank 0).
+    """Build and restore the run, save its config, train, write the final policy (rank 0) and say what happened.
 
     Returns 0 when done, 128+N when signal N stopped the run (after its checkpoint).
     """
-    from mettle.agent.registry import build_policy
-    from mettle.envs.factory import make_environment
-    from mettle.rl.trainer import Trainer
-    from mettle.rl.training.checkpointer import CheckpointError, atomic_write, save_policy
+    from mettle.files import atomic_write
+    from mettle.rl.training.checkpointer import save_policy
+    from mettle.run import build_run
 
     master = distributed.is_master()
-    env = make_environment(cfg.env, seed=cfg.trainer.seed)
-    try:
-        policy = build_policy(cfg.policy.kind, hidden_size=cfg.policy.hidden_size)
-        try:
-            trainer = Trainer(cfg.trainer, env, policy, distributed.local_device(cfg.device), distributed, run_name)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-        shutdown = register_components(trainer, cfg, run_dir)
-        try:
-            resumed = trainer.restore()
-        except CheckpointError as error:
-            raise ConfigError(str(error)) from None
-        state = trainer.context.state
+    with build_run(cfg, run_dir, distributed, run_name) as run:
+        shutdown, state = run.shutdown, run.trainer.context.state
+        assert shutdown is not None  # a run with a directory has its signal handler
         if distributed.any_rank(shutdown.received is not None):
             signum = shutdown.received or signal.SIGTERM
             if master:
@@ -352,88 +326,27 @@ def run_training(cfg: RunConfig, run_name: str, run_dir: Path, distributed: Dist
                       flush=True)
             return EXIT_SIGNAL_BASE + signum
         if master:  # only now: a restore that fails leaves the saved config as it was
-            atomic_write(run_dir / "config.json", lambda f: f.write(cfg.model_dump_json(indent=2).encode()))
-        if resumed is not None and master:
-            print(f"resuming run {run_name} from {resumed} at agent step {state.agent_step:,} (epoch {state.epoch})")
+            atomic_write(run_dir / "config.json", lambda f: f.write(run.config.model_dump_json(indent=2).encode()))
+            announce(run, run_name, distributed)
+        run.trainer.train()
         if master:
-            ranks = f" on {distributed.get_world_size()} ranks" if distributed.is_distributed else ""
-            print(f"training {cfg.env.name} with {cfg.policy.kind} policy{ranks}; run dir {run_dir}", flush=True)
-        trainer.train()
-        if master:
-            save_policy(policy, env.policy_env_info, run_dir, agent_step=state.agent_step, epoch=state.epoch)
-            if shutdown.received is not None or state.agent_step < cfg.trainer.total_timesteps:
+            save_policy(run.policy, run.env.policy_env_info, run_dir, agent_step=state.agent_step, epoch=state.epoch)
+            if shutdown.received is not None or state.agent_step < run.config.trainer.total_timesteps:
                 print(f"stopped at agent step {state.agent_step:,}; resume with: {resume}", flush=True)
             else:
                 print(f"policy written to {run_dir / 'policy.safetensors'}")
-    finally:
-        env.close()
     return 0 if shutdown.received is None else EXIT_SIGNAL_BASE + shutdown.received
 
 
-def register_components(trainer: Trainer, cfg: RunConfig, run_dir: Path) -> GracefulShutdown:
-    """The run's components in callback order: tuners, then measurements, reporters, and the checkpointer last."""
-    from mettle.rl.training import ContextCheckpointer
-    from mettle.rl.training.components.gradients import GradientReporter
-    from mettle.rl.training.components.heartbeat import Heartbeat
-    from mettle.rl.training.components.monitor import Monitor
-    from mettle.rl.training.components.profiler import TorchProfiler
-    from mettle.rl.training.components.progress import ProgressLogger
-    from mettle.rl.training.components.signals import GracefulShutdown
-    from mettle.rl.training.components.stats import StatsReporter
-
-    optional = [
-        cfg.schedules.build(),
-        cfg.autotuner.build(),
-        Monitor(cfg.monitor.interval) if cfg.monitor.enabled else None,
-        GradientReporter(cfg.gradients.interval, cfg.gradients.per_layer) if cfg.gradients.enabled else None,
-        cfg.evaluator.build(evaluation_envs(cfg), seed=cfg.trainer.seed + 12345),
-        TorchProfiler(run_dir / "profiles", cfg.profiler.interval, cfg.profiler.record_shapes)
-        if cfg.profiler.enabled else None,
-        StatsReporter.from_config(cfg.stats, run_dir, trainer.context.run_name or run_dir.name,
-                                  cfg.model_dump(mode="json")) if trainer.context.distributed.is_master() else None,
-        ProgressLogger(interval_s=cfg.progress_interval_s),
-        Heartbeat(run_dir / "heartbeat.json", cfg.heartbeat.interval) if cfg.heartbeat.enabled else None,
-    ]
-    for component in optional:
-        if component is not None:
-            trainer.register(component)
-    shutdown = GracefulShutdown()
-    trainer.register(shutdown)
-    trainer.register(ContextCheckpointer(run_dir / "checkpoints", epoch_interval=cfg.checkpoint_interval))
-    return shutdown
-
-
-def evaluation_envs(cfg: RunConfig) -> dict[str, Callable[[], TrainingEnvironment]]:
-    """Factories for the Evaluator: the training env and any extra ones, in-process, with the evaluator's size."""
-    from mettle.envs.factory import make_environment
-
-    def factory(name: str) -> Callable[[], TrainingEnvironment]:
-        kwargs = cfg.env.kwargs if name == cfg.env.name else {}
-        env_cfg = cfg.env.model_copy(update={"name": name, "vectorization": "serial", "kwargs": kwargs})
-        return lambda: make_environment(env_cfg, seed=cfg.trainer.seed + 777, num_envs=cfg.evaluator.num_envs)
-
-    names = [cfg.env.name, *(name for name in cfg.evaluator.envs if name != cfg.env.name)]
-    return {name: factory(name) for name in names}
-
-
-def load_newest_policy(path: Path, device: str) -> tuple[Policy, PolicyEnvInfo, Path]:
-    """The newest intact checkpoint's policy under `path` (or `path` itself), named on stderr; flaws are one line."""
-    from mettle.rl.training.checkpointer import CheckpointError, newest_usable_policy
-
-    try:
-        policy, env_info, used = newest_usable_policy(path, device)
-    except CheckpointError as error:
-        raise ConfigError(str(error)) from None
-    print(f"using checkpoint {used}", file=sys.stderr, flush=True)
-    return policy, env_info, used
-
-
-def load_run_config(path: Path) -> RunConfig:
-    """The config.json of a run directory or of the run that holds a checkpoint directory."""
-    for candidate in (path, *path.parents[:3]):
-        if (candidate / "config.json").exists():
-            return RunConfig.model_validate_json((candidate / "config.json").read_text())
-    raise ConfigError(f"no config.json found at or above {path}")
+def announce(run: Run, run_name: str, distributed: DistributedHelper) -> None:
+    """Say whether the run resumes (from which checkpoint) and what it trains."""
+    state = run.trainer.context.state
+    if run.resumed_from is not None:
+        print(f"resuming run {run_name} from {run.resumed_from} at agent step {state.agent_step:,} "
+              f"(epoch {state.epoch})")
+    ranks = f" on {distributed.get_world_size()} ranks" if distributed.is_distributed else ""
+    print(f"training {run.config.env.name} with {run.config.policy.kind} policy{ranks}; run dir {run.run_dir}",
+          flush=True)
 
 
 def eval_command(args: argparse.Namespace) -> int:
@@ -446,6 +359,8 @@ def eval_command(args: argparse.Namespace) -> int:
     path = Path(args.run_dir)
     if not path.exists():
         raise ConfigError(f"run directory {path} does not exist")
+    from mettle.run import load_newest_policy, load_run_config
+
     cfg = load_run_config(path)
     policy, _, _ = load_newest_policy(path, cfg.device)
     env = make_environment(cfg.env, seed=args.seed, num_envs=min(args.episodes, cfg.env.num_envs))

@@ -9,6 +9,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from mettle.errors import ConfigError
+
+__all__ = ["ConfigError", "EnvConfig", "PolicyConfig", "RunConfig", "build_run_config", "fit_run_config"]
 from mettle.rl.trainer_config import DEFER_SIZE_CHECK, TrainerConfig, fit_sizes_to_rows
 from mettle.rl.training.components.autotuner import AutotunerConfig
 from mettle.rl.training.components.evaluator import EvaluatorConfig
@@ -18,10 +21,6 @@ from mettle.rl.training.components.monitor import MonitorConfig
 from mettle.rl.training.components.profiler import ProfilerConfig
 from mettle.rl.training.components.scheduler import SchedulesConfig
 from mettle.rl.training.components.stats import StatsConfig
-
-
-class ConfigError(ValueError):
-    """Bad user input; the message names the field, the value and the fix."""
 
 
 class _Config(BaseModel):

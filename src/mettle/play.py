@@ -28,7 +28,6 @@ live, without mettagrid, torch or the policy.
 from __future__ import annotations
 
 import json
-import os
 import string
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -37,14 +36,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from mettle.config import ConfigError
+from mettle.errors import one_line
+from mettle.files import atomic_write
 
 if TYPE_CHECKING:
-    import numpy as np
     from mettagrid.simulator import Simulation
 
     from mettle.agent.policy import Policy
     from mettle.envs.mettagrid import MettaGridEnvironment
-    from mettle.rl.training.environment import EnvBatch
 
 __all__ = [
     "FORMAT",
@@ -312,7 +311,7 @@ def play_run(
     Ctrl-C stops early and returns 130; what was played is still written to `save`. User errors
     (no such run, not a MettaGrid run, bad options) raise ConfigError (a ValueError) with a one-line message.
     """
-    from mettle.cli import load_newest_policy, load_run_config
+    from mettle.run import load_newest_policy, load_run_config
 
     _check_play_options(run_path, steps, fps, seed)
     cfg = load_run_config(run_path)
@@ -405,7 +404,7 @@ def _play_episode(
     batch = env.get_observations()
     try:
         while steps is None or len(frames) < steps:
-            env.send_actions(_act(policy, batch, device, deterministic))
+            env.send_actions(policy.act(batch, device, deterministic))
             batch = env.get_observations()
             returns += batch.rewards
             sim = env.simulations[0]
@@ -422,18 +421,6 @@ def _play_episode(
     return frames, False
 
 
-def _act(policy: Policy, batch: EnvBatch, device: str, deterministic: bool) -> np.ndarray:
-    """The policy's actions for every agent row of the batch, as the environment takes them."""
-    import torch
-
-    with torch.inference_mode():
-        obs = torch.as_tensor(batch.observations).to(device).unsqueeze(1)
-        starts = torch.as_tensor(batch.starts, dtype=torch.bool).to(device).unsqueeze(1)
-        output = policy(obs, starts, rows=batch.rows, deterministic=deterministic)
-    actions: np.ndarray = output.actions[:, 0].cpu().numpy()
-    return actions
-
-
 # ---------------------------------------------------------------------------------- recordings
 def write_recording(
     path: Path, header: Mapping[str, Any], legend: Sequence[Sequence[str]], frames: Sequence[FrameData]
@@ -446,14 +433,10 @@ def write_recording(
     first = {"format": FORMAT, "version": VERSION, **header, **shape, "legend": [list(pair) for pair in legend],
              "frames": len(frames)}
     lines = [json.dumps(first), *(json.dumps(frame.to_json()) for frame in frames)]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, lambda handle: handle.write(("\n".join(lines) + "\n").encode()))
     except OSError as error:
         raise ConfigError(f"cannot write recording {path}: {error.strerror or error}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_recording(path: Path) -> tuple[dict[str, Any], list[FrameData]]:
@@ -475,7 +458,7 @@ def _recording_lines(path: Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"replay file {path}: cannot read it ({_one_line(error)})") from None
+        raise ConfigError(f"replay file {path}: cannot read it ({one_line(error)})") from None
     if not text.strip():
         raise ConfigError(f"replay file {path} is empty, not a mettle play recording")
     return text.splitlines()
@@ -511,12 +494,7 @@ def _parse_frame(path: Path, number: int, line: str) -> FrameData:
     except KeyError as error:
         raise ConfigError(f"replay file {path}: line {number} is not a valid frame (missing {error})") from None
     except (TypeError, ValueError) as error:
-        raise ConfigError(f"replay file {path}: line {number} is not a valid frame ({_one_line(error)})") from None
-
-
-def _one_line(error: BaseException) -> str:
-    """An exception squeezed onto one line."""
-    return " ".join(str(error).split()) or type(error).__name__
+        raise ConfigError(f"replay file {path}: line {number} is not a valid frame ({one_line(error)})") from None
 
 
 def replay_file(path: Path, fps: float, stream: TextIO) -> int:

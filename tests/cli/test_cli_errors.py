@@ -22,8 +22,8 @@ def run_mettle(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         (["optimizer.learnng_rate=0.1"], "unknown config key 'optimizer.learnng_rate'"),
         (["optimizer.learning_rate=-0.5"], "trainer.optimizer.learning_rate"),
         (["batch_size=1024", "minibatch_size=4096"], "minibatch_size 4096 is larger than batch_size 1024"),
-        (["--env", "gym:CartPole-v1", "batch_size=1000"], "batch_size 1000 is not a multiple of minibatch_size 128"),
-        (["--env", "gym:CartPole-v1", "env.num_envs=7"], "try batch_size="),
+        (["--env", "gym:CartPole-v1", "batch_size=1000"], "(8 x 16 = 128); try batch_size=1024"),
+        (["--env", "gym:CartPole-v1", "env.num_envs=7", "batch_size=512"], "try batch_size=560 minibatch_size=112"),
         (["--env", "mettagrid:no_such_task"], "no_such_task"),
     ],
 )
@@ -36,6 +36,14 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path, args: list[str], expect
     assert lines[0].startswith("mettle: error:")
     assert "Traceback" not in result.stderr
     assert not any(tmp_path.iterdir()), "nothing is written for a config that fails"
+
+
+def test_recipe_sizes_are_fitted_to_the_rows_the_user_asked_for(tmp_path: Path) -> None:
+    """The recipe's batch sizes are defaults: with 7 CartPole envs they are refitted, with one log line."""
+    result = run_mettle("train", "--run-dir", str(tmp_path), "--env", "gym:CartPole-v1", "env.num_envs=7",
+                        "total_timesteps=1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "do not fit 7 agent rows x bptt_horizon 16; using batch_size=" in result.stderr
 
 
 def test_unknown_env_suggests_close_match(tmp_path: Path) -> None:

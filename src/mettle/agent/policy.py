@@ -6,11 +6,12 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from mettle.contracts import PolicyEnvInfo
+    from mettle.contracts import EnvBatch, PolicyEnvInfo
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,18 @@ class Policy(nn.Module, ABC):
 
     def load_memory_state(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what `memory_state` returned."""
+
+    def act(self, batch: EnvBatch, device: torch.device | str, deterministic: bool = False) -> np.ndarray:
+        """Actions for every row of an environment batch, as `send_actions` takes them ([rows, heads] int64).
+
+        For acting outside training (evaluation, watching): no gradients, and recurrent memory advances per row.
+        """
+        with torch.inference_mode():
+            obs = torch.as_tensor(batch.observations).to(device).unsqueeze(1)
+            starts = torch.as_tensor(batch.starts, dtype=torch.bool).to(device).unsqueeze(1)
+            output = self(obs, starts, rows=batch.rows, deterministic=deterministic)
+        actions: np.ndarray = output.actions[:, 0].cpu().numpy()
+        return actions
 
     @property
     def is_recurrent(self) -> bool:

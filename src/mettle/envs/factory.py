@@ -5,10 +5,11 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
-from mettle.config import ConfigError, EnvConfig
 from mettle.contracts import TrainingEnvironment
+from mettle.errors import ConfigError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the run-level config; importing it at run time would pull mettle.rl into envs
+    from mettle.config import EnvConfig
     from mettle.envs.gymnasium import Vectorization
 
 FAMILIES = ("mettagrid", "gym", "pettingzoo")

@@ -53,6 +53,7 @@ from pydantic import ValidationError
 from mettle.contracts import BatchInfo, PolicyEnvInfo
 from mettle.envs.mettagrid_tasks import TASKS
 from mettle.envs.rows import EpisodeLog, ReplayEnvironment, RowBuffers, generator_state, set_generator_state
+from mettle.errors import one_line
 
 __all__ = [
     "MettaGridEnvError",
@@ -387,7 +388,7 @@ def make_mettagrid_environment(
         raise
     except Exception as error:  # the C++ core rejects some configs only when a game is built
         raise MettaGridEnvError(
-            f"MettaGrid config {name_or_path}: cannot build the game: {_one_line(error)}"
+            f"MettaGrid config {name_or_path}: cannot build the game: {one_line(error)}"
         ) from error
 
 
@@ -397,7 +398,7 @@ def load_mettagrid_config(name_or_path: str, **task_kwargs: Any) -> MettaGridCon
         try:
             return TASKS[name_or_path](**task_kwargs)
         except (TypeError, ValueError) as error:
-            raise MettaGridEnvError(f"MettaGrid task {name_or_path!r}: {_one_line(error)}") from None
+            raise MettaGridEnvError(f"MettaGrid task {name_or_path!r}: {one_line(error)}") from None
     if not name_or_path.endswith(CONFIG_SUFFIXES):
         raise MettaGridEnvError(
             f"unknown MettaGrid task {name_or_path!r}; known tasks: {', '.join(sorted(TASKS))} "
@@ -420,7 +421,7 @@ def _read_config_file(path: Path) -> MettaGridConfig:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as error:
         raise MettaGridEnvError(
-            f"MettaGrid config {path}: not valid {path.suffix[1:].upper()}: {_one_line(error)}"
+            f"MettaGrid config {path}: not valid {path.suffix[1:].upper()}: {one_line(error)}"
         ) from None
     if not isinstance(data, dict):
         raise MettaGridEnvError(
@@ -433,7 +434,7 @@ def _read_config_file(path: Path) -> MettaGridConfig:
             f"MettaGrid config {path}: invalid MettaGridConfig: {_validation_summary(error)}"
         ) from None
     except (TypeError, ValueError, KeyError, AssertionError) as error:  # raised by mettagrid's own validators
-        raise MettaGridEnvError(f"MettaGrid config {path}: invalid MettaGridConfig: {_one_line(error)}") from None
+        raise MettaGridEnvError(f"MettaGrid config {path}: invalid MettaGridConfig: {one_line(error)}") from None
 
 
 def _validation_summary(error: ValidationError) -> str:
@@ -443,9 +444,3 @@ def _validation_summary(error: ValidationError) -> str:
     where = ".".join(str(part) for part in first["loc"]) or "<root>"
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
     return f"{where}: {first['msg']}{more}"
-
-
-def _one_line(error: BaseException) -> str:
-    """An exception squeezed onto one line, named when its message is empty."""
-    text = " ".join(str(error).split())
-    return text or type(error).__name__

@@ -56,6 +56,7 @@ from mettle.envs.rows import (
     generator_state,
     set_generator_state,
 )
+from mettle.errors import one_line
 
 __all__ = ["PettingZooEnvError", "PettingZooEnvironment", "PettingZooSpec", "parse_pettingzoo_spec"]
 
@@ -85,7 +86,8 @@ class PettingZooSpec:
         try:
             module = importlib.import_module(self.module)
         except ImportError as error:
-            raise PettingZooEnvError(f"cannot import module {self.module!r} of {self.spec!r}: {_line(error)}") from None
+            reason = one_line(error, first_line=True)
+            raise PettingZooEnvError(f"cannot import module {self.module!r} of {self.spec!r}: {reason}") from None
         if not hasattr(module, self.name):
             public = [n for n in dir(module) if not n.startswith("_")]
             matches = difflib.get_close_matches(self.name, public, n=1, cutoff=0.5)
@@ -123,12 +125,6 @@ def _require_parallel(env: object, source: str) -> ParallelEnv:
             "parallel_env or wrap it with pettingzoo.utils.conversions.aec_to_parallel"
         )
     raise PettingZooEnvError(f"{source} returned {type(env).__name__}, not a pettingzoo ParallelEnv")
-
-
-def _line(error: BaseException) -> str:
-    """The first line of an error message, so our errors stay one line."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # ------------------------------------------------------------------------- space conversion
@@ -254,7 +250,8 @@ class PettingZooEnvironment(ReplayEnvironment):
             try:
                 env = make_env(**env_kwargs)
             except TypeError as error:
-                raise PettingZooEnvError(f"cannot create {_name(make_env)} with {env_kwargs}: {_line(error)}") from None
+                reason = one_line(error, first_line=True)
+                raise PettingZooEnvError(f"cannot create {_name(make_env)} with {env_kwargs}: {reason}") from None
             self._envs.append(_require_parallel(env, _name(make_env)))
 
     def _setup(self, seed: int) -> None:

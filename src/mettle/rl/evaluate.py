@@ -37,11 +37,7 @@ def evaluate_policy(
             if done[row] < quota[row]:
                 done[row] += 1
                 results.append(info)
-        with torch.inference_mode():
-            obs = torch.as_tensor(batch.observations).to(device).unsqueeze(1)
-            starts = torch.as_tensor(batch.starts, dtype=torch.bool).to(device).unsqueeze(1)
-            output = policy(obs, starts, rows=batch.rows, deterministic=deterministic)
-        env.send_actions(output.actions[:, 0].cpu().numpy())
+        env.send_actions(policy.act(batch, device, deterministic))
     return results
 
 

@@ -9,11 +9,9 @@ import logging
 import os
 import pickle
 import random
-import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
@@ -21,8 +19,13 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from mettle import errors
+from mettle.files import atomic_write, fsync_dir
 from mettle.rl.training.component import TrainerComponent
 from mettle.rl.training.environment import PolicyEnvInfo
+
+__all__ = ["CheckpointError", "ContextCheckpointer", "atomic_write", "fsync_dir", "list_checkpoints", "load_policy",
+           "newest_usable_policy", "save_policy"]
 
 if TYPE_CHECKING:
     from mettle.agent.policy import Policy
@@ -37,43 +40,17 @@ DAMAGED_DIR = "damaged"
 """Where restore moves damaged checkpoints: out of the listing, so pruning never counts them."""
 
 
+def one_line(error: BaseException) -> str:
+    """An exception as `Type: first line`, so every checkpoint error stays one line."""
+    return errors.one_line(error, with_type=True, first_line=True)
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be used; `reason` is a short slug that names its damaged/ directory."""
 
     def __init__(self, message: str, reason: str = "unusable") -> None:
         super().__init__(message)
         self.reason = reason
-
-
-def one_line(error: BaseException) -> str:
-    """An exception as `Type: first line` (terminal colour codes dropped), so every checkpoint error stays one line."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
-
-
-# ------------------------------------------------------------------ atomic files
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write via a temp file in the same directory, fsync, then rename: readers never see a partial file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename inside `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------ spaces as JSON

@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mettle.files import atomic_write
 from mettle.rl.training.component import TrainerComponent
 
 
@@ -68,14 +69,9 @@ class Heartbeat(TrainerComponent):
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON via a temp file and os.replace, so readers see the old or the new file, never half of one."""
+    """Readers see the old or the new heartbeat, never half of one (not fsynced: it is rewritten every epoch)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(payload) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda handle: handle.write((json.dumps(payload) + "\n").encode()), durable=False)
 
 
 def read_heartbeat(path: Path) -> dict[str, Any] | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TextIO
 
-from mettle.rl.training.checkpointer import atomic_write
+from mettle.files import atomic_write
 
 WandbMode = Literal["online", "offline", "disabled"]
 

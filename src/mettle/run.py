@@ -1,0 +1,170 @@
+"""A training run built from a RunConfig: the one place env, policy, Trainer and components are wired.
+
+`mettle train`, bench/ and tests build runs here, so they all train the same thing. Components are
+registered in callback order: tuners (schedules, autotuner), measurements (monitor, gradients,
+evaluator, profiler), reporters (stats, progress, heartbeat), then the signal handler and the
+checkpointer last, so that a checkpoint taken at an epoch end holds every other component's state
+after that epoch. A run without a directory (bench, quick experiments) gets no component that writes
+files: no stats, heartbeat, profiler, signal handler or checkpointer.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from mettle.agent.policy import Policy
+from mettle.agent.registry import build_policy
+from mettle.config import ConfigError, RunConfig, fit_run_config
+from mettle.contracts import PolicyEnvInfo, TrainingEnvironment
+from mettle.envs.factory import make_environment
+from mettle.rl.trainer import Trainer
+from mettle.rl.training import ContextCheckpointer, DistributedHelper, TrainerComponent
+from mettle.rl.training.checkpointer import CheckpointError, newest_usable_policy
+from mettle.rl.training.components.gradients import GradientReporter
+from mettle.rl.training.components.heartbeat import Heartbeat
+from mettle.rl.training.components.monitor import Monitor
+from mettle.rl.training.components.profiler import TorchProfiler
+from mettle.rl.training.components.progress import ProgressLogger
+from mettle.rl.training.components.signals import GracefulShutdown
+from mettle.rl.training.components.stats import StatsReporter
+
+RESUME_FIXED = ("env.name", "env.kwargs", "env.num_envs", "policy", "trainer.optimizer.type", "trainer.bptt_horizon")
+"""Config keys a resumed run must keep: the checkpoint's weights, optimizer state and episodes depend on them."""
+
+
+@dataclass
+class Run:
+    """A wired run, restored from its newest usable checkpoint when it has one; close() releases the env."""
+
+    config: RunConfig
+    """The config as trained: batch sizes the user left unset are fitted to the env's agent rows."""
+    env: TrainingEnvironment
+    policy: Policy
+    trainer: Trainer
+    run_dir: Path | None
+    shutdown: GracefulShutdown | None
+    """The signal handler (runs with a directory only): which signal, if any, stopped the run."""
+    resumed_from: Path | None
+    """The checkpoint restored, or None for a fresh start."""
+
+    def close(self) -> None:
+        """Release the environment's worker processes."""
+        self.env.close()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.close()
+
+
+def build_run(
+    cfg: RunConfig,
+    run_dir: Path | None = None,
+    distributed: DistributedHelper | None = None,
+    run_name: str | None = None,
+    components: Sequence[TrainerComponent] = (),
+) -> Run:
+    """Env, policy and Trainer with the config's components (then `components`), restored; bad input: ConfigError."""
+    env = make_environment(cfg.env, seed=cfg.trainer.seed)
+    try:
+        cfg = fit_run_config(cfg, env.batch_info.num_rows)
+        policy = build_policy(cfg.policy.kind, hidden_size=cfg.policy.hidden_size)
+        device = distributed.local_device(cfg.device) if distributed is not None else cfg.device
+        try:
+            trainer = Trainer(cfg.trainer, env, policy, device, distributed, run_name)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        for component in (*config_components(cfg, trainer, run_dir), *components):
+            trainer.register(component)
+        shutdown = register_run_dir_guards(trainer, cfg, run_dir)
+        try:
+            resumed = trainer.restore()
+        except CheckpointError as error:
+            raise ConfigError(str(error)) from None
+    except BaseException:
+        env.close()
+        raise
+    return Run(cfg, env, policy, trainer, run_dir, shutdown, resumed)
+
+
+def config_components(cfg: RunConfig, trainer: Trainer, run_dir: Path | None) -> list[TrainerComponent]:
+    """The components the config switches on, in callback order; those that write files need a run dir."""
+    master = trainer.context.distributed.is_master()
+    optional: list[TrainerComponent | None] = [
+        cfg.schedules.build(),
+        cfg.autotuner.build(),
+        Monitor(cfg.monitor.interval) if cfg.monitor.enabled else None,
+        GradientReporter(cfg.gradients.interval, cfg.gradients.per_layer) if cfg.gradients.enabled else None,
+        cfg.evaluator.build(evaluation_envs(cfg), seed=cfg.trainer.seed + 12345),
+    ]
+    if run_dir is not None:
+        optional += [
+            TorchProfiler(run_dir / "profiles", cfg.profiler.interval, cfg.profiler.record_shapes)
+            if cfg.profiler.enabled else None,
+            StatsReporter.from_config(cfg.stats, run_dir, trainer.context.run_name or run_dir.name,
+                                      cfg.model_dump(mode="json")) if master else None,
+        ]
+    optional.append(ProgressLogger(interval_s=cfg.progress_interval_s))
+    if run_dir is not None and cfg.heartbeat.enabled:
+        optional.append(Heartbeat(run_dir / "heartbeat.json", cfg.heartbeat.interval))
+    return [component for component in optional if component is not None]
+
+
+def register_run_dir_guards(trainer: Trainer, cfg: RunConfig, run_dir: Path | None) -> GracefulShutdown | None:
+    """Last: the signal handler, then the checkpointer (so a checkpoint holds the others' state after the epoch)."""
+    if run_dir is None:
+        return None
+    shutdown = GracefulShutdown()
+    trainer.register(shutdown)
+    trainer.register(ContextCheckpointer(run_dir / "checkpoints", epoch_interval=cfg.checkpoint_interval))
+    return shutdown
+
+
+def evaluation_envs(cfg: RunConfig) -> dict[str, Callable[[], TrainingEnvironment]]:
+    """Factories for the Evaluator: the training env and any extra ones, in-process, with the evaluator's size."""
+
+    def factory(name: str) -> Callable[[], TrainingEnvironment]:
+        kwargs = cfg.env.kwargs if name == cfg.env.name else {}
+        env_cfg = cfg.env.model_copy(update={"name": name, "vectorization": "serial", "kwargs": kwargs})
+        return lambda: make_environment(env_cfg, seed=cfg.trainer.seed + 777, num_envs=cfg.evaluator.num_envs)
+
+    names = [cfg.env.name, *(name for name in cfg.evaluator.envs if name != cfg.env.name)]
+    return {name: factory(name) for name in names}
+
+
+def load_run_config(path: Path) -> RunConfig:
+    """The config.json of a run directory, or of the run that holds a checkpoint directory."""
+    for candidate in (path, *path.parents[:3]):
+        if (candidate / "config.json").exists():
+            return RunConfig.model_validate_json((candidate / "config.json").read_text())
+    raise ConfigError(f"no config.json found at or above {path}")
+
+
+def check_resumable(saved: RunConfig, new: RunConfig) -> None:
+    """Refuse to resume into another environment, policy architecture or optimizer."""
+    old, cur = saved.model_dump(mode="json"), new.model_dump(mode="json")
+    for key in RESUME_FIXED:
+        before, after = old, cur
+        for part in key.split("."):
+            before, after = before[part], after[part]
+        if before != after:
+            raise ConfigError(
+                f"cannot resume: {key} was {before!r} in the saved run, now {after!r}; "
+                "start a new run with another --run name"
+            )
+
+
+def load_newest_policy(path: Path, device: str) -> tuple[Policy, PolicyEnvInfo, Path]:
+    """The newest intact checkpoint's policy under `path` (or `path` itself), named on stderr; flaws are one line."""
+    try:
+        policy, env_info, used = newest_usable_policy(path, device)
+    except CheckpointError as error:
+        raise ConfigError(str(error)) from None
+    print(f"using checkpoint {used}", file=sys.stderr, flush=True)
+    return policy, env_info, used
