@@ -6,7 +6,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import torch
 
 from mettle.agent.registry import build_policy
 from mettle.envs.testing import BanditEnvironment
@@ -22,13 +21,7 @@ LOW = (0.001, 0.01)  # both below their low thresholds
 MID = (0.01, 0.1)  # between the thresholds
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """Tiny models run far faster on one thread, especially on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bare_context(update_epochs: int) -> SimpleNamespace:

@@ -24,13 +24,7 @@ ENTROPY = Schedule(kind="linear", start=0.0, end=0.03)
 CLIP = Schedule(kind="cosine", start=0.3, end=0.1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """Tiny models run far faster on one thread, especially on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------- pure values

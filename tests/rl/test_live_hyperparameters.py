@@ -38,13 +38,7 @@ OVERRIDES = [
 """The autotuner thresholds are tight, so that update_epochs moves in a few epochs."""
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """Tiny models run far faster on one thread, especially on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ValueRecorder(TrainerComponent):
