@@ -76,8 +76,8 @@ def test_cli_under_torchrun_writes_only_from_rank_zero(tmp_path: Path) -> None:
     assert result.stdout.count("training gym:CartPole-v1 with mlp policy on 2 ranks") == 1
     assert result.stdout.count("done epoch") == 1, "progress comes from rank 0 only"
     assert {p.name for p in (tmp_path / "r").iterdir()} == {"checkpoints", "config.json", "policy.json",
-                                                           "policy.safetensors", "metrics.jsonl", "tensorboard",
-                                                           "heartbeat.json"}
+                                                           "policy.safetensors", "manifest.json", "metrics.jsonl",
+                                                           "tensorboard", "heartbeat.json"}
     steps = [json.loads(line)["step"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 8192, "one metrics line per epoch, from rank 0 only"
     state, _ = read_checkpoint(list_checkpoints(tmp_path / "r" / "checkpoints")[-1])
