@@ -14,7 +14,7 @@ from mettle.agent.policy import PolicyOutput
 from mettle.rl import advantage as adv
 from mettle.rl.training.context import ComponentContext
 from mettle.rl.training.environment import EnvBatch, EnvStateError
-from mettle.rl.training.optimizer import set_learning_rate, set_optimizer_mode
+from mettle.rl.training.optimizer import clip_gradients, set_learning_rate, set_optimizer_mode, zero_gradients
 
 if TYPE_CHECKING:
     from mettle.rl.loss.base import Loss
@@ -185,15 +185,12 @@ class CoreTrainingLoop:
         ctx, data = self.context, minibatch.data
         memory = {name: data[name][:, 0] for name in self.memory_fields}
         output = self.train_policy(data["observations"], data["starts"], actions=data["actions"], memory=memory)
-        total = torch.zeros((), device=ctx.device)
-        metrics: dict[str, torch.Tensor] = {}
-        for loss in self.losses:
-            value, terms = loss(minibatch, output)
-            total = total + value
-            metrics.update(terms)
-        ctx.optimizer.zero_grad(set_to_none=True)
-        total.backward()  # type: ignore[no-untyped-call]
-        metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(ctx.policy.parameters(), ctx.config.ppo.max_grad_norm)
+        terms = [loss(minibatch, output) for loss in self.losses]
+        metrics = {name: value for _, named in terms for name, value in named.items()}
+        zero_gradients(ctx.optimizer)
+        values = [value for value, _ in terms]
+        sum(values[1:], values[0]).backward()  # type: ignore[no-untyped-call]
+        metrics["grad_norm"] = clip_gradients(ctx.optimizer, ctx.config.ppo.max_grad_norm)
         ctx.optimizer.step()
         ctx.experience.log_ratio[minibatch.indices] = (output.log_prob - data["log_probs"]).detach()
         return {name: value.detach().float() for name, value in metrics.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -13,11 +14,15 @@ from mettle.rl.trainer_config import OptimizerConfig
 
 __all__ = [
     "CombinedOptimizer",
+    "FlatGradients",
+    "clip_gradients",
     "create_optimizer",
+    "flat_gradients",
     "get_learning_rate",
     "muon_param_split",
     "set_learning_rate",
     "set_optimizer_mode",
+    "zero_gradients",
 ]
 
 # Muon scales each matrix's orthogonalised step to RMS 0.2*lr (Moonshot's AdamW-matched rule), so the
@@ -171,3 +176,79 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
             group["lr"].fill_(lr)
         else:
             group["lr"] = lr
+
+
+class FlatGradients:
+    """Every parameter's `.grad` as a view of one flat buffer, so zeroing and clipping are one op each.
+
+    At CartPole's sizes the per-tensor loops of `zero_grad` and `clip_grad_norm_` cost more than the maths
+    (bench/update_floor.py). Backward accumulates into the views in place; if anything replaces or drops a
+    `.grad` (e.g. `zero_grad(set_to_none=True)`), `zero_()` notices and re-attaches the views.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor]) -> None:
+        self.params = list(params)
+        first = self.params[0]
+        self.buffer = torch.zeros(sum(p.numel() for p in self.params), dtype=first.dtype, device=first.device)
+        self.views: list[torch.Tensor] = []
+        offset = 0
+        for p in self.params:
+            self.views.append(self.buffer[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    @staticmethod
+    def supports(params: Sequence[torch.Tensor]) -> bool:
+        """One buffer needs one device and one floating dtype (and dense, contiguous parameters)."""
+        if not params:
+            return False
+        first = params[0]
+        return first.is_floating_point() and all(
+            p.device == first.device and p.dtype == first.dtype and p.layout == torch.strided and p.is_contiguous()
+            for p in params
+        )
+
+    def zero_(self) -> None:
+        """Zero every gradient, re-attaching any parameter whose `.grad` is no longer its view."""
+        self.buffer.zero_()
+        for p, view in zip(self.params, self.views, strict=True):
+            if p.grad is not view:
+                p.grad = view
+
+    def clip_(self, max_norm: float) -> torch.Tensor:
+        """Scale gradients to a total 2-norm of at most `max_norm`; return the norm before clipping.
+
+        The same rule as `torch.nn.utils.clip_grad_norm_` (coefficient max_norm / (norm + 1e-6), capped at 1).
+        """
+        norm: torch.Tensor = torch.linalg.vector_norm(self.buffer)
+        self.buffer.mul_((max_norm / (norm + 1e-6)).clamp_(max=1.0))
+        return norm
+
+
+_FLAT: weakref.WeakKeyDictionary[torch.optim.Optimizer, FlatGradients | None] = weakref.WeakKeyDictionary()
+
+
+def flat_gradients(optimizer: torch.optim.Optimizer) -> FlatGradients | None:
+    """The optimizer's parameters' gradients as one buffer (built once), or None where they cannot share one."""
+    if optimizer not in _FLAT:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        _FLAT[optimizer] = FlatGradients(params) if FlatGradients.supports(params) else None
+    return _FLAT[optimizer]
+
+
+def zero_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Zero the gradients before a backward: one op on the flat buffer where there is one."""
+    flat = flat_gradients(optimizer)
+    if flat is None:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        flat.zero_()
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+    """Clip the optimizer's gradients to a total norm of `max_norm`; return the norm before clipping."""
+    flat = flat_gradients(optimizer)
+    if flat is None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        norm: torch.Tensor = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        return norm
+    return flat.clip_(max_norm)
