@@ -36,6 +36,11 @@ class Minibatch:
     weights: torch.Tensor
     """Importance weights of prioritised sampling ([n, 1]; ones when sampling is uniform)."""
 
+    def rows(self, rows: slice) -> Minibatch:
+        """The segments at positions `rows` of this minibatch, as views (weights are per minibatch, kept whole)."""
+        data = {name: tensor[rows] for name, tensor in self.data.items()}
+        return Minibatch(self.indices[rows], data, self.advantages[rows], self.returns[rows], self.weights)
+
     @functools.cached_property
     def loss_weights(self) -> torch.Tensor:
         """Per-step weights of a loss mean, [n, T]: live steps times importance weights, summing to one."""
@@ -153,10 +158,11 @@ class Experience:
         count = self.segments // minibatch_segments
         if sampling.method == "sequential":
             order = torch.randperm(self.segments, generator=generator).to(self.device)
-            groups = order[: count * minibatch_segments].view(count, minibatch_segments)
             weights = torch.ones(minibatch_segments, 1, device=self.device)
-            for idx in groups:
-                yield self._gather(idx, advantages, returns, weights)
+            # One gather per field for the whole pass, then a slice per minibatch (a view, no copy).
+            shuffled = self._gather(order[: count * minibatch_segments], advantages, returns, weights)
+            for start in range(0, count * minibatch_segments, minibatch_segments):
+                yield shuffled.rows(slice(start, start + minibatch_segments))
             return
         probs = prioritized_probabilities(advantages, sampling.prio_alpha)
         beta = sampling.prio_beta0 + (1.0 - sampling.prio_beta0) * min(max(progress, 0.0), 1.0)
