@@ -55,8 +55,10 @@ class MultiCategorical:
 
     def entropy(self) -> torch.Tensor:
         """Joint entropy [...]: the sum of the heads' entropies, as the heads are independent."""
-        finite = self.log_probs.clamp(min=torch.finfo(self.log_probs.dtype).min)
-        return -(self.probs * finite).sum(dim=(-2, -1))
+        log_probs = self.log_probs
+        if len(set(self.nvec)) > 1:  # padding holds -inf, and 0 * -inf would be NaN; equal heads have none
+            log_probs = log_probs.clamp(min=torch.finfo(log_probs.dtype).min)
+        return -(self.probs * log_probs).sum(dim=(-2, -1))
 
 
 @functools.cache
