@@ -22,7 +22,7 @@ from mettle.envs.factory import make_environment
 from mettle.envs.gymnasium import GymnasiumEnvironment
 from mettle.envs.pettingzoo import PettingZooEnvironment, parse_pettingzoo_spec
 from mettle.rl.trainer import Trainer
-from mettle.rl.trainer_config import TrainerConfig
+from mettle.rl.trainer_config import AdvantageConfig, TrainerConfig
 from mettle.rl.training import ContextCheckpointer, TrainerComponent
 from mettle.rl.training.components.signals import StopAtEpoch
 
@@ -55,7 +55,11 @@ class EpochRecorder(TrainerComponent):
         self.log.append((epoch, dict(self.context.stats.losses), episodes))
 
 
-def build(case: str, run: Path, log: list[Any], stop: int | None = None) -> Trainer:
+OVERLAP_CASES = ["cartpole-native", "cartpole-sync", "cartpole-workers", "arena", "arena-workers"]
+"""Cases also run with overlapped training (the actor collects rollout k+1 during update k)."""
+
+
+def build(case: str, run: Path, log: list[Any], stop: int | None = None, **trainer: Any) -> Trainer:
     name, vectorization, workers, groups, kind = CASES[case]
     env_cfg = EnvConfig(name=name, num_envs=4, vectorization=vectorization, num_workers=workers,
                         async_factor=groups, kwargs=ENV_KWARGS.get(name, {}))
@@ -63,7 +67,7 @@ def build(case: str, run: Path, log: list[Any], stop: int | None = None) -> Trai
     rows = env.batch_info.num_rows
     horizon = 8
     cfg = TrainerConfig(total_timesteps=EPOCHS * rows * horizon * 2, batch_size=rows * horizon * 2,
-                        minibatch_size=rows * horizon, bptt_horizon=horizon, update_epochs=2, seed=11)
+                        minibatch_size=rows * horizon, bptt_horizon=horizon, update_epochs=2, seed=11, **trainer)
     trainer = Trainer(cfg, env, build_policy(kind, hidden_size=32), "cpu")
     trainer.register(EpochRecorder(log))
     if stop is not None:
@@ -73,15 +77,15 @@ def build(case: str, run: Path, log: list[Any], stop: int | None = None) -> Trai
     return trainer
 
 
-def train_split(case: str, tmp_path: Path) -> tuple[Trainer, list[Any]]:
+def train_split(case: str, tmp_path: Path, **trainer: Any) -> tuple[Trainer, list[Any]]:
     """Stop at epoch STOP, then continue in a new trainer, env and policy rebuilt from the checkpoint."""
     log: list[Any] = []
-    first = build(case, tmp_path / "split", log, stop=STOP)
+    first = build(case, tmp_path / "split", log, stop=STOP, **trainer)
     try:
         first.train()
     finally:
         first.context.env.close()
-    second = build(case, tmp_path / "split", log)
+    second = build(case, tmp_path / "split", log, **trainer)
     assert second.context.state.epoch == STOP
     try:
         second.train()
@@ -90,9 +94,9 @@ def train_split(case: str, tmp_path: Path) -> tuple[Trainer, list[Any]]:
     return second, log
 
 
-def train_straight(case: str, tmp_path: Path) -> tuple[Trainer, list[Any]]:
+def train_straight(case: str, tmp_path: Path, **overrides: Any) -> tuple[Trainer, list[Any]]:
     log: list[Any] = []
-    trainer = build(case, tmp_path / "straight", log)
+    trainer = build(case, tmp_path / "straight", log, **overrides)
     try:
         trainer.train()
     finally:
@@ -114,6 +118,22 @@ def test_split_run_equals_the_unbroken_run(case: str, tmp_path: Path, caplog: An
         split, split_log = train_split(case, tmp_path)
     assert "not exact" not in caplog.text
     assert split.context.state.epoch == straight.context.state.epoch == EPOCHS
+    assert [epoch for epoch, *_ in split_log] == list(range(1, EPOCHS + 1))
+    assert split_log == straight_log
+    assert any(episodes for _, _, episodes in straight_log[STOP:]), "episodes must finish after the split"
+    assert_same_weights(straight, split)
+
+
+@pytest.mark.parametrize("case", OVERLAP_CASES)
+def test_split_overlapped_run_equals_the_unbroken_run(case: str, tmp_path: Path, caplog: Any) -> None:
+    """With overlap on the checkpoint holds the rollout collected ahead and the actor's state: still bitwise equal."""
+    torch.set_num_threads(1)
+    overlap = {"overlap": True, "advantage": AdvantageConfig(method="vtrace")}
+    straight, straight_log = train_straight(case, tmp_path, **overlap)
+    assert straight.core_loop.overlapped
+    with caplog.at_level(logging.WARNING):
+        split, split_log = train_split(case, tmp_path, **overlap)
+    assert "not exact" not in caplog.text and "synchronously" not in caplog.text
     assert [epoch for epoch, *_ in split_log] == list(range(1, EPOCHS + 1))
     assert split_log == straight_log
     assert any(episodes for _, _, episodes in straight_log[STOP:]), "episodes must finish after the split"

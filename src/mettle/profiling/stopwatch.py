@@ -80,6 +80,12 @@ class Stopwatch:
         finally:
             self.stop(name)
 
+    def add(self, name: str, seconds: float, count: int = 1) -> None:
+        """Record intervals measured elsewhere (another process's timer), as if timed here."""
+        timer = self._get_or_create(name)
+        timer.total += seconds
+        timer.count += count
+
     def __call__(self, name: str = GLOBAL) -> AbstractContextManager[None]:
         """Shorthand for ``time(name)`` so blocks read ``with sw("rollout"):``."""
         return self.time(name)

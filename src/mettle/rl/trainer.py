@@ -106,7 +106,9 @@ class Trainer:
             while state.agent_step < self._cfg.total_timesteps and not self._stop_requested():
                 self._run_epoch()
             self._invoke(TrainerCallback.TRAINING_COMPLETE)
+            self._core.stop_actor()
         except BaseException as error:
+            self._core.abort_actor()
             self._notify_failure(error)
             raise
         return state

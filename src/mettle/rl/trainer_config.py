@@ -115,6 +115,15 @@ class TrainerConfig(_Config):
     """PPO loss."""
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     """Minibatch sampling."""
+    overlap: bool = False
+    """Collect the next rollout in an actor process (forked, one torch thread) while the learner updates on the
+    last one. The actor acts with the weights from before the update in progress: a policy lag of exactly one
+    update phase, on a fixed schedule, so a seed still gives one run and resume stays exact. PPO's ratio is
+    taken against the behaviour policy, and `advantage.method=vtrace` corrects the value targets for the lag.
+    Needs the 'fork' start method (Linux); elsewhere training stays synchronous, with a warning."""
+    actor_device: str | None = None
+    """Torch device of the actor's policy copy when `overlap` (None: the learner's device), e.g. cpu beside a
+    GPU learner. A forked actor cannot use CUDA once the learner has, so a CUDA learner needs actor_device=cpu."""
     torch_compile: bool = False
     """Compile the policy's hot path with torch.compile (`Policy.compile_hot_path`); the first epochs pay
     the compile (seconds to a minute). It pays off for the token policy on CPU, not for small MLPs: see

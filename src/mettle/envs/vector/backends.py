@@ -162,6 +162,8 @@ class _ProcessBackend:
         self._pollers: dict[tuple[int, ...], select.poll] = {}
         self.failed = False
         self.closed = False
+        self.owner = os.getpid()
+        """The process that started the workers: only it can reap them, end them or unlink the segment."""
 
     @property
     def pids(self) -> list[int]:
@@ -282,8 +284,10 @@ class _ProcessBackend:
         return payload
 
     def _death(self, worker: int) -> EnvironmentWorkerError:
-        """Describe how a worker ended (reaping it to learn its exit code)."""
+        """Describe how a worker ended (reaping it to learn its exit code; a forked user of the env cannot)."""
         process = self.processes[worker]
+        if os.getpid() != self.owner:  # e.g. the actor process of overlapped training: not the worker's parent
+            return EnvironmentWorkerError(worker, process.pid, "exited (its exit code is known to its parent only)")
         process.join(timeout=1.0)
         code = process.exitcode
         if code is None:
@@ -304,6 +308,14 @@ class _ProcessBackend:
         if self.closed:
             return
         self.closed = True
+        if os.getpid() != self.owner:  # a forked user of the env: drop its copies, leave the workers to their parent
+            for conn in self.conns:
+                conn.close()
+            self.arrays = {}
+            if self.shm is not None:
+                with contextlib.suppress(BufferError):
+                    self.shm.close()
+            return
         if not self.failed:
             for worker in range(len(self.conns)):
                 self._send(worker, _CLOSE)

@@ -15,6 +15,7 @@ from mettle.rl import advantage as adv
 from mettle.rl.training.context import ComponentContext
 from mettle.rl.training.environment import EnvBatch, EnvStateError
 from mettle.rl.training.optimizer import clip_gradients, set_learning_rate, set_optimizer_mode, zero_gradients
+from mettle.rl.training.overlap import OverlappedRollouts, fork_problem
 
 if TYPE_CHECKING:
     from mettle.rl.loss.base import Loss
@@ -46,16 +47,41 @@ class CoreTrainingLoop:
         self._pending: dict[int, Decision] = {}
         self._awaiting: set[int] = set()
         self._env_started = False
+        self._overlap = self._overlapped_rollouts()
+
+    def _overlapped_rollouts(self) -> OverlappedRollouts | None:
+        """The actor side when `overlap` is on and a forked actor can run here; else None (synchronous, said once)."""
+        ctx = self.context
+        if not ctx.config.overlap:
+            return None
+        actor_device = torch.device(ctx.config.actor_device or ctx.device)
+        problem = fork_problem(actor_device)
+        if problem is not None:
+            logger.warning("overlap=true: training synchronously instead, because %s", problem)
+            return None
+        return OverlappedRollouts(self, actor_device)
+
+    @property
+    def overlapped(self) -> bool:
+        """Whether rollouts run in an actor process while the learner updates (overlap=true, and it could start)."""
+        return self._overlap is not None
 
     # ----------------------------------------------------------------- rollout
     def rollout_phase(self) -> list[dict[str, Any]]:
-        """Fill the experience buffer; return the infos of episodes that finished meanwhile."""
+        """Fill the experience buffer (or take the actor's next rollout); return the infos of episodes that finished."""
+        ctx = self.context
+        set_optimizer_mode(ctx.optimizer, training=False)
+        ctx.policy.eval()
+        infos = self._overlap.next_rollout() if self._overlap is not None else self.collect()
+        ctx.state.agent_step += ctx.experience.batch_size * ctx.distributed.get_world_size()
+        return infos
+
+    def collect(self) -> list[dict[str, Any]]:
+        """Step the env with the policy until the experience buffer is full (the learner's, or in the actor)."""
         ctx, exp = self.context, self.context.experience
         if not self._env_started:
             ctx.env.reset(seed=ctx.config.seed + ctx.distributed.seed_offset())
             self._env_started = True
-        set_optimizer_mode(ctx.optimizer, training=False)
-        ctx.policy.eval()
         exp.reset()
         infos: list[dict[str, Any]] = []
         with ctx.stopwatch("rollout"):
@@ -64,8 +90,17 @@ class CoreTrainingLoop:
                 self._commit(decision)
             while not exp.full:
                 self._step(infos)
-        ctx.state.agent_step += exp.batch_size * ctx.distributed.get_world_size()
         return infos
+
+    def stop_actor(self) -> None:
+        """End the actor process between rollouts (training is done); its state stays for checkpoints and resumes."""
+        if self._overlap is not None:
+            self._overlap.stop()
+
+    def abort_actor(self) -> None:
+        """End the actor process at once (training failed)."""
+        if self._overlap is not None:
+            self._overlap.abort()
 
     def _step(self, infos: list[dict[str, Any]]) -> None:
         ctx, exp = self.context, self.context.experience
@@ -113,7 +148,14 @@ class CoreTrainingLoop:
 
     # ------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
-        """Rollout progress between epochs: held decisions, policy memory and the env's own state."""
+        """Rollout progress between epochs: held decisions, policy memory, the env's own state (and, overlapped, the
+        rollout collected ahead, with the actor's RNG)."""
+        if self._overlap is not None:
+            return self._overlap.state_dict()
+        return self.rollout_state_dict()
+
+    def rollout_state_dict(self) -> dict[str, Any]:
+        """What this process's rollouts need to continue exactly: held decisions, policy memory and the env's state."""
         ctx = self.context
         return {
             "env_started": self._env_started,
@@ -125,6 +167,16 @@ class CoreTrainingLoop:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume rollouts where `state_dict` left them; without usable env state the env restarts, and says so."""
+        if self._overlap is not None:
+            self._overlap.load_state_dict(state)
+            return
+        if (state.get("overlap") or {}).get("ready") is not None:
+            logger.warning("the checkpoint holds a rollout collected ahead by overlapped training; with overlap off "
+                           "it is dropped and collected again, so this resume is not exact")
+        self.load_rollout_state(state)
+
+    def load_rollout_state(self, state: dict[str, Any]) -> None:
+        """Restore this process's env, held decisions and policy memory from `rollout_state_dict`'s output."""
         ctx = self.context
         if not state["env_started"]:
             self._restart_rollouts()
@@ -140,6 +192,14 @@ class CoreTrainingLoop:
         self._pending = {d.rows.start: d for d in decisions}
         self._awaiting = set(state["awaiting"])
         self._env_started = True
+
+    def pending_decisions(self, device: torch.device) -> dict[int, Decision]:
+        """The held decisions, on `device` (the actor's)."""
+        return {start: decision_from_dict(decision_to_dict(d), device) for start, d in self._pending.items()}
+
+    def adopt_pending(self, pending: dict[int, Decision]) -> None:
+        """Hold these decisions instead (the actor's copies, on its device)."""
+        self._pending = pending
 
     def _load_env_state(self, env_state: dict[str, Any] | None) -> str | None:
         """Restore the env from a checkpoint; why it could not be, or None once it is."""
