@@ -50,11 +50,12 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--stop-at", type=int, default=0)
+    parser.add_argument("--overlap", action="store_true", help="collect rollouts in an actor process per rank")
     args = parser.parse_args()
     torch.set_num_threads(1)
     distributed = DistributedHelper("cpu", timeout_s=60)
     cfg = TrainerConfig(total_timesteps=args.epochs * 128 * distributed.get_world_size(), batch_size=128,
-                        minibatch_size=64, bptt_horizon=8, update_epochs=2, seed=7)
+                        minibatch_size=64, bptt_horizon=8, update_epochs=2, seed=7, overlap=args.overlap)
     env = BanditEnvironment(num_envs=4, episode_length=8)
     trainer = Trainer.load_or_create(str(Path(args.out) / "checkpoints"), cfg, env,
                                      build_policy("lstm", hidden_size=16), "cpu", distributed)
@@ -69,7 +70,8 @@ def main() -> None:
     rank = distributed.get_rank()
     record = {"rank": rank, "world": distributed.get_world_size(), "start_epoch": start_epoch,
               "checksums": recorder.checksums, "epochs": recorder.epochs, "final": checksum(trainer.context.policy),
-              "agent_step": trainer.context.state.agent_step, "pid": os.getpid()}
+              "agent_step": trainer.context.state.agent_step, "pid": os.getpid(),
+              "overlapped": trainer.core_loop.overlapped}
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(record))
     distributed.cleanup(synchronize=True)
 

@@ -66,6 +66,19 @@ def test_resume_under_two_ranks_restores_both_identically(tmp_path: Path) -> Non
     assert resumed[0]["final"] == resumed[1]["final"] == full[0]["final"], "resumed ranks match an unbroken run"
 
 
+def test_overlap_under_two_ranks_trains_in_step_and_resumes_exactly(tmp_path: Path) -> None:
+    """Each rank forks its own actor; parameters stay equal across ranks, and a split run equals the unbroken one."""
+    full = run_workers(tmp_path / "straight", "--epochs", "4", "--overlap")
+    assert full[0]["overlapped"] and full[1]["overlapped"]
+    assert full[0]["checksums"] == full[1]["checksums"], "parameters differ between ranks after an optimizer step"
+    assert full[0]["agent_step"] == full[1]["agent_step"] == 4 * 128 * 2
+    assert [e["episodes"] for e in full[0]["epochs"]] == [e["episodes"] for e in full[1]["epochs"]]
+    run_workers(tmp_path / "split", "--epochs", "4", "--stop-at", "2", "--overlap")
+    resumed = run_workers(tmp_path / "split", "--epochs", "4", "--overlap")
+    assert resumed[0]["start_epoch"] == 2
+    assert resumed[0]["final"] == resumed[1]["final"] == full[0]["final"], "resumed ranks match an unbroken run"
+
+
 def test_cli_under_torchrun_writes_only_from_rank_zero(tmp_path: Path) -> None:
     port = free_port()
     command = torchrun("-m", "mettle", "--", "train", "--env", "gym:CartPole-v1", "--run", "r", "--run-dir",

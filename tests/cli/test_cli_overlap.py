@@ -1,0 +1,62 @@
+"""`mettle train ... overlap=true` end to end: a killed actor process ends the run by name, leaving no process."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+
+def wait_until(condition: object, timeout_s: float) -> bool:
+    """Poll `condition` (a callable) until it holds or the time is up; whether it held."""
+    assert callable(condition)
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def gone(process: psutil.Process) -> bool:
+    """Ended, or only a zombie waiting to be reaped."""
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_killed_actor_ends_training_with_an_error_naming_it(tmp_path: Path) -> None:
+    args = ["--env", "gym:CartPole-v1", "--run", "ov", "--run-dir", str(tmp_path), "overlap=true",
+            "env.vectorization=multiprocess", "env.num_workers=2", "env.num_envs=4", "total_timesteps=100000000",
+            "progress_interval_s=0.1"]
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "mettle", "train", *args], cwd=tmp_path, stdout=stdout,
+                                   stderr=stderr, start_new_session=True)
+    try:
+        assert wait_until(lambda: "epoch" in out.read_text() or process.poll() is not None, 60), "no epoch in 60 s"
+        assert process.poll() is None, err.read_text()
+        run = psutil.Process(process.pid).children(recursive=True)
+        names = sorted(child.name() for child in run if child.name().startswith("mettle-"))
+        assert names == ["mettle-actor", "mettle-env-0", "mettle-env-1"], names  # and multiprocessing's tracker
+        actor = next(child for child in run if child.name() == "mettle-actor")
+        actor.send_signal(signal.SIGKILL)
+        start = time.monotonic()
+        code = process.wait(timeout=60)
+        elapsed = time.monotonic() - start
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    stderr_text = err.read_text()
+    assert code != 0 and elapsed < 60, (code, elapsed)
+    assert re.search(rf"^\S*ActorError: actor process \(pid {actor.pid}\) was killed by SIGKILL$", stderr_text,
+                     re.MULTILINE), stderr_text[-2000:]
+    assert wait_until(lambda: all(gone(child) for child in run), 5), [(p.pid, p.name()) for p in run if not gone(p)]
