@@ -1,14 +1,18 @@
-"""Mettle against Stable-Baselines3 PPO and against the raw environment, on this machine, in one command.
+"""Mettle against Stable-Baselines3 PPO, a plain single-file PyTorch PPO and the raw environment, in one command.
 
-    .venv/bin/python bench/compare.py [--tasks cartpole8,cartpole64,arena] [--seeds 3] [--sps-steps N]
-                                      [--sps-repeats 3] [--out bench/results] [--quick]
+    .venv/bin/python bench/compare.py --out DIR [--tasks cartpole8,cartpole64,arena] [--seeds 3] [--sps-steps N]
+                                      [--sps-repeats 3] [--overlap off|on|both] [--variant NAME=k=v,...] [--quick]
 
 Throughput: each system trains for the same agent steps with matched settings (envs, steps per env per
 rollout, minibatch, update epochs, 64x64 tanh actor and critic, CPU, one torch thread); the raw env is
-the bare simulator stepped with random actions, the limit for any trainer. Time to solve: Mettle with
+the bare simulator stepped with random actions, the limit for any trainer. On single-agent Gymnasium tasks
+SB3 and bench/plain_ppo.py (the plain-PyTorch PPO a user would write) train beside Mettle. Mettle runs once
+per variant: `--overlap` adds `overlap=false` / `overlap=true` variants where TrainerConfig has that switch,
+and `--variant NAME=key=value,key=value` adds any other set of Mettle overrides (repeatable). Time to solve: Mettle with
 its CartPole recipe against SB3 with rl-zoo's tuned CartPole-v1 settings, until the mean return of the
 last 20 finished training episodes reaches 475. Every measurement is its own process, run one after
-another; ratios come from the same invocation. Writes results.md and results.json to --out.
+another; ratios come from the same invocation. Writes results.md and results.json to --out (default: a new
+temporary directory, so bench/results changes only when asked).
 """
 
 from __future__ import annotations
@@ -44,14 +48,45 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--sps-steps", type=int, default=None, help="agent steps per throughput run (task default)")
     parser.add_argument("--sps-repeats", type=int, default=3, help="throughput runs per system (median reported)")
     parser.add_argument("--solve-timeout", type=float, default=300.0, help="seconds before a solve run gives up")
-    parser.add_argument("--out", default="bench/results", help="directory for results.md and results.json")
+    parser.add_argument("--out", default=None,
+                        help="directory for results.md and results.json (default: a new temporary directory)")
+    parser.add_argument("--overlap", choices=("off", "on", "both"), default="both",
+                        help="Mettle with TrainerConfig.overlap off, on or both (ignored while that field is absent)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=k=v,k=v",
+                        help="an extra Mettle variant: a name and its comma-separated overrides (repeatable)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (about 2 minutes), not a measurement")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.sps_repeats, args.solve_timeout = 1, 1, 10.0
     if min(args.seeds, args.sps_repeats) < 1 or (args.sps_steps is not None and args.sps_steps < 1):
         parser.error("--seeds, --sps-repeats and --sps-steps must be at least 1")
+    try:
+        args.variants = mettle_variants(args.overlap, args.variant)
+    except ValueError as error:
+        parser.error(str(error))
     return args
+
+
+def has_overlap() -> bool:
+    """Whether this checkout's TrainerConfig has the `overlap` switch (issue 14)."""
+    from mettle.rl.trainer_config import TrainerConfig
+
+    return "overlap" in TrainerConfig.model_fields
+
+
+def mettle_variants(overlap: str, extra: list[str]) -> dict[str, list[str]]:
+    """Mettle's variants, name -> overrides; the first is the one the ratios against SB3 and plain PPO headline."""
+    variants: dict[str, list[str]] = {"mettle": []}
+    if has_overlap():
+        variants = {"mettle": [f"overlap={'true' if overlap == 'on' else 'false'}"]}
+        if overlap == "both":
+            variants["mettle_overlap"] = ["overlap=true"]
+    for text in extra:
+        name, _, overrides = text.partition("=")
+        if not name or not overrides or name in variants or name in ("sb3", "plain_ppo", "mettle_env"):
+            raise ValueError(f"--variant {text!r}: expected NAME=key=value[,key=value] with a new name")
+        variants[name] = overrides.split(",")
+    return variants
 
 
 def run_worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -73,19 +108,21 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def sps_kinds(task: Task) -> list[str]:
-    """The systems measured on a task: Mettle, SB3 where it can run, the raw simulator, Mettle's adapter."""
+def sps_kinds(task: Task, variants: dict[str, list[str]]) -> list[str]:
+    """The systems measured on a task: Mettle's variants, SB3 and plain PPO where they can run, the raw
+    simulator, Mettle's adapter."""
     raw = "raw_gym" if task.env.startswith("gym:") else "raw_mettagrid"
-    return ["mettle", *(["sb3"] if task.sb3 else []), raw, "mettle_env"]
+    return [*variants, *(["sb3", "plain_ppo"] if task.sb3 else []), raw, "mettle_env"]
 
 
-def measure_throughput(task: Task, steps: int, repeats: int) -> dict[str, Any]:
+def measure_throughput(task: Task, steps: int, repeats: int, variants: dict[str, list[str]]) -> dict[str, Any]:
     """Every system `repeats` times, interleaved (A B C, A B C, ...) so a busy spell hits all of them."""
-    runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in sps_kinds(task)}
+    runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in sps_kinds(task, variants)}
     for repeat in range(repeats):
         for kind in runs:
             kind_steps = steps * RAW_FACTOR if kind in ("raw_gym", "raw_mettagrid", "mettle_env") else steps
-            spec = {"kind": kind, "task": task.as_dict(), "steps": kind_steps, "seed": repeat}
+            spec = {"kind": "mettle" if kind in variants else kind, "task": task.as_dict(), "steps": kind_steps,
+                    "seed": repeat, "overrides": variants.get(kind, [])}
             result = run_worker(spec, timeout=900)
             runs[kind].append(result)
             log(f"{task.name} {kind} #{repeat}: " + (f"{result['sps']:,.0f} agent-steps/s" if "sps" in result
@@ -93,9 +130,15 @@ def measure_throughput(task: Task, steps: int, repeats: int) -> dict[str, Any]:
     medians = {kind: median_of(results, "sps") for kind, results in runs.items()}
     raw = medians.get("raw_gym") or medians.get("raw_mettagrid")
     ratios = {"mettle_over_sb3": divide(medians["mettle"], medians.get("sb3")),
+              "mettle_over_plain": divide(medians["mettle"], medians.get("plain_ppo")),
               "mettle_over_raw": divide(medians["mettle"], raw),
-              "adapter_over_raw": divide(medians["mettle_env"], raw)}
-    return {"steps": steps, "repeats": repeats, "median_sps": medians, "ratios": ratios, "runs": runs}
+              "adapter_over_raw": divide(medians["mettle_env"], raw),
+              "variants": {name: {"over_mettle": divide(medians[name], medians["mettle"]),
+                                  "over_sb3": divide(medians[name], medians.get("sb3")),
+                                  "over_plain": divide(medians[name], medians.get("plain_ppo")),
+                                  "over_raw": divide(medians[name], raw)} for name in variants}}
+    return {"steps": steps, "repeats": repeats, "variants": variants, "median_sps": medians, "ratios": ratios,
+            "runs": runs}
 
 
 def median_of(results: list[dict[str, Any]], key: str, missing: float | None = None) -> float | None:
@@ -141,6 +184,17 @@ def solve_text(result: dict[str, Any]) -> str:
     return f"{result['solved_s']:.1f} s ({result['solved_step']:,} steps)"
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what platform reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def machine_info() -> dict[str, Any]:
     """What the figures depend on: CPUs, load (the machine may be shared), library versions."""
     import importlib.metadata
@@ -151,7 +205,8 @@ def machine_info() -> dict[str, Any]:
         sb3_version = importlib.metadata.version("stable-baselines3")
     except importlib.metadata.PackageNotFoundError:
         sb3_version = "not installed (pip install -e '.[bench]')"
-    return {"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "python": platform.python_version(),
+    return {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "load_avg": os.getloadavg(),
+            "python": platform.python_version(),
             "torch": torch.__version__, "stable_baselines3": sb3_version,
             "platform": platform.platform(), "torch_threads": 1, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
@@ -169,14 +224,14 @@ def main(argv: list[str] | None = None) -> int:
                               "tasks": {}}
     for task in tasks:
         steps = args.sps_steps or (QUICK_STEPS[task.name] if args.quick else task.sps_steps)
-        throughput = measure_throughput(task, steps, args.sps_repeats)
+        throughput = measure_throughput(task, steps, args.sps_repeats, args.variants)
         entry: dict[str, Any] = {"task": task.as_dict(), "throughput": throughput}
         if task.solve:
             entry["solve"] = measure_solve(task, args.seeds, args.solve_timeout)
         report["tasks"][task.name] = entry
     report["machine"]["load_avg_end"] = os.getloadavg()
     report["wall_s"] = time.perf_counter() - started
-    out = Path(args.out)
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="mettle-compare-"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "results.md").write_text(render_markdown(report))

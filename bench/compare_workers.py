@@ -4,6 +4,7 @@ Run by bench/compare.py as `python bench/compare_workers.py SPEC_JSON OUT_JSON`;
 
 * mettle / sb3: train with matched settings, or (solve) until the rolling mean return reaches a threshold;
 * sb3_zoo: Stable-Baselines3 with rl-baselines3-zoo's tuned CartPole-v1 settings;
+* plain_ppo: our single-file plain-PyTorch PPO (bench/plain_ppo.py) with the matched settings;
 * raw_gym / raw_mettagrid: the bare simulator stepped with uniformly random actions (no policy, no adapter);
 * mettle_env: Mettle's environment adapter stepped with random actions (adapter overhead, no policy).
 """
@@ -31,14 +32,15 @@ RANDOM_CHUNK = 1024
 
 # ---------------------------------------------------------------------------------------------- Mettle
 def mettle_config(spec: dict[str, Any]) -> Any:
-    """The recipe for the task's env, then the task's overrides, then this run's steps, seed and env count."""
+    """The recipe for the task's env, then the task's overrides, the variant's (`spec["overrides"]`, e.g.
+    `overlap=true`), then this run's steps, seed and env count."""
     from mettle.config import build_run_config
     from mettle.recipes import recipe_for
 
     task = spec["task"]
     extra = [f"total_timesteps={spec['steps']}"] if spec.get("steps") else []
     overrides = [*recipe_for(task["env"], None), f"env.name={task['env']}", f"env.num_envs={task['num_envs']}",
-                 *task["overrides"], *extra, f"seed={spec['seed']}"]
+                 *task["overrides"], *spec.get("overrides", ()), *extra, f"seed={spec['seed']}"]
     return build_run_config(overrides)
 
 
@@ -201,6 +203,32 @@ def run_sb3(spec: dict[str, Any]) -> dict[str, Any]:
             "settings": {"n_envs": n_envs, "total_timesteps": steps, **shown}}
 
 
+# ------------------------------------------------------------------------------------ plain PyTorch PPO
+def plain_settings(spec: dict[str, Any]) -> Any:
+    """bench/plain_ppo.py's Settings mirroring the resolved Mettle config, as `sb3_matched_kwargs` does for SB3."""
+    from plain_ppo import Settings
+
+    cfg = mettle_config(spec)
+    t = cfg.trainer
+    return Settings(
+        env=spec["task"]["env"].removeprefix("gym:"), num_envs=cfg.env.num_envs,
+        num_steps=t.batch_size // cfg.env.num_envs, total_timesteps=spec["steps"], minibatch_size=t.minibatch_size,
+        update_epochs=t.update_epochs, learning_rate=t.optimizer.learning_rate, adam_eps=t.optimizer.eps,
+        gamma=t.advantage.gamma, gae_lambda=t.advantage.gae_lambda, clip_coef=t.ppo.clip_coef,
+        value_clip_coef=t.ppo.value_clip_coef if t.ppo.clip_value_loss else None, entropy_coef=t.ppo.entropy_coef,
+        value_coef=t.ppo.value_coef, max_grad_norm=t.ppo.max_grad_norm, hidden_size=cfg.policy.hidden_size,
+        seed=spec["seed"],
+    )
+
+
+def run_plain_ppo(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train the single-file plain-PyTorch PPO with the matched settings."""
+    from plain_ppo import train
+
+    result: dict[str, Any] = train(plain_settings(spec))
+    return result
+
+
 # ------------------------------------------------------------------------------------------ raw envs
 def timed_loop(step: Callable[[int], None], iterations: int, rows: int) -> dict[str, Any]:
     """Call `step(i)` `iterations` times; agent-steps/s counts every row of every step."""
@@ -295,7 +323,7 @@ def run_mettle_env(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 RUNNERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-    "mettle": run_mettle, "sb3": run_sb3, "sb3_zoo": run_sb3,
+    "mettle": run_mettle, "sb3": run_sb3, "sb3_zoo": run_sb3, "plain_ppo": run_plain_ppo,
     "raw_gym": run_raw_gym, "raw_mettagrid": run_raw_mettagrid, "mettle_env": run_mettle_env,
 }
 
