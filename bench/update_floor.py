@@ -1,6 +1,6 @@
 """What bounds Mettle ÷ SB3 on cartpole8: both trainers' phases timed in one process, against a bare PyTorch floor.
 
-    .venv/bin/python bench/update_floor.py [--repeats 5] [--out bench/results]
+    .venv/bin/python bench/update_floor.py [--repeats 5] [--out DIR]
 
 With compare.py's matched cartpole8 settings (8 envs, 1024-step rollouts, minibatch 256, 10 epochs: 40
 gradient steps per rollout, 64x64 tanh actor and critic, one torch thread) it times, alternating:
@@ -20,6 +20,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -154,15 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     """Measure, print and write update_floor.md/json."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of every phase (median)")
-    parser.add_argument("--out", default="bench/results", help="directory for update_floor.md and .json")
+    parser.add_argument("--out", default=None,
+                        help="directory for update_floor.md and .json (default: a new temporary directory)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     machine = machine_info()
     result = measure(max(1, args.repeats))
-    out = Path(args.out)
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="mettle-update-floor-"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "update_floor.json").write_text(json.dumps({"machine": machine, **result}, indent=2, default=str))
     (out / "update_floor.md").write_text(render(result, machine))
     print(render(result, machine))
+    print(f"wrote {out / 'update_floor.md'} and {out / 'update_floor.json'}", file=sys.stderr)
     return 0
 
 
