@@ -14,11 +14,13 @@ from torch import nn
 from mettle.rl.trainer_config import OptimizerConfig
 from mettle.rl.training.optimizer import (
     CombinedOptimizer,
+    clip_gradients,
     create_optimizer,
     get_learning_rate,
     muon_param_split,
     set_learning_rate,
     set_optimizer_mode,
+    zero_gradients,
 )
 
 ALL_TYPES = ["adam", "adamw", "sgd", "muon", "adamw_schedulefree"]
@@ -325,3 +327,22 @@ def test_set_learning_rate_changes_step_size() -> None:
 def test_adam_on_cpu_uses_the_fused_kernel(kind: str) -> None:
     optimizer = create_optimizer(OptimizerConfig(type=kind), nn.Linear(4, 2))
     assert optimizer.param_groups[0]["fused"] is True
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3])
+def test_flat_gradients_clip_and_zero_like_torch(max_norm: float) -> None:
+    """One flat buffer gives clip_grad_norm_'s norm and scaled gradients, and re-attaches a dropped .grad."""
+    model, data = _mlp(), _data()
+    reference = copy.deepcopy(model)
+    optimizer = create_optimizer(_cfg("adam"), model)
+    for _ in range(2):  # the second pass runs on the re-attached views
+        zero_gradients(optimizer)
+        reference.zero_grad(set_to_none=True)
+        for net in (model, reference):
+            net(data[0]).pow(2).mean().backward()
+        norm = clip_gradients(optimizer, max_norm)
+        want = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm)
+        torch.testing.assert_close(norm, want)
+        for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad)
+        optimizer.zero_grad(set_to_none=True)  # as any caller may
