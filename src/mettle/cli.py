@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_CRASH = 1  # a bug (a traceback follows), or the actor process died (one line)
 EXIT_USAGE = 2  # bad input: one line says what to change
 EXIT_IO = 74  # EX_IOERR: the disk or file system failed (full, read-only, I/O error); the last checkpoint is intact
 EXIT_SIGNAL_BASE = 128  # stopped by signal N (after writing a checkpoint): 128 + N, as shells report it
@@ -236,6 +237,10 @@ def train_in_process(args: argparse.Namespace, distributed: DistributedHelper, c
                   f"resume with: {resume}", file=sys.stderr, flush=True)
             return EXIT_SIGNAL_BASE + signal.SIGINT
         except Exception as error:
+            if is_actor_death(error):
+                print(f"mettle: error: {error}; resume with: {resume}; {intact(run_dir)}", file=sys.stderr,
+                      flush=True)
+                return EXIT_CRASH
             failure = environment_failure(error)
             if failure is None:
                 raise
@@ -282,6 +287,13 @@ def prepare_config(args: argparse.Namespace, run_name: str, run_dir: Path, distr
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     return cfg
+
+
+def is_actor_death(error: BaseException) -> bool:
+    """The actor process of overlapped training died (killed, out of memory): one line says so, no traceback."""
+    from mettle.rl.training.actor import ActorError
+
+    return isinstance(error, ActorError) and not error.raised
 
 
 def environment_failure(error: BaseException) -> str | None:

@@ -36,6 +36,11 @@ Handler = Callable[[tuple[Any, ...]], Any]
 class ActorError(RuntimeError):
     """The actor process raised, died or stopped answering; names its pid so the failure can be traced."""
 
+    def __init__(self, message: str, raised: bool = False) -> None:
+        super().__init__(message)
+        self.raised = raised
+        """Whether the actor raised (its traceback is in a note) rather than died."""
+
 
 class SharedWeights:
     """A shared-memory copy of the policy's state dict and its version, written by the learner, read by the actor."""
@@ -92,7 +97,7 @@ class ActorProcess:
         except (EOFError, OSError):
             raise self._fail(self._death()) from None
         if kind == "error":
-            error = ActorError(f"actor process (pid {self.pid}) raised {payload[0]}")
+            error = ActorError(f"actor process (pid {self.pid}) raised {payload[0]}", raised=True)
             error.add_note(f"actor traceback:\n{payload[1]}")
             raise self._fail(error)
         return payload[0]
