@@ -62,3 +62,23 @@ def test_a_killed_actor_ends_training_with_an_error_naming_it(tmp_path: Path) ->
                         r"python\S* -m mettle train --run ov .*; (the last checkpoint \S+ is intact|no checkpoint was "
                         r"written yet)", stderr_text.strip().splitlines()[-1]), stderr_text
     assert wait_until(lambda: all(gone(child) for child in run), 5), [(p.pid, p.name()) for p in run if not gone(p)]
+
+
+def test_the_actor_exits_when_the_learner_is_killed(tmp_path: Path) -> None:
+    args = ["--env", "gym:CartPole-v1", "--run", "ov", "--run-dir", str(tmp_path), "overlap=true",
+            "total_timesteps=100000000", "progress_interval_s=0.1"]
+    out = tmp_path / "stdout.txt"
+    with out.open("wb") as stdout:
+        process = subprocess.Popen([sys.executable, "-m", "mettle", "train", *args], cwd=tmp_path, stdout=stdout,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert wait_until(lambda: "epoch" in out.read_text() or process.poll() is not None, 60), "no epoch in 60 s"
+        actors = [child for child in psutil.Process(process.pid).children() if child.name() == "mettle-actor"]
+        assert len(actors) == 1
+        process.kill()
+        process.wait()
+        assert wait_until(lambda: gone(actors[0]), 10), "the actor outlived its learner"
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
