@@ -82,3 +82,26 @@ def test_the_actor_exits_when_the_learner_is_killed(tmp_path: Path) -> None:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def test_sigterm_to_the_process_group_checkpoints_with_the_actor_alive(tmp_path: Path) -> None:
+    """torchrun and shells signal the whole group: the actor ignores it, so the learner's checkpoint gets its rollout."""
+    args = ["--env", "gym:CartPole-v1", "--run", "ov", "--run-dir", str(tmp_path), "overlap=true",
+            "total_timesteps=100000000", "progress_interval_s=0.1"]
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "mettle", "train", *args], cwd=tmp_path, stdout=stdout,
+                                   stderr=stderr, start_new_session=True)
+    try:
+        assert wait_until(lambda: "epoch" in out.read_text() or process.poll() is not None, 60), "no epoch in 60 s"
+        run = psutil.Process(process.pid).children(recursive=True)
+        os.killpg(process.pid, signal.SIGTERM)
+        code = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert code == 128 + signal.SIGTERM, err.read_text()[-2000:]
+    assert "resume with:" in out.read_text()
+    assert list((tmp_path / "ov" / "checkpoints").iterdir())
+    assert wait_until(lambda: all(gone(child) for child in run), 5), [(p.pid, p.name()) for p in run if not gone(p)]

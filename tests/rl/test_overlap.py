@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -14,6 +17,7 @@ from mettle.config import EnvConfig
 from mettle.contracts import EnvBatch
 from mettle.envs.factory import make_environment
 from mettle.envs.testing import BanditEnvironment
+from mettle.envs.vector import VectorEnvironment
 from mettle.rl.trainer import Trainer
 from mettle.rl.trainer_config import AdvantageConfig, OptimizerConfig, TrainerConfig
 from mettle.rl.training import TrainerComponent
@@ -170,3 +174,49 @@ def test_a_second_train_call_continues_from_the_stopped_actor() -> None:
 
     once, twice = run([4]), run([2, 4])
     assert all(np.array_equal(a, b) for a, b in zip(once, twice, strict=True))
+
+
+class KillWorker(TrainerComponent):
+    """SIGKILLs env worker 1 after the first epoch, while the actor steps the env (the worker is not its child)."""
+
+    def __init__(self) -> None:
+        super().__init__(epoch_interval=1)
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """Kill the worker once."""
+        env = self.context.env
+        assert isinstance(env, VectorEnvironment)
+        if epoch == 1:
+            os.kill(env.worker_pids[1], signal.SIGKILL)
+
+
+def test_an_env_worker_dying_under_the_actor_is_named() -> None:
+    env = make_environment(EnvConfig(name="gym:CartPole-v1", num_envs=4, vectorization="multiprocess",
+                                     num_workers=2), seed=1)
+    cfg = TrainerConfig(total_timesteps=10_000, batch_size=64, minibatch_size=32, bptt_horizon=8, update_epochs=1,
+                        overlap=True)
+    trainer = Trainer(cfg, env, build_policy("mlp", hidden_size=8), "cpu")
+    trainer.register(KillWorker())
+    assert isinstance(env, VectorEnvironment)
+    victim = env.worker_pids[1]
+    try:
+        with pytest.raises(ActorError, match=rf"actor process \(pid \d+\) raised EnvironmentWorkerError: environment "
+                                             rf"worker 1 \(pid {victim}\) exited"):
+            trainer.train()
+    finally:
+        env.close()
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                   for pid in env.worker_pids)
+
+
+def test_an_actor_on_another_device_acts_as_one_on_the_learners() -> None:
+    """actor_device gets a copy of the policy and the held decisions (cpu:0 stands in for a GPU here)."""
+    def final(actor_device: str | None) -> list[torch.Tensor]:
+        cfg = TrainerConfig(total_timesteps=96, batch_size=16, minibatch_size=8, bptt_horizon=4, update_epochs=1,
+                            overlap=True, actor_device=actor_device, seed=4)
+        trainer = Trainer(cfg, BanditEnvironment(num_envs=2, episode_length=3), build_policy("lstm", hidden_size=8),
+                          "cpu")
+        trainer.train()
+        return list(trainer.context.policy.state_dict().values())
+
+    assert all(torch.equal(a, b) for a, b in zip(final(None), final("cpu:0"), strict=True))

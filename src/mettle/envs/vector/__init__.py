@@ -37,6 +37,9 @@ portable and, unlike prctl(PR_SET_PDEATHSIG), does not fire when merely the thre
 them exits. After a failure close() does not wait for answers: it sends SIGTERM (with SIGCONT, so a
 stopped worker acts on it) and SIGKILL to whoever is left after a grace period. The shared-memory
 segment is unlinked on close (and by multiprocessing's resource tracker if the parent is killed).
+A process forked from the parent after the workers started (the actor of overlapped training) may step
+the env: it sees a worker's death through the same pipe and sentinel, reported as "exited" without an exit
+code (only the parent can reap the worker), and its close() only drops its own copies, never ends workers.
 
 Seeding. `reset(seed)` resets worker w's sub-env with `seed + w * (num_envs // num_workers)`, the
 global index of its first instance. A sub-env that seeds its instance i with `seed + i` (like

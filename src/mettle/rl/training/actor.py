@@ -138,8 +138,10 @@ class ActorProcess:
 
 def _actor_main(conn: connection.Connection, handler: Handler, setup: Callable[[], None], parent: int) -> None:
     """Actor entry: one torch thread, the learner's signals undone, then serve requests until told to close."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the learner decides
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the learner's graceful handler, inherited by fork
+    # Ctrl-C, and torchrun's SIGTERM, reach the whole process group: the learner decides, and its graceful
+    # checkpoint needs the actor's rollout; it ends the actor afterwards (or the actor leaves when it dies).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
         comm.write("mettle-actor")
     torch.set_num_threads(1)
