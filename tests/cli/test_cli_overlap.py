@@ -85,7 +85,7 @@ def test_the_actor_exits_when_the_learner_is_killed(tmp_path: Path) -> None:
 
 
 def test_sigterm_to_the_process_group_checkpoints_with_the_actor_alive(tmp_path: Path) -> None:
-    """torchrun and shells signal the whole group: the actor ignores it, so the learner's checkpoint gets its rollout."""
+    """torchrun and shells signal the whole group: the actor ignores it, so the checkpoint gets its rollout."""
     args = ["--env", "gym:CartPole-v1", "--run", "ov", "--run-dir", str(tmp_path), "overlap=true",
             "total_timesteps=100000000", "progress_interval_s=0.1"]
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
