@@ -155,24 +155,26 @@ def divide(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
-def measure_solve(task: Task, seeds: int, timeout: float) -> dict[str, Any]:
-    """Mettle (recipe defaults) and SB3 (rl-zoo tuned) to the threshold, seed by seed, interleaved."""
+def measure_solve(task: Task, seeds: int, timeout: float, variants: dict[str, list[str]]) -> dict[str, Any]:
+    """Mettle's variants (recipe defaults plus the variant's overrides) and SB3 (rl-zoo tuned) to the threshold,
+    seed by seed, interleaved: the time ratio against SB3, and each variant's median steps against Mettle's."""
     defaults = {**task.as_dict(), "overrides": []}
-    runs: dict[str, list[dict[str, Any]]] = {"mettle": [], "sb3_zoo": []}
+    runs: dict[str, list[dict[str, Any]]] = {**{name: [] for name in variants}, "sb3_zoo": []}
     for seed in range(seeds):
         for kind in runs:
-            spec = {"kind": kind, "task": defaults, "steps": None, "seed": seed,
-                    "threshold": CARTPOLE_THRESHOLD, "max_seconds": timeout}
+            spec = {"kind": "mettle" if kind in variants else kind, "task": defaults, "steps": None, "seed": seed,
+                    "threshold": CARTPOLE_THRESHOLD, "max_seconds": timeout, "overrides": variants.get(kind, [])}
             result = run_worker(spec, timeout=timeout + 300)
             runs[kind].append(result)
             log(f"{task.name} solve {kind} seed {seed}: " + solve_text(result))
     medians = {kind: {"solved_s": median_of(results, "solved_s", math.inf),
                       "solved_step": median_of(results, "solved_step", math.inf)} for kind, results in runs.items()}
     ratio = divide(medians["mettle"]["solved_s"], medians["sb3_zoo"]["solved_s"])
+    steps_ratios = {name: divide(medians[name]["solved_step"], medians["mettle"]["solved_step"]) for name in variants}
     finite = {kind: {k: None if v is None or math.isinf(v) else v for k, v in m.items()} for kind, m in medians.items()}
     reached = {kind: sum(r.get("solved_s") is not None for r in results) for kind, results in runs.items()}
     return {"threshold": CARTPOLE_THRESHOLD, "window": RETURN_WINDOW, "medians": finite, "reached": reached,
-            "mettle_over_sb3_time": ratio, "runs": runs}
+            "mettle_over_sb3_time": ratio, "steps_over_mettle": steps_ratios, "runs": runs}
 
 
 def solve_text(result: dict[str, Any]) -> str:
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         throughput = measure_throughput(task, steps, args.sps_repeats, args.variants)
         entry: dict[str, Any] = {"task": task.as_dict(), "throughput": throughput}
         if task.solve:
-            entry["solve"] = measure_solve(task, args.seeds, args.solve_timeout)
+            entry["solve"] = measure_solve(task, args.seeds, args.solve_timeout, args.variants)
         report["tasks"][task.name] = entry
     report["machine"]["load_avg_end"] = os.getloadavg()
     report["wall_s"] = time.perf_counter() - started

@@ -135,12 +135,17 @@ def solve_section(name: str, solve: dict[str, Any], report: dict[str, Any]) -> s
             f"gae_lambda {zoo['gae_lambda']}, n_epochs {zoo['n_epochs']}, ent_coef {zoo['ent_coef']}, "
             f"lr {zoo['learning_rate']}, clip {zoo['clip_range']}, {zoo['n_timesteps']:,} steps).", "",
             "| system | per seed: seconds (agent steps) | reached | median s | median steps |", "|---|---|---|---|---|"]
-    for kind, label in (("mettle", "Mettle (recipe)"), ("sb3_zoo", "SB3 (rl-zoo tuned)")):
+    for kind in solve["runs"]:
+        label = "SB3 (rl-zoo tuned)" if kind == "sb3_zoo" else f"{kind} (recipe)"
         seeds = ", ".join(seed_text(r) for r in solve["runs"][kind])
         med = solve["medians"][kind]
         rows.append(f"| {label} | {seeds} | {solve['reached'][kind]}/{len(solve['runs'][kind])} "
                     f"| {num(med['solved_s'], 1)} | {num(med['solved_step'])} |")
     rows += ["", f"Mettle ÷ SB3 median time: **{ratio(solve['mettle_over_sb3_time'])}**"]
+    for name, value in solve.get("steps_over_mettle", {}).items():
+        if name != "mettle":
+            rows.append(f"{name} ÷ mettle median steps to {solve['threshold']:.0f}: **{ratio(value)}** (learning kept: "
+                        "<= 1.25x)")
     return "\n".join(rows)
 
 
