@@ -287,11 +287,13 @@ class _ProcessBackend:
         """Describe how a worker ended (reaping it to learn its exit code; a forked user of the env cannot)."""
         process = self.processes[worker]
         if os.getpid() != self.owner:  # e.g. the actor process of overlapped training: not the worker's parent
-            return EnvironmentWorkerError(worker, process.pid, "exited (its exit code is known to its parent only)")
-        process.join(timeout=1.0)
-        code = process.exitcode
+            code = _zombie_exit_code(process.pid)
+        else:
+            process.join(timeout=1.0)
+            code = process.exitcode
         if code is None:
-            detail = "closed its pipe but is still running"
+            detail = ("closed its pipe but is still running" if os.getpid() == self.owner
+                      else "exited (its exit code is known to its parent only)")
         elif code < 0:
             detail = f"was killed by signal {signal.Signals(-code).name} (exit code {code})"
         else:
@@ -335,6 +337,23 @@ class _ProcessBackend:
         with contextlib.suppress(FileNotFoundError):
             self.shm.unlink()
         self.shm = None
+
+
+def _zombie_exit_code(pid: int | None) -> int | None:
+    """A dead child's exit code as multiprocessing reports it (-N: signal N), read by a process that is not its
+    parent from the zombie's /proc stat (Linux keeps the wait status there until the parent reaps it)."""
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None  # already reaped, or not Linux
+        if fields[0] == "Z" and len(fields) >= 50:
+            status = int(fields[-1])
+            return -(status & 0x7F) if status & 0x7F else status >> 8
+        time.sleep(0.01)
+    return None
 
 
 def _join_all(processes: Sequence[Any], timeout_s: float) -> None:
