@@ -87,7 +87,9 @@ def sb3_phases() -> tuple[Callable[[], None], Callable[[], None], int]:
 
 def mettle_phases() -> tuple[Callable[[], None], Callable[[], None], int]:
     """Mettle's Trainer with the same settings: (one rollout phase, one training phase, gradient steps)."""
-    cfg = mettle_config({"task": TASKS["cartpole8"].as_dict(), "steps": 10**9, "seed": 0})
+    # synchronous: this bench times the rollout and update phases one after the other (overlap hides the rollout)
+    spec = {"task": TASKS["cartpole8"].as_dict(), "steps": 10**9, "seed": 0, "overrides": ["overlap=false"]}
+    cfg = mettle_config(spec)
     _, trainer = build_mettle(cfg)
     core = trainer.core_loop
     core.rollout_phase()
