@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_mettle
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mettle.rl.training.checkpointer import list_checkpoints, read_checkpoint
-
-
-def run_mettle(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mettle", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
 
 
 @pytest.fixture(scope="module")

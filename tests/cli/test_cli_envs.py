@@ -9,12 +9,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cli_helpers import run_mettle, wait_until
 
 from mettle.envs.pettingzoo import PettingZooEnvironment, parse_pettingzoo_spec
 from mettle.envs.testing import collect_rollout
@@ -23,12 +24,6 @@ PZ_SPEC = "mettle.envs.pettingzoo_testing:parallel_env"
 PZ_KWARGS: dict[str, Any] = {"num_agents": 3, "episode_length": 20, "exit_steps": [None, None, 10]}
 PZ_OPTIMUM = (20 + 20 + 10) / 3
 """Mean agent-episode return of always copying the target: two agents stay 20 steps, one leaves at 10."""
-
-
-def run_mettle(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run the CLI to completion."""
-    return subprocess.run([sys.executable, "-m", "mettle", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120)
 
 
 # ------------------------------------------------------------------ process helpers
@@ -71,16 +66,6 @@ def is_gone(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
-    """Poll `condition` until it holds or the time is up; whether it held."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 @contextmanager

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_helpers import run_mettle
 
 from mettle.cli import main
 from mettle.rl.training.checkpointer import list_checkpoints, write_manifest
@@ -19,17 +18,12 @@ from mettle.rl.training.checkpointer import list_checkpoints, write_manifest
 EVAL = ["--episodes", "3", "--json"]
 
 
-def mettle(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mettle", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A short CartPole run with three checkpoints."""
     root = tmp_path_factory.mktemp("runs")
-    result = mettle("train", "--env", "gym:CartPole-v1", "--run", "r", "--run-dir", str(root), "total_timesteps=1536",
-                    "checkpoint_interval=1", "progress_interval_s=100", cwd=root)
+    result = run_mettle("train", "--env", "gym:CartPole-v1", "--run", "r", "--run-dir", str(root),
+                        "total_timesteps=1536", "checkpoint_interval=1", "progress_interval_s=100", cwd=root)
     assert result.returncode == 0, result.stderr
     assert len(list_checkpoints(root / "r" / "checkpoints")) >= 2
     return root / "r"
@@ -108,7 +102,7 @@ def test_eval_of_one_damaged_checkpoint_is_one_line_exit_2(run: Path, damage: Ca
 def test_eval_with_every_checkpoint_damaged_is_one_line_exit_2(run: Path) -> None:
     for checkpoint in list_checkpoints(run / "checkpoints"):
         flip(checkpoint / "policy.safetensors", -3)
-    result = mettle("eval", str(run), *EVAL, cwd=run)
+    result = run_mettle("eval", str(run), *EVAL, cwd=run)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mettle: error: no usable checkpoint"), result.stderr
@@ -120,7 +114,7 @@ def test_a_hostile_policy_json_runs_no_code(run: Path) -> None:
     (run / "evilmod.py").write_text(f"open({str(marker)!r}, 'w').close()\nX = 1\n")
     newest = list_checkpoints(run / "checkpoints")[-1]
     edit_spec(newest, lambda s: s["policy"].update({"class": "evilmod:X"}))
-    result = mettle("eval", str(newest), *EVAL, cwd=run)  # python -m puts the cwd, and evilmod.py, on sys.path
+    result = run_mettle("eval", str(newest), *EVAL, cwd=run)  # python -m puts the cwd, and evilmod.py, on sys.path
     assert not marker.exists()
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

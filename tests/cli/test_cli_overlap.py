@@ -11,17 +11,7 @@ import time
 from pathlib import Path
 
 import psutil
-
-
-def wait_until(condition: object, timeout_s: float) -> bool:
-    """Poll `condition` (a callable) until it holds or the time is up; whether it held."""
-    assert callable(condition)
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
+from cli_helpers import wait_until
 
 
 def gone(process: psutil.Process) -> bool:

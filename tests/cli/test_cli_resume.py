@@ -12,15 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_mettle
 
 from mettle.rl.training.checkpointer import list_checkpoints, read_checkpoint
 
 FAST = ["--env", "gym:CartPole-v1", "total_timesteps=4096", "progress_interval_s=0.01", "checkpoint_interval=1"]
-
-
-def mettle(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mettle", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def newest_step(run_dir: Path) -> int:
@@ -29,28 +25,28 @@ def newest_step(run_dir: Path) -> int:
 
 
 def test_resume_applies_compatible_overrides_and_refuses_the_rest(tmp_path: Path) -> None:
-    first = mettle("train", "--run", "r", "--run-dir", str(tmp_path), *FAST, cwd=tmp_path)
+    first = run_mettle("train", "--run", "r", "--run-dir", str(tmp_path), *FAST, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert newest_step(tmp_path / "r") == 4096
 
-    more = mettle("train", "--run", "r", "--run-dir", str(tmp_path), "total_timesteps=6144", cwd=tmp_path)
+    more = run_mettle("train", "--run", "r", "--run-dir", str(tmp_path), "total_timesteps=6144", cwd=tmp_path)
     assert more.returncode == 0, more.stderr
     assert "resuming run r from" in more.stdout and "at agent step 4,096" in more.stdout
     assert newest_step(tmp_path / "r") == 6144
     saved = json.loads((tmp_path / "r" / "config.json").read_text())
     assert saved["trainer"]["total_timesteps"] == 6144 and saved["checkpoint_interval"] == 1
 
-    other_env = mettle("train", "--run", "r", "--run-dir", str(tmp_path), "--env", "gym:Acrobot-v1", cwd=tmp_path)
+    other_env = run_mettle("train", "--run", "r", "--run-dir", str(tmp_path), "--env", "gym:Acrobot-v1", cwd=tmp_path)
     assert other_env.returncode == 2
     assert "cannot resume: env.name was 'gym:CartPole-v1'" in other_env.stderr
-    other_policy = mettle("train", "--run", "r", "--run-dir", str(tmp_path), "--policy", "lstm", cwd=tmp_path)
+    other_policy = run_mettle("train", "--run", "r", "--run-dir", str(tmp_path), "--policy", "lstm", cwd=tmp_path)
     assert other_policy.returncode == 2 and "cannot resume: policy" in other_policy.stderr
 
-    fresh = mettle("train", "--run", "r", "--run-dir", str(tmp_path), "--fresh", cwd=tmp_path)
+    fresh = run_mettle("train", "--run", "r", "--run-dir", str(tmp_path), "--fresh", cwd=tmp_path)
     assert fresh.returncode == 2 and "--fresh refuses to resume" in fresh.stderr
     assert newest_step(tmp_path / "r") == 6144, "refusals change nothing"
 
-    evaluated = mettle("eval", str(list_checkpoints(tmp_path / "r" / "checkpoints")[-1]), "--episodes", "2",
+    evaluated = run_mettle("eval", str(list_checkpoints(tmp_path / "r" / "checkpoints")[-1]), "--episodes", "2",
                        "--json", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(evaluated.stdout.splitlines()[-1])["episodes"] == 2
