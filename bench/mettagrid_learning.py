@@ -1,7 +1,7 @@
 """Does PPO learn the MettaGrid tasks? Trained vs uniformly random mean episode reward per agent.
 
 For each task: run a uniformly random policy for some episodes, train with `mettle train` for a fixed wall
-clock (SIGTERM at the deadline: the CLI finishes its epoch, checkpoints and exits 0), then evaluate the
+clock (SIGTERM at the deadline: the CLI finishes its epoch, checkpoints and exits 143), then evaluate the
 final policy with `mettle eval` (greedy and sampled actions). Prints a table and writes JSON; with
 `--check`, exits 1 when a task's best trained/random ratio is below `--target` (default 5).
 
@@ -81,9 +81,11 @@ def train(task: str, run_dir: Path, name: str, minutes: float, overrides: list[s
     start = time.monotonic()
     with log_path.open("w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        stopped = False
         try:
             process.wait(timeout=minutes * 60)
         except subprocess.TimeoutExpired:
+            stopped = True
             process.send_signal(signal.SIGTERM)
             try:
                 process.wait(timeout=SHUTDOWN_GRACE_S)
@@ -91,7 +93,7 @@ def train(task: str, run_dir: Path, name: str, minutes: float, overrides: list[s
                 process.kill()
                 process.wait()
     wall = time.monotonic() - start
-    if process.returncode != 0:
+    if process.returncode not in ((0, 128 + signal.SIGTERM) if stopped else (0,)):  # 143: stopped after a checkpoint
         tail = log_path.read_text().splitlines()[-5:]
         raise RuntimeError(f"mettle train exited {process.returncode} (log {log_path}):\n" + "\n".join(tail))
     return {"wall_s": wall, "log": str(log_path), **training_summary(run_dir / name)}
