@@ -201,7 +201,7 @@ def test_an_env_worker_dying_under_the_actor_is_named() -> None:
     victim = env.worker_pids[1]
     try:
         with pytest.raises(ActorError, match=rf"actor process \(pid \d+\) raised EnvironmentWorkerError: environment "
-                                             rf"worker 1 \(pid {victim}\) exited"):
+                                             rf"worker 1 \(pid {victim}\) (was killed by signal SIGKILL|exited)"):
             trainer.train()
     finally:
         env.close()
