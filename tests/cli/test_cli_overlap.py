@@ -14,6 +14,15 @@ import psutil
 from cli_helpers import wait_until
 
 
+def start_training(tmp_path: Path, args: list[str]) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """`mettle train ARGS` in its own session (so its whole group can be signalled), output in files."""
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "mettle", "train", *args], cwd=tmp_path, stdout=stdout,
+                                   stderr=stderr, start_new_session=True)
+    return process, out, err
+
+
 def gone(process: psutil.Process) -> bool:
     """Ended, or only a zombie waiting to be reaped."""
     try:
@@ -26,10 +35,7 @@ def test_a_killed_actor_ends_training_with_an_error_naming_it(tmp_path: Path) ->
     args = ["--env", "gym:CartPole-v1", "--run", "ov", "--run-dir", str(tmp_path), "overlap=true",
             "env.vectorization=multiprocess", "env.num_workers=2", "env.num_envs=4", "total_timesteps=100000000",
             "progress_interval_s=0.1"]
-    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
-    with out.open("wb") as stdout, err.open("wb") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "mettle", "train", *args], cwd=tmp_path, stdout=stdout,
-                                   stderr=stderr, start_new_session=True)
+    process, out, err = start_training(tmp_path, args)
     try:
         assert wait_until(lambda: "epoch" in out.read_text() or process.poll() is not None, 60), "no epoch in 60 s"
         assert process.poll() is None, err.read_text()
@@ -57,10 +63,7 @@ def test_a_killed_actor_ends_training_with_an_error_naming_it(tmp_path: Path) ->
 def test_the_actor_exits_when_the_learner_is_killed(tmp_path: Path) -> None:
     args = ["--env", "gym:CartPole-v1", "--run", "ov", "--run-dir", str(tmp_path), "overlap=true",
             "total_timesteps=100000000", "progress_interval_s=0.1"]
-    out = tmp_path / "stdout.txt"
-    with out.open("wb") as stdout:
-        process = subprocess.Popen([sys.executable, "-m", "mettle", "train", *args], cwd=tmp_path, stdout=stdout,
-                                   stderr=subprocess.DEVNULL, start_new_session=True)
+    process, out, _ = start_training(tmp_path, args)
     try:
         assert wait_until(lambda: "epoch" in out.read_text() or process.poll() is not None, 60), "no epoch in 60 s"
         actors = [child for child in psutil.Process(process.pid).children() if child.name() == "mettle-actor"]
@@ -78,10 +81,7 @@ def test_sigterm_to_the_process_group_checkpoints_with_the_actor_alive(tmp_path:
     """torchrun and shells signal the whole group: the actor ignores it, so the checkpoint gets its rollout."""
     args = ["--env", "gym:CartPole-v1", "--run", "ov", "--run-dir", str(tmp_path), "overlap=true",
             "total_timesteps=100000000", "progress_interval_s=0.1"]
-    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
-    with out.open("wb") as stdout, err.open("wb") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "mettle", "train", *args], cwd=tmp_path, stdout=stdout,
-                                   stderr=stderr, start_new_session=True)
+    process, out, err = start_training(tmp_path, args)
     try:
         assert wait_until(lambda: "epoch" in out.read_text() or process.poll() is not None, 60), "no epoch in 60 s"
         run = psutil.Process(process.pid).children(recursive=True)
