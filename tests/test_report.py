@@ -21,8 +21,8 @@ def write_metrics(run_dir: Path, lines: int = 20, truncated_tail: bool = True) -
             "step": (i + 1) * 1000, "epoch": i + 1, "time": 100.0 + 6.0 * i, "timing/wall": 6.0,
             "environment/episode_return": 19.5 if i == 8 else float(i % 8),
             "performance/steps_per_second": 1000.0 + 50 * i,
-            "losses/policy_loss": 1.0 / (i + 1), "losses/value_loss": 2.0 - 0.05 * i,
-            "losses/entropy": 0.7 - 0.01 * i, "losses/approx_kl": 0.001 * i,
+            "loss/ppo_actor/policy_loss": 1.0 / (i + 1), "loss/ppo_critic/value_loss": 2.0 - 0.05 * i,
+            "loss/ppo_actor/entropy": 0.7 - 0.01 * i, "loss/ppo_actor/approx_kl": 0.001 * i,
         })
     text = "".join(json.dumps(record) + "\n" for record in records)
     if truncated_tail:

@@ -17,8 +17,9 @@ SPS_KEYS = ("performance/steps_per_second", "performance/sps", "performance/agen
 REPORT_WALL_KEY = "timing/wall"
 """Seconds each record covers (the StatsReporter's timing/wall): their sum is the run's training time."""
 CLOCK_KEYS = ("time", "timestamp")
-LOSS_ORDER = ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "old_approx_kl", "explained_variance",
-              "grad_norm")
+LOSS_ORDER = ("ppo_actor/policy_loss", "ppo_critic/value_loss", "ppo_actor/entropy", "ppo_actor/approx_kl",
+              "ppo_actor/clipfrac", "explained_variance", "grad_norm")
+LOSS_PREFIX = "loss/"
 MAX_LOSS_PANELS = 12
 
 
@@ -52,9 +53,9 @@ class RunMetrics:
         return next((key for key in candidates if self.series(key)[1]), None)
 
     def loss_keys(self) -> list[str]:
-        """losses/ keys with data: the usual PPO terms first, then the rest alphabetically."""
-        present = {key for record in self.records for key in record if key.startswith("losses/")}
-        ordered = [f"losses/{name}" for name in LOSS_ORDER if f"losses/{name}" in present]
+        """loss/ keys with data: the usual PPO terms first, then the rest alphabetically."""
+        present = {key for record in self.records for key in record if key.startswith(LOSS_PREFIX)}
+        ordered = [LOSS_PREFIX + name for name in LOSS_ORDER if LOSS_PREFIX + name in present]
         ordered += sorted(present - set(ordered))
         return [key for key in ordered if self.series(key)[1]]
 
@@ -174,7 +175,7 @@ def _loss_plot(metrics: RunMetrics, keys: list[str], title: str, path: Path) -> 
     for index, key in enumerate(keys, start=1):
         axes = figure.add_subplot(rows, columns, index)
         _draw(axes, *metrics.series(key), key)
-        axes.set_title(key.removeprefix("losses/"), fontsize=10)
+        axes.set_title(key.removeprefix(LOSS_PREFIX), fontsize=10)
         axes.set_xlabel("agent steps", fontsize=8)
         axes.tick_params(labelsize=8)
         axes.grid(alpha=0.3)
@@ -199,7 +200,7 @@ def summarize_run(run_dir: Path) -> str:
     if sps_key:
         sps = metrics.series(sps_key)[1]
         lines.append(f"throughput: mean {sum(sps) / len(sps):,.0f} agent steps/s (last {sps[-1]:,.0f})")
-    losses = [f"{key.removeprefix('losses/')} {metrics.series(key)[1][-1]:.4g}" for key in metrics.loss_keys()[:8]]
+    losses = [f"{key.removeprefix(LOSS_PREFIX)} {metrics.series(key)[1][-1]:.4g}" for key in metrics.loss_keys()[:8]]
     if losses:
         lines.append("final losses: " + ", ".join(losses))
     if metrics.malformed_lines or metrics.superseded:

@@ -21,6 +21,7 @@ from mettle.agent.registry import build_policy
 from mettle.config import ConfigError, RunConfig, fit_run_config
 from mettle.contracts import PolicyEnvInfo, TrainingEnvironment
 from mettle.envs.factory import make_environment
+from mettle.rl.loss import Loss
 from mettle.rl.trainer import Trainer
 from mettle.rl.training import ContextCheckpointer, DistributedHelper, TrainerComponent
 from mettle.rl.training.checkpointer import CheckpointError, newest_usable_policy
@@ -69,8 +70,10 @@ def build_run(
     distributed: DistributedHelper | None = None,
     run_name: str | None = None,
     components: Sequence[TrainerComponent] = (),
+    losses: Sequence[Loss] = (),
 ) -> Run:
-    """Env, policy and Trainer with the config's components (then `components`), restored; bad input: ConfigError."""
+    """Env, policy and Trainer with the config's losses (then `losses`) and components (then `components`),
+    restored; bad input: ConfigError."""
     env = make_environment(cfg.env, seed=cfg.trainer.seed)
     try:
         cfg = fit_run_config(cfg, env.batch_info.num_rows)
@@ -80,6 +83,8 @@ def build_run(
             trainer = Trainer(cfg.trainer, env, policy, device, distributed, run_name)
         except ValueError as error:
             raise ConfigError(str(error)) from None
+        for loss in losses:
+            trainer.add_loss(loss)
         for component in (*config_components(cfg, trainer, run_dir), *components):
             trainer.register(component)
         shutdown = register_run_dir_guards(trainer, cfg, run_dir)

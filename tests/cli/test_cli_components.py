@@ -33,8 +33,9 @@ def test_metrics_reach_jsonl_and_tensorboard_at_each_epoch(trained: Path) -> Non
     records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1024 * k for k in range(1, 7)]
     first = records[0]
-    for key in ("environment/episode_return", "losses/policy_loss", "losses/approx_kl", "performance/steps_per_second",
-                "timing/rollout", "timing/train_frac", "monitor/rss_mb", "gradients/norm"):
+    for key in ("environment/episode_return", "loss/ppo_actor/policy_loss", "loss/ppo_actor/approx_kl",
+                "performance/steps_per_second", "timing/rollout", "timing/train_frac", "monitor/rss_mb",
+                "gradients/norm"):
         assert key in first and math.isfinite(first[key]), key
     evaluated = [r["step"] for r in records if "eval/gym:CartPole-v1/mean_return" in r]
     assert evaluated == [2048, 4096, 6144], "evaluation every 2 epochs, logged once each"
@@ -44,8 +45,8 @@ def test_metrics_reach_jsonl_and_tensorboard_at_each_epoch(trained: Path) -> Non
     events = EventAccumulator(str(trained / "tensorboard"))
     events.Reload()
     scalars = events.Tags()["scalars"]
-    assert {"losses/value_loss", "environment/episode_return", "timing/rollout"} <= set(scalars)
-    assert [e.step for e in events.Scalars("losses/value_loss")] == [1024 * k for k in range(1, 7)]
+    assert {"loss/ppo_critic/value_loss", "environment/episode_return", "timing/rollout"} <= set(scalars)
+    assert [e.step for e in events.Scalars("loss/ppo_critic/value_loss")] == [1024 * k for k in range(1, 7)]
 
 
 def test_heartbeat_checkpoints_and_wandb_files(trained: Path) -> None:

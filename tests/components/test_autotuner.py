@@ -47,7 +47,7 @@ def feed(tuner: UpdateEpochsAutotuner, *signals: tuple[float, float]) -> list[in
     """Run one epoch end per (approx_kl, clipfrac); return update_epochs after each."""
     seen = []
     for epoch, (kl, clipfrac) in enumerate(signals, start=1):
-        tuner.context.stats.losses = {"approx_kl": kl, "clipfrac": clipfrac}
+        tuner.context.stats.losses = {"ppo_actor/approx_kl": kl, "ppo_actor/clipfrac": clipfrac}
         tuner.on_epoch_end(epoch)
         seen.append(tuned(tuner))
     return seen

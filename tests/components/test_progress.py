@@ -84,7 +84,8 @@ def test_dashboard_shows_every_field() -> None:
     for field in ("tiny-run", "agent steps", "128 / 256 (50.0%)", "ETA", "SPS", "SPS avg", "epoch", "rollout",
                   "train", "other", "session", "return", "length", "game/ore_mined", "agent/moves"):
         assert field in text, field
-    for name in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "explained_variance"):
+    for name in ("ppo_actor/policy_loss", "ppo_critic/value_loss", "ppo_actor/entropy", "ppo_actor/approx_kl",
+                 "ppo_actor/clipfrac", "explained_variance"):
         assert re.search(rf"{name}\s+-?[0-9]", text), name
     assert re.search(r"epoch\s+2\b", text)
     assert re.search(r"rollout\s+\d+%\s+\d+%", text) and re.search(r"train\s+\d+%\s+\d+%", text)

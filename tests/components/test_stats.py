@@ -22,7 +22,8 @@ from mettle.rl.training.components.stats import (
     build_loggers,
 )
 
-LOSSES = ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "explained_variance")
+LOSSES = ("ppo_actor/policy_loss", "ppo_critic/value_loss", "ppo_actor/entropy", "ppo_actor/approx_kl",
+          "ppo_actor/clipfrac", "explained_variance")
 
 
 class Tally(TrainerComponent):
@@ -76,7 +77,7 @@ def test_tensorboard_and_jsonl_get_every_namespace_at_each_agent_step(tmp_path: 
     events.Reload()
     tags = set(events.Tags()["scalars"])
     expected = {"environment/episode_return", "environment/episode_length", "environment/episodes",
-                *(f"losses/{name}" for name in LOSSES), "performance/steps_per_second",
+                *(f"loss/{name}" for name in LOSSES), "performance/steps_per_second",
                 "performance/agent_step", "performance/epoch", "performance/learning_rate", "timing/rollout",
                 "timing/rollout.env", "timing/rollout.inference", "timing/train", "timing/other", "timing/wall",
                 "timing/rollout_frac", "timing/train_frac", "timing/other_frac"}
@@ -142,9 +143,9 @@ def test_jsonl_appends_and_writes_nan_as_null(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
     for step in (1, 2):
         with JsonlLogger(path) as sink:
-            sink.log({"losses/value_loss": math.nan, "performance/epoch": step}, step)
+            sink.log({"loss/ppo_critic/value_loss": math.nan, "performance/epoch": step}, step)
     records = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [(r["step"], r["epoch"], r["losses/value_loss"]) for r in records] == [(1, 1, None), (2, 2, None)]
+    assert [(r["step"], r["epoch"], r["loss/ppo_critic/value_loss"]) for r in records] == [(1, 1, None), (2, 2, None)]
 
 
 def test_stats_config_rejects_unknown_fields_and_bad_interval() -> None:

@@ -77,6 +77,18 @@ def _per_head(logits: torch.Tensor, nvec: tuple[int, ...]) -> torch.Tensor:
     return torch.stack(padded, dim=-2)
 
 
+def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, nvec: Sequence[int]) -> torch.Tensor:
+    """KL(teacher || student) of two multi-categorical distributions given as flat logits [..., sum(nvec)]: the sum
+    over heads, which are independent. Heads are normalised one by one, so no padding enters the sum."""
+    sizes = [int(n) for n in nvec]
+    total = torch.zeros(teacher_logits.shape[:-1], dtype=student_logits.dtype, device=student_logits.device)
+    heads = zip(torch.split(teacher_logits, sizes, dim=-1), torch.split(student_logits, sizes, dim=-1), strict=True)
+    for teacher, student in heads:
+        teacher_log_probs = F.log_softmax(teacher, dim=-1)
+        total = total + (teacher_log_probs.exp() * (teacher_log_probs - F.log_softmax(student, dim=-1))).sum(-1)
+    return total
+
+
 def act(
     logits: torch.Tensor, nvec: Sequence[int], actions: torch.Tensor | None, deterministic: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -111,7 +111,7 @@ class LSTMPolicy(Policy):
         values = self.critic_head(hidden).squeeze(-1)
         chosen, log_prob, entropy = act(logits, self.nvec, actions, deterministic)
         memory_out = {"lstm_h": h0, "lstm_c": c0}
-        return PolicyOutput(chosen, log_prob, entropy, values, memory_out)
+        return PolicyOutput(chosen, log_prob, entropy, values, memory_out, logits)
 
     def compile_hot_path(self) -> None:
         """Compile the encoder only: the unroll's chunking depends on where episodes start in the data."""

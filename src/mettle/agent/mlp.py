@@ -68,7 +68,7 @@ class MLPPolicy(Policy):
         logits = self.actor_head(actor_features).view(b, t, -1)
         values = self.critic_head(critic_features).view(b, t)
         chosen, log_prob, entropy = act(logits, self.nvec, actions, deterministic)
-        return PolicyOutput(actions=chosen, log_prob=log_prob, entropy=entropy, values=values, memory={})
+        return PolicyOutput(chosen, log_prob, entropy, values, memory={}, logits=logits)
 
     def rebuild_spec(self) -> dict[str, Any]:
         """Registered name and constructor arguments, enough to build an identically shaped policy."""

@@ -36,6 +36,9 @@ class PolicyOutput:
     """[B, T] critic estimate."""
     memory: dict[str, torch.Tensor] = field(default_factory=dict)
     """Recurrent state each row had before this call ([B, ...] per field); empty if stateless."""
+    logits: torch.Tensor | None = None
+    """[B, T, sum(nvec)] unnormalised action logits, all heads side by side (distillation compares them);
+    None from a policy that does not expose them."""
 
 
 class Policy(nn.Module, ABC):

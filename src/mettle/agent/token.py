@@ -271,7 +271,7 @@ class TokenPolicy(LSTMPolicy):
         logits = self.actor_head(hidden)
         values = self.critic_head(hidden).squeeze(-1)
         chosen, log_prob, entropy = act(logits, self.nvec, actions, deterministic)
-        return PolicyOutput(chosen, log_prob, entropy, values, memory_out)
+        return PolicyOutput(chosen, log_prob, entropy, values, memory_out, logits)
 
     def _recur(
         self, x: torch.Tensor, starts: torch.Tensor, memory: dict[str, torch.Tensor] | None, rows: slice | None

@@ -13,7 +13,7 @@ import torch
 
 from mettle.agent.policy import Policy
 from mettle.profiling.stopwatch import Stopwatch
-from mettle.rl.loss import PPOActorLoss, PPOCriticLoss
+from mettle.rl.loss import Loss, losses_from_config
 from mettle.rl.trainer_config import TrainerConfig
 from mettle.rl.training import (
     ComponentContext,
@@ -74,10 +74,11 @@ class Trainer:
             run_name=run_name,
             generator=torch.Generator().manual_seed(seed),
         )
-        live = self._context.state.hyperparameters
-        self._core = CoreTrainingLoop(self._context, [PPOActorLoss(cfg.ppo, live), PPOCriticLoss(cfg.ppo)])
+        self._core = CoreTrainingLoop(self._context, losses_from_config(self._context))
         self._context.core_loop = self._core
         self._components = self._context.components
+        self._sealed_by: str | None = None
+        """Set by restore() or train(): after them a new loss would miss its saved state or its first rollout."""
 
     @property
     def context(self) -> ComponentContext:
@@ -88,6 +89,20 @@ class Trainer:
     def core_loop(self) -> CoreTrainingLoop:
         """The rollout/update loop (its pending decisions and RNG are part of a checkpoint)."""
         return self._core
+
+    @property
+    def losses(self) -> list[Loss]:
+        """The terms of the objective, in the order they are summed (config's first, then added ones)."""
+        return list(self._core.losses)
+
+    def add_loss(self, loss: Loss) -> Loss:
+        """Add a term to the objective (a Loss subclass of your own), before restore() and train()."""
+        if self._sealed_by is not None:
+            raise RuntimeError(f"add_loss({type(loss).__name__}) after {self._sealed_by}(): add losses right after "
+                               "constructing the Trainer (or pass them to build_run), so they get their experience "
+                               "fields and checkpointed state")
+        self._core.add_loss(loss)
+        return loss
 
     @property
     def components(self) -> list[TrainerComponent]:
@@ -101,6 +116,10 @@ class Trainer:
         `context.stop_requested`; either way `on_training_complete` follows (a checkpoint, a summary).
         """
         state = self._context.state
+        self._sealed_by = self._sealed_by or "train"
+        if not self._core.losses:
+            raise ValueError("no loss to train on: enable losses.ppo_actor, ppo_critic or kickstarter, or add one "
+                             "with Trainer.add_loss")
         self._warn_unclaimed_state()
         try:
             while state.agent_step < self._cfg.total_timesteps and not self._stop_requested():
@@ -203,6 +222,7 @@ class Trainer:
         This should be called after setup() to restore any saved state.
         Returns the checkpoint directory restored from, or None (no checkpointer, or no checkpoint yet).
         """
+        self._sealed_by = self._sealed_by or "restore"
         checkpointer = self._checkpointer()
         return checkpointer.restore() if checkpointer is not None else None
 

@@ -81,6 +81,48 @@ class PPOConfig(_Config):
     """Stop the update epochs early once approx-KL exceeds this (None: never)."""
 
 
+class PPOLossConfig(_Config):
+    """One of PPO's two terms; its coefficients live in `ppo`."""
+
+    enabled: bool = True
+    """Include this term (turn both off to train on other losses alone, e.g. pure distillation)."""
+
+
+class KickstarterConfig(_Config):
+    """Distil a trained teacher into the policy: KL to the teacher's actions and MSE to its values, annealed."""
+
+    enabled: bool = False
+    """Include the kickstarting terms."""
+    teacher: str | None = None
+    """A Mettle run directory (its newest usable checkpoint) or one checkpoint directory; its policy may have
+    another architecture, but the same action space."""
+    action_coef: float = Field(1.0, ge=0)
+    """Weight of KL(teacher || student) over the action distribution at the start of training."""
+    value_coef: float = Field(1.0, ge=0)
+    """Weight of the squared error to the teacher's value at the start of training."""
+    anneal_steps: int = Field(1_000_000, gt=0)
+    """Agent steps over which both weights fall linearly to zero; from then on the teacher is not run."""
+
+    @model_validator(mode="after")
+    def _check_teacher(self) -> KickstarterConfig:
+        """An enabled kickstarter needs a teacher."""
+        if self.enabled and not self.teacher:
+            raise ValueError("losses.kickstarter.teacher is not set; set it to a Mettle run directory or "
+                             "checkpoint, e.g. losses.kickstarter.teacher=runs/teacher")
+        return self
+
+
+class LossesConfig(_Config):
+    """The terms of the objective, by name; users add their own from Python with `Trainer.add_loss`."""
+
+    ppo_actor: PPOLossConfig = Field(default_factory=PPOLossConfig)
+    """PPO's clipped surrogate and entropy bonus."""
+    ppo_critic: PPOLossConfig = Field(default_factory=PPOLossConfig)
+    """PPO's value regression."""
+    kickstarter: KickstarterConfig = Field(default_factory=KickstarterConfig)
+    """Distillation from a teacher run (off by default)."""
+
+
 class SamplingConfig(_Config):
     """How minibatches of whole rows are drawn from the experience buffer."""
 
@@ -112,7 +154,9 @@ class TrainerConfig(_Config):
     advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
     """Advantage estimation."""
     ppo: PPOConfig = Field(default_factory=PPOConfig)
-    """PPO loss."""
+    """PPO loss coefficients and gradient handling."""
+    losses: LossesConfig = Field(default_factory=LossesConfig)
+    """Which loss terms make up the objective."""
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     """Minibatch sampling."""
     overlap: bool = False
@@ -139,6 +183,14 @@ class TrainerConfig(_Config):
         context = info.context or {}
         if not context.get(DEFER_SIZE_CHECK):
             self.check_rows(context.get("num_rows"))
+        return self
+
+    @model_validator(mode="after")
+    def _check_losses(self) -> TrainerConfig:
+        """target_kl reads the PPO actor's approx-KL, so it needs that term."""
+        if self.ppo.target_kl is not None and not self.losses.ppo_actor.enabled:
+            raise ValueError("ppo.target_kl needs losses.ppo_actor.enabled=true (it stops on the PPO actor's "
+                             "approx_kl); unset ppo.target_kl or enable the PPO actor loss")
         return self
 
     @property

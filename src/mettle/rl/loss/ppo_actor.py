@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 class PPOActorLoss(Loss):
     """Pessimistic (clipped) policy-gradient loss; reads coefficients live so schedules can move them."""
 
+    name = "ppo_actor"
+
     def __init__(self, cfg: PPOConfig, hyperparameters: Hyperparameters | None = None) -> None:
         self.cfg = cfg
         self.hyperparameters = hyperparameters

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 class PPOCriticLoss(Loss):
     """Value regression; clipping keeps the critic from moving far from the values it acted on."""
 
+    name = "ppo_critic"
+
     def __init__(self, cfg: PPOConfig) -> None:
         self.cfg = cfg
 

@@ -5,20 +5,18 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from mettle.agent.policy import PolicyOutput
 from mettle.rl import advantage as adv
+from mettle.rl.loss.base import Loss, RolloutBatch
 from mettle.rl.training.context import ComponentContext
 from mettle.rl.training.environment import EnvBatch, EnvStateError
 from mettle.rl.training.optimizer import clip_gradients, set_learning_rate, set_optimizer_mode, zero_gradients
 from mettle.rl.training.overlap import OverlappedRollouts, fork_problem
-
-if TYPE_CHECKING:
-    from mettle.rl.loss.base import Loss
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +32,8 @@ class Decision:
     mask: torch.Tensor
     starts: torch.Tensor
     output: PolicyOutput
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The losses' experience fields for this step (`Loss.on_rollout_step`)."""
 
 
 class CoreTrainingLoop:
@@ -41,13 +41,24 @@ class CoreTrainingLoop:
 
     def __init__(self, context: ComponentContext, losses: Sequence[Loss]) -> None:
         self.context = context
-        self.losses = list(losses)
+        self.losses: list[Loss] = []
+        for loss in losses:
+            self.add_loss(loss)
         self.train_policy = context.distributed.wrap_policy(context.policy)
         self.memory_fields = [k for k in context.policy.get_agent_experience_spec() if k not in NON_MEMORY_FIELDS]
         self._pending: dict[int, Decision] = {}
         self._awaiting: set[int] = set()
         self._env_started = False
         self._overlap = self._overlapped_rollouts()
+
+    def add_loss(self, loss: Loss) -> None:
+        """Add a term to the objective, allocating the experience fields it declares (before rollouts start)."""
+        taken = [other.name for other in self.losses]
+        if loss.name in taken:
+            raise ValueError(f"a loss named {loss.name!r} is already added ({taken}); give {type(loss).__name__} "
+                             "another `name`")
+        self.context.experience.add_fields(loss.experience_spec())
+        self.losses.append(loss)
 
     def _overlapped_rollouts(self) -> OverlappedRollouts | None:
         """The actor side when `overlap` is on and a forked actor can run here; else None (synchronous, said once)."""
@@ -133,13 +144,27 @@ class CoreTrainingLoop:
             starts = torch.as_tensor(batch.starts, dtype=torch.bool).to(ctx.device)
             mask = torch.as_tensor(batch.mask, dtype=torch.bool).to(ctx.device)
             output = ctx.policy(obs.unsqueeze(1), starts.unsqueeze(1), rows=batch.rows)
-        return Decision(batch.rows, obs, mask, starts, output)
+            extras = self._loss_fields(RolloutBatch(batch.rows, obs, starts, mask), output)
+        return Decision(batch.rows, obs, mask, starts, output, extras)
+
+    def _loss_fields(self, batch: RolloutBatch, output: PolicyOutput) -> dict[str, torch.Tensor]:
+        """Every loss's fields for this step; a loss that leaves out or adds a field is named."""
+        fields: dict[str, torch.Tensor] = {}
+        for loss in self.losses:
+            filled = loss.on_rollout_step(batch, output)
+            declared = loss.experience_spec()
+            if filled.keys() != declared.keys():
+                raise ValueError(f"{type(loss).__name__}.on_rollout_step returned fields {sorted(filled)}, but "
+                                 f"experience_spec declares {sorted(declared)}; return exactly the declared ones")
+            fields.update(filled)
+        return fields
 
     def _commit(self, decision: Decision) -> None:
         ctx = self.context
         with torch.inference_mode():
             ctx.experience.store_decision(
-                decision.rows, decision.output, decision.observations, decision.mask, decision.starts
+                decision.rows, decision.output, decision.observations, decision.mask, decision.starts,
+                decision.extras,
             )
         actions = decision.output.actions[:, 0].cpu().numpy()
         with ctx.stopwatch("rollout.env"):
@@ -150,9 +175,8 @@ class CoreTrainingLoop:
     def state_dict(self) -> dict[str, Any]:
         """Rollout progress between epochs: held decisions, policy memory, the env's own state (and, overlapped, the
         rollout collected ahead, with the actor's RNG)."""
-        if self._overlap is not None:
-            return self._overlap.state_dict()
-        return self.rollout_state_dict()
+        rollouts = self._overlap.state_dict() if self._overlap is not None else self.rollout_state_dict()
+        return {**rollouts, "losses": {loss.name: loss.state_dict() for loss in self.losses}}
 
     def rollout_state_dict(self) -> dict[str, Any]:
         """What this process's rollouts need to continue exactly: held decisions, policy memory and the env's state."""
@@ -163,10 +187,12 @@ class CoreTrainingLoop:
             "pending": [decision_to_dict(d) for d in self._pending.values()],
             "policy_memory": {k: v.detach().cpu() for k, v in ctx.policy.memory_state().items()},
             "env": ctx.env.state_dict(),
+            "loss_rollout": {loss.name: loss.rollout_state_dict() for loss in self.losses},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume rollouts where `state_dict` left them; without usable env state the env restarts, and says so."""
+        self._load_loss_states(state.get("losses", {}), "state_dict")
         if self._overlap is not None:
             self._overlap.load_state_dict(state)
             return
@@ -178,6 +204,7 @@ class CoreTrainingLoop:
     def load_rollout_state(self, state: dict[str, Any]) -> None:
         """Restore this process's env, held decisions and policy memory from `rollout_state_dict`'s output."""
         ctx = self.context
+        self._load_loss_states(state.get("loss_rollout", {}), "rollout_state_dict")
         if not state["env_started"]:
             self._restart_rollouts()
             return
@@ -192,6 +219,18 @@ class CoreTrainingLoop:
         self._pending = {d.rows.start: d for d in decisions}
         self._awaiting = set(state["awaiting"])
         self._env_started = True
+
+    def _load_loss_states(self, saved: dict[str, Any], kind: str) -> None:
+        """Hand each loss its saved `kind` state; a loss with state but none saved (added since) starts fresh."""
+        for loss in self.losses:
+            if loss.name in saved:
+                getattr(loss, f"load_{kind}")(saved[loss.name])
+            elif getattr(loss, kind)():
+                logger.warning("the checkpoint holds no %s for loss %r (added since it was written): it starts "
+                               "fresh", kind, loss.name)
+        for name in sorted(set(saved) - {loss.name for loss in self.losses}):
+            logger.warning("the checkpoint holds a %s for loss %r, which this run does not have: it is ignored",
+                           kind, name)
 
     def pending_decisions(self, device: torch.device) -> dict[int, Decision]:
         """The held decisions, on `device` (the actor's)."""
@@ -235,6 +274,8 @@ class CoreTrainingLoop:
                         sums[name].append(value)
                 if cfg.ppo.target_kl is not None and self._recent_kl(sums) > cfg.ppo.target_kl:
                     break
+        for loss in self.losses:
+            loss.on_update_end()
         set_optimizer_mode(ctx.optimizer, training=False)
         metrics = self._aggregate(sums)
         metrics["explained_variance"] = self._explained_variance(returns)
@@ -245,11 +286,15 @@ class CoreTrainingLoop:
         ctx, data = self.context, minibatch.data
         memory = {name: data[name][:, 0] for name in self.memory_fields}
         output = self.train_policy(data["observations"], data["starts"], actions=data["actions"], memory=memory)
-        terms = [loss(minibatch, output) for loss in self.losses]
-        metrics = {name: value for _, named in terms for name, value in named.items()}
+        metrics: dict[str, torch.Tensor] = {}
+        total: torch.Tensor | None = None
+        for loss in self.losses:
+            value, named = loss(minibatch, output)
+            metrics.update({f"{loss.name}/{name}": diagnostic for name, diagnostic in named.items()})
+            total = value if total is None else total + value
+        assert total is not None, "Trainer.train() refuses to start without a loss"
         zero_gradients(ctx.optimizer)
-        values = [value for value, _ in terms]
-        sum(values[1:], values[0]).backward()  # type: ignore[no-untyped-call]
+        total.backward()  # type: ignore[no-untyped-call]
         metrics["grad_norm"] = clip_gradients(ctx.optimizer, ctx.config.ppo.max_grad_norm)
         ctx.optimizer.step()
         ctx.experience.log_ratio[minibatch.indices] = (output.log_prob - data["log_probs"]).detach()
@@ -257,7 +302,7 @@ class CoreTrainingLoop:
 
     def _recent_kl(self, sums: dict[str, list[torch.Tensor]]) -> float:
         """Mean approx-KL of the last update epoch over all ranks, so every rank stops together."""
-        recent = torch.stack(sums["approx_kl"][-self.context.config.minibatches_per_epoch :]).mean()
+        recent = torch.stack(sums["ppo_actor/approx_kl"][-self.context.config.minibatches_per_epoch :]).mean()
         return float(self.context.distributed.all_reduce_mean(recent))
 
     def _aggregate(self, sums: dict[str, list[torch.Tensor]]) -> dict[str, float]:
@@ -304,6 +349,7 @@ def decision_to_dict(decision: Decision) -> dict[str, Any]:
         "observations": decision.observations.cpu(), "mask": decision.mask.cpu(), "starts": decision.starts.cpu(),
         "actions": out.actions.cpu(), "log_prob": out.log_prob.cpu(), "entropy": out.entropy.cpu(),
         "values": out.values.cpu(), "memory": {k: v.cpu() for k, v in out.memory.items()},
+        "extras": {k: v.cpu() for k, v in decision.extras.items()},
     }
 
 
@@ -314,5 +360,6 @@ def decision_from_dict(data: dict[str, Any], device: torch.device) -> Decision:
         values=data["values"].to(device), memory={k: v.to(device) for k, v in data["memory"].items()},
     )
     start, stop = data["rows"]
+    extras = {k: v.to(device) for k, v in data.get("extras", {}).items()}
     return Decision(slice(start, stop), data["observations"].to(device), data["mask"].to(device),
-                    data["starts"].to(device), output)
+                    data["starts"].to(device), output, extras)

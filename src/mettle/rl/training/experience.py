@@ -71,11 +71,18 @@ class Experience:
         self.windows_per_row = self.segments // num_rows
         self.steps_per_row = self.windows_per_row * bptt_horizon
         self.device = torch.device(device)
-        specs = {**policy_spec, **STEP_FIELDS}
-        self.buffers = {name: self._allocate(spec) for name, spec in specs.items()}
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.add_fields({**policy_spec, **STEP_FIELDS})
         self.bootstrap = torch.zeros(num_rows, device=self.device)
         self.log_ratio = torch.zeros(self.segments, bptt_horizon, device=self.device)
         self._row_step = np.zeros(num_rows, dtype=np.int64)
+
+    def add_fields(self, specs: dict[str, TensorSpec]) -> None:
+        """Allocate more per-step fields (a loss's); a name already stored is an error, not an overwrite."""
+        taken = sorted(set(specs) & set(self.buffers))
+        if taken:
+            raise ValueError(f"experience fields {taken} are already stored; give the new fields other names")
+        self.buffers.update({name: self._allocate(spec) for name, spec in specs.items()})
 
     def _allocate(self, spec: TensorSpec) -> torch.Tensor:
         return torch.zeros((self.segments, self.horizon, *spec.shape), dtype=spec.dtype, device=self.device)
@@ -105,9 +112,15 @@ class Experience:
         return slice(base + rows.start, base + rows.stop), step % self.horizon
 
     def store_decision(
-        self, rows: slice, output: PolicyOutput, observations: torch.Tensor, mask: torch.Tensor, starts: torch.Tensor
+        self,
+        rows: slice,
+        output: PolicyOutput,
+        observations: torch.Tensor,
+        mask: torch.Tensor,
+        starts: torch.Tensor,
+        extras: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Record what the policy saw and chose at the rows' current step."""
+        """Record what the policy saw and chose at the rows' current step (and the losses' `extras` fields)."""
         seg, pos = self._cursor(rows)
         buf = self.buffers
         buf["observations"][seg, pos] = observations
@@ -116,7 +129,7 @@ class Experience:
         buf["values"][seg, pos] = output.values[:, 0]
         buf["mask"][seg, pos] = mask
         buf["starts"][seg, pos] = starts
-        for name, tensor in output.memory.items():
+        for name, tensor in (*output.memory.items(), *(extras or {}).items()):
             buf[name][seg, pos] = tensor
 
     def store_outcome(

@@ -15,6 +15,7 @@ the actor's rollout state (env, held decisions, policy memory) and RNG, so a res
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import multiprocessing as mp
 import sys
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mettle.agent.policy import TensorSpec
 from mettle.rl.training.actor import ActorProcess, SharedWeights, shared
 from mettle.rl.training.experience import Experience
 from mettle.rl.training.optimizer import set_optimizer_mode
@@ -54,7 +56,6 @@ class OverlappedRollouts:
         ctx = core.context
         self.core, self.actor_device = core, actor_device
         self.learner_experience = ctx.experience
-        self.slots = [self._shared_experience(), self._shared_experience()]
         self.weights: SharedWeights | None = None
         self.actor: ActorProcess | None = None
         self.version = 0
@@ -69,10 +70,15 @@ class OverlappedRollouts:
         """A stopped actor's rollout state, which the learner's env has not caught up with."""
         self._state_cache: dict[str, Any] | None = None
 
+    @functools.cached_property
+    def slots(self) -> list[Experience]:
+        """The two rollout buffers, made when first used (after every loss has added its fields)."""
+        return [self._shared_experience(), self._shared_experience()]
+
     def _shared_experience(self) -> Experience:
-        """A CPU rollout buffer in shared memory, shaped as the learner's."""
+        """A CPU rollout buffer in shared memory, with the learner's fields and shapes."""
         exp = self.learner_experience
-        spec = self.core.context.policy.get_agent_experience_spec()
+        spec = {name: TensorSpec(tuple(buf.shape[2:]), buf.dtype) for name, buf in exp.buffers.items()}
         slot = Experience(exp.batch_size, exp.horizon, exp.num_rows, spec, "cpu")
         for tensor in (*slot.buffers.values(), slot.bootstrap, slot.log_ratio):
             shared(tensor)
@@ -81,21 +87,28 @@ class OverlappedRollouts:
     # ------------------------------------------------------------------ epoch
     def next_rollout(self) -> list[dict[str, Any]]:
         """Rollout k for the learner (waiting if needed) after commanding rollout k+1; return k's episode infos."""
+        step, rollout_steps = self.core.context.state.agent_step, self._rollout_steps()
         if self.ready is None:
             if self.in_flight is None:
-                self._command(0)
+                self._command(0, step)
             self._wait()
         assert self.ready is not None
         slot, infos = self.ready
         self.ready = None
-        self._command(1 - slot)
+        self._command(1 - slot, step + rollout_steps)
         self._hand_to_learner(slot)
         if self.core.context.config.advantage.method == "vtrace":
             self._learner_log_ratio()
         return infos
 
-    def _command(self, slot: int) -> None:
-        """Publish the learner's weights (eval mode: what a rollout would use) and start a rollout into `slot`."""
+    def _rollout_steps(self) -> int:
+        """Agent steps one rollout adds to the count (all ranks)."""
+        ctx = self.core.context
+        return self.learner_experience.batch_size * ctx.distributed.get_world_size()
+
+    def _command(self, slot: int, agent_step: int) -> None:
+        """Publish the learner's weights (eval mode: what a rollout would use) and start a rollout into `slot`
+        that begins at `agent_step` (what the actor's losses read, as the learner's would in a synchronous run)."""
         ctx = self.core.context
         if self.actor is None:
             self._start_actor()
@@ -103,7 +116,7 @@ class OverlappedRollouts:
         set_optimizer_mode(ctx.optimizer, training=False)
         self.version += 1
         self.weights.publish(ctx.policy.state_dict(), self.version)
-        self.actor.send(("rollout", self.version, slot))
+        self.actor.send(("rollout", self.version, slot, agent_step))
         self.in_flight, self._state_cache = slot, None
 
     def _wait(self) -> None:
@@ -151,6 +164,7 @@ class OverlappedRollouts:
             self.actor_rng, self.parked = self.parked["rng"], None
         if self.weights is None:
             self.weights = SharedWeights(ctx.policy.state_dict())
+        assert len(self.slots) == 2  # made here, before the fork, so both processes share them
         moved = self._actor_policy() if self.actor_device.type == "cpu" else None
         seed = ctx.config.seed + ctx.distributed.seed_offset() + ACTOR_SEED_OFFSET
         rng = self.actor_rng
@@ -187,9 +201,10 @@ class OverlappedRollouts:
         core, ctx = self.core, self.core.context
         if request[0] == "state":
             return {"rollout": core.rollout_state_dict(), "rng": rng_state()}
-        _, version, slot = request
+        _, version, slot, agent_step = request
         assert self.weights is not None
         self.weights.load_into(ctx.policy, version)
+        ctx.state.agent_step = agent_step
         ctx.experience = self.slots[slot]
         before = {name: ctx.stopwatch.elapsed(name) for name in TIMERS}
         infos = core.collect()

@@ -114,9 +114,10 @@ class UpdateEpochsAutotuner(TrainerComponent):
         """Rank-averaged (approx_kl, clipfrac) of the last update, or None when missing or not finite."""
         ctx = self.context
         losses = ctx.stats.losses
-        if "approx_kl" not in losses or "clipfrac" not in losses:
+        kl_key, clip_key = "ppo_actor/approx_kl", "ppo_actor/clipfrac"
+        if kl_key not in losses or clip_key not in losses:
             return None
-        local = torch.tensor([losses["approx_kl"], losses["clipfrac"]], dtype=torch.float64)
+        local = torch.tensor([losses[kl_key], losses[clip_key]], dtype=torch.float64)
         kl, clipfrac = (float(v) for v in ctx.distributed.all_reduce_mean(local.to(ctx.distributed.device)).cpu())
         return (kl, clipfrac) if math.isfinite(kl) and math.isfinite(clipfrac) else None
 

@@ -27,7 +27,7 @@ class GradientReporter(TrainerComponent):
     The update zeroes gradients before each minibatch and clips them in place before the
     optimizer step, so what remains in `param.grad` at epoch end, and what this describes, is
     the last minibatch's gradient after clipping (its norm is at most `ppo.max_grad_norm`; the
-    mean pre-clip norm over all minibatches is losses/grad_norm). Mean and (population)
+    mean pre-clip norm over all minibatches is loss/grad_norm). Mean and (population)
     variance are over all entries of all gradients taken as one vector.
     """
 

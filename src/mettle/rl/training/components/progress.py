@@ -21,7 +21,8 @@ from rich.table import Table
 
 from mettle.rl.training.component import TrainerComponent
 
-LOSS_KEYS = ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "explained_variance")
+LOSS_KEYS = ("ppo_actor/policy_loss", "ppo_critic/value_loss", "ppo_actor/entropy", "ppo_actor/approx_kl",
+             "ppo_actor/clipfrac", "explained_variance")
 """Loss diagnostics the dashboard shows, in this order."""
 ENV_STAT_PREFIXES = ("game/", "agent/")
 """Episode-info keys treated as environment statistics."""
@@ -275,9 +276,9 @@ def format_line(snap: ProgressSnapshot, prefix: str = "") -> str:
         f"| sps {snap.sps:,.0f} (avg {snap.avg_sps:,.0f}) | eta {format_duration(snap.eta_s)} "
         f"| rollout {_pct(split, split.rollout)} train {_pct(split, split.train)} other {_pct(split, split.other)} "
         f"| return {snap.mean_return:.2f} | length {snap.mean_length:.1f} "
-        f"| policy_loss {losses.get('policy_loss', math.nan):.4f} "
-        f"| value_loss {losses.get('value_loss', math.nan):.4f} "
-        f"| entropy {losses.get('entropy', math.nan):.3f} | {snap.elapsed_s:.0f}s"
+        f"| policy_loss {losses.get('ppo_actor/policy_loss', math.nan):.4f} "
+        f"| value_loss {losses.get('ppo_critic/value_loss', math.nan):.4f} "
+        f"| entropy {losses.get('ppo_actor/entropy', math.nan):.3f} | {snap.elapsed_s:.0f}s"
     )
 
 
@@ -342,9 +343,10 @@ def _timing_table(snap: ProgressSnapshot) -> Table:
 
 
 def _loss_table(snap: ProgressSnapshot) -> Table:
-    """The last update's main loss terms and diagnostics."""
+    """The last update's main PPO terms and diagnostics, then those of any other loss (kickstarter/kl...)."""
     table = _small_table("losses")
-    for name in LOSS_KEYS:
+    others = sorted(name for name in snap.losses if "/" in name and not name.startswith("ppo_"))
+    for name in (*LOSS_KEYS, *others):
         table.add_row(name, _num(snap.losses.get(name, math.nan)))
     return table
 

@@ -75,7 +75,7 @@ class EpisodeSummary:
 
 
 class StatsReporter(TrainerComponent):
-    """Every `epoch_interval` epochs, logs environment/, losses/, performance/ and timing/ metrics at the agent step.
+    """Every `epoch_interval` epochs, logs environment/, loss/, performance/ and timing/ metrics at the agent step.
 
     Register it before the checkpointer, so a checkpoint taken at a report holds the state after that report.
     """
@@ -182,8 +182,8 @@ class StatsReporter(TrainerComponent):
         return {"environment/episodes": float(self.episodes.episodes), **means}
 
     def _losses(self) -> dict[str, float]:
-        """The last update's mean losses and diagnostics."""
-        return {f"losses/{name}": float(value) for name, value in self.context.stats.losses.items()}
+        """The last update's mean diagnostics: each loss's under loss/<loss name>/, the update's under loss/."""
+        return {f"loss/{name}": float(value) for name, value in self.context.stats.losses.items()}
 
     def _performance(self) -> dict[str, float]:
         """Throughput, progress counters and the current learning rate."""
