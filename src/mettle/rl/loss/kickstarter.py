@@ -93,6 +93,8 @@ class Kickstarter(Loss):
 
     def __call__(self, minibatch: Minibatch, output: PolicyOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         share = self.coefficient(self.state.agent_step)
+        if share == 0.0:  # annealed: the rollout stored no teacher outputs; a zero term keeps backward valid alone
+            return 0.0 * output.values.sum(), {"action_coef": torch.tensor(0.0), "value_coef": torch.tensor(0.0)}
         if output.logits is None:
             raise ValueError(f"the kickstarter needs the student's logits, but {type(output).__name__}.logits is "
                              "None; return them from the policy's forward")
