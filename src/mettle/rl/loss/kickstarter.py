@@ -147,5 +147,5 @@ def weights_digest(policy: Policy) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(policy.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype
     return digest.hexdigest()[:16]
