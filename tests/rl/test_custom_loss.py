@@ -11,6 +11,7 @@ hook runs in the forked actor, whose state the checkpoint must carry), and the c
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -350,3 +351,32 @@ def test_a_rollout_hook_failing_in_the_actor_ends_training_and_the_actor() -> No
     assert trainer.core_loop._overlap is not None and trainer.core_loop._overlap.actor is None
     assert isinstance(failing, ProbeLoss) and failing.steps_seen == 0  # it raised over there, not here
     assert trainer.context.state.epoch == 1  # the first update ran on the rollout the actor finished
+
+
+def resumed_with(run: Path, losses: list[Loss]) -> Trainer:
+    """A trainer over the run's checkpoints with `losses` added (instead of those it was trained with)."""
+    trainer = cartpole_trainer(config(epochs=4))
+    for loss in losses:
+        trainer.add_loss(loss)
+    trainer.register(ContextCheckpointer(run / "checkpoints", epoch_interval=1))
+    trainer.restore()
+    return trainer
+
+
+def test_a_loss_dropped_or_added_on_resume_is_named_and_training_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Held decisions carry the dropped loss's fields (they are left out); an added loss starts fresh, said once."""
+    train(build(tmp_path / "run", [], stop=2))
+    with caplog.at_level(logging.WARNING):
+        dropped = train(resumed_with(tmp_path / "run", []))
+    assert dropped.context.state.epoch == 4
+    assert "loss 'probe', which this run does not have: it is ignored" in caplog.text
+    without = resumed_with(tmp_path / "plain", [])
+    without.register(StopAtEpoch(2))
+    train(without)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        added = train(resumed_with(tmp_path / "plain", [ProbeLoss()]))
+    assert added.context.state.epoch == 4 and probe(added).updates_ended == 2
+    assert "holds no rollout_state_dict for loss 'probe' (added since it was written): it starts fresh" in caplog.text

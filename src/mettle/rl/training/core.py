@@ -216,9 +216,20 @@ class CoreTrainingLoop:
             return
         ctx.policy.load_memory_state({k: v.to(ctx.device) for k, v in state["policy_memory"].items()})
         decisions = [decision_from_dict(d, ctx.device) for d in state["pending"]]
+        for decision in decisions:
+            self._refit_fields(decision)
         self._pending = {d.rows.start: d for d in decisions}
         self._awaiting = set(state["awaiting"])
         self._env_started = True
+
+    def _refit_fields(self, decision: Decision) -> None:
+        """A held decision from a run with other losses: drop fields no loss here declares, fill those it lacks."""
+        decision.extras = {k: v for k, v in decision.extras.items() if k in self.context.experience.buffers}
+        batch = RolloutBatch(decision.rows, decision.observations, decision.starts, decision.mask)
+        with torch.inference_mode():
+            for loss in self.losses:
+                if not loss.experience_spec().keys() <= decision.extras.keys():
+                    decision.extras.update(loss.on_rollout_step(batch, decision.output))
 
     def _load_loss_states(self, saved: dict[str, Any], kind: str) -> None:
         """Hand each loss its saved `kind` state; a loss with state but none saved (added since) starts fresh."""
