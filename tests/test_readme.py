@@ -1,27 +1,47 @@
-"""The README's Python example runs as written (with fewer steps) and its components produce their files."""
+"""The README's Python examples run as written (with fewer steps) and produce what they say they do."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
+def block_with(marker: str) -> str:
+    """The one ```python block of the README that contains `marker`."""
+    (code,) = [block for block in python_blocks() if marker in block]
+    return code
+
+
+def run_shortened(code: str, steps: str) -> dict[str, Any]:
+    """Run a README block with `total_timesteps=STEPS` cut to 4096; its globals afterwards."""
+    assert f"total_timesteps={steps}" in code
+    namespace: dict[str, Any] = {}
+    exec(compile(code.replace(f"total_timesteps={steps}", "total_timesteps=4096"), str(README), "exec"), namespace)
+    return namespace
+
+
+def test_readme_has_the_api_and_the_custom_loss_examples() -> None:
+    assert len(python_blocks()) == 2
+
+
 def test_readme_python_example_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                       capsys: pytest.CaptureFixture[str]) -> None:
-    (code,) = python_blocks()
-    assert "total_timesteps=100_000" in code
     monkeypatch.chdir(tmp_path)
-    exec(compile(code.replace("total_timesteps=100_000", "total_timesteps=4096"), str(README), "exec"), {})
+    run_shortened(block_with("class PrintReturns"), "100_000")
     printed = [float(line) for line in capsys.readouterr().out.split()]
     assert printed and all(8 <= value <= 500 for value in printed)
     records = [json.loads(line) for line in (tmp_path / "runs/api-demo/metrics.jsonl").read_text().splitlines()]
@@ -30,3 +50,18 @@ def test_readme_python_example_trains(tmp_path: Path, monkeypatch: pytest.Monkey
     assert set(final_eval) == {"step", "time", "eval/cartpole/mean_return"} | {k for k in final_eval if "eval/" in k}
     assert 8 <= final_eval["eval/cartpole/mean_return"] <= 500, "the final evaluation is logged after training ends"
     assert os.listdir(tmp_path / "runs/api-demo/tensorboard")
+
+
+def test_readme_custom_loss_trains_and_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    namespace = run_shortened(block_with("trainer.add_loss("), "20_000")
+    trainer = namespace["trainer"]
+    (loss,) = [loss for loss in trainer.losses if loss.name == "lean"]
+    assert [type(other).__name__ for other in trainer.losses] == ["PPOActorLoss", "PPOCriticLoss", "LeanImitation"]
+    assert loss.state_dict() == {"done": 4}, "on_update_end ran once per epoch (4 epochs of 1024 steps)"
+    figures = trainer.context.stats.losses
+    assert figures["lean/coef"] == pytest.approx(1 - 3 / 20), "the last update weighed it after 3 updates"
+    assert float(capsys.readouterr().out) == figures["lean/cross_entropy"]
+    assert figures["lean/cross_entropy"] < math.log(2) - 0.05, "the policy moved toward the rule from near-uniform"
+    assert not list(tmp_path.iterdir()), "nothing written without a StatsReporter"

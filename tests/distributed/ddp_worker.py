@@ -1,4 +1,4 @@
-"""Run under torchrun by test_distributed.py: trains on the Bandit env and records what each rank saw."""
+"""Run under torchrun by test_distributed.py: trains on the Bandit env (or CartPole) and records what each rank saw."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from typing import Any
 import torch
 
 from mettle.agent.registry import build_policy
+from mettle.envs.gymnasium import GymnasiumEnvironment
 from mettle.envs.testing import BanditEnvironment
 from mettle.rl.trainer import Trainer
-from mettle.rl.trainer_config import TrainerConfig
-from mettle.rl.training import ContextCheckpointer, DistributedHelper, TrainerComponent
+from mettle.rl.trainer_config import KickstarterConfig, LossesConfig, TrainerConfig
+from mettle.rl.training import ContextCheckpointer, DistributedHelper, TrainerComponent, TrainingEnvironment
 from mettle.rl.training.components.signals import StopAtEpoch
 
 
@@ -45,20 +46,34 @@ class StepRecorder(TrainerComponent):
                             "losses": ctx.stats.losses})
 
 
+def make_env(name: str) -> TrainingEnvironment:
+    """The Bandit (tiny and exact) or eight CartPoles (a real env, for a teacher and its student)."""
+    if name == "cartpole":
+        return GymnasiumEnvironment("CartPole-v1", num_envs=8)
+    return BanditEnvironment(num_envs=4, episode_length=8)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--stop-at", type=int, default=0)
     parser.add_argument("--overlap", action="store_true", help="collect rollouts in an actor process per rank")
+    parser.add_argument("--env", choices=["bandit", "cartpole"], default="bandit")
+    parser.add_argument("--policy", choices=["lstm", "mlp"], default="lstm")
+    parser.add_argument("--teacher", default="", help="kickstart from this run directory")
+    parser.add_argument("--anneal-steps", type=int, default=1_000_000)
     args = parser.parse_args()
     torch.set_num_threads(1)
     distributed = DistributedHelper("cpu", timeout_s=60)
+    kickstarter = KickstarterConfig(enabled=bool(args.teacher), teacher=args.teacher or None,
+                                    anneal_steps=args.anneal_steps)
     cfg = TrainerConfig(total_timesteps=args.epochs * 128 * distributed.get_world_size(), batch_size=128,
-                        minibatch_size=64, bptt_horizon=8, update_epochs=2, seed=7, overlap=args.overlap)
-    env = BanditEnvironment(num_envs=4, episode_length=8)
+                        minibatch_size=64, bptt_horizon=8, update_epochs=2, seed=7, overlap=args.overlap,
+                        losses=LossesConfig(kickstarter=kickstarter))
+    env = make_env(args.env)
     trainer = Trainer.load_or_create(str(Path(args.out) / "checkpoints"), cfg, env,
-                                     build_policy("lstm", hidden_size=16), "cpu", distributed)
+                                     build_policy(args.policy, hidden_size=16), "cpu", distributed)
     recorder = StepRecorder()
     trainer.register(recorder)
     if args.stop_at:

@@ -79,6 +79,23 @@ def test_overlap_under_two_ranks_trains_in_step_and_resumes_exactly(tmp_path: Pa
     assert resumed[0]["final"] == resumed[1]["final"] == full[0]["final"], "resumed ranks match an unbroken run"
 
 
+def test_kickstarted_student_under_two_ranks_stays_identical(tmp_path: Path) -> None:
+    """An LSTM teacher kickstarts an MLP student on CartPole; both ranks anneal by the global agent step."""
+    run_workers(tmp_path / "teacher", "--epochs", "2", "--env", "cartpole", "--policy", "lstm")
+    rank0, rank1 = run_workers(tmp_path / "student", "--epochs", "4", "--env", "cartpole", "--policy", "mlp",
+                               "--teacher", str(tmp_path / "teacher"), "--anneal-steps", "768")
+    assert rank0["checksums"] == rank1["checksums"], "parameters differ between ranks after an optimizer step"
+    assert len(rank0["checksums"]) == 4 * 2 * 2 and rank0["final"] == rank1["final"]
+    assert [e["losses"] for e in rank0["epochs"]] == [e["losses"] for e in rank1["epochs"]], "losses are all-reduced"
+    losses = [e["losses"] for e in rank0["epochs"]]
+    # each update sees the 2 x 128 steps of its rollout counted: coefficients at 256, 512, 768, 1024 of 768
+    assert [e["kickstarter/action_coef"] for e in losses] == pytest.approx([2 / 3, 1 / 3, 0.0, 0.0], abs=1e-6)
+    assert [e["kickstarter/value_coef"] for e in losses] == pytest.approx([2 / 3, 1 / 3, 0.0, 0.0], abs=1e-6)
+    assert all(e["kickstarter/kl"] >= 0 and e["kickstarter/value_mse"] >= 0 for e in losses[:2])
+    assert not any("kickstarter/kl" in e for e in losses[2:]), "once annealed the teacher is not run"
+    assert all("ppo_actor/policy_loss" in e and "ppo_critic/value_loss" in e for e in losses)
+
+
 def test_cli_under_torchrun_writes_only_from_rank_zero(tmp_path: Path) -> None:
     port = free_port()
     command = torchrun("-m", "mettle", "--", "train", "--env", "gym:CartPole-v1", "--run", "r", "--run-dir",
