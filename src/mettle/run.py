@@ -85,6 +85,9 @@ def build_run(
             raise ConfigError(str(error)) from None
         for loss in losses:
             trainer.add_loss(loss)
+        if not trainer.losses:
+            raise ConfigError("no loss to train on: losses.ppo_actor, losses.ppo_critic and losses.kickstarter are "
+                              "all disabled; enable one (e.g. losses.ppo_actor.enabled=true)")
         for component in (*config_components(cfg, trainer, run_dir), *components):
             trainer.register(component)
         shutdown = register_run_dir_guards(trainer, cfg, run_dir)

@@ -55,11 +55,14 @@ BAD_INPUT = [
     (["losses.kickstarter.enabled=true"],
      "mettle: error: invalid config: trainer.losses.kickstarter: losses.kickstarter.teacher is not set; set it to "
      "a Mettle run directory or checkpoint, e.g. losses.kickstarter.teacher=runs/teacher"),
+    (["losses.ppo_actor.enabled=false", "losses.ppo_critic.enabled=false"],
+     "mettle: error: no loss to train on: losses.ppo_actor, losses.ppo_critic and losses.kickstarter are all "
+     "disabled; enable one (e.g. losses.ppo_actor.enabled=true)"),
 ]
 
 
 @pytest.mark.parametrize("args,expected", BAD_INPUT, ids=["missing-teacher", "other-action-space", "unknown-loss",
-                                                         "no-teacher"])
+                                                         "no-teacher", "no-loss"])
 def test_bad_loss_settings_exit_2_with_one_line_and_train_nothing(tmp_path: Path, teachers: Path, args: list[str],
                                                                   expected: str) -> None:
     runs = tmp_path / "runs"
