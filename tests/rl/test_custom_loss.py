@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 import pytest
 import torch
+from resume_helpers import checkpointed, train_and_close
 
 from mettle.agent.policy import PolicyOutput, TensorSpec
 from mettle.agent.registry import build_policy
@@ -151,19 +152,10 @@ def build(run: Path, log: list[dict[str, float]], stop: int | None = None, **ove
     trainer.add_loss(ProbeLoss())
     trainer.register(EpochRecorder(log))
     trainer.register(StatsReporter([JsonlLogger(run / "metrics.jsonl")]))
-    if stop is not None:
-        trainer.register(StopAtEpoch(stop))
-    trainer.register(ContextCheckpointer(run / "checkpoints", epoch_interval=1))
-    trainer.restore()
-    return trainer
+    return checkpointed(trainer, run / "checkpoints", stop)
 
 
-def train(trainer: Trainer) -> Trainer:
-    try:
-        trainer.train()
-    finally:
-        trainer.context.env.close()
-    return trainer
+train = train_and_close
 
 
 def probe(trainer: Trainer) -> ProbeLoss:

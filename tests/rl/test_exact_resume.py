@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from resume_helpers import checkpointed
 
 from mettle.agent.registry import build_policy
 from mettle.config import EnvConfig
@@ -23,8 +24,7 @@ from mettle.envs.gymnasium import GymnasiumEnvironment
 from mettle.envs.pettingzoo import PettingZooEnvironment, parse_pettingzoo_spec
 from mettle.rl.trainer import Trainer
 from mettle.rl.trainer_config import AdvantageConfig, TrainerConfig
-from mettle.rl.training import ContextCheckpointer, TrainerComponent
-from mettle.rl.training.components.signals import StopAtEpoch
+from mettle.rl.training import TrainerComponent
 
 EPOCHS, STOP = 4, 2
 
@@ -70,11 +70,7 @@ def build(case: str, run: Path, log: list[Any], stop: int | None = None, **train
                         minibatch_size=rows * horizon, bptt_horizon=horizon, update_epochs=2, seed=11, **trainer)
     trainer = Trainer(cfg, env, build_policy(kind, hidden_size=32), "cpu")
     trainer.register(EpochRecorder(log))
-    if stop is not None:
-        trainer.register(StopAtEpoch(stop))
-    trainer.register(ContextCheckpointer(run, epoch_interval=1))
-    trainer.restore()
-    return trainer
+    return checkpointed(trainer, run, stop)
 
 
 def train_split(case: str, tmp_path: Path, **trainer: Any) -> tuple[Trainer, list[Any]]:

@@ -21,6 +21,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from resume_helpers import checkpointed, train_and_close
 
 from mettle.agent.distributions import kl_divergence
 from mettle.agent.lstm import LSTMPolicy
@@ -34,9 +35,8 @@ from mettle.rl.loss import Kickstarter, RolloutBatch
 from mettle.rl.loss.kickstarter import TEACHER_LOGITS, TEACHER_VALUES
 from mettle.rl.trainer import Trainer
 from mettle.rl.trainer_config import AdvantageConfig, KickstarterConfig, LossesConfig, TrainerConfig
-from mettle.rl.training import ContextCheckpointer, TrainerComponent
+from mettle.rl.training import TrainerComponent
 from mettle.rl.training.checkpointer import save_policy
-from mettle.rl.training.components.signals import StopAtEpoch
 from mettle.rl.training.context import TrainerState
 from mettle.rl.training.experience import Minibatch
 from mettle.run import build_run
@@ -336,12 +336,7 @@ def cartpole_trainer(teacher: Path, total_epochs: int, vectorization: str = "ser
     return Trainer(cfg, env, build_policy("mlp", hidden_size=32), "cpu")
 
 
-def train(trainer: Trainer) -> None:
-    """Train to the end (or the stop epoch), closing the env either way."""
-    try:
-        trainer.train()
-    finally:
-        trainer.context.env.close()
+train = train_and_close
 
 
 def test_a_training_run_stops_running_the_teacher_with_the_rollout_whose_update_weighs_it_at_zero(
@@ -471,11 +466,7 @@ def build_resumable(teacher: Path, run: Path, recorder: RolloutTeacherRecorder, 
     """The CartPole student with an lstm teacher, checkpointing every epoch into `run` and restored from it."""
     built = cartpole_trainer(teacher, EPOCHS, vectorization="gymnasium_sync", **trainer)
     built.register(recorder)
-    if stop is not None:
-        built.register(StopAtEpoch(stop))
-    built.register(ContextCheckpointer(run, epoch_interval=1))
-    built.restore()
-    return built
+    return checkpointed(built, run, stop)
 
 
 def train_split(teacher: Path, run: Path, **trainer: Any) -> tuple[Trainer, RolloutTeacherRecorder]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from resume_helpers import checkpointed, train_and_close
 
 from mettle.agent.registry import build_policy
 from mettle.config import RunConfig, build_run_config, fit_run_config
@@ -19,9 +20,8 @@ from mettle.envs.factory import make_environment
 from mettle.rl.loss import PPOActorLoss
 from mettle.rl.trainer import Trainer
 from mettle.rl.trainer_config import PPOConfig, TrainerConfig
-from mettle.rl.training import ContextCheckpointer, TrainerComponent, TrainerState
+from mettle.rl.training import TrainerComponent, TrainerState
 from mettle.rl.training.checkpointer import TRAINER_STATE, list_checkpoints, load_trainer_state, write_manifest
-from mettle.rl.training.components.signals import StopAtEpoch
 from mettle.rl.training.context import Hyperparameters
 
 EPOCHS, STOP = 6, 3
@@ -72,20 +72,10 @@ def build(cfg: RunConfig, directory: Path, log: list[Any], stop: int | None = No
     for component in (cfg.schedules.build(), cfg.autotuner.build(), ValueRecorder(log)):
         assert component is not None
         trainer.register(component)
-    if stop is not None:
-        trainer.register(StopAtEpoch(stop))
-    trainer.register(ContextCheckpointer(directory, epoch_interval=1))
-    trainer.restore()
-    return trainer
+    return checkpointed(trainer, directory, stop)
 
 
-def train(trainer: Trainer) -> Trainer:
-    """Train, then close the env."""
-    try:
-        trainer.train()
-    finally:
-        trainer.context.env.close()
-    return trainer
+train = train_and_close
 
 
 def test_a_run_leaves_its_config_and_config_json_as_asked(tmp_path: Path) -> None:
