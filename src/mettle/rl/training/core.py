@@ -192,7 +192,7 @@ class CoreTrainingLoop:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume rollouts where `state_dict` left them; without usable env state the env restarts, and says so."""
-        self._load_loss_states(state.get("losses", {}), "state_dict")
+        self._load_loss_states(state.get("losses", {}), rollout=False)
         if self._overlap is not None:
             self._overlap.load_state_dict(state)
             return
@@ -204,7 +204,7 @@ class CoreTrainingLoop:
     def load_rollout_state(self, state: dict[str, Any]) -> None:
         """Restore this process's env, held decisions and policy memory from `rollout_state_dict`'s output."""
         ctx = self.context
-        self._load_loss_states(state.get("loss_rollout", {}), "rollout_state_dict")
+        self._load_loss_states(state.get("loss_rollout", {}), rollout=True)
         if not state["env_started"]:
             self._restart_rollouts()
             return
@@ -231,12 +231,15 @@ class CoreTrainingLoop:
                 if not loss.experience_spec().keys() <= decision.extras.keys():
                     decision.extras.update(loss.on_rollout_step(batch, decision.output))
 
-    def _load_loss_states(self, saved: dict[str, Any], kind: str) -> None:
-        """Hand each loss its saved `kind` state; a loss with state but none saved (added since) starts fresh."""
+    def _load_loss_states(self, saved: dict[str, Any], rollout: bool) -> None:
+        """Hand each loss its saved update (or `rollout`) state; one with state but none saved starts fresh."""
+        kind = "rollout_state_dict" if rollout else "state_dict"
         for loss in self.losses:
+            load, current = ((loss.load_rollout_state_dict, loss.rollout_state_dict) if rollout
+                             else (loss.load_state_dict, loss.state_dict))
             if loss.name in saved:
-                getattr(loss, f"load_{kind}")(saved[loss.name])
-            elif getattr(loss, kind)():
+                load(saved[loss.name])
+            elif current():
                 logger.warning("the checkpoint holds no %s for loss %r (added since it was written): it starts "
                                "fresh", kind, loss.name)
         for name in sorted(set(saved) - {loss.name for loss in self.losses}):
