@@ -18,7 +18,7 @@ import pstats
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -90,14 +90,19 @@ def instrument(trainer: Any, timers: Timers) -> None:
     timers.wrap(CoreTrainingLoop, "_update", "train.update (one minibatch)")
 
 
-def build(task_name: str, steps: int) -> tuple[Any, Any]:
-    """Env and trainer for a compare.py task, as its throughput run builds them."""
-    return build_mettle(mettle_config({"task": TASKS[task_name].as_dict(), "steps": steps, "seed": 0}))
+def build(task_name: str, steps: int, overrides: Sequence[str] = ()) -> tuple[Any, Any]:
+    """Env and trainer for a compare.py task, as its throughput run builds them (then `overrides`)."""
+    spec = {"task": TASKS[task_name].as_dict(), "steps": steps, "seed": 0, "overrides": list(overrides)}
+    return build_mettle(mettle_config(spec))
 
 
-def timed_run(task_name: str, steps: int) -> tuple[dict[str, float], dict[str, int], float, int]:
-    """Train `steps` agent steps with the wrappers on; merge them with Mettle's own stopwatch."""
-    env, trainer = build(task_name, steps)
+def timed_run(task_name: str, steps: int, overrides: Sequence[str] = ()
+              ) -> tuple[dict[str, float], dict[str, int], float, int]:
+    """Train `steps` agent steps with the wrappers on; merge them with Mettle's own stopwatch.
+
+    With overlap the env steps and inference run in the actor process: the learner's stopwatch holds their
+    totals under actor.*, and the wrapped functions time only what ran in this process (the update)."""
+    env, trainer = build(task_name, steps, overrides)
     timers = Timers()
     instrument(trainer, timers)
     started = time.perf_counter()
@@ -107,12 +112,14 @@ def timed_run(task_name: str, steps: int) -> tuple[dict[str, float], dict[str, i
         wall = time.perf_counter() - started
         timers.unwrap()
         env.close()
-    sw = trainer.context.stopwatch.summary()
-    seconds = {"rollout": sw["rollout"], "rollout.env step (adapter + gymnasium)": sw["rollout.env"],
-               "rollout.inference (to tensor + forward + sample)": sw["rollout.inference"], "train": sw["train"],
-               **timers.seconds}
-    counts = {"rollout.env step (adapter + gymnasium)": trainer.context.stopwatch.count("rollout.env"),
-              "rollout.inference (to tensor + forward + sample)": trainer.context.stopwatch.count("rollout.inference"),
+    stopwatch = trainer.context.stopwatch
+    sw = stopwatch.summary()
+    actor = "actor." if "actor.rollout.env" in sw else ""
+    seconds = {"rollout": sw["rollout"], "rollout.env step (adapter + gymnasium)": sw[f"{actor}rollout.env"],
+               "rollout.inference (to tensor + forward + sample)": sw[f"{actor}rollout.inference"],
+               "train": sw["train"], **timers.seconds}
+    counts = {"rollout.env step (adapter + gymnasium)": stopwatch.count(f"{actor}rollout.env"),
+              "rollout.inference (to tensor + forward + sample)": stopwatch.count(f"{actor}rollout.inference"),
               **timers.calls}
     return seconds, counts, wall, trainer.context.state.agent_step
 
@@ -137,9 +144,9 @@ def print_tree(seconds: dict[str, float], counts: dict[str, int], wall: float, s
           f"{wall - seconds['rollout'] - seconds['train']:.3f} s")
 
 
-def print_cprofile(task_name: str, steps: int, top: int) -> None:
+def print_cprofile(task_name: str, steps: int, top: int, overrides: Sequence[str] = ()) -> None:
     """Top functions by own time under cProfile (a second, uninstrumented run)."""
-    env, trainer = build(task_name, steps)
+    env, trainer = build(task_name, steps, overrides)
     profiler = cProfile.Profile()
     profiler.enable()
     trainer.train()
@@ -157,14 +164,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, default=16384, help="agent steps of the profiled run")
     parser.add_argument("--cprofile", action="store_true", help="also list the top functions under cProfile")
     parser.add_argument("--top", type=int, default=25, help="functions listed by --cprofile")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra Mettle override (repeatable), e.g. --set overlap=false to profile one process")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    env, trainer = build(args.task, 1)
+    env, trainer = build(args.task, 1, args.set)
     trainer.train()
     env.close()
-    print_tree(*timed_run(args.task, args.steps))
+    print_tree(*timed_run(args.task, args.steps, args.set))
     if args.cprofile:
-        print_cprofile(args.task, args.steps, args.top)
+        print_cprofile(args.task, args.steps, args.top, args.set)
     return 0
 
 
