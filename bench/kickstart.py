@@ -4,8 +4,9 @@
   each until the rolling mean of its last 20 training episodes reaches 475. Target: kickstarted median steps at most
   half the scratch median.
 * navigation: a token-policy teacher trained on mettagrid:navigation for `--teacher-minutes` of wall clock; its
-  reward per agent is the mean return of its last `--window` training episodes. 5 kickstarted token students then
-  train until their own rolling mean reaches that reward, or half the teacher's steps (a miss). Target: the median
+  reward per agent is the mean return of its last `--window` (1000) training agent-episodes. 5 kickstarted token
+  students then train until their own rolling mean over as many episodes reaches that reward, or half the
+  teacher's steps (a miss). Target: the median
   steps at most half the teacher's steps.
 
 Runs are in-process and one after another (each student is its own Trainer and environment); only agent steps are
@@ -144,15 +145,20 @@ def cartpole(out: Path, seeds: int) -> dict[str, Any]:
             "window_ratio": ratios["window"], "met": ratios["greedy"] <= 0.5}
 
 
-def navigation(out: Path, seeds: int, teacher_minutes: float, window: int) -> dict[str, Any]:
+def navigation(out: Path, seeds: int, teacher_minutes: float, window: int, reuse: bool) -> dict[str, Any]:
     """Kickstarted token students on navigation: steps to the timed teacher's reward per agent (training window)."""
-    task = TASKS["navigation"]
-    probe = ReturnProbe(window, None, None, teacher_minutes * 60)
-    teacher = train(task["env"], [*task["teacher"], "total_timesteps=1000000000"], 100, probe,
-                    out / "navigation-teacher")
+    task, teacher_dir = TASKS["navigation"], out / "navigation-teacher"
+    summary = out / "navigation-teacher.json"
+    if reuse and summary.exists():
+        teacher = json.loads(summary.read_text())
+    else:
+        probe = ReturnProbe(window, None, None, teacher_minutes * 60)
+        teacher = train(task["env"], [*task["teacher"], "total_timesteps=1000000000"], 100, probe, teacher_dir)
+        teacher["reward"] = final_reward(teacher_dir / "metrics.jsonl", window)
+        summary.write_text(json.dumps(teacher, indent=2))
     log(f"navigation teacher: {teacher}")
-    target, budget = teacher["final_mean_return"], teacher["agent_steps"] // 2
-    kick = ["losses.kickstarter.enabled=true", f"losses.kickstarter.teacher={out / 'navigation-teacher'}",
+    target, budget = teacher["reward"], teacher["agent_steps"] // 2
+    kick = ["losses.kickstarter.enabled=true", f"losses.kickstarter.teacher={teacher_dir}",
             f"losses.kickstarter.anneal_steps={budget}"]
     runs = []
     for seed in range(seeds):
@@ -167,6 +173,20 @@ def navigation(out: Path, seeds: int, teacher_minutes: float, window: int) -> di
             "met": ratio <= 0.5}
 
 
+def final_reward(metrics: Path, episodes: int) -> float:
+    """Mean episode return per agent over a run's last `episodes` agent-episodes, from its metrics.jsonl."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    total = weighted = 0.0
+    for record in reversed(records):
+        count = record.get("environment/episodes") or 0.0
+        if count:
+            total += count
+            weighted += count * record["environment/episode_return"]
+        if total >= episodes:
+            break
+    return weighted / total
+
+
 def log(message: str) -> None:
     """Progress on stderr."""
     print(message, file=sys.stderr, flush=True)
@@ -179,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="directory for the teacher runs and kickstart.json")
     parser.add_argument("--seeds", type=int, default=5, help="student seeds (median reported)")
     parser.add_argument("--teacher-minutes", type=float, default=10.0, help="navigation teacher's wall clock")
-    parser.add_argument("--window", type=int, default=200, help="navigation: agent-episodes in the rolling mean")
+    parser.add_argument("--window", type=int, default=1000, help="navigation: agent-episodes in the rolling mean")
+    parser.add_argument("--reuse-teacher", action="store_true",
+                        help="navigation: keep the teacher already in --out (its navigation-teacher.json)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a task misses its target")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -188,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.task in ("cartpole", "all"):
         results["cartpole"] = cartpole(args.out, args.seeds)
     if args.task in ("navigation", "all"):
-        results["navigation"] = navigation(args.out, args.seeds, args.teacher_minutes, args.window)
+        results["navigation"] = navigation(args.out, args.seeds, args.teacher_minutes, args.window, args.reuse_teacher)
     (args.out / "kickstart.json").write_text(json.dumps(results, indent=2))
     for name, result in results.items():
         print(f"{name}: kickstarted median steps {result['median_steps']} -> ratio {result['ratio']:.2f} "

@@ -66,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     distributed = DistributedHelper("cpu", timeout_s=60)
-    kickstarter = KickstarterConfig(enabled=bool(args.teacher), teacher=args.teacher or None,
+    kickstarter = KickstarterConfig(enabled=bool(args.teacher), teacher=args.teacher or None, value_coef=1.0,
                                     anneal_steps=args.anneal_steps)
     cfg = TrainerConfig(total_timesteps=args.epochs * 128 * distributed.get_world_size(), batch_size=128,
                         minibatch_size=64, bptt_horizon=8, update_epochs=2, seed=7, overlap=args.overlap,

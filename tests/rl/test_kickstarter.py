@@ -330,7 +330,8 @@ def cartpole_trainer(teacher: Path, total_epochs: int, vectorization: str = "ser
                      **trainer: Any) -> Trainer:
     """An mlp student on 4 CartPoles kickstarted from `teacher`, 64 agent steps per rollout."""
     env = make_environment(EnvConfig(name="gym:CartPole-v1", num_envs=4, vectorization=vectorization), seed=7)
-    losses = LossesConfig(kickstarter=KickstarterConfig(enabled=True, teacher=str(teacher), anneal_steps=anneal_steps))
+    kick = KickstarterConfig(enabled=True, teacher=str(teacher), value_coef=1.0, anneal_steps=anneal_steps)
+    losses = LossesConfig(kickstarter=kick)
     cfg = TrainerConfig(total_timesteps=total_epochs * 64, batch_size=64, minibatch_size=32, bptt_horizon=8,
                         update_epochs=2, seed=11, losses=losses, **trainer)
     return Trainer(cfg, env, build_policy("mlp", hidden_size=32), "cpu")

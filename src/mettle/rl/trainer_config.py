@@ -98,8 +98,10 @@ class KickstarterConfig(_Config):
     another architecture, but the same action space."""
     action_coef: float = Field(1.0, ge=0)
     """Weight of KL(teacher || student) over the action distribution at the start of training."""
-    value_coef: float = Field(1.0, ge=0)
-    """Weight of the squared error to the teacher's value at the start of training."""
+    value_coef: float = Field(0.0, ge=0)
+    """Weight of the squared error to the teacher's value at the start of training. Off by default: the error is in
+    return units, and at weights of 0.1 to 1 its gradient dominated the clipped gradient norm on navigation, so the
+    student learned its actions more slowly than from scratch (bench/kickstart.py)."""
     anneal_steps: int = Field(1_000_000, gt=0)
     """Agent steps over which both weights fall linearly to zero; from then on the teacher is not run."""
 
