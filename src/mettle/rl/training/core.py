@@ -42,6 +42,8 @@ class CoreTrainingLoop:
     def __init__(self, context: ComponentContext, losses: Sequence[Loss]) -> None:
         self.context = context
         self.losses: list[Loss] = []
+        self._declared: dict[str, frozenset[str]] = {}
+        """Each loss's experience fields, as allocated (checked against what its rollout hook returns)."""
         for loss in losses:
             self.add_loss(loss)
         self.train_policy = context.distributed.wrap_policy(context.policy)
@@ -57,8 +59,10 @@ class CoreTrainingLoop:
         if loss.name in taken:
             raise ValueError(f"a loss named {loss.name!r} is already added ({taken}); give {type(loss).__name__} "
                              "another `name`")
-        self.context.experience.add_fields(loss.experience_spec())
+        spec = loss.experience_spec()
+        self.context.experience.add_fields(spec)
         self.losses.append(loss)
+        self._declared[loss.name] = frozenset(spec)
 
     def _overlapped_rollouts(self) -> OverlappedRollouts | None:
         """The actor side when `overlap` is on and a forked actor can run here; else None (synchronous, said once)."""
@@ -152,8 +156,8 @@ class CoreTrainingLoop:
         fields: dict[str, torch.Tensor] = {}
         for loss in self.losses:
             filled = loss.on_rollout_step(batch, output)
-            declared = loss.experience_spec()
-            if filled.keys() != declared.keys():
+            declared = self._declared[loss.name]
+            if filled.keys() != declared:
                 raise ValueError(f"{type(loss).__name__}.on_rollout_step returned fields {sorted(filled)}, but "
                                  f"experience_spec declares {sorted(declared)}; return exactly the declared ones")
             fields.update(filled)
@@ -228,7 +232,7 @@ class CoreTrainingLoop:
         batch = RolloutBatch(decision.rows, decision.observations, decision.starts, decision.mask)
         with torch.inference_mode():
             for loss in self.losses:
-                if not loss.experience_spec().keys() <= decision.extras.keys():
+                if not self._declared[loss.name] <= decision.extras.keys():
                     decision.extras.update(loss.on_rollout_step(batch, decision.output))
 
     def _load_loss_states(self, saved: dict[str, Any], rollout: bool) -> None:
