@@ -61,6 +61,18 @@ def test_summary_mentions_steps_best_return_and_names(tmp_path: Path) -> None:
     assert "1 malformed line(s) skipped" in summary
 
 
+def test_a_run_from_before_named_losses_still_reports_them(tmp_path: Path) -> None:
+    """Older runs logged losses/policy_loss ...: their losses are still plotted and summarised, PPO's first."""
+    write_metrics(tmp_path / "run", truncated_tail=False)
+    path = tmp_path / "run" / "metrics.jsonl"
+    old = [{k.replace("loss/ppo_actor/", "losses/").replace("loss/ppo_critic/", "losses/"): v
+            for k, v in json.loads(line).items()} for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(record) + "\n" for record in old))
+    assert load_metrics(tmp_path / "run").loss_keys() == ["losses/policy_loss", "losses/value_loss", "losses/entropy",
+                                                           "losses/approx_kl"]
+    assert "policy_loss 0.05" in summarize_run(tmp_path / "run")
+
+
 def test_resumed_run_supersedes_repeated_steps(tmp_path: Path) -> None:
     lines = [{"step": s, "time": s / 10, "environment/episode_return": float(s)} for s in (100, 200, 300, 400)]
     lines += [{"step": s, "time": 900 + s, "environment/episode_return": -float(s)} for s in (300, 400, 500)]

@@ -20,7 +20,14 @@ CLOCK_KEYS = ("time", "timestamp")
 LOSS_ORDER = ("ppo_actor/policy_loss", "ppo_critic/value_loss", "ppo_actor/entropy", "ppo_actor/approx_kl",
               "ppo_actor/clipfrac", "explained_variance", "grad_norm")
 LOSS_PREFIX = "loss/"
+OLD_LOSS_PREFIX = "losses/"
+"""Where runs written before losses had names logged them (losses/policy_loss ...); still plotted."""
 MAX_LOSS_PANELS = 12
+
+
+def loss_name(key: str) -> str:
+    """A loss metric's name without its loss/ (or losses/) prefix."""
+    return key.removeprefix(LOSS_PREFIX).removeprefix(OLD_LOSS_PREFIX)
 
 
 class MissingMetricsError(ValueError):
@@ -53,9 +60,12 @@ class RunMetrics:
         return next((key for key in candidates if self.series(key)[1]), None)
 
     def loss_keys(self) -> list[str]:
-        """loss/ keys with data: the usual PPO terms first, then the rest alphabetically."""
-        present = {key for record in self.records for key in record if key.startswith(LOSS_PREFIX)}
-        ordered = [LOSS_PREFIX + name for name in LOSS_ORDER if LOSS_PREFIX + name in present]
+        """loss/ (or an older run's losses/) keys with data: the usual PPO terms first, then the rest alphabetically."""
+        prefixes = (LOSS_PREFIX, OLD_LOSS_PREFIX)
+        present = {key for record in self.records for key in record if key.startswith(prefixes)}
+        known = [LOSS_PREFIX + name for name in LOSS_ORDER]
+        known += [OLD_LOSS_PREFIX + name.split("/")[-1] for name in LOSS_ORDER]  # losses/ had no loss names
+        ordered = [key for key in known if key in present]
         ordered += sorted(present - set(ordered))
         return [key for key in ordered if self.series(key)[1]]
 
@@ -175,7 +185,7 @@ def _loss_plot(metrics: RunMetrics, keys: list[str], title: str, path: Path) -> 
     for index, key in enumerate(keys, start=1):
         axes = figure.add_subplot(rows, columns, index)
         _draw(axes, *metrics.series(key), key)
-        axes.set_title(key.removeprefix(LOSS_PREFIX), fontsize=10)
+        axes.set_title(loss_name(key), fontsize=10)
         axes.set_xlabel("agent steps", fontsize=8)
         axes.tick_params(labelsize=8)
         axes.grid(alpha=0.3)
@@ -200,7 +210,7 @@ def summarize_run(run_dir: Path) -> str:
     if sps_key:
         sps = metrics.series(sps_key)[1]
         lines.append(f"throughput: mean {sum(sps) / len(sps):,.0f} agent steps/s (last {sps[-1]:,.0f})")
-    losses = [f"{key.removeprefix(LOSS_PREFIX)} {metrics.series(key)[1][-1]:.4g}" for key in metrics.loss_keys()[:8]]
+    losses = [f"{loss_name(key)} {metrics.series(key)[1][-1]:.4g}" for key in metrics.loss_keys()[:8]]
     if losses:
         lines.append("final losses: " + ", ".join(losses))
     if metrics.malformed_lines or metrics.superseded:
