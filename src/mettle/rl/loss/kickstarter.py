@@ -64,8 +64,8 @@ class Kickstarter(Loss):
             raise ValueError(f"losses.kickstarter.teacher: {error}") from None
         check_teacher_fits(info, context.env.policy_env_info, used)
         logger.info("kickstarting from the teacher in %s", used)
-        rollout_steps = context.experience.batch_size * context.distributed.get_world_size()
-        return cls(cfg, teacher, info.action_nvec, context.state, rollout_steps, weights_digest(teacher))
+        return cls(cfg, teacher, info.action_nvec, context.state, context.rollout_agent_steps,
+                   weights_digest(teacher))
 
     def coefficient(self, agent_step: int) -> float:
         """The share (1 -> 0) of the configured weights in force at `agent_step`."""

@@ -116,3 +116,8 @@ class ComponentContext:
     """Set (by a signal handler or any component) to end training cleanly after the current epoch."""
     core_loop: CoreTrainingLoop | None = None
     """The rollout/update loop, set by the Trainer: its held decisions and env state go into checkpoints."""
+
+    @property
+    def rollout_agent_steps(self) -> int:
+        """Agent steps one rollout adds to `state.agent_step` (every rank's buffer)."""
+        return self.experience.batch_size * self.distributed.get_world_size()

@@ -88,7 +88,7 @@ class CoreTrainingLoop:
         set_optimizer_mode(ctx.optimizer, training=False)
         ctx.policy.eval()
         infos = self._overlap.next_rollout() if self._overlap is not None else self.collect()
-        ctx.state.agent_step += ctx.experience.batch_size * ctx.distributed.get_world_size()
+        ctx.state.agent_step += ctx.rollout_agent_steps
         return infos
 
     def collect(self) -> list[dict[str, Any]]:

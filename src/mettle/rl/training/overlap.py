@@ -87,7 +87,7 @@ class OverlappedRollouts:
     # ------------------------------------------------------------------ epoch
     def next_rollout(self) -> list[dict[str, Any]]:
         """Rollout k for the learner (waiting if needed) after commanding rollout k+1; return k's episode infos."""
-        step, rollout_steps = self.core.context.state.agent_step, self._rollout_steps()
+        step, rollout_steps = self.core.context.state.agent_step, self.core.context.rollout_agent_steps
         if self.ready is None:
             if self.in_flight is None:
                 self._command(0, step)
@@ -100,11 +100,6 @@ class OverlappedRollouts:
         if self.core.context.config.advantage.method == "vtrace":
             self._learner_log_ratio()
         return infos
-
-    def _rollout_steps(self) -> int:
-        """Agent steps one rollout adds to the count (all ranks)."""
-        ctx = self.core.context
-        return self.learner_experience.batch_size * ctx.distributed.get_world_size()
 
     def _command(self, slot: int, agent_step: int) -> None:
         """Publish the learner's weights (eval mode: what a rollout would use) and start a rollout into `slot`

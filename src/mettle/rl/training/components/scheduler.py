@@ -152,7 +152,7 @@ class HyperparameterScheduler(TrainerComponent):
     def on_rollout_end(self) -> None:
         """Re-apply the values for the step this epoch's rollout started from, just before the update."""
         ctx = self.context
-        self.apply(ctx.state.agent_step - ctx.experience.batch_size * ctx.distributed.get_world_size())
+        self.apply(ctx.state.agent_step - ctx.rollout_agent_steps)
 
     def on_epoch_end(self, epoch: int) -> None:
         """Apply the values for the next epoch, so that they are visible (and logged) right away."""
