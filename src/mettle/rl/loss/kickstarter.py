@@ -88,7 +88,9 @@ class Kickstarter(Loss):
             self._teacher_device = batch.observations.device
         taught = self.teacher(batch.observations.unsqueeze(1), batch.starts.unsqueeze(1), rows=batch.rows,
                               deterministic=True)
-        assert taught.logits is not None  # checked when the teacher was loaded
+        if taught.logits is None:
+            raise ValueError(f"losses.kickstarter.teacher: its {type(self.teacher).__name__} returns no logits; a "
+                             "teacher's forward must set PolicyOutput.logits")
         return {TEACHER_LOGITS: taught.logits[:, 0].float(), TEACHER_VALUES: taught.values[:, 0].float()}
 
     def __call__(self, minibatch: Minibatch, output: PolicyOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
