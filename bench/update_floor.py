@@ -85,10 +85,11 @@ def sb3_phases() -> tuple[Callable[[], None], Callable[[], None], int]:
     return collect, model.train, steps
 
 
-def mettle_phases() -> tuple[Callable[[], None], Callable[[], None], int]:
+def mettle_phases(gradient: str = "auto") -> tuple[Callable[[], None], Callable[[], None], int]:
     """Mettle's Trainer with the same settings: (one rollout phase, one training phase, gradient steps)."""
     # synchronous: this bench times the rollout and update phases one after the other (overlap hides the rollout)
-    spec = {"task": TASKS["cartpole8"].as_dict(), "steps": 10**9, "seed": 0, "overrides": ["overlap=false"]}
+    overrides = ["overlap=false", f"gradient={gradient}"]
+    spec = {"task": TASKS["cartpole8"].as_dict(), "steps": 10**9, "seed": 0, "overrides": overrides}
     cfg = mettle_config(spec)
     _, trainer = build_mettle(cfg)
     core = trainer.core_loop
@@ -109,23 +110,32 @@ def measure(repeats: int) -> dict[str, Any]:
     torch.set_num_threads(1)
     sb3_collect, sb3_train, sb3_steps = sb3_phases()
     mettle_collect, mettle_train, mettle_steps = mettle_phases()
+    _, autograd_train, _ = mettle_phases("autograd")
     floor = floor_step()
     timed(floor, 50)  # warm-up
     samples: dict[str, list[float]] = {k: [] for k in ("sb3_rollout", "sb3_update", "mettle_rollout",
-                                                       "mettle_update", "floor_step")}
+                                                       "mettle_update", "mettle_autograd_update", "floor_step")}
     for _ in range(repeats):
         samples["sb3_rollout"].append(timed(sb3_collect) * 1e3)
         samples["sb3_update"].append(timed(sb3_train) * 1e3)
         samples["mettle_rollout"].append(timed(mettle_collect) * 1e3)
-        samples["mettle_update"].append(timed(mettle_train) * 1e3)
-        samples["floor_step"].append(timed(floor, sb3_steps) * 1e3)
+        for _ in range(3):  # the update ratios are the target: three tight pairs per repeat, each its own sample
+            samples["mettle_update"].append(timed(mettle_train) * 1e3)
+            samples["floor_step"].append(timed(floor, sb3_steps) * 1e3)
+            samples["mettle_autograd_update"].append(timed(autograd_train) * 1e3)
     ms = {k: statistics.median(v) for k, v in samples.items()}
+    pairs = zip(samples["mettle_update"], samples["mettle_autograd_update"], samples["floor_step"], strict=True)
+    ratios = [(m / mettle_steps / f, a / mettle_steps / f) for m, a, f in pairs]
     sb3_epoch, floor_update = ms["sb3_rollout"] + ms["sb3_update"], ms["floor_step"] * mettle_steps
     return {
         "gradient_steps_per_epoch": {"sb3": sb3_steps, "mettle": mettle_steps},
         "median_ms": ms,
         "per_gradient_step_ms": {"sb3": ms["sb3_update"] / sb3_steps, "mettle": ms["mettle_update"] / mettle_steps,
+                                 "mettle_autograd": ms["mettle_autograd_update"] / mettle_steps,
                                  "floor": ms["floor_step"]},
+        "step_over_floor": {"mettle": statistics.median(r[0] for r in ratios),
+                            "mettle_autograd": statistics.median(r[1] for r in ratios),
+                            "pairs": len(ratios)},
         "mettle_over_sb3_now": sb3_epoch / (ms["mettle_rollout"] + ms["mettle_update"]),
         "bound_mettle_rollout_floor_update": sb3_epoch / (ms["mettle_rollout"] + floor_update),
         "bound_free_rollout_floor_update": sb3_epoch / floor_update,
@@ -135,7 +145,7 @@ def measure(repeats: int) -> dict[str, Any]:
 
 def render(result: dict[str, Any], machine: dict[str, Any]) -> str:
     """The markdown report."""
-    ms, step = result["median_ms"], result["per_gradient_step_ms"]
+    ms, step, over = result["median_ms"], result["per_gradient_step_ms"], result["step_over_floor"]
     with_rollout, free_rollout = result["bound_mettle_rollout_floor_update"], result["bound_free_rollout_floor_update"]
     return "\n".join([
         "# What bounds Mettle ÷ SB3 on cartpole8 (matched settings)", "",
@@ -145,7 +155,10 @@ def render(result: dict[str, Any], machine: dict[str, Any]) -> str:
         "|---|---|---|---|",
         f"| SB3 | {ms['sb3_rollout']:.1f} | {ms['sb3_update']:.1f} | {step['sb3']:.3f} |",
         f"| Mettle | {ms['mettle_rollout']:.1f} | {ms['mettle_update']:.1f} | {step['mettle']:.3f} |",
+        f"| Mettle, gradient=autograd | – | {ms['mettle_autograd_update']:.1f} | {step['mettle_autograd']:.3f} |",
         f"| bare PyTorch floor | – | {ms['floor_step'] * 40:.1f} | {step['floor']:.3f} |", "",
+        f"- Mettle's gradient step ÷ the floor's: **{over['mettle']:.2f}x** (gradient=autograd: "
+        f"{over['mettle_autograd']:.2f}x); medians of {over['pairs']} back-to-back pairs",
         f"- Mettle ÷ SB3 now (phases only): **{result['mettle_over_sb3_now']:.2f}x**",
         f"- bound with Mettle's rollout and a floor-speed update: **{with_rollout:.2f}x**",
         f"- bound with a free rollout and a floor-speed update: **{free_rollout:.2f}x**",

@@ -120,6 +120,7 @@ class Trainer:
         if not self._core.losses:
             raise ValueError("no loss to train on: enable losses.ppo_actor, ppo_critic or kickstarter, or add one "
                              "with Trainer.add_loss")
+        self._core.gradient_path()  # gradient=analytic that cannot apply fails here, before any rollout
         self._warn_unclaimed_state()
         try:
             while state.agent_step < self._cfg.total_timesteps and not self._stop_requested():

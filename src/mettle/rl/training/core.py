@@ -13,9 +13,16 @@ import torch
 from mettle.agent.policy import PolicyOutput
 from mettle.rl import advantage as adv
 from mettle.rl.loss.base import Loss, RolloutBatch
+from mettle.rl.training.analytic import AnalyticPPOGradient, analytic_problem
 from mettle.rl.training.context import ComponentContext
 from mettle.rl.training.environment import EnvBatch, EnvStateError
-from mettle.rl.training.optimizer import clip_gradients, set_learning_rate, set_optimizer_mode, zero_gradients
+from mettle.rl.training.optimizer import (
+    clip_gradients,
+    flat_gradients,
+    set_learning_rate,
+    set_optimizer_mode,
+    zero_gradients,
+)
 from mettle.rl.training.overlap import OverlappedRollouts, fork_problem
 
 logger = logging.getLogger(__name__)
@@ -51,6 +58,7 @@ class CoreTrainingLoop:
         self._pending: dict[int, Decision] = {}
         self._awaiting: set[int] = set()
         self._env_started = False
+        self._gradient_said = False
         self._overlap = self._overlapped_rollouts()
 
     def add_loss(self, loss: Loss) -> None:
@@ -281,6 +289,7 @@ class CoreTrainingLoop:
         set_optimizer_mode(ctx.optimizer, training=True)
         ctx.policy.train()
         sums: dict[str, list[torch.Tensor]] = defaultdict(list)
+        analytic = self.gradient_path()
         with ctx.stopwatch("train"):
             for epoch in range(live.update_epochs):
                 if epoch == 0 or cfg.advantage.method == "vtrace":
@@ -288,7 +297,7 @@ class CoreTrainingLoop:
                 for minibatch in ctx.experience.minibatches(
                     advantages, returns, cfg.minibatch_segments, cfg.sampling, self._progress(), ctx.generator
                 ):
-                    for name, value in self._update(minibatch).items():
+                    for name, value in self._update(minibatch, analytic).items():
                         sums[name].append(value)
                 if cfg.ppo.target_kl is not None and self._recent_kl(sums) > cfg.ppo.target_kl:
                     break
@@ -300,8 +309,33 @@ class CoreTrainingLoop:
         metrics["update_epochs_run"] = float(epoch + 1)
         return metrics
 
-    def _update(self, minibatch: Any) -> dict[str, torch.Tensor]:
-        ctx, data = self.context, minibatch.data
+    def gradient_path(self) -> AnalyticPPOGradient | None:
+        """The hand-written PPO gradient when `config.gradient` allows it and it applies; None: autograd."""
+        choice, policy = self.context.config.gradient, self.context.policy
+        problem = "gradient=autograd" if choice == "autograd" else analytic_problem(policy, self.losses)
+        if problem is not None and choice == "analytic":
+            raise ValueError(f"gradient=analytic cannot be used: {problem}; set gradient=auto or gradient=autograd")
+        if not self._gradient_said:
+            logger.info("gradient steps: %s", "analytic" if problem is None else f"autograd ({problem})")
+            self._gradient_said = True
+        return None if problem is not None else AnalyticPPOGradient(policy, self.losses)  # type: ignore[arg-type]
+
+    def _update(self, minibatch: Any, analytic: AnalyticPPOGradient | None) -> dict[str, torch.Tensor]:
+        ctx = self.context
+        zero_gradients(ctx.optimizer)
+        if analytic is None:
+            metrics, log_prob = self._autograd_step(minibatch)
+        else:
+            metrics, log_prob = analytic(minibatch)
+            self._average_gradients()
+        metrics["grad_norm"] = clip_gradients(ctx.optimizer, ctx.config.ppo.max_grad_norm)
+        ctx.optimizer.step()
+        ctx.experience.log_ratio[minibatch.indices] = log_prob.detach() - minibatch.data["log_probs"]
+        return {name: value.detach().float() for name, value in metrics.items()}
+
+    def _autograd_step(self, minibatch: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Backward through the policy and the sum of the losses; return (diagnostics, log-probs)."""
+        data = minibatch.data
         memory = {name: data[name][:, 0] for name in self.memory_fields}
         output = self.train_policy(data["observations"], data["starts"], actions=data["actions"], memory=memory)
         metrics: dict[str, torch.Tensor] = {}
@@ -311,12 +345,19 @@ class CoreTrainingLoop:
             metrics.update({f"{loss.name}/{name}": diagnostic for name, diagnostic in named.items()})
             total = value if total is None else total + value
         assert total is not None, "Trainer.train() refuses to start without a loss"
-        zero_gradients(ctx.optimizer)
         total.backward()  # type: ignore[no-untyped-call]
-        metrics["grad_norm"] = clip_gradients(ctx.optimizer, ctx.config.ppo.max_grad_norm)
-        ctx.optimizer.step()
-        ctx.experience.log_ratio[minibatch.indices] = (output.log_prob - data["log_probs"]).detach()
-        return {name: value.detach().float() for name, value in metrics.items()}
+        return metrics, output.log_prob
+
+    def _average_gradients(self) -> None:
+        """Mean of the gradients over ranks, as DDP's backward would take (the analytic step bypasses DDP)."""
+        dist, optimizer = self.context.distributed, self.context.optimizer
+        if not dist.is_distributed:
+            return
+        flat = flat_gradients(optimizer)
+        grads = [flat.buffer] if flat is not None else [
+            p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        for grad in grads:
+            grad.copy_(dist.all_reduce_mean(grad))
 
     def _recent_kl(self, sums: dict[str, list[torch.Tensor]]) -> float:
         """Mean approx-KL of the last update epoch over all ranks, so every rank stops together."""

@@ -1,0 +1,191 @@
+"""PPO's gradient for the MLP policy written out by hand: the step autograd takes, for about half the cost.
+
+At small sizes (CartPole's 64x64 torsos, 256-row minibatches) a gradient step is bound by per-op overhead,
+not arithmetic: autograd records and replays some sixty small ops, `clip_grad_norm_` and the loss add more.
+Here the forward keeps only what the backward needs and the backward is the chain rule in a dozen matmuls,
+written straight into the parameters' `.grad`. `bench/update_floor.py` measures it against a plain PyTorch
+step; `tests/rl/test_analytic_gradient.py` checks every gradient and diagnostic against autograd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from mettle.agent.distributions import MultiCategorical
+from mettle.agent.layers import flatten_steps
+from mettle.agent.mlp import MLPPolicy
+from mettle.rl.loss.ppo_actor import PPOActorLoss
+from mettle.rl.loss.ppo_critic import PPOCriticLoss
+
+if TYPE_CHECKING:
+    from mettle.rl.loss.base import Loss
+    from mettle.rl.training.experience import Minibatch
+
+
+DIAGNOSTICS = ("ppo_actor/policy_loss", "ppo_actor/entropy", "ppo_actor/approx_kl", "ppo_actor/clipfrac",
+               "ppo_critic/value_loss")
+"""What PPOActorLoss and PPOCriticLoss report, in the order the analytic step computes them."""
+
+
+def analytic_problem(policy: nn.Module, losses: Sequence[Loss]) -> str | None:
+    """Why the hand-written gradient cannot stand in for autograd here, or None when it can."""
+    if type(policy) is not MLPPolicy:
+        return f"it is written for MLPPolicy, and the policy is {type(policy).__name__}"
+    if sorted(type(loss).__name__ for loss in losses) != ["PPOActorLoss", "PPOCriticLoss"] or not all(
+        type(loss) in (PPOActorLoss, PPOCriticLoss) for loss in losses
+    ):
+        names = [loss.name for loss in losses]
+        return f"it is written for the PPO actor and critic losses together, and the losses are {names}"
+    if not all(p.requires_grad for p in policy.parameters()):
+        return "some policy parameters are frozen (requires_grad=False)"
+    return None
+
+
+class AnalyticPPOGradient:
+    """Forward, PPO actor and critic losses, and backward for an MLPPolicy, without autograd."""
+
+    def __init__(self, policy: MLPPolicy, losses: Sequence[Loss]) -> None:
+        problem = analytic_problem(policy, losses)
+        if problem is not None:
+            raise ValueError(f"the analytic PPO gradient does not apply: {problem}")
+        self.policy = policy
+        self.actor_loss = next(loss for loss in losses if isinstance(loss, PPOActorLoss))
+        self.critic_loss = next(loss for loss in losses if isinstance(loss, PPOCriticLoss))
+        self.actor_layers = _linears(policy.actor_torso)
+        self.critic_layers = None if policy.critic_torso is None else _linears(policy.critic_torso)
+
+    @torch.no_grad()
+    def __call__(self, minibatch: Minibatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Set each parameter's `.grad` to the gradient of the summed losses; return (diagnostics, log-probs [n, T])."""
+        policy, data = self.policy, minibatch.data
+        n, t = data["observations"].shape[:2]
+        x = flatten_steps(data["observations"], policy.obs_shape)
+        actor_acts = _torso_forward(self.actor_layers, x)
+        critic_acts = actor_acts if self.critic_layers is None else _torso_forward(self.critic_layers, x)
+        logits = torch.addmm(policy.actor_head.bias, actor_acts[-1], policy.actor_head.weight.t())
+        values = torch.addmm(policy.critic_head.bias, critic_acts[-1], policy.critic_head.weight.t()).view(n * t)
+        weights = minibatch.loss_weights.reshape(n * t)
+        dist = MultiCategorical(logits, policy.nvec)
+        actions = data["actions"].reshape(n * t, -1)
+        log_prob = dist.log_prob(actions)
+        grad_logits, actor_rows = self._actor(dist, actions, log_prob, minibatch, weights)
+        grad_values, value_rows = self._critic(values, minibatch, weights)
+        self._backward(actor_acts, critic_acts, grad_logits, grad_values.unsqueeze(1))
+        # Every diagnostic is a weighted mean over steps: one matmul for all five.
+        means = torch.stack([*actor_rows, value_rows]) @ weights
+        return dict(zip(DIAGNOSTICS, means.unbind(), strict=True)), log_prob.view(n, t)
+
+    def _actor(
+        self, dist: MultiCategorical, actions: torch.Tensor, log_prob: torch.Tensor, minibatch: Minibatch,
+        weights: torch.Tensor,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """d(policy loss - entropy_coef * entropy)/d logits [N, sum(nvec)], and the actor's per-step diagnostics."""
+        clip, entropy_coef = self.actor_loss.clip_coef, self.actor_loss.entropy_coef
+        log_ratio = log_prob - minibatch.data["log_probs"].reshape(-1)
+        ratio = log_ratio.exp()
+        neg_advantages = minibatch.advantages.reshape(-1).neg()
+        unclipped, clipped = ratio * neg_advantages, ratio.clamp(1.0 - clip, 1.0 + clip).mul_(neg_advantages)
+        # The pessimistic term's slope in log_prob: -A * ratio where the unclipped term is the larger, else 0.
+        grad_log_prob = torch.where(unclipped >= clipped, unclipped, 0.0).mul_(weights).view(-1, 1, 1)
+        # d log p(a)/dz = onehot(a) - p, per head.
+        grad = dist.probs * grad_log_prob.neg()
+        grad.scatter_add_(-1, actions.unsqueeze(-1), grad_log_prob.expand(-1, dist.num_heads, 1))
+        log_probs = dist.log_probs
+        if len(set(dist.nvec)) > 1:  # padding holds -inf, and 0 * -inf would be NaN
+            log_probs = log_probs.clamp(min=torch.finfo(log_probs.dtype).min)
+        p_log_p = dist.probs * log_probs
+        neg_head_entropy = p_log_p.sum(-1, keepdim=True)
+        if entropy_coef:  # d entropy/dz = -p (log p + H), per head
+            grad.addcmul_(p_log_p - dist.probs * neg_head_entropy, weights.view(-1, 1, 1), value=entropy_coef)
+        ratio_change = ratio - 1.0
+        rows = [
+            torch.maximum(unclipped, clipped),
+            neg_head_entropy.sum((-2, -1)).neg_(),
+            ratio_change - log_ratio,
+            (ratio_change.abs() > clip).to(weights.dtype),
+        ]
+        return _flat_logits(grad, dist.nvec), rows
+
+    def _critic(
+        self, values: torch.Tensor, minibatch: Minibatch, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """d(value_coef * value loss)/d values [N], and the per-step value loss."""
+        cfg = self.critic_loss.cfg
+        error = values - minibatch.returns.reshape(-1)
+        squared = error.square()
+        if cfg.clip_value_loss:
+            old = minibatch.data["values"].reshape(-1)
+            returns = minibatch.returns.reshape(-1)
+            clipped = (old + (values - old).clamp_(-cfg.value_clip_coef, cfg.value_clip_coef) - returns).square_()
+            # Where the clipped error is the larger, the value sits outside the clip range: no gradient.
+            error = torch.where(squared >= clipped, error, 0.0)
+            squared = torch.maximum(squared, clipped)
+        return error.mul_(weights).mul_(cfg.value_coef), squared.mul_(0.5)
+
+    def _backward(
+        self, actor_acts: list[torch.Tensor], critic_acts: list[torch.Tensor],
+        grad_logits: torch.Tensor, grad_values: torch.Tensor,
+    ) -> None:
+        """Chain rule from (logits, values) through the heads and torsos into each parameter's `.grad`."""
+        policy = self.policy
+        grad_actor = _head_backward(policy.actor_head, actor_acts[-1], grad_logits)
+        grad_critic = _head_backward(policy.critic_head, critic_acts[-1], grad_values)
+        if self.critic_layers is None:
+            _torso_backward(self.actor_layers, actor_acts, grad_actor.add_(grad_critic))
+            return
+        _torso_backward(self.actor_layers, actor_acts, grad_actor)
+        _torso_backward(self.critic_layers, critic_acts, grad_critic)
+
+
+def _linears(torso: nn.Sequential) -> list[nn.Linear]:
+    """The Linear layers of a (Linear, Tanh)* torso, checked to be just that."""
+    modules = list(torso)
+    linears = modules[0::2]
+    if not all(isinstance(m, nn.Linear) for m in linears) or not all(isinstance(m, nn.Tanh) for m in modules[1::2]):
+        raise ValueError(f"expected a torso of (Linear, Tanh) pairs, got {torso}")
+    return [m for m in linears if isinstance(m, nn.Linear)]
+
+
+def _torso_forward(layers: list[nn.Linear], x: torch.Tensor) -> list[torch.Tensor]:
+    """The torso's input and each layer's tanh output (what the backward needs)."""
+    acts = [x]
+    for layer in layers:
+        acts.append(torch.addmm(layer.bias, acts[-1], layer.weight.t()).tanh_())
+    return acts
+
+
+def _head_backward(head: nn.Linear, features: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """Write the head's weight and bias gradients; return the gradient at its input."""
+    torch.mm(grad_out.t(), features, out=_grad(head.weight))
+    torch.sum(grad_out, 0, out=_grad(head.bias))
+    return grad_out @ head.weight
+
+
+def _torso_backward(layers: list[nn.Linear], acts: list[torch.Tensor], grad_out: torch.Tensor) -> None:
+    """Write every layer's weight and bias gradients, from the gradient at the torso's output."""
+    grad = grad_out
+    for i in reversed(range(len(layers))):
+        layer = layers[i]
+        grad = torch.ops.aten.tanh_backward(grad, acts[i + 1])
+        torch.mm(grad.t(), acts[i], out=_grad(layer.weight))
+        torch.sum(grad, 0, out=_grad(layer.bias))
+        if i:
+            grad = grad @ layer.weight
+
+
+def _grad(param: nn.Parameter) -> torch.Tensor:
+    """The parameter's `.grad`, allocated where there is none yet (it is then overwritten, never added to)."""
+    if param.grad is None:
+        param.grad = torch.zeros_like(param)
+    return param.grad
+
+
+def _flat_logits(per_head: torch.Tensor, nvec: tuple[int, ...]) -> torch.Tensor:
+    """[N, heads, max(nvec)] back to the flat [N, sum(nvec)] logits layout, dropping the padding."""
+    if len(set(nvec)) == 1:
+        return per_head.reshape(per_head.shape[0], -1)
+    return torch.cat([per_head[:, h, :size] for h, size in enumerate(nvec)], dim=1)

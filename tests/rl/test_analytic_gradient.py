@@ -1,0 +1,173 @@
+"""The hand-written PPO gradient (gradient=analytic) against autograd: every parameter's gradient, every
+diagnostic and the log-probs, over the shapes of MLPPolicy and both branches of each clipped term; then whole
+training on CartPole with either path, and which path a trainer picks."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from mettle.agent.lstm import LSTMPolicy
+from mettle.agent.mlp import MLPPolicy
+from mettle.contracts import PolicyEnvInfo
+from mettle.envs.gymnasium import GymnasiumEnvironment
+from mettle.envs.testing import BanditEnvironment
+from mettle.rl.loss import PPOActorLoss, PPOCriticLoss
+from mettle.rl.loss.base import Loss
+from mettle.rl.trainer import Trainer
+from mettle.rl.trainer_config import PPOConfig, TrainerConfig
+from mettle.rl.training.analytic import AnalyticPPOGradient, analytic_problem
+from mettle.rl.training.experience import Minibatch
+
+SEGMENTS, HORIZON, OBS = 6, 5, 7
+
+
+def make_policy(nvec: tuple[int, ...], num_layers: int, shared_torso: bool) -> MLPPolicy:
+    """A seeded MLPPolicy over a 7-feature Box and a MultiDiscrete(nvec) (Discrete for one head)."""
+    torch.manual_seed(0)
+    action = gym.spaces.Discrete(nvec[0]) if len(nvec) == 1 else gym.spaces.MultiDiscrete(list(nvec))
+    policy = MLPPolicy(hidden_size=16, num_layers=num_layers, shared_torso=shared_torso)
+    policy.initialize_to_environment(PolicyEnvInfo(gym.spaces.Box(-1.0, 1.0, (OBS,), np.float32), action), "cpu")
+    with torch.no_grad():  # heads as large as the torsos, so logits move and every term has a gradient to compare
+        policy.actor_head.weight.normal_(0.0, 0.5)
+    return policy
+
+
+def make_minibatch(policy: MLPPolicy, weighted: bool) -> Minibatch:
+    """Stored log-probs and values that put ratios and values on both sides of their clip ranges."""
+    gen = torch.Generator().manual_seed(1)
+    obs = torch.randn(SEGMENTS, HORIZON, OBS, generator=gen)
+    actions = torch.stack([torch.randint(0, n, (SEGMENTS, HORIZON), generator=gen) for n in policy.nvec], dim=-1)
+    with torch.no_grad():
+        out = policy(obs, torch.zeros(SEGMENTS, HORIZON, dtype=torch.bool), actions=actions)
+    mask = torch.rand(SEGMENTS, HORIZON, generator=gen) > 0.2
+    data = {
+        "observations": obs, "actions": actions, "mask": mask,
+        "starts": torch.zeros(SEGMENTS, HORIZON, dtype=torch.bool),
+        "log_probs": out.log_prob + 0.4 * torch.randn(SEGMENTS, HORIZON, generator=gen),
+        "values": out.values + 0.4 * torch.randn(SEGMENTS, HORIZON, generator=gen),
+    }
+    weights = torch.rand(SEGMENTS, 1, generator=gen) + 0.5 if weighted else torch.ones(SEGMENTS, 1)
+    advantages, returns = (torch.randn(SEGMENTS, HORIZON, generator=gen) for _ in range(2))
+    return Minibatch(torch.arange(SEGMENTS), data, advantages, returns, weights)
+
+
+def autograd_reference(
+    policy: MLPPolicy, losses: list[Loss], minibatch: Minibatch
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+    """(gradients, diagnostics, log-probs) as the autograd path takes them: forward, sum of losses, backward."""
+    policy.zero_grad(set_to_none=True)
+    data = minibatch.data
+    output = policy(data["observations"], data["starts"], actions=data["actions"])
+    metrics, total = {}, torch.zeros(())
+    for loss in losses:
+        value, named = loss(minibatch, output)
+        metrics.update({f"{loss.name}/{k}": v for k, v in named.items()})
+        total = total + value
+    total.backward()
+    grads = {name: p.grad.clone() for name, p in policy.named_parameters() if p.grad is not None}
+    return grads, metrics, output.log_prob.detach()
+
+
+CASES = [
+    pytest.param((2,), 2, False, True, 0.01, False, id="cartpole-shape"),
+    pytest.param((3, 5, 2), 2, False, True, 0.05, True, id="unequal-heads-weighted"),
+    pytest.param((4, 4), 3, True, False, 0.0, False, id="shared-torso-no-value-clip"),
+    pytest.param((3,), 0, False, True, 0.02, True, id="no-hidden-layers"),
+    pytest.param((6, 3), 1, True, True, 0.1, False, id="shared-one-layer"),
+]
+
+
+@pytest.mark.parametrize(("nvec", "num_layers", "shared", "clip_value", "entropy_coef", "weighted"), CASES)
+def test_analytic_gradient_equals_autograd(
+    nvec: tuple[int, ...], num_layers: int, shared: bool, clip_value: bool, entropy_coef: float, weighted: bool
+) -> None:
+    policy = make_policy(nvec, num_layers, shared)
+    cfg = PPOConfig(clip_coef=0.2, clip_value_loss=clip_value, value_clip_coef=0.1, entropy_coef=entropy_coef,
+                    value_coef=0.7)
+    losses: list[Loss] = [PPOActorLoss(cfg), PPOCriticLoss(cfg)]
+    minibatch = make_minibatch(policy, weighted)
+    grads, metrics, log_prob = autograd_reference(policy, losses, minibatch)
+
+    for p in policy.parameters():  # stale gradients must be overwritten, not added to
+        p.grad = torch.full_like(p, 123.0)
+    analytic_metrics, analytic_log_prob = AnalyticPPOGradient(policy, losses)(minibatch)
+
+    assert 0.05 < float(metrics["ppo_actor/clipfrac"]) < 0.95, "both branches of the clipped policy term are taken"
+    torch.testing.assert_close(analytic_log_prob, log_prob)
+    assert analytic_metrics.keys() == metrics.keys()
+    for name, value in metrics.items():
+        torch.testing.assert_close(analytic_metrics[name], value.detach(), msg=name)
+    for name, p in policy.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_value_clip_takes_both_branches_in_the_cases_above() -> None:
+    """Guards the comparison: stored values far enough off that some clipped errors are the larger."""
+    policy = make_policy((2,), 2, False)
+    minibatch = make_minibatch(policy, weighted=False)
+    with torch.no_grad():
+        values = policy(minibatch.data["observations"], minibatch.data["starts"]).values
+    moved = (values - minibatch.data["values"]).abs() > 0.1
+    assert 0 < int(moved.sum()) < moved.numel()
+
+
+def small_config(**overrides: object) -> TrainerConfig:
+    return TrainerConfig(total_timesteps=4 * 256, batch_size=256, minibatch_size=64, bptt_horizon=8,
+                         update_epochs=3, seed=5, **overrides)  # type: ignore[arg-type]
+
+
+def train_cartpole(gradient: str) -> tuple[Trainer, MLPPolicy]:
+    """Four epochs of CartPole from one seed with the given gradient path."""
+    policy = MLPPolicy(hidden_size=32)
+    with GymnasiumEnvironment("CartPole-v1", 8) as env:
+        trainer = Trainer(small_config(gradient=gradient), env, policy, "cpu")
+        trainer.train()
+    return trainer, policy
+
+
+def test_cartpole_training_is_the_same_with_either_gradient_path() -> None:
+    analytic_trainer, analytic = train_cartpole("analytic")
+    autograd_trainer, autograd = train_cartpole("autograd")
+    assert analytic_trainer.core_loop.gradient_path() is not None
+    assert autograd_trainer.core_loop.gradient_path() is None
+    for (name, a), (_, b) in zip(autograd.state_dict().items(), analytic.state_dict().items(), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3, msg=f"{name} after four epochs")
+    assert torch.equal(analytic_trainer.context.experience.buffers["actions"],
+                       autograd_trainer.context.experience.buffers["actions"])
+    a_stats, b_stats = autograd_trainer.context.stats.losses, analytic_trainer.context.stats.losses
+    assert a_stats.keys() == b_stats.keys()
+    for name, value in a_stats.items():
+        assert b_stats[name] == pytest.approx(value, rel=1e-3, abs=1e-5), name
+
+
+class ZeroLoss(Loss):
+    """A custom term: any loss beyond PPO's actor and critic needs autograd."""
+
+    name = "zero"
+
+    def __call__(self, minibatch: Minibatch, output: object) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return torch.zeros(()), {}
+
+
+def test_auto_uses_the_analytic_gradient_only_where_it_applies() -> None:
+    mlp = Trainer(small_config(), BanditEnvironment(num_envs=4), MLPPolicy(hidden_size=8), "cpu")
+    assert isinstance(mlp.core_loop.gradient_path(), AnalyticPPOGradient)
+    lstm = Trainer(small_config(), BanditEnvironment(num_envs=4), LSTMPolicy(hidden_size=8), "cpu")
+    assert lstm.core_loop.gradient_path() is None
+    custom = Trainer(small_config(), BanditEnvironment(num_envs=4), MLPPolicy(hidden_size=8), "cpu")
+    custom.add_loss(ZeroLoss())
+    assert custom.core_loop.gradient_path() is None
+    problem = analytic_problem(custom.context.policy, custom.losses)
+    assert "losses are ['ppo_actor', 'ppo_critic', 'zero']" in str(problem)
+
+
+def test_gradient_analytic_where_it_cannot_apply_fails_before_training() -> None:
+    trainer = Trainer(small_config(gradient="analytic"), BanditEnvironment(num_envs=4), LSTMPolicy(hidden_size=8),
+                      "cpu")
+    with pytest.raises(ValueError, match="gradient=analytic cannot be used: it is written for MLPPolicy, and the "
+                                         "policy is LSTMPolicy; set gradient=auto or gradient=autograd"):
+        trainer.train()
+    assert trainer.context.state.agent_step == 0
