@@ -14,6 +14,7 @@ from torch import nn
 from mettle.rl.trainer_config import OptimizerConfig
 from mettle.rl.training.optimizer import (
     CombinedOptimizer,
+    FlatOptimizer,
     clip_gradients,
     create_optimizer,
     get_learning_rate,
@@ -89,7 +90,8 @@ HYPER = {
 def test_builds_configured_class(kind: str, cls: type, expect: dict[str, Any]) -> None:
     model = _mlp()
     opt = create_optimizer(_cfg(kind, warmup_steps=5, **HYPER), model)
-    assert type(opt) is cls
+    assert type(opt.inner if isinstance(opt, FlatOptimizer) else opt) is cls
+    assert isinstance(opt, FlatOptimizer) == (kind in ("adam", "adamw", "sgd"))
     (group,) = opt.param_groups
     assert {k: group[k] for k in expect} == expect
     assert [id(p) for p in group["params"]] == [id(p) for p in model.parameters()]
@@ -346,3 +348,66 @@ def test_flat_gradients_clip_and_zero_like_torch(max_norm: float) -> None:
         for p, q in zip(model.parameters(), reference.parameters(), strict=True):
             torch.testing.assert_close(p.grad, q.grad)
         optimizer.zero_grad(set_to_none=True)  # as any caller may
+
+
+PLAIN = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+def _plain(kind: str, model: nn.Module) -> torch.optim.Optimizer:
+    """The torch optimizer create_optimizer would build for `kind` with HYPER, stepping each tensor on its own."""
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.7, weight_decay=0.01)
+    return PLAIN[kind](model.parameters(), lr=0.02, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.01, fused=True)
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw", "sgd"])
+def test_flat_optimizer_steps_and_saves_like_the_per_tensor_one(kind: str) -> None:
+    flat_model, plain_model = _mlp(), _mlp()
+    flat, plain = create_optimizer(_cfg(kind, **HYPER), flat_model), _plain(kind, plain_model)
+    assert isinstance(flat, FlatOptimizer)
+    data = _data()
+    for step in range(12):
+        for model, opt in ((flat_model, flat), (plain_model, plain)):
+            # a caller that drops the gradients (module.zero_grad) must not make the flat step miss them
+            (model.zero_grad(set_to_none=True) if step % 2 else opt.zero_grad(set_to_none=True))
+            _loss(model, data).backward()
+            opt.step()
+    _assert_close_params(flat_model, plain_model)
+    mine, theirs = _roundtrip(flat.state_dict()), _roundtrip(plain.state_dict())
+    assert mine["param_groups"] == theirs["param_groups"]
+    assert mine["state"].keys() == theirs["state"].keys()
+    for index, state in theirs["state"].items():
+        assert mine["state"][index].keys() == state.keys()
+        for key, value in state.items():
+            torch.testing.assert_close(mine["state"][index][key], value, msg=f"{key} of parameter {index}")
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_flat_optimizer_resumes_from_a_per_tensor_optimizers_checkpoint(kind: str) -> None:
+    plain_model = _mlp()
+    plain = _plain(kind, plain_model)
+    _train(plain_model, plain, 5)
+    saved = _roundtrip({"model": plain_model.state_dict(), "optimizer": plain.state_dict()})
+    flat_model = _mlp(seed=9)
+    flat_model.load_state_dict(saved["model"])
+    flat = create_optimizer(_cfg(kind, **HYPER), flat_model)
+    flat.load_state_dict(saved["optimizer"])
+    data = _data(seed=3)
+    _train(plain_model, plain, 4, data)
+    _train(flat_model, flat, 4, data)
+    _assert_close_params(flat_model, plain_model)
+
+
+def test_flat_optimizer_refuses_a_policy_whose_tensors_were_replaced() -> None:
+    model = _mlp()
+    opt = create_optimizer(_cfg("adam"), model)
+    model.to(torch.float64).to(torch.float32)  # new tensors: the optimizer would step a buffer nobody reads
+    _loss(model, _data()).backward()
+    with pytest.raises(RuntimeError, match="no longer lives in the optimizer's flat buffer: build the optimizer "
+                                           "after moving"):
+        opt.step()
+
+
+def _assert_close_params(a: nn.Module, b: nn.Module) -> None:
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7, msg=name)

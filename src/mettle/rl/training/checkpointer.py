@@ -84,7 +84,8 @@ def save_policy(policy: Policy, env_info: PolicyEnvInfo, directory: Path, manife
     """Write `policy.safetensors`, the JSON that says how to rebuild it and (unless the caller will) a manifest."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in policy.state_dict().items()}
+    # copies: parameters may be views of one buffer (FlatOptimizer), and safetensors refuses shared storage
+    tensors = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in policy.state_dict().items()}
     spec = {
         "policy": policy.rebuild_spec(),
         "observation_space": space_to_json(env_info.observation_space),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -15,6 +16,7 @@ from mettle.rl.trainer_config import OptimizerConfig
 __all__ = [
     "CombinedOptimizer",
     "FlatGradients",
+    "FlatOptimizer",
     "clip_gradients",
     "create_optimizer",
     "flat_gradients",
@@ -140,6 +142,9 @@ def _muon(cfg: OptimizerConfig, policy: nn.Module) -> CombinedOptimizer:
     return CombinedOptimizer(inner)
 
 
+_ELEMENTWISE = frozenset({"adam", "adamw", "sgd"})
+"""Optimizers whose update of an element reads only that element's state: they can step one flat tensor."""
+
 _BUILDERS: dict[str, Callable[[OptimizerConfig, list[nn.Parameter]], torch.optim.Optimizer]] = {
     "adam": _adam,
     "adamw": _adamw,
@@ -154,7 +159,11 @@ def create_optimizer(cfg: OptimizerConfig, policy: nn.Module) -> torch.optim.Opt
         return _muon(cfg, policy)
     if cfg.type not in _BUILDERS:
         raise ValueError(f"unknown optimizer type {cfg.type!r}; expected muon or one of {sorted(_BUILDERS)}")
-    return _BUILDERS[cfg.type](cfg, [p for p in policy.parameters() if p.requires_grad])
+    params = [p for p in policy.parameters() if p.requires_grad]
+    build = functools.partial(_BUILDERS[cfg.type], cfg)
+    if cfg.type in _ELEMENTWISE and FlatGradients.supports(params):
+        return FlatOptimizer(params, build)
+    return build(params)
 
 
 def set_optimizer_mode(optimizer: torch.optim.Optimizer, training: bool) -> None:
@@ -214,6 +223,17 @@ class FlatGradients:
             if p.grad is not view:
                 p.grad = view
 
+    def gather_(self) -> None:
+        """Make the buffer hold every current gradient: one that is no longer its view is copied in and re-attached
+        (a missing one counts as zero)."""
+        for p, view in zip(self.params, self.views, strict=True):
+            if p.grad is not view:
+                if p.grad is None:
+                    view.zero_()
+                else:
+                    view.copy_(p.grad)
+                p.grad = view
+
     def clip_(self, max_norm: float) -> torch.Tensor:
         """Scale gradients to a total 2-norm of at most `max_norm`; return the norm before clipping.
 
@@ -229,6 +249,8 @@ _FLAT: weakref.WeakKeyDictionary[torch.optim.Optimizer, FlatGradients | None] = 
 
 def flat_gradients(optimizer: torch.optim.Optimizer) -> FlatGradients | None:
     """The optimizer's parameters' gradients as one buffer (built once), or None where they cannot share one."""
+    if isinstance(optimizer, FlatOptimizer):
+        return optimizer.gradients
     if optimizer not in _FLAT:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         _FLAT[optimizer] = FlatGradients(params) if FlatGradients.supports(params) else None
@@ -252,3 +274,88 @@ def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.T
         norm: torch.Tensor = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         return norm
     return flat.clip_(max_norm)
+
+
+class FlatOptimizer(torch.optim.Optimizer):
+    """An elementwise optimizer (Adam, AdamW, SGD) stepping every parameter as one flat tensor.
+
+    The parameters are re-seated as views of one flat Parameter, their gradients as views of one buffer
+    (FlatGradients), and the inner optimizer steps the flat Parameter: one call where a per-layer optimizer
+    loops in Python over every tensor (Adam's step is about twice as fast at CartPole's 12 tensors,
+    bench/update_floor.py). Outwardly it is the per-parameter optimizer it equals: `param_groups` list each
+    parameter and `state_dict`/`load_state_dict` use the per-parameter layout, so checkpoints do not change.
+    """
+
+    def __init__(self, params: Sequence[nn.Parameter], build: Callable[[list[nn.Parameter]], torch.optim.Optimizer]):
+        self.params = list(params)
+        self.gradients = FlatGradients(self.params)
+        self.flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in self.params]))
+        for p, view in zip(self.params, self._views(self.flat.data), strict=True):
+            p.data = view
+        self.inner = build([self.flat])
+        settings = {key: value for key, value in self.inner.param_groups[0].items() if key != "params"}
+        super().__init__(self.params, settings)
+
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Each parameter's part of a flat tensor, shaped like the parameter."""
+        return [part.view_as(p) for p, part in zip(self.params, flat.split([p.numel() for p in self.params]),
+                                                     strict=True)]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the flat gradient buffer (the parameters' gradients stay its views)."""
+        self.gradients.zero_()
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Step the flat parameter with the inner optimizer, under this optimizer's current settings (lr...)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_seated()
+        self.gradients.gather_()
+        self.flat.grad = self.gradients.buffer
+        group = self.param_groups[0]
+        self.inner.param_groups[0].update({key: value for key, value in group.items() if key != "params"})
+        self.inner.step()
+        if self.params[0] not in self.state:
+            self._share_state()
+        return loss
+
+    def _check_seated(self) -> None:
+        """Fail clearly if something replaced a parameter's tensor (e.g. `policy.to(...)` after this was built)."""
+        storage = self.flat.untyped_storage().data_ptr()
+        for index, p in enumerate(self.params):
+            if p.untyped_storage().data_ptr() != storage:
+                raise RuntimeError(f"parameter {index} {tuple(p.shape)} no longer lives in the optimizer's flat "
+                                   "buffer: build the optimizer after moving or re-assigning the policy's tensors")
+
+    def _share_state(self) -> None:
+        """Expose the inner optimizer's flat state per parameter, as views (scalars such as `step` are shared)."""
+        flat_state = self.inner.state.get(self.flat, {})
+        parts = {key: self._views(value) for key, value in flat_state.items() if _per_element(value, self.flat)}
+        for index, p in enumerate(self.params):
+            self.state[p] = {key: parts[key][index] if key in parts else value for key, value in flat_state.items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a per-parameter state dict (ours or the plain optimizer's), then rebuild the flat state from it."""
+        super().load_state_dict(state_dict)
+        per_param = [self.state.get(p, {}) for p in self.params]
+        self.inner.state.clear()
+        if per_param[0]:
+            self.inner.state[self.flat] = {
+                key: torch.cat([state[key].reshape(-1) for state in per_param])
+                if _per_element(value, self.params[0]) else value
+                for key, value in per_param[0].items()
+            }
+        self._share_state()
+        group = self.param_groups[0]
+        self.inner.param_groups[0].update({key: value for key, value in group.items() if key != "params"})
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Keep the inner optimizer and flat buffers when pickled or deep-copied; the base class would drop them."""
+        return {**super().__getstate__(), **{k: self.__dict__[k] for k in ("params", "gradients", "flat", "inner")}}
+
+
+def _per_element(value: Any, param: torch.Tensor) -> bool:
+    """Whether an optimizer state entry holds one value per element of `param` (else it is a scalar, e.g. step)."""
+    return isinstance(value, torch.Tensor) and value.shape == param.shape
