@@ -55,8 +55,11 @@ class AnalyticPPOGradient:
         self.policy = policy
         self.actor_loss = next(loss for loss in losses if isinstance(loss, PPOActorLoss))
         self.critic_loss = next(loss for loss in losses if isinstance(loss, PPOCriticLoss))
+        # (weight, bias) pairs, looked up once: nn.Module attribute access costs more than some of the maths
         self.actor_layers = _linears(policy.actor_torso)
         self.critic_layers = None if policy.critic_torso is None else _linears(policy.critic_torso)
+        self.actor_head = (policy.actor_head.weight, policy.actor_head.bias)
+        self.critic_head = (policy.critic_head.weight, policy.critic_head.bias)
 
     @torch.no_grad()
     def __call__(self, minibatch: Minibatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -66,8 +69,8 @@ class AnalyticPPOGradient:
         x = flatten_steps(data["observations"], policy.obs_shape)
         actor_acts = _torso_forward(self.actor_layers, x)
         critic_acts = actor_acts if self.critic_layers is None else _torso_forward(self.critic_layers, x)
-        logits = torch.addmm(policy.actor_head.bias, actor_acts[-1], policy.actor_head.weight.t())
-        values = torch.addmm(policy.critic_head.bias, critic_acts[-1], policy.critic_head.weight.t()).view(n * t)
+        logits = _dense(self.actor_head, actor_acts[-1])
+        values = _dense(self.critic_head, critic_acts[-1]).view(n * t)
         weights = minibatch.loss_weights.reshape(n * t)
         dist = MultiCategorical(logits, policy.nvec)
         actions = data["actions"].reshape(n * t, -1)
@@ -131,9 +134,8 @@ class AnalyticPPOGradient:
         grad_logits: torch.Tensor, grad_values: torch.Tensor,
     ) -> None:
         """Chain rule from (logits, values) through the heads and torsos into each parameter's `.grad`."""
-        policy = self.policy
-        grad_actor = _head_backward(policy.actor_head, actor_acts[-1], grad_logits)
-        grad_critic = _head_backward(policy.critic_head, critic_acts[-1], grad_values)
+        grad_actor = _head_backward(self.actor_head, actor_acts[-1], grad_logits)
+        grad_critic = _head_backward(self.critic_head, critic_acts[-1], grad_values)
         if self.critic_layers is None:
             _torso_backward(self.actor_layers, actor_acts, grad_actor.add_(grad_critic))
             return
@@ -141,40 +143,50 @@ class AnalyticPPOGradient:
         _torso_backward(self.critic_layers, critic_acts, grad_critic)
 
 
-def _linears(torso: nn.Sequential) -> list[nn.Linear]:
-    """The Linear layers of a (Linear, Tanh)* torso, checked to be just that."""
+Dense = tuple[nn.Parameter, nn.Parameter]
+"""A Linear layer's (weight [out, in], bias [out])."""
+
+
+def _linears(torso: nn.Sequential) -> list[Dense]:
+    """The (weight, bias) of each Linear in a (Linear, Tanh)* torso, checked to be just that."""
     modules = list(torso)
-    linears = modules[0::2]
-    if not all(isinstance(m, nn.Linear) for m in linears) or not all(isinstance(m, nn.Tanh) for m in modules[1::2]):
+    linears = [m for m in modules[0::2] if isinstance(m, nn.Linear)]
+    if len(linears) * 2 != len(modules) or not all(isinstance(m, nn.Tanh) for m in modules[1::2]):
         raise ValueError(f"expected a torso of (Linear, Tanh) pairs, got {torso}")
-    return [m for m in linears if isinstance(m, nn.Linear)]
+    return [(m.weight, m.bias) for m in linears]
 
 
-def _torso_forward(layers: list[nn.Linear], x: torch.Tensor) -> list[torch.Tensor]:
+def _dense(layer: Dense, x: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T + bias, as nn.Linear computes it."""
+    return torch.addmm(layer[1], x, layer[0].t())
+
+
+def _torso_forward(layers: list[Dense], x: torch.Tensor) -> list[torch.Tensor]:
     """The torso's input and each layer's tanh output (what the backward needs)."""
     acts = [x]
     for layer in layers:
-        acts.append(torch.addmm(layer.bias, acts[-1], layer.weight.t()).tanh_())
+        acts.append(_dense(layer, acts[-1]).tanh_())
     return acts
 
 
-def _head_backward(head: nn.Linear, features: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+def _head_backward(head: Dense, features: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
     """Write the head's weight and bias gradients; return the gradient at its input."""
-    torch.mm(grad_out.t(), features, out=_grad(head.weight))
-    torch.sum(grad_out, 0, out=_grad(head.bias))
-    return grad_out @ head.weight
+    weight, bias = head
+    torch.mm(grad_out.t(), features, out=_grad(weight))
+    torch.sum(grad_out, 0, out=_grad(bias))
+    return grad_out @ weight
 
 
-def _torso_backward(layers: list[nn.Linear], acts: list[torch.Tensor], grad_out: torch.Tensor) -> None:
+def _torso_backward(layers: list[Dense], acts: list[torch.Tensor], grad_out: torch.Tensor) -> None:
     """Write every layer's weight and bias gradients, from the gradient at the torso's output."""
     grad = grad_out
     for i in reversed(range(len(layers))):
-        layer = layers[i]
+        weight, bias = layers[i]
         grad = torch.ops.aten.tanh_backward(grad, acts[i + 1])
-        torch.mm(grad.t(), acts[i], out=_grad(layer.weight))
-        torch.sum(grad, 0, out=_grad(layer.bias))
+        torch.mm(grad.t(), acts[i], out=_grad(weight))
+        torch.sum(grad, 0, out=_grad(bias))
         if i:
-            grad = grad @ layer.weight
+            grad = grad @ weight
 
 
 def _grad(param: nn.Parameter) -> torch.Tensor:

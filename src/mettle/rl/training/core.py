@@ -330,7 +330,8 @@ class CoreTrainingLoop:
             self._average_gradients()
         metrics["grad_norm"] = clip_gradients(ctx.optimizer, ctx.config.ppo.max_grad_norm)
         ctx.optimizer.step()
-        ctx.experience.log_ratio[minibatch.indices] = log_prob.detach() - minibatch.data["log_probs"]
+        if ctx.config.advantage.method == "vtrace":  # the next epoch's V-trace reads the learner's ratios
+            ctx.experience.log_ratio[minibatch.indices] = log_prob.detach() - minibatch.data["log_probs"]
         return {name: value.detach().float() for name, value in metrics.items()}
 
     def _autograd_step(self, minibatch: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

@@ -35,6 +35,8 @@ class Minibatch:
     returns: torch.Tensor
     weights: torch.Tensor
     """Importance weights of prioritised sampling ([n, 1]; ones when sampling is uniform)."""
+    step_weights: torch.Tensor | None = None
+    """`loss_weights` when worked out ahead (for all of a pass's minibatches at once); None: on first use."""
 
     def rows(self, rows: slice) -> Minibatch:
         """The segments at positions `rows` of this minibatch, as views (weights are per minibatch, kept whole)."""
@@ -44,6 +46,8 @@ class Minibatch:
     @functools.cached_property
     def loss_weights(self) -> torch.Tensor:
         """Per-step weights of a loss mean, [n, T]: live steps times importance weights, summing to one."""
+        if self.step_weights is not None:
+            return self.step_weights
         weight = self.data["mask"].to(self.weights.dtype) * self.weights
         return weight / weight.sum().clamp_min(1e-8)
 
@@ -174,8 +178,12 @@ class Experience:
             weights = torch.ones(minibatch_segments, 1, device=self.device)
             # One gather per field for the whole pass, then a slice per minibatch (a view, no copy).
             shuffled = self._gather(order[: count * minibatch_segments], advantages, returns, weights)
+            live = shuffled.data["mask"].to(weights.dtype).view(count, -1)
+            step_weights = (live / live.sum(dim=1, keepdim=True).clamp_min(1e-8)).view_as(shuffled.advantages)
             for start in range(0, count * minibatch_segments, minibatch_segments):
-                yield shuffled.rows(slice(start, start + minibatch_segments))
+                minibatch = shuffled.rows(slice(start, start + minibatch_segments))
+                minibatch.step_weights = step_weights[start : start + minibatch_segments]
+                yield minibatch
             return
         probs = prioritized_probabilities(advantages, sampling.prio_alpha)
         beta = sampling.prio_beta0 + (1.0 - sampling.prio_beta0) * min(max(progress, 0.0), 1.0)
