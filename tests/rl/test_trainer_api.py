@@ -28,7 +28,7 @@ from mettle.rl.training import (
     TrainerState,
     TrainingEnvironment,
 )
-from mettle.rl.training.optimizer import create_optimizer
+from mettle.rl.training.optimizer import FlatOptimizer, create_optimizer
 
 REQUIRED = inspect.Parameter.empty
 SEED_SIGNATURES: dict[str, list[tuple[str, Any, Any]]] = {
@@ -106,7 +106,8 @@ def test_seed_names_are_the_classes_the_trainer_uses() -> None:
     assert isinstance(trainer.core_loop, CoreTrainingLoop)
     assert isinstance(ctx.optimizer, torch.optim.Optimizer)
     sgd = create_optimizer(OptimizerConfig(type="sgd", learning_rate=0.125), policy)
-    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["lr"] == 0.125
+    assert isinstance(sgd, FlatOptimizer) and isinstance(sgd.inner, torch.optim.SGD)  # SGD, on one flat tensor
+    assert sgd.param_groups[0]["lr"] == 0.125
     assert issubclass(ContextCheckpointer, TrainerComponent)
     assert issubclass(TrainerCallback, enum.Enum)
     assert {c.name for c in TrainerCallback} == {"STEP", "ROLLOUT_END", "EPOCH_END", "TRAINING_COMPLETE", "FAILURE"}

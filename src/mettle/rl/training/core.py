@@ -316,7 +316,7 @@ class CoreTrainingLoop:
         if problem is not None and choice == "analytic":
             raise ValueError(f"gradient=analytic cannot be used: {problem}; set gradient=auto or gradient=autograd")
         if not self._gradient_said:
-            logger.info("gradient steps: %s", "analytic" if problem is None else f"autograd ({problem})")
+            logger.debug("gradient steps: %s", "analytic" if problem is None else f"autograd ({problem})")
             self._gradient_said = True
         return None if problem is not None else AnalyticPPOGradient(policy, self.losses)  # type: ignore[arg-type]
 
