@@ -143,7 +143,7 @@ class AnalyticPPOGradient:
         _torso_backward(self.critic_layers, critic_acts, grad_critic)
 
 
-Dense = tuple[nn.Parameter, nn.Parameter]
+Dense = tuple[torch.Tensor, torch.Tensor]
 """A Linear layer's (weight [out, in], bias [out])."""
 
 
@@ -189,7 +189,7 @@ def _torso_backward(layers: list[Dense], acts: list[torch.Tensor], grad_out: tor
             grad = grad @ weight
 
 
-def _grad(param: nn.Parameter) -> torch.Tensor:
+def _grad(param: torch.Tensor) -> torch.Tensor:
     """The parameter's `.grad`, allocated where there is none yet (it is then overwritten, never added to)."""
     if param.grad is None:
         param.grad = torch.zeros_like(param)

@@ -298,7 +298,7 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Each parameter's part of a flat tensor, shaped like the parameter."""
-        return [part.view_as(p) for p, part in zip(self.params, flat.split([p.numel() for p in self.params]),
+        return [part.view_as(p) for p, part in zip(self.params, torch.split(flat, [p.numel() for p in self.params]),
                                                      strict=True)]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
