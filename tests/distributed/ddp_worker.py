@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--policy", choices=["lstm", "mlp"], default="lstm")
     parser.add_argument("--teacher", default="", help="kickstart from this run directory")
     parser.add_argument("--anneal-steps", type=int, default=1_000_000)
+    parser.add_argument("--gradient", choices=["auto", "analytic", "autograd"], default="auto")
     args = parser.parse_args()
     torch.set_num_threads(1)
     distributed = DistributedHelper("cpu", timeout_s=60)
@@ -70,6 +71,7 @@ def main() -> None:
                                     anneal_steps=args.anneal_steps)
     cfg = TrainerConfig(total_timesteps=args.epochs * 128 * distributed.get_world_size(), batch_size=128,
                         minibatch_size=64, bptt_horizon=8, update_epochs=2, seed=7, overlap=args.overlap,
+                        gradient=args.gradient,
                         losses=LossesConfig(kickstarter=kickstarter))
     env = make_env(args.env)
     trainer = Trainer.load_or_create(str(Path(args.out) / "checkpoints"), cfg, env,
@@ -85,6 +87,7 @@ def main() -> None:
     rank = distributed.get_rank()
     record = {"rank": rank, "world": distributed.get_world_size(), "start_epoch": start_epoch,
               "checksums": recorder.checksums, "epochs": recorder.epochs, "final": checksum(trainer.context.policy),
+              "weights": torch.cat([p.detach().reshape(-1) for p in trainer.context.policy.parameters()]).tolist(),
               "agent_step": trainer.context.state.agent_step, "pid": os.getpid(),
               "overlapped": trainer.core_loop.overlapped}
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(record))

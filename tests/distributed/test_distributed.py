@@ -79,6 +79,16 @@ def test_overlap_under_two_ranks_trains_in_step_and_resumes_exactly(tmp_path: Pa
     assert resumed[0]["final"] == resumed[1]["final"] == full[0]["final"], "resumed ranks match an unbroken run"
 
 
+def test_analytic_gradient_under_two_ranks_averages_as_ddp_does(tmp_path: Path) -> None:
+    """The hand-written gradient bypasses DDP's backward: the ranks still agree, and train as autograd under DDP."""
+    args = ("--epochs", "3", "--env", "cartpole", "--policy", "mlp", "--gradient")
+    analytic = run_workers(tmp_path / "analytic", *args, "analytic")
+    autograd = run_workers(tmp_path / "autograd", *args, "autograd")
+    assert analytic[0]["checksums"] == analytic[1]["checksums"], "parameters differ between ranks"
+    assert analytic[0]["weights"] == pytest.approx(autograd[0]["weights"], rel=1e-3, abs=1e-5)
+    assert [e["losses"] for e in analytic[0]["epochs"]] == [e["losses"] for e in analytic[1]["epochs"]]
+
+
 def test_kickstarted_student_under_two_ranks_stays_identical(tmp_path: Path) -> None:
     """An LSTM teacher kickstarts an MLP student on CartPole; both ranks anneal by the global agent step."""
     run_workers(tmp_path / "teacher", "--epochs", "2", "--env", "cartpole", "--policy", "lstm")
