@@ -171,3 +171,23 @@ def test_gradient_analytic_where_it_cannot_apply_fails_before_training() -> None
                                          "policy is LSTMPolicy; set gradient=auto or gradient=autograd"):
         trainer.train()
     assert trainer.context.state.agent_step == 0
+
+
+def test_hooks_and_reparametrised_layers_fall_back_to_autograd() -> None:
+    """A hand-written forward would skip them and train the wrong function, so `auto` leaves them to autograd."""
+    hooked = make_policy((2,), 2, False)
+    hooked.actor_head.register_forward_hook(lambda module, args, out: out * 2.0)
+    assert "forward hooks or parametrizations" in str(analytic_problem(hooked, [PPOActorLoss(PPOConfig()),
+                                                                           PPOCriticLoss(PPOConfig())]))
+    normed = make_policy((2,), 2, False)
+    torch.nn.utils.parametrizations.weight_norm(normed.critic_head)
+    assert analytic_problem(normed, [PPOActorLoss(PPOConfig()), PPOCriticLoss(PPOConfig())]) is not None
+
+
+def test_nan_advantages_reach_the_gradient_as_with_autograd() -> None:
+    """A NaN must not turn into a silent zero gradient."""
+    policy = make_policy((2,), 2, False)
+    minibatch = make_minibatch(policy, weighted=False)
+    minibatch.advantages[0, 0] = float("nan")
+    AnalyticPPOGradient(policy, [PPOActorLoss(PPOConfig()), PPOCriticLoss(PPOConfig())])(minibatch)
+    assert torch.isnan(policy.actor_head.weight.grad).any()

@@ -411,3 +411,61 @@ def test_flat_optimizer_refuses_a_policy_whose_tensors_were_replaced() -> None:
 def _assert_close_params(a: nn.Module, b: nn.Module) -> None:
     for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_flat_optimizer_loaded_before_its_first_step_still_saves_its_state() -> None:
+    """A resume from a checkpoint written before any update: the first step must still fill the saved state."""
+    model = _mlp()
+    opt = create_optimizer(_cfg("adam"), model)
+    opt.load_state_dict(_roundtrip(create_optimizer(_cfg("adam"), _mlp()).state_dict()))
+    _train(model, opt, 2)
+    state = opt.state_dict()["state"]
+    assert sorted(state) == list(range(4)) and all(set(s) == {"step", "exp_avg", "exp_avg_sq"} for s in state.values())
+    assert all(float(s["step"]) == 2.0 for s in state.values())
+
+
+def test_a_plain_optimizer_resumes_from_a_flat_checkpoint() -> None:
+    """Each parameter gets its own step in the saved state, so a per-tensor Adam counts steps once each."""
+    flat_model = _mlp()
+    flat = create_optimizer(_cfg("adam", **HYPER), flat_model)
+    _train(flat_model, flat, 2)
+    saved = _roundtrip({"model": flat_model.state_dict(), "optimizer": flat.state_dict()})
+    plain_model = _mlp(seed=5)
+    plain_model.load_state_dict(saved["model"])
+    plain = _plain("adam", plain_model)
+    plain.load_state_dict(saved["optimizer"])
+    _train(plain_model, plain, 1)
+    _train(flat_model, flat, 1)
+    assert all(float(s["step"]) == 3.0 for s in plain.state_dict()["state"].values())
+    _assert_close_params(flat_model, plain_model)
+
+
+def test_flat_optimizer_handles_a_zero_dim_parameter() -> None:
+    """A scalar parameter's moments are 0-dim like `step`: they are told apart by name."""
+    model = nn.Module()
+    model.scale = nn.Parameter(torch.tensor(0.5))
+    model.weight = nn.Parameter(torch.ones(3))
+    opt = create_optimizer(_cfg("adam"), model)
+    for _ in range(2):
+        opt.zero_grad()
+        (model.scale * model.weight).sum().backward()
+        opt.step()
+    fresh = nn.Module()
+    fresh.scale, fresh.weight = nn.Parameter(torch.tensor(0.5)), nn.Parameter(torch.ones(3))
+    fresh_opt = create_optimizer(_cfg("adam"), fresh)
+    fresh_opt.load_state_dict(_roundtrip(opt.state_dict()))
+    fresh_opt.zero_grad()
+    (fresh.scale * fresh.weight).sum().backward()
+    fresh_opt.step()
+    assert float(fresh_opt.state_dict()["state"][0]["step"]) == 3.0
+
+
+def test_flat_optimizer_refuses_state_for_only_some_parameters() -> None:
+    model = _mlp()
+    plain_model = _mlp()
+    plain = _plain("adam", plain_model)
+    plain_model[0].weight.grad = torch.ones_like(plain_model[0].weight)  # only one parameter has a gradient
+    plain.step()
+    saved = _roundtrip(plain.state_dict())
+    with pytest.raises(ValueError, match="entries for only some parameters"):
+        create_optimizer(_cfg("adam"), model).load_state_dict(saved)

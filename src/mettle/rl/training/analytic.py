@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from mettle.agent.distributions import MultiCategorical
 from mettle.agent.layers import flatten_steps
@@ -42,6 +43,17 @@ def analytic_problem(policy: nn.Module, losses: Sequence[Loss]) -> str | None:
         return f"it is written for the PPO actor and critic losses together, and the losses are {names}"
     if not all(p.requires_grad for p in policy.parameters()):
         return "some policy parameters are frozen (requires_grad=False)"
+    if any(m._forward_hooks or m._forward_pre_hooks or parametrize.is_parametrized(m) for m in policy.modules()):
+        return "the policy has forward hooks or parametrizations, which a hand-written forward would skip"
+    try:
+        torsos = [policy.actor_torso] if policy.critic_torso is None else [policy.actor_torso, policy.critic_torso]
+        layers = [layer for torso in torsos for layer in _linears(torso)]
+    except ValueError as error:
+        return str(error)
+    read = {id(t) for layer in layers for t in layer} | {id(t) for head in (policy.actor_head, policy.critic_head)
+                                                         for t in (head.weight, head.bias)}
+    if read != {id(p) for p in policy.parameters()}:
+        return "the policy has parameters beyond its torsos' and heads' Linear layers"
     return None
 
 
@@ -92,8 +104,9 @@ class AnalyticPPOGradient:
         ratio = log_ratio.exp()
         neg_advantages = minibatch.advantages.reshape(-1).neg()
         unclipped, clipped = ratio * neg_advantages, ratio.clamp(1.0 - clip, 1.0 + clip).mul_(neg_advantages)
-        # The pessimistic term's slope in log_prob: -A * ratio where the unclipped term is the larger, else 0.
-        grad_log_prob = torch.where(unclipped >= clipped, unclipped, 0.0).mul_(weights).view(-1, 1, 1)
+        # The pessimistic term's slope in log_prob: -A * ratio where the unclipped term is the larger, else 0 (a tie
+        # outside the clip range needs A = 0, so its slope is 0 either way). NaN fails `<` and so still propagates.
+        grad_log_prob = torch.where(unclipped < clipped, 0.0, unclipped).mul_(weights).view(-1, 1, 1)
         # d log p(a)/dz = onehot(a) - p, per head.
         grad = dist.probs * grad_log_prob.neg()
         grad.scatter_add_(-1, actions.unsqueeze(-1), grad_log_prob.expand(-1, dist.num_heads, 1))
@@ -124,8 +137,10 @@ class AnalyticPPOGradient:
             old = minibatch.data["values"].reshape(-1)
             returns = minibatch.returns.reshape(-1)
             clipped = (old + (values - old).clamp_(-cfg.value_clip_coef, cfg.value_clip_coef) - returns).square_()
-            # Where the clipped error is the larger, the value sits outside the clip range: no gradient.
-            error = torch.where(squared >= clipped, error, 0.0)
+            # Where the clipped error is the larger, the value sits outside the clip range: no gradient. (Autograd
+            # halves the gradient on an exact tie outside the range, returns midway between the two values; this
+            # keeps it whole. NaN fails `<` and so still propagates.)
+            error = torch.where(squared < clipped, 0.0, error)
             squared = torch.maximum(squared, clipped)
         return error.mul_(weights).mul_(cfg.value_coef), squared.mul_(0.5)
 

@@ -317,7 +317,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         group = self.param_groups[0]
         self.inner.param_groups[0].update({key: value for key, value in group.items() if key != "params"})
         self.inner.step()
-        if self.params[0] not in self.state:
+        if not self.state.get(self.params[0]):  # the inner optimizer made its state on this first step
             self._share_state()
         return loss
 
@@ -331,20 +331,33 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     def _share_state(self) -> None:
         """Expose the inner optimizer's flat state per parameter, as views (scalars such as `step` are shared)."""
+        self.state.clear()
         flat_state = self.inner.state.get(self.flat, {})
-        parts = {key: self._views(value) for key, value in flat_state.items() if _per_element(value, self.flat)}
+        parts = {key: self._views(value) for key, value in flat_state.items() if _per_element(key, value, self.flat)}
         for index, p in enumerate(self.params):
-            self.state[p] = {key: parts[key][index] if key in parts else value for key, value in flat_state.items()}
+            if flat_state:
+                self.state[p] = {key: parts[key][index] if key in parts else value for key, value in flat_state.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The per-parameter state dict a plain optimizer writes: each parameter gets its own copy of scalars."""
+        saved = super().state_dict()
+        saved["state"] = {index: {key: value.clone() if isinstance(value, torch.Tensor) and key == "step" else value
+                                  for key, value in state.items()} for index, state in saved["state"].items()}
+        return saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a per-parameter state dict (ours or the plain optimizer's), then rebuild the flat state from it."""
         super().load_state_dict(state_dict)
         per_param = [self.state.get(p, {}) for p in self.params]
         self.inner.state.clear()
-        if per_param[0]:
+        if any(per_param):
+            if not all(state.keys() == per_param[0].keys() for state in per_param):
+                raise ValueError("the optimizer state holds entries for only some parameters, and one flat tensor "
+                                 "keeps one state for all: resume from a checkpoint of this trainer, or start the "
+                                 "optimizer fresh")
             self.inner.state[self.flat] = {
                 key: torch.cat([state[key].reshape(-1) for state in per_param])
-                if _per_element(value, self.params[0]) else value
+                if _per_element(key, value, self.params[0]) else value
                 for key, value in per_param[0].items()
             }
         self._share_state()
@@ -356,6 +369,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         return {**super().__getstate__(), **{k: self.__dict__[k] for k in ("params", "gradients", "flat", "inner")}}
 
 
-def _per_element(value: Any, param: torch.Tensor) -> bool:
-    """Whether an optimizer state entry holds one value per element of `param` (else it is a scalar, e.g. step)."""
-    return isinstance(value, torch.Tensor) and value.shape == param.shape
+def _per_element(key: str, value: Any, param: torch.Tensor) -> bool:
+    """Whether an optimizer state entry holds one value per element of `param`; `step` is the one scalar of
+    Adam, AdamW and SGD (by name, as a 0-dim parameter's moments are 0-dim too)."""
+    return key != "step" and isinstance(value, torch.Tensor) and value.shape == param.shape
