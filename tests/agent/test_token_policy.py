@@ -264,25 +264,27 @@ def test_learns_action_from_single_token_feature() -> None:
     assert (chosen == target).float().mean() > 0.9
 
 
-def test_winner_max_pooling_matches_dense_max_pooling_and_its_gradients() -> None:
+def test_distinct_token_max_pooling_matches_dense_max_pooling_and_its_gradients() -> None:
     from mettle.agent.token import TokenEncoder, padding_mask, trim_padding
 
     torch.manual_seed(0)
-    tokens = torch.randint(0, 200, (64, 40, 3), dtype=torch.uint8)
+    tokens = torch.randint(0, 6, (64, 40, 3), dtype=torch.uint8)  # few distinct ids: many repeated tokens
     tokens[:, 30:] = 255  # padding tail
+    tokens[:, 5, 0] = 255  # and padding between real tokens
     tokens[:3] = 255  # rows with no real token pool to zeros
     encoder = TokenEncoder(16, 32, "max", 4, 0)
     valid = padding_mask(tokens)
-    ids, valid = trim_padding(tokens.long(), valid)
-    dense = encoder.pool(encoder.embed(ids, valid), valid)
-    sparse = encoder.max_pool_winners(ids, valid)
-    torch.testing.assert_close(sparse, dense, rtol=0, atol=0)
-    assert sparse[:3].abs().sum() == 0
+    ids, trimmed = trim_padding(tokens.long(), valid)
+    dense = encoder.pool(encoder.embed(ids, trimmed), trimmed)
+    distinct = encoder.max_pool_distinct(tokens, valid)
+    torch.testing.assert_close(distinct, dense, rtol=0, atol=0)
+    assert distinct[:3].abs().sum() == 0 and (dense[3:] > 0).any()
     params = [encoder.location_embed.weight, encoder.feature_bias.weight, encoder.feature_direction.weight]
-    dense_grads = torch.autograd.grad(dense.square().sum(), params)
-    sparse_grads = torch.autograd.grad(sparse.square().sum(), params)
-    for got, want in zip(sparse_grads, dense_grads, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    weights = torch.randn_like(dense)
+    dense_grads = torch.autograd.grad((dense * weights).sum(), params)
+    distinct_grads = torch.autograd.grad((distinct * weights).sum(), params)
+    for got, want in zip(distinct_grads, dense_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_token_policy_compiles_its_encoder_and_keeps_values_and_gradients() -> None:

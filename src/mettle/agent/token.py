@@ -3,8 +3,9 @@
 Each token is embedded without any per-token matrix product: the packed location byte and the
 feature id index two tables whose sum, plus the scaled value times a per-feature direction, passes a
 ReLU; that is one hidden layer on the one-hot token, folded into table lookups. A permutation-invariant
-masked pooling (max, mean or attention) over the non-padding tokens gives one vector per step, which a
-Linear layer, an optional LSTM core (the LSTM policy's per-row memory) and actor/critic heads read.
+masked pooling (max, mean or attention) over the non-padding tokens gives one vector per step (max pooling
+embeds each distinct token of a batch once), which a Linear layer, an optional LSTM core (the LSTM policy's
+per-row memory) and actor/critic heads read.
 """
 
 from __future__ import annotations
@@ -142,41 +143,45 @@ class TokenEncoder(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """[N, num_tokens, 3] tokens (any dtype holding bytes) to [N, out_size] ReLU features."""
         valid = padding_mask(tokens)
-        tokens, valid = trim_padding(tokens, valid)
-        tokens = tokens.long()
-        if self.pooling == "max" and not len(self.token_mlp) and torch.is_grad_enabled():
-            pooled = self.max_pool_winners(tokens, valid)
-        else:
-            pooled = self.pool(self.embed(tokens, valid), valid)
+        if self.pooling == "max" and not len(self.token_mlp) and not torch.compiler.is_compiling():
+            pooled = self.max_pool_distinct(tokens, valid)
+        else:  # compiled, the dense path fuses into a few kernels
+            tokens, valid = trim_padding(tokens, valid)
+            pooled = self.pool(self.embed(tokens.long(), valid), valid)
         return torch.relu(self.project(pooled))
 
-    def max_pool_winners(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Max pooling that keeps the graph to the winning token of each channel, not every token.
+    def max_pool_distinct(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Max pooling that embeds each distinct (location, feature, value) token once.
 
-        The embeddings of all tokens are computed without autograd to find each channel's winner, then
-        only the winners are recomputed with autograd: the same values and gradients as `amax`, with a
-        backward pass over [N, embed] entries instead of [N, tokens, embed].
+        A MettaGrid minibatch holds about 10x fewer distinct tokens than tokens, so the embeddings (and
+        their backward pass) cover only the distinct ones, and `embedding_bag`'s max mode pools each row's
+        tokens from that table without building an [N, tokens, embed] tensor. Padding stays out of the
+        bags: features are >= 0, so every row pools as it would with padding at zero, and a row with no
+        real token pools to zeros. Values equal `amax` over `embed`; gradients go to one winner per channel.
         """
-        with torch.no_grad():
-            winners = self.embed(tokens, valid).max(dim=1).indices  # several times faster than argmax on CPU
-        channels = torch.arange(self.embed_size, device=tokens.device)
-        location = tokens[..., 0].gather(1, winners)
-        feature = tokens[..., 1].gather(1, winners)
-        value = tokens[..., 2].gather(1, winners) * self.value_scale[feature]
-        keep = valid.gather(1, winners).to(self.value_scale.dtype)
-        x = self.location_embed.weight[location, channels] + self.feature_bias.weight[feature, channels]
-        return torch.relu(x.addcmul(value, self.feature_direction.weight[feature, channels])) * keep
+        real = tokens[valid].long()  # [K, 3], row after row
+        keys = (real[:, 0] << 16) | (real[:, 1] << 8) | real[:, 2]
+        distinct, which = torch.unique(keys, return_inverse=True)
+        table = self.preactivation(distinct >> 16, (distinct >> 8) & 0xFF, distinct & 0xFF).relu_()
+        counts = valid.sum(dim=1)
+        pooled: torch.Tensor = nn.functional.embedding_bag(which, table, counts.cumsum(0) - counts, mode="max")
+        return pooled
 
     def embed(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Per-token ReLU features [N, n, embed], zero on padding so that max and sum pooling ignore it."""
         location, feature = tokens[..., 0].contiguous(), tokens[..., 1].contiguous()  # strided ids gather slowly
-        value = (tokens[..., 2] * self.value_scale[feature]).unsqueeze(-1)
-        bias, direction = self.feature_bias(feature), self.feature_direction(feature)
-        keep = valid.unsqueeze(-1).to(bias.dtype)
+        x = self.preactivation(location, feature, tokens[..., 2])
         # In place where autograd allows (no saved tensor is overwritten): fresh large tensors are slow on CPU.
-        x: torch.Tensor = self.location_embed(location).add_(bias).addcmul_(value, direction).mul_(keep).relu_()
+        x = x.mul_(valid.unsqueeze(-1).to(x.dtype)).relu_()
         if len(self.token_mlp):
-            x = self.token_mlp(x) * keep
+            x = self.token_mlp(x) * valid.unsqueeze(-1).to(x.dtype)
+        return x
+
+    def preactivation(self, location: torch.Tensor, feature: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Location plus feature embedding plus the scaled value along the feature's direction: [..., embed]."""
+        scaled = (value * self.value_scale[feature]).unsqueeze(-1)
+        bias, direction = self.feature_bias(feature), self.feature_direction(feature)
+        x: torch.Tensor = self.location_embed(location).add_(bias).addcmul_(scaled, direction)
         return x
 
     def pool(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
