@@ -143,13 +143,14 @@ class TokenEncoder(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """[N, num_tokens, 3] tokens (any dtype holding bytes) to [N, out_size] ReLU features."""
         valid = padding_mask(tokens)
-        if self.pooling == "max" and not len(self.token_mlp) and not torch.compiler.is_compiling():
+        if self.pooling == "max" and not len(self.token_mlp):
             pooled = self.max_pool_distinct(tokens, valid)
-        else:  # compiled, the dense path fuses into a few kernels
+        else:
             tokens, valid = trim_padding(tokens, valid)
             pooled = self.pool(self.embed(tokens.long(), valid), valid)
         return torch.relu(self.project(pooled))
 
+    @torch.compiler.disable  # data-dependent shapes throughout; torch.compile fuses only the dense path
     def max_pool_distinct(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Max pooling that embeds each distinct (location, feature, value) token once.
 
@@ -159,10 +160,11 @@ class TokenEncoder(nn.Module):
         bags: features are >= 0, so every row pools as it would with padding at zero, and a row with no
         real token pools to zeros. Values equal `amax` over `embed`; gradients go to one winner per channel.
         """
-        real = tokens[valid].long()  # [K, 3], row after row
+        real = tokens[valid].int()  # [K, 3], row after row; int32 keys sort twice as fast as int64
         keys = (real[:, 0] << 16) | (real[:, 1] << 8) | real[:, 2]
         distinct, which = torch.unique(keys, return_inverse=True)
-        table = self.preactivation(distinct >> 16, (distinct >> 8) & 0xFF, distinct & 0xFF).relu_()
+        location, feature, value = (distinct >> 16).long(), ((distinct >> 8) & 0xFF).long(), distinct & 0xFF
+        table = self.preactivation(location, feature, value).relu_()
         counts = valid.sum(dim=1)
         pooled: torch.Tensor = nn.functional.embedding_bag(which, table, counts.cumsum(0) - counts, mode="max")
         return pooled
