@@ -150,7 +150,7 @@ class TokenEncoder(nn.Module):
             pooled = self.pool(self.embed(tokens.long(), valid), valid)
         return torch.relu(self.project(pooled))
 
-    @torch.compiler.disable  # data-dependent shapes throughout; torch.compile fuses only the dense path
+    @torch.compiler.disable  # type: ignore[untyped-decorator]  # data-dependent shapes: compile the dense path only
     def max_pool_distinct(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Max pooling that embeds each distinct (location, feature, value) token once.
 
