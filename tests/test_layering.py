@@ -76,3 +76,13 @@ def test_building_environments_loads_nothing_from_the_layers_above() -> None:
     probe = f"import sys; import {', '.join(modules)}; print(sorted(m for m in sys.modules if m.startswith({UPPER!r})))"
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]", loaded
+
+
+def test_starting_the_cli_does_not_import_the_compiler() -> None:
+    """Every trainer, actor and torchrun rank imports the CLI's modules: dynamo would add ~2 s to each start."""
+    import subprocess
+    import sys
+
+    probe = "import sys, mettle.cli, mettle.agent.token; print('torch._dynamo' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "False", "a module-level torch.compiler/_dynamo use imports the compiler at start"

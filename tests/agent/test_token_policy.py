@@ -13,7 +13,7 @@ import torch
 import torch._dynamo
 
 from mettle.agent import TensorSpec, build_policy, policy_from_spec
-from mettle.agent.token import TokenPolicy, feature_normalizations
+from mettle.agent.token import TokenPolicy, feature_normalizations, max_pool_distinct
 from mettle.rl.training.environment import PolicyEnvInfo
 
 NUM_TOKENS = 12
@@ -276,7 +276,7 @@ def test_distinct_token_max_pooling_matches_dense_max_pooling_and_its_gradients(
     valid = padding_mask(tokens)
     ids, trimmed = trim_padding(tokens.long(), valid)
     dense = encoder.pool(encoder.embed(ids, trimmed), trimmed)
-    distinct = encoder.max_pool_distinct(tokens, valid)
+    distinct = max_pool_distinct(encoder, tokens, valid)
     torch.testing.assert_close(distinct, dense, rtol=0, atol=0)
     assert distinct[:3].abs().sum() == 0 and (dense[3:] > 0).any()
     params = [encoder.location_embed.weight, encoder.feature_bias.weight, encoder.feature_direction.weight]

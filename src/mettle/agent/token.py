@@ -11,7 +11,7 @@ per-row memory) and actor/critic heads read.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -129,7 +129,16 @@ class TokenEncoder(nn.Module):
         self.token_mlp = build_torso(embed_size, embed_size, token_layers, nn.ReLU)
         self.query = nn.Parameter(torch.zeros(num_heads, embed_size // num_heads)) if pooling == "attention" else None
         self.project = orthogonal_linear(embed_size, out_size, HIDDEN_GAIN)
+        self.pool_distinct: Callable[[TokenEncoder, torch.Tensor, torch.Tensor], torch.Tensor] = max_pool_distinct
         self._init_embeddings()
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """torch.compile the dense paths; distinct-token pooling has data-dependent shapes, so it stays eager.
+
+        The eager marker is set here rather than by a decorator: that would import dynamo (~2 s) in every process.
+        """
+        self.pool_distinct = torch.compiler.disable(max_pool_distinct)  # type: ignore[no-untyped-call]
+        super().compile(*args, **kwargs)
 
     def _init_embeddings(self) -> None:
         """Unit-variance pre-activations: location, bias and value terms each contribute a third."""
@@ -144,30 +153,11 @@ class TokenEncoder(nn.Module):
         """[N, num_tokens, 3] tokens (any dtype holding bytes) to [N, out_size] ReLU features."""
         valid = padding_mask(tokens)
         if self.pooling == "max" and not len(self.token_mlp):
-            pooled = self.max_pool_distinct(tokens, valid)
+            pooled = self.pool_distinct(self, tokens, valid)
         else:
             tokens, valid = trim_padding(tokens, valid)
             pooled = self.pool(self.embed(tokens.long(), valid), valid)
         return torch.relu(self.project(pooled))
-
-    @torch.compiler.disable  # type: ignore[untyped-decorator]  # data-dependent shapes: compile the dense path only
-    def max_pool_distinct(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Max pooling that embeds each distinct (location, feature, value) token once.
-
-        A MettaGrid minibatch holds about 10x fewer distinct tokens than tokens, so the embeddings (and
-        their backward pass) cover only the distinct ones, and `embedding_bag`'s max mode pools each row's
-        tokens from that table without building an [N, tokens, embed] tensor. Padding stays out of the
-        bags: features are >= 0, so every row pools as it would with padding at zero, and a row with no
-        real token pools to zeros. Values equal `amax` over `embed`; gradients go to one winner per channel.
-        """
-        real = tokens[valid].int()  # [K, 3], row after row; int32 keys sort twice as fast as int64
-        keys = (real[:, 0] << 16) | (real[:, 1] << 8) | real[:, 2]
-        distinct, which = torch.unique(keys, return_inverse=True)
-        location, feature, value = (distinct >> 16).long(), ((distinct >> 8) & 0xFF).long(), distinct & 0xFF
-        table = self.preactivation(location, feature, value).relu_()
-        counts = valid.sum(dim=1)
-        pooled: torch.Tensor = nn.functional.embedding_bag(which, table, counts.cumsum(0) - counts, mode="max")
-        return pooled
 
     def embed(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Per-token ReLU features [N, n, embed], zero on padding so that max and sum pooling ignore it."""
@@ -203,6 +193,25 @@ class TokenEncoder(nn.Module):
         scores = scores.masked_fill(~valid.unsqueeze(-1), torch.finfo(scores.dtype).min)
         weights = scores.softmax(dim=1)  # an all-padding row spreads weight over zeros: no NaN
         return torch.einsum("nth,nthd->nhd", weights, heads).reshape(n, -1)
+
+
+def max_pool_distinct(encoder: TokenEncoder, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Max pooling that embeds each distinct (location, feature, value) token once.
+
+    A MettaGrid minibatch holds about 10x fewer distinct tokens than tokens, so the embeddings (and
+    their backward pass) cover only the distinct ones, and `embedding_bag`'s max mode pools each row's
+    tokens from that table without building an [N, tokens, embed] tensor. Padding stays out of the
+    bags: features are >= 0, so every row pools as it would with padding at zero, and a row with no
+    real token pools to zeros. Values equal `amax` over `embed`; gradients go to one winner per channel.
+    """
+    real = tokens[valid].int()  # [K, 3], row after row; int32 keys sort twice as fast as int64
+    keys = (real[:, 0] << 16) | (real[:, 1] << 8) | real[:, 2]
+    distinct, which = torch.unique(keys, return_inverse=True)
+    location, feature, value = (distinct >> 16).long(), ((distinct >> 8) & 0xFF).long(), distinct & 0xFF
+    table = encoder.preactivation(location, feature, value).relu_()
+    counts = valid.sum(dim=1)
+    pooled: torch.Tensor = nn.functional.embedding_bag(which, table, counts.cumsum(0) - counts, mode="max")
+    return pooled
 
 
 class TokenPolicy(LSTMPolicy):
