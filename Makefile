@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_SPEC := torch==2.13.0
+TEST_WORKERS ?= 2
 
 .PHONY: setup train test lint bench clean
 
@@ -20,7 +21,7 @@ train: setup
 	$(BIN)/mettle train $(ARGS)
 
 test: setup
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check src tests bench
