@@ -128,7 +128,8 @@ def measure_throughput(task: Task, steps: int, repeats: int, variants: dict[str,
             log(f"{task.name} {kind} #{repeat}: " + (f"{result['sps']:,.0f} agent-steps/s" if "sps" in result
                                                      else result["error"].splitlines()[-1]))
     medians = {kind: median_of(results, "sps") for kind, results in runs.items()}
-    raw = medians.get("raw_gym") or medians.get("raw_mettagrid")
+    raw_kind = "raw_gym" if "raw_gym" in runs else "raw_mettagrid"
+    raw = medians.get(raw_kind)
     ratios = {"mettle_over_sb3": divide(medians["mettle"], medians.get("sb3")),
               "mettle_over_plain": divide(medians["mettle"], medians.get("plain_ppo")),
               "mettle_over_raw": divide(medians["mettle"], raw),
@@ -136,7 +137,8 @@ def measure_throughput(task: Task, steps: int, repeats: int, variants: dict[str,
               "variants": {name: {"over_mettle": divide(medians[name], medians["mettle"]),
                                   "over_sb3": divide(medians[name], medians.get("sb3")),
                                   "over_plain": divide(medians[name], medians.get("plain_ppo")),
-                                  "over_raw": divide(medians[name], raw)} for name in variants}}
+                                  "over_raw": divide(medians[name], raw),
+                                  "paired_over_raw": paired_ratio(runs[name], runs[raw_kind])} for name in variants}}
     return {"steps": steps, "repeats": repeats, "variants": variants, "median_sps": medians, "ratios": ratios,
             "runs": runs}
 
@@ -145,6 +147,14 @@ def median_of(results: list[dict[str, Any]], key: str, missing: float | None = N
     """Median of a field over the runs that have it (`missing` stands in for the others, if given)."""
     values = [r[key] if r.get(key) is not None else missing for r in results]
     values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def paired_ratio(runs: list[dict[str, Any]], baselines: list[dict[str, Any]]) -> float | None:
+    """Median over rounds of a run's agent-steps/s over the baseline run of its own round: steadier than a ratio
+    of medians when the machine's speed drifts between rounds."""
+    pairs = [divide(run.get("sps"), base.get("sps")) for run, base in zip(runs, baselines, strict=True)]
+    values = [value for value in pairs if value is not None]
     return statistics.median(values) if values else None
 
 
