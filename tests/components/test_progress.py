@@ -39,9 +39,9 @@ class FailAt(TrainerComponent):
             raise RuntimeError("boom")
 
 
-def make_trainer(epochs: int) -> Trainer:
+def make_trainer(epochs: int, **settings: Any) -> Trainer:
     cfg = TrainerConfig(total_timesteps=epochs * 64, batch_size=64, minibatch_size=32, bptt_horizon=4,
-                        update_epochs=1)
+                        update_epochs=1, **settings)
     return Trainer(cfg, BanditEnvironment(num_envs=8), MLPPolicy(), "cpu", run_name="tiny-run")
 
 
@@ -63,7 +63,18 @@ def test_plain_lines_report_steps_speed_return_and_time_split() -> None:
     split = re.compile(r"\| rollout \d+% train \d+% other \d+% \|")
     for line in lines:
         assert "sps" in line and "return" in line and "eta" in line and "policy_loss" in line
+        assert re.search(r"\| value_loss \d+\.\d{4} \|", line), line
         assert split.search(line), line
+
+
+def test_plain_lines_leave_out_a_disabled_loss_rather_than_print_nan() -> None:
+    stream = io.StringIO()
+    trainer = make_trainer(epochs=2, losses={"ppo_critic": {"enabled": False}})
+    trainer.register(ProgressLogger(stream=stream, interval_s=0))
+    trainer.train()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3 and all("policy_loss" in line and "entropy" in line for line in lines)
+    assert not [line for line in lines if "value_loss" in line or "nan" in line]
 
 
 def test_interval_limits_plain_lines() -> None:

@@ -267,6 +267,11 @@ class ProgressLogger(TrainerComponent):
 # -- formatting -------------------------------------------------------------------------
 
 
+LINE_LOSSES = (("ppo_actor/policy_loss", "policy_loss", ".4f"), ("ppo_critic/value_loss", "value_loss", ".4f"),
+               ("ppo_actor/entropy", "entropy", ".3f"))
+"""The loss terms a progress line shows, when the run has them (a disabled loss logs none, and shows none)."""
+
+
 def format_line(snap: ProgressSnapshot, prefix: str = "") -> str:
     """One plain progress line; the final ("done") line shows the whole session's time split."""
     split = snap.session_split if prefix == "done" else snap.epoch_split
@@ -276,9 +281,8 @@ def format_line(snap: ProgressSnapshot, prefix: str = "") -> str:
         f"| sps {snap.sps:,.0f} (avg {snap.avg_sps:,.0f}) | eta {format_duration(snap.eta_s)} "
         f"| rollout {_pct(split, split.rollout)} train {_pct(split, split.train)} other {_pct(split, split.other)} "
         f"| return {snap.mean_return:.2f} | length {snap.mean_length:.1f} "
-        f"| policy_loss {losses.get('ppo_actor/policy_loss', math.nan):.4f} "
-        f"| value_loss {losses.get('ppo_critic/value_loss', math.nan):.4f} "
-        f"| entropy {losses.get('ppo_actor/entropy', math.nan):.3f} | {snap.elapsed_s:.0f}s"
+        + "".join(f"| {label} {losses[key]:{spec}} " for key, label, spec in LINE_LOSSES if key in losses)
+        + f"| {snap.elapsed_s:.0f}s"
     )
 
 
