@@ -77,6 +77,16 @@ def test_plain_lines_leave_out_a_disabled_loss_rather_than_print_nan() -> None:
     assert not [line for line in lines if "value_loss" in line or "nan" in line]
 
 
+def test_plain_lines_show_a_dash_before_the_first_episode_ends() -> None:
+    stream = io.StringIO()
+    cfg = TrainerConfig(total_timesteps=64, batch_size=64, minibatch_size=32, bptt_horizon=4, update_epochs=1)
+    trainer = Trainer(cfg, BanditEnvironment(num_envs=8, episode_length=1000), MLPPolicy(), "cpu")
+    trainer.register(ProgressLogger(stream=stream, interval_s=0))
+    trainer.train()
+    line = stream.getvalue().splitlines()[0]
+    assert "| return - | length - |" in line and "nan" not in line, line
+
+
 def test_interval_limits_plain_lines() -> None:
     stream = io.StringIO()
     trainer = make_trainer(epochs=3)

@@ -280,7 +280,7 @@ def format_line(snap: ProgressSnapshot, prefix: str = "") -> str:
         f"{prefix + ' ' if prefix else ''}epoch {snap.epoch} | steps {snap.agent_step:,}/{snap.total_steps:,} "
         f"| sps {snap.sps:,.0f} (avg {snap.avg_sps:,.0f}) | eta {format_duration(snap.eta_s)} "
         f"| rollout {_pct(split, split.rollout)} train {_pct(split, split.train)} other {_pct(split, split.other)} "
-        f"| return {snap.mean_return:.2f} | length {snap.mean_length:.1f} "
+        f"| return {_num(snap.mean_return, '.2f')} | length {_num(snap.mean_length, '.1f')} "
         + "".join(f"| {label} {losses[key]:{spec}} " for key, label, spec in LINE_LOSSES if key in losses)
         + f"| {snap.elapsed_s:.0f}s"
     )
