@@ -108,11 +108,15 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def raw_kind(task: Task) -> str:
+    """The worker that steps the task's bare simulator with random actions."""
+    return "raw_gym" if task.env.startswith("gym:") else "raw_mettagrid"
+
+
 def sps_kinds(task: Task, variants: dict[str, list[str]]) -> list[str]:
     """The systems measured on a task: Mettle's variants, SB3 and plain PPO where they can run, the raw
     simulator, Mettle's adapter."""
-    raw = "raw_gym" if task.env.startswith("gym:") else "raw_mettagrid"
-    return [*variants, *(["sb3", "plain_ppo"] if task.sb3 else []), raw, "mettle_env"]
+    return [*variants, *(["sb3", "plain_ppo"] if task.sb3 else []), raw_kind(task), "mettle_env"]
 
 
 def measure_throughput(task: Task, steps: int, repeats: int, variants: dict[str, list[str]]) -> dict[str, Any]:
@@ -128,8 +132,8 @@ def measure_throughput(task: Task, steps: int, repeats: int, variants: dict[str,
             log(f"{task.name} {kind} #{repeat}: " + (f"{result['sps']:,.0f} agent-steps/s" if "sps" in result
                                                      else result["error"].splitlines()[-1]))
     medians = {kind: median_of(results, "sps") for kind, results in runs.items()}
-    raw_kind = "raw_gym" if "raw_gym" in runs else "raw_mettagrid"
-    raw = medians.get(raw_kind)
+    baseline = raw_kind(task)
+    raw = medians.get(baseline)
     ratios = {"mettle_over_sb3": divide(medians["mettle"], medians.get("sb3")),
               "mettle_over_plain": divide(medians["mettle"], medians.get("plain_ppo")),
               "mettle_over_raw": divide(medians["mettle"], raw),
@@ -138,7 +142,7 @@ def measure_throughput(task: Task, steps: int, repeats: int, variants: dict[str,
                                   "over_sb3": divide(medians[name], medians.get("sb3")),
                                   "over_plain": divide(medians[name], medians.get("plain_ppo")),
                                   "over_raw": divide(medians[name], raw),
-                                  "paired_over_raw": paired_ratio(runs[name], runs[raw_kind])} for name in variants}}
+                                  "paired_over_raw": paired_ratio(runs[name], runs[baseline])} for name in variants}}
     return {"steps": steps, "repeats": repeats, "variants": variants, "median_sps": medians, "ratios": ratios,
             "runs": runs}
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,23 +68,22 @@ def test_the_walk_sees_type_checking_relative_and_from_package_imports() -> None
     assert found == ["mettle.cli", "mettle.rl.training", "mettle.rl.training.Experience"]
 
 
+def fresh_interpreter_prints(probe: str) -> str:
+    """What `probe` prints in a new Python process: module imports seen from a clean sys.modules."""
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+
+
 def test_building_environments_loads_nothing_from_the_layers_above() -> None:
     """Also indirectly: importing every env module (the factory included) pulls in no mettle.rl, run or cli."""
-    import subprocess
-    import sys
-
     modules = ["mettle.envs.factory", "mettle.envs.gymnasium", "mettle.envs.pettingzoo", "mettle.envs.mettagrid",
                "mettle.envs.vector", "mettle.agent.registry"]
     probe = f"import sys; import {', '.join(modules)}; print(sorted(m for m in sys.modules if m.startswith({UPPER!r})))"
-    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
-    assert loaded.strip() == "[]", loaded
+    loaded = fresh_interpreter_prints(probe)
+    assert loaded == "[]", loaded
 
 
 def test_starting_the_cli_does_not_import_the_compiler() -> None:
     """Every trainer, actor and torchrun rank imports the CLI's modules: dynamo would add ~2 s to each start."""
-    import subprocess
-    import sys
-
     probe = "import sys, mettle.cli, mettle.agent.token; print('torch._dynamo' in sys.modules)"
-    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
-    assert loaded.strip() == "False", "a module-level torch.compiler/_dynamo use imports the compiler at start"
+    loaded = fresh_interpreter_prints(probe)
+    assert loaded == "False", "a module-level torch.compiler/_dynamo use imports the compiler at start"

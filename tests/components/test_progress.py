@@ -39,10 +39,11 @@ class FailAt(TrainerComponent):
             raise RuntimeError("boom")
 
 
-def make_trainer(epochs: int, **settings: Any) -> Trainer:
+def make_trainer(epochs: int, episode_length: int = 8, **settings: Any) -> Trainer:
     cfg = TrainerConfig(total_timesteps=epochs * 64, batch_size=64, minibatch_size=32, bptt_horizon=4,
                         update_epochs=1, **settings)
-    return Trainer(cfg, BanditEnvironment(num_envs=8), MLPPolicy(), "cpu", run_name="tiny-run")
+    env = BanditEnvironment(num_envs=8, episode_length=episode_length)
+    return Trainer(cfg, env, MLPPolicy(), "cpu", run_name="tiny-run")
 
 
 def render(renderable: Any) -> str:
@@ -79,8 +80,7 @@ def test_plain_lines_leave_out_a_disabled_loss_rather_than_print_nan() -> None:
 
 def test_plain_lines_show_a_dash_before_the_first_episode_ends() -> None:
     stream = io.StringIO()
-    cfg = TrainerConfig(total_timesteps=64, batch_size=64, minibatch_size=32, bptt_horizon=4, update_epochs=1)
-    trainer = Trainer(cfg, BanditEnvironment(num_envs=8, episode_length=1000), MLPPolicy(), "cpu")
+    trainer = make_trainer(epochs=1, episode_length=1000)
     trainer.register(ProgressLogger(stream=stream, interval_s=0))
     trainer.train()
     line = stream.getvalue().splitlines()[0]
