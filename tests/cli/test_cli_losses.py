@@ -117,6 +117,9 @@ def test_kickstarted_student_logs_annealed_teacher_terms_beside_ppo(
 def test_without_the_critic_loss_training_logs_no_critic_terms(tmp_path: Path) -> None:
     result = train(tmp_path, "actor_only", "total_timesteps=2048", "losses.ppo_critic.enabled=false")
     assert result.returncode == 0, result.stderr[-3000:]
+    progress = [line for line in result.stdout.splitlines() if line.startswith(("epoch", "done epoch"))]
+    assert progress and all("| policy_loss " in line for line in progress), result.stdout
+    assert not [line for line in progress if "value_loss" in line or "nan" in line], result.stdout
     records = metrics(tmp_path / "actor_only")
     assert [r["step"] for r in records] == [1024, 2048]
     assert all(math.isfinite(r["loss/ppo_actor/policy_loss"]) for r in records)
