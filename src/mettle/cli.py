@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import errno
 import json
 import logging
@@ -12,17 +10,16 @@ import os
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mettle.config import ConfigError, RunConfig, build_run_config
+from mettle.config import ConfigError, RunConfig, build_run_config, parse_value
+from mettle.launch import COMMAND_ENV, EXIT_SIGNAL_BASE, ProcessDied, launch_torchrun, launched_rank, strip_option
 from mettle.recipes import recipe_for
 
 if TYPE_CHECKING:
@@ -51,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--sample", action="store_true", help="sample actions instead of taking the argmax")
     evaluate.add_argument("--seed", type=int, default=12345, help="environment seed (default 12345)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--env", default=None, help="environment to evaluate on (default: the run's); a module a "
+                          "run's config.json names is imported only when it is typed here")
     play = sub.add_parser("play", help="watch a trained MettaGrid policy act, or replay a saved episode")
     play.add_argument("run_dir", nargs="?", help="a run directory (or one checkpoint directory)")
     play.add_argument("--replay", type=Path, default=None, metavar="FILE", help="show a saved episode again")
@@ -61,35 +60,77 @@ def build_parser() -> argparse.ArgumentParser:
     play.add_argument("--sample", action="store_true", help="sample actions instead of taking the argmax")
     report = sub.add_parser("report", help="plots and a text summary of a run")
     report.add_argument("run_dir", help="a run directory made by `mettle train`")
+    report.add_argument("--out", default=None, metavar="DIR", help="where to write the plots (default RUN_DIR/report)")
     return parser
 
 
-EXIT_CRASH = 1  # a bug (a traceback follows), or the actor process died (one line)
+EXIT_CRASH = 1  # a bug (a traceback follows), or a process the run needs died (one line: actor, env worker, rank)
 EXIT_USAGE = 2  # bad input: one line says what to change
 EXIT_IO = 74  # EX_IOERR: the disk or file system failed (full, read-only, I/O error); the last checkpoint is intact
-EXIT_SIGNAL_BASE = 128  # stopped by signal N (after writing a checkpoint): 128 + N, as shells report it
+# EXIT_SIGNAL_BASE (launch.py): stopped by signal N (after writing a checkpoint): 128 + N, as shells report it
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM}
-COMMAND_ENV = "METTLE_COMMAND"  # the command as the user ran it (set by the --nproc launcher for its ranks)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: user errors print one line and exit 2; see the README for every exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "train":
+            check_run_location(args.run, args.run_dir)
             return train_command(args, argv)
         if args.command == "play":
             return play_command(args)
         if args.command == "report":
             from mettle.report import report_command
 
-            return report_command(args.run_dir)
+            return report_command(args.run_dir, args.out)
         return eval_command(args)
     except ConfigError as error:
         print(f"mettle: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # train catches it itself once anything is written: this is before that
+        before = ", before training started; nothing was written" if args.command == "train" else ""
+        print(f"mettle: stopped by SIGINT{before}", file=sys.stderr, flush=True)
+        return EXIT_SIGNAL_BASE + signal.SIGINT
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """argparse, with train's key=value overrides accepted before, between and after its options."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.overrides += [item for item in extra if "=" in item and not item.startswith("-")]
+        extra = [item for item in extra if "=" not in item or item.startswith("-")]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def check_run_location(run: str | None, run_dir: str) -> None:
+    """A run name is one path component, and where a run is written is a directory (or does not exist yet)."""
+    if run is not None and (run in ("", ".", "..") or any(sep in run for sep in ("/", "\0", os.altsep or "/"))):
+        raise ConfigError(f"--run {run!r} must be a name, not a path (no '/', '.' or '..'); "
+                          "choose where runs are kept with --run-dir")
+    where = Path(run_dir)
+    for path in (where / run if run else where, where, *where.parents):
+        if path.exists() and not path.is_dir():
+            option = "--run" if run and path == where / run else "--run-dir"
+            raise ConfigError(f"{option}: {path} is a file, not a directory; choose another {option}")
+        if path.exists():
+            return
+
+
+def typed_env_names(args: argparse.Namespace) -> set[str]:
+    """Env names the user typed on this command line (--env, env.name=, evaluator.envs=): trusted to import."""
+    names = {args.env} if getattr(args, "env", None) else set()
+    for item in getattr(args, "overrides", []):
+        key, _, raw = item.partition("=")
+        if key.strip() in ("env.name", "evaluator.envs"):
+            value = parse_value(raw)
+            names.update(value if isinstance(value, list) else [value])
+    return {name for name in names if isinstance(name, str)}
 
 
 def resolve_train_config(args: argparse.Namespace, saved: RunConfig | None = None) -> RunConfig:
@@ -114,20 +155,63 @@ def train_command(args: argparse.Namespace, argv: list[str]) -> int:
         raise ConfigError(f"--nproc {args.nproc} must be at least 1 (the number of ranks on this machine)")
     command = os.environ.get(COMMAND_ENV) or user_command(argv)
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        return launch_torchrun(args.nproc, argv, command)
+        return launch_ranks(args, argv, command)
     from mettle.rl.training.components.signals import install_early_handlers
 
-    install_early_handlers()
+    install_early_handlers(announce=not launched_rank())
     from mettle.rl.training import DistributedHelper
 
     distributed = DistributedHelper("cuda" if torch.cuda.is_available() else "cpu")
+    master = distributed.is_master()
     try:
         code = train_in_process(args, distributed, command)
-    except BaseException:
+    except BaseException as error:
         distributed.cleanup()
+        if isinstance(error, ConfigError) and not master:
+            return EXIT_USAGE  # every rank fails alike: rank 0 says it, once
         raise
     distributed.cleanup(synchronize=code == 0 or code > EXIT_SIGNAL_BASE)
     return code
+
+
+def launch_ranks(args: argparse.Namespace, argv: list[str], command: str) -> int:
+    """Check the command line once, then torchrun `--nproc` ranks under one run name; a killed rank is one line."""
+    run_name = args.run or default_run_name(args.env)
+    run_dir = Path(args.run_dir) / run_name
+    check_before_launch(args, run_name, run_dir)
+    resume = resume_command(command, run_name)
+    try:
+        return launch_torchrun(args.nproc, argv if args.run else with_run(argv, run_name), command, resume)
+    except ProcessDied as death:
+        print(f"mettle: error: {death}; {resume_hint(resume, run_dir)}", file=sys.stderr, flush=True)
+        return EXIT_CRASH
+
+
+def check_before_launch(args: argparse.Namespace, run_name: str, run_dir: Path) -> None:
+    """What every rank would reject (a bad override, batches that do not split), said once before torchrun starts.
+
+    Read-only, as prepare_config reads the run; the ranks still check everything (the run lock included).
+    """
+    from mettle.rl.training.distributed import split_batches
+
+    cfg, _ = read_run_config(args, run_name, run_dir)
+    if cfg.global_batch:
+        try:
+            split_batches(cfg.trainer, args.nproc)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
+
+def default_run_name(env: str | None) -> str:
+    """`<env>-<time>`: the name of a run started without --run."""
+    env_label = (env or DEFAULT_ENV).split(":")[-1].replace("/", "-")
+    return f"{env_label}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def with_run(argv: list[str], run_name: str) -> list[str]:
+    """argv with `--run NAME` right after `train` (the launcher names the run, so every rank uses that name)."""
+    at = argv.index("train")
+    return [*argv[: at + 1], "--run", run_name, *argv[at + 1:]]
 
 
 def user_command(argv: list[str]) -> str:
@@ -148,83 +232,11 @@ def resume_command(command: str, run_name: str) -> str:
     return shlex.join([*words[: at + 1], "--run", run_name, *rest])
 
 
-def launch_torchrun(nproc: int, argv: list[str], command: str) -> int:
-    """Run torchrun (quietly, in its own session) with `nproc` ranks; relay SIGINT/SIGTERM as a graceful stop.
-
-    Terminal Ctrl-C reaches only this process, which asks the ranks (through torchrun) to finish their
-    epoch and checkpoint; a second SIGINT kills them at once. Exit: the first failed rank's code, or 128+N.
-    """
-    rest = strip_option(argv, "--nproc")
-    torchrun_args = ["--standalone", f"--nproc-per-node={nproc}", "-m", "mettle", "--", *rest]
-    print("launching: torchrun " + shlex.join(torchrun_args), flush=True)
-    child = subprocess.Popen([sys.executable, "-c", QUIET_TORCHRUN, *torchrun_args], start_new_session=True,
-                             env={**os.environ, COMMAND_ENV: command}, preexec_fn=die_with_parent)
-    received: list[int] = []
-
-    def relay(signum: int, frame: FrameType | None) -> None:
-        if received and signum == signal.SIGINT:
-            os.killpg(child.pid, signal.SIGKILL)
-        elif not received:
-            os.kill(child.pid, signal.SIGTERM)
-        received.append(signum)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, relay)
-    code = child.wait()
-    if not received:
-        return code if code >= 0 else EXIT_SIGNAL_BASE - code
-    how = "at once, without a final checkpoint" if len(received) > 1 and received[-1] == signal.SIGINT \
-        else "after the ranks' checkpoint"
-    print(f"mettle: stopped by {signal.Signals(received[0]).name} {how}; resume with: {command}",
-          file=sys.stderr, flush=True)
-    return EXIT_SIGNAL_BASE + received[0]
-
-
-QUIET_TORCHRUN = "import sys; from mettle.cli import run_torchrun; sys.exit(run_torchrun(sys.argv[1:]))"
-
-
-def run_torchrun(torchrun_args: list[str]) -> int:
-    """torchrun without its tracebacks: a stop by signal exits 128+N, a failed rank with that rank's code."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
-    try:
-        run(parse_args(torchrun_args))  # type: ignore[no-untyped-call]
-    except SignalException as stop:
-        return EXIT_SIGNAL_BASE + int(stop.sigval)
-    except ChildFailedError as error:
-        code = error.get_first_failure()[1].exitcode
-        return code if code > 0 else EXIT_SIGNAL_BASE - code
-    return 0
-
-
-def die_with_parent() -> None:
-    """In the torchrun child: SIGTERM (a graceful stop) when the launcher dies, even by SIGKILL (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: ranks outlive a killed launcher (the lock says)
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def strip_option(argv: list[str], name: str) -> list[str]:
-    """argv without `name VALUE` / `name=VALUE`."""
-    out, skip = [], False
-    for item in argv:
-        if skip:
-            skip = False
-        elif item == name:
-            skip = True
-        elif not item.startswith(name + "="):
-            out.append(item)
-    return out
-
-
 def train_in_process(args: argparse.Namespace, distributed: DistributedHelper, command: str) -> int:
     """Lock the run (rank 0), validate everything on every rank, then train (resuming a run with checkpoints)."""
     from mettle.runlock import RunLock
 
-    env_label = (args.env or DEFAULT_ENV).split(":")[-1].replace("/", "-")
-    run_name = distributed.broadcast_from_master(args.run or f"{env_label}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_name = distributed.broadcast_from_master(args.run or default_run_name(args.env))
     run_dir = Path(args.run_dir) / run_name
     resume = resume_command(command, run_name)
     with RunLock(run_dir) as lock:
@@ -233,19 +245,23 @@ def train_in_process(args: argparse.Namespace, distributed: DistributedHelper, c
             cfg = prepare_config(args, run_name, run_dir, distributed)
             return run_training(cfg, run_name, run_dir, distributed, resume)
         except KeyboardInterrupt:
-            print(f"mettle: stopped at once by a second SIGINT, without a final checkpoint; {intact(run_dir)}; "
-                  f"resume with: {resume}", file=sys.stderr, flush=True)
+            print(f"mettle: stopped at once by a second SIGINT, without a final checkpoint; "
+                  f"{resume_hint(resume, run_dir)}", file=sys.stderr, flush=True)
             return EXIT_SIGNAL_BASE + signal.SIGINT
         except Exception as error:
-            if is_actor_death(error):
-                print(f"mettle: error: {error}; resume with: {resume}; {intact(run_dir)}", file=sys.stderr,
+            death = process_death(error)
+            if death is not None:
+                print(f"mettle: error: {death}; {resume_hint(resume, run_dir)}", file=sys.stderr,
                       flush=True)
                 return EXIT_CRASH
+            code = lost_peer(error, resume, run_dir)
+            if code is not None:
+                return code
             failure = environment_failure(error)
             if failure is None:
                 raise
-            print(f"mettle: error: {failure} (run {run_dir}); free space or fix the file system, then resume "
-                  f"with: {resume}; {intact(run_dir)}", file=sys.stderr, flush=True)
+            print(f"mettle: error: {failure} (run {run_dir}); free space or fix the file system, then "
+                  f"{resume_hint(resume, run_dir)}", file=sys.stderr, flush=True)
             return EXIT_IO
 
 
@@ -257,28 +273,29 @@ def lock_run(lock: RunLock, run_name: str, distributed: DistributedHelper) -> No
     if distributed.is_master():
         try:
             lock.acquire(run_name)
-        except (RunLocked, OSError) as error:
+        except (ConfigError, OSError) as error:  # RunLocked, a lock that is not a regular file, a read-only dir
             refusal = error
     message = distributed.broadcast_from_master(None if refusal is None else str(refusal))
-    if isinstance(refusal, OSError):
+    if refusal is not None:
         raise refusal
     if message is not None:
         raise RunLocked(message)
 
 
+RUN_FILES = ("config.json", "checkpoints", "metrics.jsonl", "tensorboard", "heartbeat.json", "policy.safetensors",
+             "policy.json", "manifest.json", "profiles", "wandb")
+"""What `mettle train` writes into a run directory: their presence means a run was trained there before."""
+RUN_SUBDIRS = ("checkpoints", "tensorboard", "profiles", "wandb")
+"""The entries of RUN_FILES that are directories."""
+
+
 def prepare_config(args: argparse.Namespace, run_name: str, run_dir: Path, distributed: DistributedHelper) -> RunConfig:
     """The run's config on every rank: saved (when resuming) + command line, scaled to the world size."""
-    from mettle.rl.training.checkpointer import list_checkpoints
-
-    existing = (run_dir / "config.json").exists() or bool(list_checkpoints(run_dir / "checkpoints"))
-    if existing and args.fresh:
-        raise ConfigError(f"run {run_name!r} already exists in {run_dir}; --fresh refuses to resume it "
-                          "(choose another --run name, or delete the directory)")
-    from mettle.run import load_run_config
-
-    saved = load_run_config(run_dir) if (run_dir / "config.json").exists() else None
-    cfg = resolve_train_config(args, saved)
+    cfg, start_over = read_run_config(args, run_name, run_dir)
     distributed.synchronize()  # every rank has read the run dir before rank 0 writes to it
+    if start_over and distributed.is_master():
+        move_aside(run_dir, earlier_run_files(run_dir))
+    distributed.synchronize()
     if cfg.global_batch:
         try:
             cfg = cfg.model_copy(update={"trainer": distributed.scale_batches_by_world_size(cfg.trainer)})
@@ -289,11 +306,111 @@ def prepare_config(args: argparse.Namespace, run_name: str, run_dir: Path, distr
     return cfg
 
 
-def is_actor_death(error: BaseException) -> bool:
-    """The actor process of overlapped training died (killed, out of memory): one line says so, no traceback."""
+def read_run_config(args: argparse.Namespace, run_name: str, run_dir: Path) -> tuple[RunConfig, bool]:
+    """Read-only: the saved config (when resuming) + command line, and whether --fresh starts an earlier run over."""
+    from mettle.run import load_run_config
+
+    check_run_entries(run_dir)
+    start_over = check_earlier_run(args, run_name, run_dir)
+    resuming = not start_over and (run_dir / "config.json").exists()
+    saved = load_run_config(run_dir, typed_env_names(args)) if resuming else None
+    return resolve_train_config(args, saved), start_over
+
+
+def check_run_entries(run_dir: Path) -> None:
+    """Refuse links and misplaced files where training writes, so that no write lands outside the run directory."""
+    checkpoints = run_dir / "checkpoints"
+    entries = [(run_dir / name, name in RUN_SUBDIRS) for name in RUN_FILES]
+    if checkpoints.is_dir() and not checkpoints.is_symlink():
+        entries += [(path, True) for path in checkpoints.iterdir() if path.name.isdigit() or path.name == "damaged"]
+    for path, directory in entries:
+        if path.is_symlink() or (path.exists() and path.is_dir() != directory):
+            found = "a symbolic link" if path.is_symlink() else "a directory" if path.is_dir() else "a file"
+            raise ConfigError(f"{path} is {found} where training writes {'a directory' if directory else 'a file'}; "
+                              "move it out of the run directory (or restore it from a backup), then retry")
+
+
+def earlier_run_files(run_dir: Path) -> list[str]:
+    """The names of `RUN_FILES` present in `run_dir` (links included; an empty directory holds nothing to lose)."""
+    def holds_something(path: Path) -> bool:
+        return path.is_symlink() or path.is_file() or (path.is_dir() and any(path.iterdir()))
+
+    return [name for name in RUN_FILES if holds_something(run_dir / name)]
+
+
+def check_earlier_run(args: argparse.Namespace, run_name: str, run_dir: Path) -> bool:
+    """Whether to start over (--fresh on a run with no intact checkpoint); refuse to train over an earlier run."""
+    from mettle.rl.training.checkpointer import list_checkpoints, newest_intact_checkpoint
+
+    leftovers = earlier_run_files(run_dir)
+    if not leftovers:
+        return False
+    if args.fresh:
+        if newest_intact_checkpoint(run_dir / "checkpoints") is not None:
+            raise ConfigError(f"run {run_name!r} already exists in {run_dir} with a checkpoint; --fresh refuses to "
+                              "resume it (choose another --run name, or delete the directory)")
+        return True
+    if not list_checkpoints(run_dir / "checkpoints"):
+        raise ConfigError(f"run {run_name!r} in {run_dir} holds an earlier run's files ({', '.join(leftovers)}) but "
+                          "no checkpoint to resume from, and training would overwrite them; pass --fresh to start "
+                          f"over (they are moved aside into {run_dir}/previous-<time>/), or choose another --run name")
+    if not (run_dir / "config.json").exists():
+        raise ConfigError(f"run {run_name!r} in {run_dir} has no config.json, so it cannot be resumed as it was "
+                          "trained; restore config.json from a backup, or choose another --run name")
+    return False
+
+
+def move_aside(run_dir: Path, names: list[str]) -> Path:
+    """Move an earlier run's files into `run_dir/previous-<time>/`, so starting over deletes nothing."""
+    from mettle.files import fsync_dir
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, suffix = run_dir / f"previous-{stamp}", 1
+    while target.exists():
+        suffix += 1
+        target = run_dir / f"previous-{stamp}-{suffix}"
+    target.mkdir()
+    for name in names:
+        os.replace(run_dir / name, target / name)
+    fsync_dir(run_dir)
+    print(f"--fresh: moved the earlier run's {', '.join(names)} to {target}", flush=True)
+    return target
+
+
+def process_death(error: BaseException) -> str | None:
+    """A process the run needs died (the overlap actor, an env worker: killed, out of memory): the line that says
+    which, for one line instead of a traceback. The actor hands on a worker death it saw as its error's cause."""
+    from mettle.envs.vector import EnvironmentWorkerError
     from mettle.rl.training.actor import ActorError
 
-    return isinstance(error, ActorError) and not error.raised
+    if isinstance(error, ActorError) and not error.raised:
+        return str(error)
+    for seen in (error, error.__cause__):
+        if isinstance(seen, EnvironmentWorkerError) and seen.died:
+            return str(seen)
+    return None
+
+
+PEER_STOP_WAIT_S = 3.0
+"""How long a rank whose collective failed waits for torchrun's SIGTERM, the sign that a peer's failure is known."""
+
+
+def lost_peer(error: Exception, resume: str, run_dir: Path) -> int | None:
+    """A collective failed because another rank died: under `--nproc` the launcher names that rank, so this one
+    leaves quietly once torchrun tells it to stop; otherwise one line says what this rank saw. Exit 1; None
+    when `error` is no failed collective."""
+    from mettle.rl.training.components.signals import received_signal
+    from mettle.rl.training.distributed import backend_reason, collective_failure
+
+    if not collective_failure(error):
+        return None
+    deadline = time.monotonic() + PEER_STOP_WAIT_S
+    while launched_rank() and received_signal() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not (launched_rank() and received_signal() is not None):
+        print(f"mettle: error: {backend_reason(error)}; another rank died or left (its own output or torchrun's "
+              f"says why); {resume_hint(resume, run_dir)}", file=sys.stderr, flush=True)
+    return EXIT_CRASH
 
 
 def environment_failure(error: BaseException) -> str | None:
@@ -310,12 +427,28 @@ def environment_failure(error: BaseException) -> str | None:
     return None
 
 
-def intact(run_dir: Path) -> str:
-    """Which checkpoint a resume will start from."""
+def resume_hint(resume: str, run_dir: Path) -> str:
+    """`resume with: CMD; <which checkpoint>`, or how to start over when no checkpoint was written (resume refuses)."""
     from mettle.rl.training.checkpointer import list_checkpoints
 
+    if list_checkpoints(run_dir / "checkpoints") or not earlier_run_files(run_dir):
+        return f"resume with: {resume}; {intact(run_dir)}"
+    return f"no checkpoint was written yet, so start over with: {resume} --fresh"
+
+
+def intact(run_dir: Path) -> str:
+    """Which checkpoint a resume will start from: the newest that verifies (read-only), not merely the newest."""
+    from mettle.rl.training.checkpointer import list_checkpoints, newest_intact_checkpoint
+
     checkpoints = list_checkpoints(run_dir / "checkpoints")
-    return f"the last checkpoint {checkpoints[-1]} is intact" if checkpoints else "no checkpoint was written yet"
+    if not checkpoints:
+        return "no checkpoint was written yet"
+    newest = newest_intact_checkpoint(run_dir / "checkpoints")
+    if newest is None:
+        return f"no checkpoint in {run_dir / 'checkpoints'} is intact"
+    if newest == checkpoints[-1]:
+        return f"the last checkpoint {newest} is intact"
+    return f"the newest intact checkpoint is {newest} (newer ones are damaged)"
 
 
 def run_training(cfg: RunConfig, run_name: str, run_dir: Path, distributed: DistributedHelper, resume: str) -> int:
@@ -373,11 +506,25 @@ def eval_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"run directory {path} does not exist")
     from mettle.run import load_newest_policy, load_run_config
 
-    cfg = load_run_config(path)
-    policy, _, _ = load_newest_policy(path, cfg.device)
+    cfg = load_run_config(path, typed_env_names(args))
+    if args.env:
+        cfg = cfg.model_copy(update={"env": cfg.env.model_copy(update={"name": args.env})})
+    device = cfg.device if torch.cuda.is_available() or not cfg.device.startswith("cuda") else "cpu"
+    if device != cfg.device:
+        print(f"mettle: the run trained on {cfg.device}; this machine has no CUDA device, so it is evaluated on cpu",
+              file=sys.stderr)
+    policy, trained_on, _ = load_newest_policy(path, device)
     env = make_environment(cfg.env, seed=args.seed, num_envs=min(args.episodes, cfg.env.num_envs))
     try:
-        infos = evaluate_policy(policy, env, args.episodes, cfg.device, not args.sample, args.seed)
+        given = env.policy_env_info
+        if (given.observation_space, given.action_nvec) != (trained_on.observation_space, trained_on.action_nvec):
+            from mettle.rl.loss.kickstarter import describe
+
+            raise ConfigError(f"--env {cfg.env.name} gives observations {describe(given.observation_space)} and "
+                              f"actions {describe(given.action_space)}, but the policy was trained on "
+                              f"{describe(trained_on.observation_space)} and {describe(trained_on.action_space)}; "
+                              "evaluate it on an environment with the same spaces")
+        infos = evaluate_policy(policy, env, args.episodes, device, not args.sample, args.seed)
     finally:
         env.close()
     summary: dict[str, Any] = summarize_returns(infos)

@@ -7,12 +7,12 @@ import json
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mettle.errors import ConfigError
 
 __all__ = ["ConfigError", "EnvConfig", "PolicyConfig", "RunConfig", "build_run_config", "fit_run_config"]
-from mettle.rl.trainer_config import DEFER_SIZE_CHECK, TrainerConfig, fit_sizes_to_rows
+from mettle.rl.trainer_config import DEFER_SIZE_CHECK, TrainerConfig, check_device_name, fit_sizes_to_rows
 from mettle.rl.training.components.autotuner import AutotunerConfig
 from mettle.rl.training.components.evaluator import EvaluatorConfig
 from mettle.rl.training.components.gradients import GradientConfig
@@ -92,6 +92,12 @@ class RunConfig(_Config):
     """Gradient norm, mean and variance per epoch (off by default)."""
     profiler: ProfilerConfig = Field(default_factory=ProfilerConfig)
     """torch.profiler traces every N epochs (off by default)."""
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        """A device Mettle trains on (whether this machine has it is checked when the run is built)."""
+        return check_device_name(value, "device")
 
 
 def parse_value(text: str) -> Any:

@@ -122,6 +122,9 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     run_dir = Path(run_dir)
     metrics = load_metrics(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / REPORT_DIR
+    if out_dir.is_symlink():
+        raise ValueError(f"{out_dir} is a symbolic link; plots are written only into a real directory "
+                         "(remove the link, or choose one with --out DIR)")
     out_dir.mkdir(parents=True, exist_ok=True)
     title = run_dir.resolve().name
     written: list[Path] = []
@@ -264,13 +267,18 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
-def report_command(run_dir: str) -> int:
-    """`mettle report RUN_DIR`: print the summary and the plots written; a user error prints one line, exit 2."""
+def report_command(run_dir: str, out_dir: str | None = None) -> int:
+    """`mettle report RUN_DIR [--out DIR]`: the summary and the plots written; bad input exit 2, I/O errors 74."""
     try:
         print(summarize_run(Path(run_dir)))
-        for path in write_report(Path(run_dir)):
+        for path in write_report(Path(run_dir), Path(out_dir) if out_dir else None):
             print(f"wrote {path}")
     except ValueError as error:
         print(f"mettle: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        where = out_dir or Path(run_dir) / REPORT_DIR
+        print(f"mettle: error: cannot write the plots to {where}: {error.strerror or error}; "
+              "write them elsewhere with --out DIR", file=sys.stderr)
+        return 74
     return 0

@@ -10,17 +10,22 @@ files: no stats, heartbeat, profiler, signal handler or checkpointer.
 
 from __future__ import annotations
 
+import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+import torch
+from pydantic import ValidationError
+
 from mettle.agent.policy import Policy
 from mettle.agent.registry import build_policy
-from mettle.config import ConfigError, RunConfig, fit_run_config
+from mettle.config import ConfigError, RunConfig, fit_run_config, format_validation_error
 from mettle.contracts import PolicyEnvInfo, TrainingEnvironment
-from mettle.envs.factory import make_environment
+from mettle.envs.factory import check_trusted_env_name, make_environment
+from mettle.errors import one_line
 from mettle.rl.loss import Loss
 from mettle.rl.trainer import Trainer
 from mettle.rl.training import ContextCheckpointer, DistributedHelper, TrainerComponent
@@ -74,6 +79,7 @@ def build_run(
 ) -> Run:
     """Env, policy and Trainer with the config's losses (then `losses`) and components (then `components`),
     restored; bad input: ConfigError."""
+    check_devices_present(cfg)
     env = make_environment(cfg.env, seed=cfg.trainer.seed)
     try:
         cfg = fit_run_config(cfg, env.batch_info.num_rows)
@@ -99,6 +105,19 @@ def build_run(
         env.close()
         raise
     return Run(cfg, env, policy, trainer, run_dir, shutdown, resumed)
+
+
+def check_devices_present(cfg: RunConfig) -> None:
+    """Refuse before anything starts when `device` or `trainer.actor_device` names a GPU this machine lacks."""
+    for field, value in (("device", cfg.device), ("trainer.actor_device", cfg.trainer.actor_device)):
+        if value is None or not value.startswith("cuda"):
+            continue
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(value.partition(":")[2] or 0)
+        if index >= count:
+            have = f"only {count} CUDA device(s)" if count else "no CUDA device torch can use"
+            raise ConfigError(f"{field}={value}: this machine has {have}; use {field}=cpu"
+                              + (f" or cuda:0..cuda:{count - 1}" if count else ""))
 
 
 def config_components(cfg: RunConfig, trainer: Trainer, run_dir: Path | None) -> list[TrainerComponent]:
@@ -146,12 +165,39 @@ def evaluation_envs(cfg: RunConfig) -> dict[str, Callable[[], TrainingEnvironmen
     return {name: factory(name) for name in names}
 
 
-def load_run_config(path: Path) -> RunConfig:
-    """The config.json of a run directory, or of the run that holds a checkpoint directory."""
+def load_run_config(path: Path, typed_envs: Collection[str] = ()) -> RunConfig:
+    """The config.json of a run directory (or of the run holding a checkpoint directory), checked as untrusted input.
+
+    Damage is one ConfigError line; env names that would import a module must be trusted or in `typed_envs`.
+    """
     for candidate in (path, *path.parents[:3]):
-        if (candidate / "config.json").exists():
-            return RunConfig.model_validate_json((candidate / "config.json").read_text())
+        file = candidate / "config.json"
+        if file.is_file() or file.is_symlink():
+            cfg = read_config_file(file)
+            check_trusted_env_name(cfg.env.name, f"{file}: env.name", typed_envs)
+            for name in cfg.evaluator.envs:
+                check_trusted_env_name(name, f"{file}: evaluator.envs", typed_envs)
+            return cfg
     raise ConfigError(f"no config.json found at or above {path}")
+
+
+def read_config_file(file: Path) -> RunConfig:
+    """Parse and validate one config.json; a link, an unreadable, truncated or invalid file is one line."""
+    restore = "restore it from a backup, or start a new run with another --run name"
+    if file.is_symlink() or not file.is_file():
+        raise ConfigError(f"{file} is not a regular file (a link or a directory); {restore}")
+    try:
+        text = file.read_bytes().decode()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read {file}: {one_line(error)}; {restore}") from None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise ConfigError(f"{file} is damaged: not valid JSON ({one_line(error)}); {restore}") from None
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(f"{file} is damaged: {format_validation_error(error)}; {restore}") from None
 
 
 def check_resumable(saved: RunConfig, new: RunConfig) -> None:

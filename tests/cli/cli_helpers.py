@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -23,3 +24,13 @@ def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
             return False
         time.sleep(0.1)
     return True
+
+
+def read_only_command(directory: Path, command: list[str]) -> list[str]:
+    """`command` run where `directory` is a read-only bind mount (a private mount namespace, gone with the command).
+
+    chmod cannot make a directory read-only for root, which CI runs as; a read-only mount can.
+    """
+    script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
+    namespace = ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "--mount", "--map-root-user"]
+    return [*namespace, "sh", "-c", script, "sh", str(directory), *command]

@@ -54,9 +54,10 @@ def test_a_killed_actor_ends_training_with_an_error_naming_it(tmp_path: Path) ->
     stderr_text = err.read_text()
     assert code != 0 and elapsed < 60, (code, elapsed)
     assert code == 1 and "Traceback" not in stderr_text, stderr_text[-2000:]
-    assert re.fullmatch(rf"mettle: error: actor process \(pid {actor.pid}\) was killed by SIGKILL; resume with: "
-                        r"python\S* -m mettle train --run ov .*; (the last checkpoint \S+ is intact|no checkpoint was "
-                        r"written yet)", stderr_text.strip().splitlines()[-1]), stderr_text
+    command = r"python\S* -m mettle train --run ov .*"
+    assert re.fullmatch(rf"mettle: error: actor process \(pid {actor.pid}\) was killed by SIGKILL; (resume with: "
+                        rf"{command}; the last checkpoint \S+ is intact|no checkpoint was written yet, so start over "
+                        rf"with: {command} --fresh)", stderr_text.strip().splitlines()[-1]), stderr_text
     assert wait_until(lambda: all(gone(child) for child in run), 5), [(p.pid, p.name()) for p in run if not gone(p)]
 
 

@@ -89,7 +89,8 @@ def test_the_lock_ends_with_its_holder_even_while_its_env_workers_live_on(tmp_pa
         holder.kill()
         holder.wait(timeout=30)  # not communicate(): the stopped workers still hold its output pipes open
         assert all(worker.is_running() for worker in workers)
-        takeover = start(tmp_path, *CARTPOLE, "total_timesteps=1024")
+        # killed before its first checkpoint: the run's files are set aside (--fresh), not trained over
+        takeover = start(tmp_path, *CARTPOLE, "total_timesteps=1024", "--fresh")
         _, err = finish(takeover)
         assert takeover.returncode == 0 and "already being trained" not in err, err
     finally:

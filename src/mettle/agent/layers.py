@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+import operator
+from typing import TYPE_CHECKING, SupportsIndex
 
 import gymnasium as gym
 import torch
@@ -15,6 +16,17 @@ if TYPE_CHECKING:
 HIDDEN_GAIN = math.sqrt(2.0)
 ACTOR_GAIN = 0.01
 CRITIC_GAIN = 1.0
+MAX_WIDTH = 8192
+"""Widest layer a built-in policy takes (PolicyConfig.hidden_size allows the same): a wider one is a damaged spec."""
+MAX_DEPTH = 64
+"""Most stacked layers a built-in policy takes: more is a damaged spec, whose build would run for minutes."""
+
+
+def check_size(name: str, value: object, low: int, high: int) -> int:
+    """`value` as an int in [low, high], else a ValueError naming the argument, so a bad spec never allocates."""
+    if isinstance(value, bool) or not isinstance(value, SupportsIndex) or not low <= operator.index(value) <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {repr(value)[:40]}")
+    return operator.index(value)
 
 
 def orthogonal_linear(in_features: int, out_features: int, gain: float) -> nn.Linear:

@@ -13,8 +13,11 @@ from mettle.agent.distributions import act
 from mettle.agent.layers import (
     ACTOR_GAIN,
     CRITIC_GAIN,
+    MAX_DEPTH,
+    MAX_WIDTH,
     box_shape,
     build_torso,
+    check_size,
     flatten_steps,
     init_lstm,
     normalize_rows,
@@ -44,12 +47,8 @@ class LSTMPolicy(Policy):
 
     def __init__(self, hidden_size: int = 128, encoder_layers: int = 1) -> None:
         super().__init__()
-        if hidden_size < 1 or encoder_layers < 0:
-            raise ValueError(
-                f"need hidden_size >= 1 and encoder_layers >= 0, got {hidden_size}, {encoder_layers}"
-            )
-        self.hidden_size = hidden_size
-        self.encoder_layers = encoder_layers
+        self.hidden_size = check_size("hidden_size", hidden_size, 1, MAX_WIDTH)
+        self.encoder_layers = check_size("encoder_layers", encoder_layers, 0, MAX_DEPTH)
         self.obs_shape: tuple[int, ...] = ()
         self.nvec: tuple[int, ...] = ()
         self._h: torch.Tensor | None = None

@@ -9,7 +9,17 @@ import torch
 from torch import nn
 
 from mettle.agent.distributions import act
-from mettle.agent.layers import ACTOR_GAIN, CRITIC_GAIN, box_shape, build_torso, flatten_steps, orthogonal_linear
+from mettle.agent.layers import (
+    ACTOR_GAIN,
+    CRITIC_GAIN,
+    MAX_DEPTH,
+    MAX_WIDTH,
+    box_shape,
+    build_torso,
+    check_size,
+    flatten_steps,
+    orthogonal_linear,
+)
 from mettle.agent.policy import Policy, PolicyOutput, TensorSpec
 
 if TYPE_CHECKING:
@@ -21,10 +31,8 @@ class MLPPolicy(Policy):
 
     def __init__(self, hidden_size: int = 64, num_layers: int = 2, shared_torso: bool = False) -> None:
         super().__init__()
-        if hidden_size < 1 or num_layers < 0:
-            raise ValueError(f"hidden_size must be >= 1 and num_layers >= 0, got {hidden_size}, {num_layers}")
-        self.hidden_size = hidden_size
-        self.num_layers = num_layers
+        self.hidden_size = check_size("hidden_size", hidden_size, 1, MAX_WIDTH)
+        self.num_layers = check_size("num_layers", num_layers, 0, MAX_DEPTH)
         self.shared_torso = shared_torso
         self.obs_shape: tuple[int, ...] = ()
         self.nvec: tuple[int, ...] = ()

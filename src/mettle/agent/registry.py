@@ -7,13 +7,20 @@ the `mettle.policies` group (the package's author declared it; the spec only nam
 
 from __future__ import annotations
 
+import itertools
 from importlib.metadata import entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.overrides import TorchFunctionMode
 
 from mettle.agent.lstm import LSTMPolicy
 from mettle.agent.mlp import MLPPolicy
 from mettle.agent.policy import Policy
 from mettle.agent.token import TokenPolicy
+
+if TYPE_CHECKING:
+    from mettle.contracts import PolicyEnvInfo
 
 ENTRY_POINT_GROUP = "mettle.policies"
 POLICY_KINDS: dict[str, type[Policy]] = {"mlp": MLPPolicy, "lstm": LSTMPolicy, "token": TokenPolicy}
@@ -25,6 +32,10 @@ LEGACY_CLASS_PATHS = {
 }
 REGISTER_HINT = (f"register it with mettle.agent.register_policy(name, cls) before loading, "
                  f"or declare it as a {ENTRY_POINT_GROUP!r} entry point of an installed package")
+
+MAX_PARAMETERS = 1 << 30
+"""Most parameters (and buffer elements) a policy built from a spec may have: 4 GiB of float32. The largest a
+config can ask for (hidden_size 8192: an LSTM of 0.54e9, plus the input layer) fits; more is a damaged spec."""
 
 _registry: dict[str, type[Policy]] = dict(POLICY_KINDS)
 
@@ -95,3 +106,44 @@ def policy_from_spec(spec: dict[str, Any]) -> Policy:
         return cls(**kwargs)
     except TypeError as error:
         raise ValueError(f"policy {name!r} rejects kwargs {kwargs!r}: {error}") from None
+
+
+def policy_for_environment(spec: dict[str, Any], env_info: PolicyEnvInfo, device: torch.device | str) -> Policy:
+    """A policy rebuilt from a spec (data from disk) and sized to `env_info`; one too large is refused unallocated."""
+    count = parameter_count(spec, env_info)
+    if count is not None and count > MAX_PARAMETERS:
+        raise ValueError(f"policy spec {spec.get('class')!r} would build {count:,} parameters for these spaces, "
+                         f"more than the {MAX_PARAMETERS:,} a policy may have; the spec is damaged")
+    policy = policy_from_spec(spec)
+    policy.initialize_to_environment(env_info, device)
+    return policy
+
+
+def parameter_count(spec: dict[str, Any], env_info: PolicyEnvInfo) -> int | None:
+    """Parameters and buffer elements the spec's policy would have, counted on the meta device (no memory used).
+
+    None when the class cannot be built there (its setup reads tensor values): then only its own checks apply.
+    """
+    policy = policy_from_spec(spec)
+    try:
+        with torch.device("meta"), SkipRandomInit():
+            policy.initialize_to_environment(env_info, "meta")
+    except (RuntimeError, NotImplementedError):  # e.g. Tensor.item() on a meta tensor
+        return None
+    return sum(tensor.numel() for tensor in itertools.chain(policy.parameters(), policy.buffers()))
+
+
+RANDOM_INITIALIZERS = frozenset({"normal_", "uniform_", "bernoulli_", "cauchy_", "exponential_", "geometric_",
+                                 "log_normal_", "random_", "trunc_normal_"})
+
+
+class SkipRandomInit(TorchFunctionMode):
+    """Random fills of meta tensors do nothing: sizing needs no values, and their meta versions import dynamo (~2 s)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")  # nn.init passes its tensor by keyword
+        if getattr(func, "__name__", None) in RANDOM_INITIALIZERS and getattr(target, "is_meta", False):
+            return target
+        return func(*args, **kwargs)

@@ -23,8 +23,11 @@ from mettle.agent.layers import (
     ACTOR_GAIN,
     CRITIC_GAIN,
     HIDDEN_GAIN,
+    MAX_DEPTH,
+    MAX_WIDTH,
     box_shape,
     build_torso,
+    check_size,
     init_lstm,
     normalize_rows,
     orthogonal_linear,
@@ -147,6 +150,8 @@ class TokenEncoder(nn.Module):
 
     def set_normalizations(self, norms: torch.Tensor) -> None:
         """Divide each feature's values by its normalisation so values land near [0, 1]."""
+        if self.value_scale.is_meta:  # built only to be sized (registry.parameter_count): there are no values
+            return
         self.value_scale.copy_(1.0 / norms.to(self.value_scale))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -326,7 +331,8 @@ def _check_config(embed_size: int, core: str, pooling: str, num_heads: int, toke
         raise ValueError(f"core must be one of {CORES}, got {core!r}")
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    if embed_size < 1 or token_layers < 0:
-        raise ValueError(f"need embed_size >= 1 and token_layers >= 0, got {embed_size}, {token_layers}")
-    if pooling == "attention" and (num_heads < 1 or embed_size % num_heads):
+    check_size("embed_size", embed_size, 1, MAX_WIDTH)
+    check_size("token_layers", token_layers, 0, MAX_DEPTH)
+    check_size("num_heads", num_heads, 1, MAX_WIDTH)
+    if pooling == "attention" and embed_size % num_heads:
         raise ValueError(f"attention pooling needs embed_size ({embed_size}) divisible by num_heads ({num_heads})")

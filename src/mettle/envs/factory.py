@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Collection
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
 from mettle.contracts import TrainingEnvironment
@@ -13,6 +15,13 @@ if TYPE_CHECKING:  # the run-level config; importing it at run time would pull m
     from mettle.envs.gymnasium import Vectorization
 
 FAMILIES = ("mettagrid", "gym", "pettingzoo")
+TRUSTED_ENV_PACKAGES = ("pettingzoo", "mpe2", "magent2", "gymnasium", "gymnasium_robotics", "ale_py", "minigrid",
+                        "shimmy", "mettagrid", "mettle.envs")
+"""Packages whose modules a name read from a file (a run's config.json) may import: environment packages only."""
+ENV_ENTRY_POINTS = "mettle.envs"
+"""Entry-point group through which an installed package vouches for its own environment modules."""
+PETTINGZOO_FACTORIES = ("parallel_env",)
+"""The callables a name read from a file may call in a trusted PettingZoo module (PettingZoo's own convention)."""
 
 
 def split_env_name(name: str) -> tuple[str, str]:
@@ -67,3 +76,40 @@ def make_environment(cfg: EnvConfig, seed: int = 0, num_envs: int | None = None)
         return build_in_process(family, target, cfg.kwargs, gym_mode, count)
     except ValueError as error:
         raise ConfigError(str(error).splitlines()[0]) from None
+
+
+def module_to_import(name: str) -> tuple[str, str] | None:
+    """The (module, attribute) an env name makes us import: `pettingzoo:<module>:<callable>`, `gym:<module>:<id>`."""
+    family, _, rest = name.partition(":")
+    module, sep, attribute = rest.rpartition(":")
+    if family not in ("gym", "pettingzoo") or not sep:
+        return None
+    return module.strip(), attribute.strip()
+
+
+def vouched_modules() -> set[str]:
+    """Modules named by the installed `mettle.envs` entry points (`module` or `module:callable`)."""
+    return {point.value.partition(":")[0].strip() for point in entry_points(group=ENV_ENTRY_POINTS)}
+
+
+def check_trusted_env_name(name: str, field: str, typed: Collection[str] = ()) -> None:
+    """Refuse an env name read from a file that would import a module we do not trust, before anything imports it.
+
+    Trusted: a name the user typed on this command line (`typed`), modules under TRUSTED_ENV_PACKAGES (for
+    PettingZoo only their `parallel_env`), and modules that an installed `mettle.envs` entry point names.
+    """
+    target = module_to_import(name)
+    if target is None or name in typed:
+        return
+    module, attribute = target
+    if module in vouched_modules():
+        return
+    trusted_package = any(module == package or module.startswith(package + ".") for package in TRUSTED_ENV_PACKAGES)
+    if trusted_package and (name.startswith("gym:") or attribute in PETTINGZOO_FACTORIES):
+        return
+    raise ConfigError(
+        f"{field} {name!r} would import {module!r}; a name read from a file may only import environment packages "
+        f"Mettle trusts ({', '.join(TRUSTED_ENV_PACKAGES)}; for PettingZoo their {'/'.join(PETTINGZOO_FACTORIES)}) "
+        f"or a module a {ENV_ENTRY_POINTS!r} entry point names, so it was refused; if you trust it, pass "
+        f"--env {name} on the command line"
+    )

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Collection
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 logger = logging.getLogger(__name__)
 
 SIZE_FIELDS = ("batch_size", "minibatch_size")
 """The sizes that are fitted to the environment's agent rows when the user leaves them unset."""
+
+MAX_STEPS = 2**62
+"""Bound on agent-step counts: they are kept in int64 tensors and summed over ranks."""
+DEVICE_PATTERN = re.compile(r"(cpu|cuda)(:\d+)?")
 
 DEFER_SIZE_CHECK = "defer_size_check"
 """Validation-context key: leave the size rules to `fit_sizes_to_rows`, which knows the agent rows."""
@@ -139,7 +144,7 @@ class SamplingConfig(_Config):
 class TrainerConfig(_Config):
     """All trainer hyperparameters; derived sizes are properties."""
 
-    total_timesteps: int = Field(1_000_000, gt=0)
+    total_timesteps: int = Field(1_000_000, gt=0, le=MAX_STEPS)
     """Agent steps (summed over all agents and ranks) to train for."""
     batch_size: int = Field(8192, gt=0)
     """Agent steps collected per epoch on each rank."""
@@ -183,6 +188,12 @@ class TrainerConfig(_Config):
     keep_freed_memory: bool = True
     """Let glibc reuse freed memory instead of unmapping it (`mettle.runtime.keep_freed_memory`), so large
     temporary tensors do not page-fault on every allocation; process-wide."""
+
+    @field_validator("actor_device")
+    @classmethod
+    def _known_actor_device(cls, value: str | None) -> str | None:
+        """The actor trains on a device Mettle supports (whether this machine has it is checked at build)."""
+        return None if value is None else check_device_name(value, "actor_device")
 
     @model_validator(mode="after")
     def _check_sizes(self, info: ValidationInfo) -> TrainerConfig:
@@ -316,3 +327,10 @@ def fit_sizes_to_rows(cfg: TrainerConfig, num_rows: int, explicit: Collection[st
     data = cfg.model_dump() | dict(zip(SIZE_FIELDS, fixed, strict=True))
     return type(cfg).model_validate(data, context={"num_rows": num_rows})
 
+
+
+def check_device_name(value: str, field: str) -> str:
+    """`value` if it names a device Mettle trains on (cpu, cuda, cuda:N), else a ValueError naming the fix."""
+    if not DEVICE_PATTERN.fullmatch(value):
+        raise ValueError(f"{field} {value!r} is not a device Mettle trains on; use cpu, cuda or cuda:N")
+    return value

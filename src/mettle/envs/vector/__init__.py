@@ -14,7 +14,8 @@ Signalling. One duplex `Pipe` per worker with tiny byte messages: a pipe gives l
 (a write and a poll per worker per step), ordering, and end-of-file when a worker dies. The parent
 first polls the group's pipes without blocking and only then blocks in `connection.wait` on the
 pipes and the process sentinels, so a dead worker is noticed at once and a hung one after
-`timeout_s`; either raises `EnvironmentWorkerError` naming the worker, its pid and exit status.
+`timeout_s`; either raises `EnvironmentWorkerError` naming the worker, its pid and exit status
+(`died` tells a worker that ended, e.g. killed by SIGKILL, from one that raised or hung).
 
 Double buffering. With `async_factor = k` the workers form k groups, each a contiguous slice of
 rows. `get_observations` returns the group whose actions were sent longest ago (waiting for it if
@@ -31,11 +32,12 @@ names itself `mettle-env-<index>` (its comm, as ps, top and pgrep show it), matc
 
 Cleanup. Workers are ended on `close()`, context exit, garbage collection and interpreter exit
 (a `multiprocessing.util.Finalize` with an exit priority, which runs before multiprocessing joins
-its children). Workers ignore SIGINT (the parent decides) and exit by themselves when the parent
+its children). Workers ignore SIGINT and SIGTERM (the parent decides: a graceful stop's checkpoint
+needs them, and torchrun signals a rank's whole process group) and exit by themselves when the parent
 dies: while idle they poll their pipe every 0.5 s and leave when their parent pid changes. That is
 portable and, unlike prctl(PR_SET_PDEATHSIG), does not fire when merely the thread that started
-them exits. After a failure close() does not wait for answers: it sends SIGTERM (with SIGCONT, so a
-stopped worker acts on it) and SIGKILL to whoever is left after a grace period. The shared-memory
+them exits. After a failure close() sends the close message but does not wait for answers: it sends
+SIGCONT (so a stopped worker acts) and SIGKILL to whoever is left after a grace period. The shared-memory
 segment is unlinked on close (and by multiprocessing's resource tracker if the parent is killed).
 A process forked from the parent after the workers started (the actor of overlapped training) may step
 the env: it sees a worker's death through the same pipe and sentinel, reported as "exited" without an exit

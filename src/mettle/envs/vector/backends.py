@@ -45,13 +45,25 @@ _MIN_STARTUP_S = 60.0
 
 
 class EnvironmentWorkerError(RuntimeError):
-    """A worker raised, died or stopped answering; names the worker so the failure can be traced."""
+    """A worker raised, died or stopped answering; names the worker so the failure can be traced.
 
-    def __init__(self, worker_index: int, pid: int | None, detail: str, exitcode: int | None = None) -> None:
+    `died` is True when the worker process ended without being asked (killed, out of memory, exited): not a
+    bug to show a traceback for, but a process to name in one line. It pickles, so a forked user of the env
+    (the actor of overlapped training) can hand it on.
+    """
+
+    def __init__(self, worker_index: int, pid: int | None, detail: str, exitcode: int | None = None,
+                 died: bool = False) -> None:
         super().__init__(f"environment worker {worker_index} (pid {pid}) {detail}")
         self.worker_index = worker_index
         self.pid = pid
+        self.detail = detail
         self.exitcode = exitcode
+        self.died = died
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Rebuild from the constructor's arguments (the default would pass only the message)."""
+        return type(self), (self.worker_index, self.pid, self.detail, self.exitcode, self.died), self.__dict__
 
 
 class _Backend(Protocol):
@@ -291,14 +303,16 @@ class _ProcessBackend:
         else:
             process.join(timeout=1.0)
             code = process.exitcode
-        if code is None:
-            detail = ("closed its pipe but is still running" if os.getpid() == self.owner
-                      else "exited (its exit code is known to its parent only)")
+        still_running = code is None and os.getpid() == self.owner
+        if still_running:
+            detail = "closed its pipe but is still running"
+        elif code is None:
+            detail = "exited (its exit code is known to its parent only)"
         elif code < 0:
             detail = f"was killed by signal {signal.Signals(-code).name} (exit code {code})"
         else:
             detail = f"exited unexpectedly with exit code {code}"
-        return EnvironmentWorkerError(worker, process.pid, detail, exitcode=code)
+        return EnvironmentWorkerError(worker, process.pid, detail, exitcode=code, died=not still_running)
 
     def _fail(self, error: EnvironmentWorkerError) -> EnvironmentWorkerError:
         """Remember that workers can no longer be trusted, so close() ends them without waiting."""
@@ -318,9 +332,9 @@ class _ProcessBackend:
                 with contextlib.suppress(BufferError):
                     self.shm.close()
             return
+        for worker in range(len(self.conns)):  # also after a failure: workers leave on this, not on SIGTERM
+            self._send(worker, _CLOSE)
         if not self.failed:
-            for worker in range(len(self.conns)):
-                self._send(worker, _CLOSE)
             _join_all(self.processes, _GRACE_S)
         _stop_all(self.processes)
         for conn in self.conns:
@@ -365,7 +379,7 @@ def _join_all(processes: Sequence[Any], timeout_s: float) -> None:
 
 
 def _stop_all(processes: Sequence[Any]) -> None:
-    """SIGTERM the live ones, then SIGKILL whoever survives the grace period; reap all."""
+    """SIGTERM (and SIGCONT) the live ones, then SIGKILL whoever survives the grace period; reap all."""
     started = [p for p in processes if p.pid is not None]
     for process in started:
         if process.is_alive():

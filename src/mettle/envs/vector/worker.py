@@ -11,6 +11,7 @@ import sys
 import traceback
 from multiprocessing import connection
 from multiprocessing.shared_memory import SharedMemory
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -107,9 +108,18 @@ def _receive(conn: connection.Connection, poller: select.poll, parent_pid: int) 
         return None
 
 
+def _ignore_group_stop(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM to the trainer's whole process group (torchrun, a scheduler) is the parent's to act on: its
+    checkpoint still needs this worker. The parent ends workers with a close message (SIGKILL if that fails).
+
+    A handler rather than SIG_IGN, so processes a sub-env starts do not inherit an ignored SIGTERM.
+    """
+
+
 def _worker_main(conn: connection.Connection, make_env: EnvFactory, num_envs: int, index: int) -> None:
     """Worker process entry: build the sub-env, report its spaces, then serve step/reset requests."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _ignore_group_stop)
     _name_process(f"mettle-env-{index}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     parent_pid = os.getppid()

@@ -2,9 +2,10 @@
 
 The learner forks the actor (so it inherits the environment, its worker pipes and the rollout state) and
 talks to it over one duplex pipe: each request is a pickled tuple, each answer `("ok", payload)` or
-`("error", one line, traceback)`. Weights travel through `SharedWeights`, never through the pipe. The
-learner notices the actor's death through its process sentinel; the actor leaves when the learner dies
-(it polls `getppid` while idle, as env workers do).
+`("error", one line, traceback, the pickled exception)`; the learner's ActorError is chained to that exception
+(so an env worker's death seen by the actor reads as one, not as an actor bug). Weights travel through
+`SharedWeights`, never through the pipe. The learner notices the actor's death through its process sentinel;
+the actor leaves when the learner dies (it polls `getppid` while idle, as env workers do).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class ActorProcess:
         if kind == "error":
             error = ActorError(f"actor process (pid {self.pid}) raised {payload[0]}", raised=True)
             error.add_note(f"actor traceback:\n{payload[1]}")
-            raise self._fail(error)
+            raise self._fail(error) from _unpickled(payload[2])
         return payload[0]
 
     def request(self, request: tuple[Any, ...]) -> Any:
@@ -152,8 +153,30 @@ def _actor_main(conn: connection.Connection, handler: Handler, setup: Callable[[
     except BaseException as error:
         with contextlib.suppress(OSError):
             text = errors.one_line(error, with_type=True, first_line=True)
-            conn.send_bytes(pickle.dumps(("error", text, traceback.format_exc())))
+            conn.send_bytes(pickle.dumps(("error", text, traceback.format_exc(), _pickled(error))))
         sys.exit(1)
+
+
+def _pickled(error: BaseException) -> bytes | None:
+    """The actor's exception as bytes, so the learner can chain it (an env worker's death is named, not a bug);
+    None when it does not survive a round trip."""
+    try:
+        data = pickle.dumps(error, pickle.HIGHEST_PROTOCOL)
+        pickle.loads(data)
+    except Exception:
+        return None
+    return data
+
+
+def _unpickled(data: bytes | None) -> BaseException | None:
+    """The actor's exception again (see `_pickled`), or None."""
+    if data is None:
+        return None
+    try:
+        error = pickle.loads(data)
+    except Exception:
+        return None
+    return error if isinstance(error, BaseException) else None
 
 
 def _receive(conn: connection.Connection, parent: int) -> tuple[Any, ...] | None:

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import hashlib
 import json
 import logging
 import os
 import pickle
 import random
+import re
 import shutil
+import stat
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
@@ -20,12 +26,13 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from mettle import errors
+from mettle.agent.layers import check_size
 from mettle.files import atomic_write, fsync_dir
 from mettle.rl.training.component import TrainerComponent
 from mettle.rl.training.environment import PolicyEnvInfo
 
 __all__ = ["CheckpointError", "ContextCheckpointer", "atomic_write", "fsync_dir", "list_checkpoints", "load_policy",
-           "newest_usable_policy", "save_policy"]
+           "newest_intact_checkpoint", "newest_usable_policy", "save_policy"]
 
 if TYPE_CHECKING:
     from mettle.agent.policy import Policy
@@ -38,6 +45,26 @@ TRAINER_STATE = "trainer_state.pt"
 MANIFEST = "manifest.json"
 DAMAGED_DIR = "damaged"
 """Where restore moves damaged checkpoints: out of the listing, so pruning never counts them."""
+MANIFEST_LIMIT = 1 << 20
+"""Largest manifest.json read (ours hold three entries of about 100 bytes)."""
+SPEC_LIMIT = 64 << 20
+"""Largest policy.json read: it bounds what the spaces' bounds arrays can allocate."""
+HASH_BLOCK = 1 << 20
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+MAX_OBSERVATION_ELEMENTS = 1 << 24
+"""Largest observation a policy spec may describe (a 4096x4096 RGB frame is 0.05e9): more is damage."""
+MAX_ACTIONS = 1 << 20
+"""Most actions (logits, summed over the heads of a MultiDiscrete) a policy spec may describe."""
+MAX_ACTION_HEADS = 1024
+MAX_AGENTS = 1 << 20
+BOX_DTYPE_KINDS = "iuf"
+"""Box dtypes a spec may name: signed, unsigned and floating numbers, at most 8 bytes each."""
+LISTINGS = 4
+"""How often a reader re-lists the checkpoints when one it was reading is pruned by the live run."""
+PRUNE_GRACE_S = 0.05
+"""Wait before deciding whether a checkpoint that lost a file is being pruned (rmtree unlinks files first)."""
+FILE_KINDS = {stat.S_IFLNK: "symlink", stat.S_IFIFO: "FIFO", stat.S_IFDIR: "directory", stat.S_IFSOCK: "socket",
+              stat.S_IFCHR: "character device", stat.S_IFBLK: "block device"}
 
 
 def one_line(error: BaseException) -> str:
@@ -66,16 +93,56 @@ def space_to_json(space: gym.spaces.Space[Any]) -> dict[str, Any]:
 
 
 def space_from_json(data: dict[str, Any]) -> gym.spaces.Space[Any]:
-    """Inverse of `space_to_json`."""
+    """Inverse of `space_to_json`; every size is bounded before anything is allocated (the JSON is data from disk)."""
     kind = data["type"]
     if kind == "Box":
-        dtype = np.dtype(data["dtype"])
-        return gym.spaces.Box(np.array(data["low"], dtype=dtype), np.array(data["high"], dtype=dtype), dtype=dtype)
+        return box_from_json(data)
     if kind == "Discrete":
-        return gym.spaces.Discrete(data["n"], start=data.get("start", 0))
+        start = check_size("Discrete start", data.get("start", 0), -(1 << 62), 1 << 62)
+        return gym.spaces.Discrete(check_size("Discrete n", data["n"], 1, MAX_ACTIONS), start=start)
     if kind == "MultiDiscrete":
-        return gym.spaces.MultiDiscrete(data["nvec"])
-    raise CheckpointError(f"unknown space type {kind!r} in policy spec")
+        return gym.spaces.MultiDiscrete(action_counts(data["nvec"]))
+    raise CheckpointError(f"unknown space type {brief(kind)} in policy spec")
+
+
+def box_from_json(data: dict[str, Any]) -> gym.spaces.Box:
+    """A Box of a plain number dtype whose bounds have at most MAX_OBSERVATION_ELEMENTS elements."""
+    dtype = np.dtype(data["dtype"])
+    if dtype.kind not in BOX_DTYPE_KINDS or dtype.itemsize > 8:
+        raise ValueError(f"Box dtype {brief(data['dtype'])} is not an integer or float type of at most 8 bytes")
+    for key in ("low", "high"):
+        if (elements := nested_size(data[key])) > MAX_OBSERVATION_ELEMENTS:
+            raise ValueError(f"Box {key} has {elements:,} elements, more than the {MAX_OBSERVATION_ELEMENTS:,} "
+                             "an observation may have")
+    return gym.spaces.Box(np.array(data["low"], dtype=dtype), np.array(data["high"], dtype=dtype), dtype=dtype)
+
+
+def action_counts(nvec: Any) -> np.ndarray:
+    """A MultiDiscrete nvec of at most MAX_ACTION_HEADS counts, each >= 1, together at most MAX_ACTIONS."""
+    if not 1 <= nested_size(nvec) <= MAX_ACTION_HEADS:
+        raise ValueError(f"MultiDiscrete nvec must hold 1 to {MAX_ACTION_HEADS} counts, got {brief(nvec)}")
+    counts = np.asarray(nvec)
+    if counts.dtype.kind not in "iu" or counts.size == 0 or counts.min() < 1 or counts.sum() > MAX_ACTIONS:
+        raise ValueError(f"MultiDiscrete nvec must be integers >= 1 that sum to at most {MAX_ACTIONS:,}, "
+                         f"got {brief(nvec)}")
+    return counts
+
+
+def nested_size(value: Any) -> int:
+    """Elements a nested JSON list holds, from its first entries (a ragged one numpy refuses later); 1 for a scalar."""
+    size = 1
+    while isinstance(value, list):
+        size *= len(value)
+        if not value:
+            break
+        value = value[0]
+    return size
+
+
+def brief(value: Any) -> str:
+    """`repr(value)`, shortened: a hostile file's values must not make an error message long."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 # ------------------------------------------------------------------ policy files
@@ -110,28 +177,61 @@ def load_policy(directory: Path, device: torch.device | str = "cpu") -> tuple[Po
 
 
 def read_policy_spec(path: Path, device: torch.device | str = "cpu") -> tuple[Policy, PolicyEnvInfo]:
-    """An initialised (untrained) policy built from a policy.json; the spec names a registered class only."""
-    from mettle.agent.registry import policy_from_spec
+    """An initialised (untrained) policy built from a policy.json; the spec names a registered class only.
 
+    Spaces, agent count and the policy's size are bounded before the policy is built, so a hostile spec is
+    refused in milliseconds instead of allocating gigabytes.
+    """
+    from mettle.agent.registry import policy_for_environment
+
+    text = read_limited(path, SPEC_LIMIT)
     try:
-        spec = json.loads(path.read_text())
+        spec = json.loads(text)
         action_space = space_from_json(spec["action_space"])
         if not isinstance(action_space, gym.spaces.Discrete | gym.spaces.MultiDiscrete):
             raise ValueError(f"action space {action_space} is neither Discrete nor MultiDiscrete")
-        env_info = PolicyEnvInfo(space_from_json(spec["observation_space"]), action_space, int(spec["num_agents"]))
-        policy = policy_from_spec(spec["policy"])
-        policy.initialize_to_environment(env_info, device)
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, CheckpointError) as error:
+        num_agents = check_size("num_agents", spec["num_agents"], 1, MAX_AGENTS)
+        env_info = PolicyEnvInfo(space_from_json(spec["observation_space"]), action_space, num_agents)
+        policy = policy_for_environment(spec["policy"], env_info, device)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError,
+            CheckpointError) as error:
         raise CheckpointError(f"{path}: {one_line(error)}", "bad-spec") from None
     return policy, env_info
 
 
+WEIGHTS_LIMIT = 8 << 30
+"""Largest policy.safetensors read: MAX_PARAMETERS (mettle.agent.registry) float64 values."""
+
+
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file; a damaged header or a missing file is a CheckpointError."""
+    """Finite tensors of a safetensors file; a damaged header, a missing file or NaN/inf values: CheckpointError."""
+    data = read_limited(path, WEIGHTS_LIMIT)
     try:
-        return load_safetensors(path.read_bytes())
+        weights: dict[str, torch.Tensor] = load_safetensors(data)
     except Exception as error:  # safetensors raises its own SafetensorError
         raise CheckpointError(f"{path}: {one_line(error)}", "bad-weights") from None
+    check_finite(weights.items(), path)
+    return weights
+
+
+def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], source: Path) -> None:
+    """NaN or inf in a floating tensor is damage: such weights verify, yet poison whatever uses or learns from them."""
+    for name, tensor in tensors:
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{source}: {name} holds NaN or infinite values (the run had diverged or the file "
+                                  "was altered); use an earlier checkpoint", "not-finite")
+
+
+def optimizer_tensors(saved: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """The per-parameter tensors of an optimizer state dict, named `optimizer.state.<index>.<field>`.
+
+    Only that layout is walked (no recursion into a hostile file's nesting); a malformed one fails the fit checks.
+    """
+    slots = saved.get("state") if isinstance(saved, dict) else None
+    for index, slot in slots.items() if isinstance(slots, dict) else ():
+        for field, value in slot.items() if isinstance(slot, dict) else ():
+            if isinstance(value, torch.Tensor):
+                yield f"optimizer.state.{brief(index)}.{field if str(field).isidentifier() else brief(field)}", value
 
 
 def check_weights_fit(policy: Policy, weights: dict[str, torch.Tensor], source: Path) -> None:
@@ -161,21 +261,53 @@ def policy_candidates(path: Path) -> list[Path]:
 def newest_usable_policy(path: Path, device: torch.device | str = "cpu") -> tuple[Policy, PolicyEnvInfo, Path]:
     """The newest checkpoint's policy whose manifest verifies and whose weights fit; skipped ones are named.
 
-    Read-only (nothing is moved aside). When none is usable, only the one-line error is raised.
+    Read-only (nothing is moved aside). A checkpoint that a live run prunes while it is read is not damage: it
+    is passed over silently and the listing read again, so a newer one is found. When none is usable, only the
+    one-line error is raised.
     """
-    problems: list[str] = []
-    for candidate in policy_candidates(Path(path)):
+    path = Path(path)
+    damaged: dict[Path, str] = {}
+    for _ in range(LISTINGS):
+        found, pruned = first_usable(policy_candidates(path), damaged, device)
+        if found is not None:
+            for problem in damaged.values():
+                logger.warning("skipping damaged checkpoint: %s", problem)
+            return found
+        if not pruned:
+            break
+    if not damaged:
+        raise CheckpointError(f"every checkpoint in {path} was pruned while it was read (the run is still writing "
+                              "newer ones); try again", "pruned")
+    newest = next(iter(damaged.values()))
+    raise CheckpointError(f"no usable checkpoint in {path}: {len(damaged)} damaged (newest: {newest}); "
+                          "evaluate another run or restore this one from a backup", "none")
+
+
+def first_usable(candidates: list[Path], damaged: dict[Path, str], device: torch.device | str,
+                 ) -> tuple[tuple[Policy, PolicyEnvInfo, Path] | None, bool]:
+    """The first candidate not yet known damaged that loads, else None; and whether one vanished (was pruned)
+    while it was read, which stops the walk so that the caller re-lists. Damaged ones are added to `damaged`."""
+    for candidate in candidates:
+        if candidate in damaged:
+            continue
         try:
             verify_manifest(candidate)
             policy, env_info = load_policy(candidate, device)
         except CheckpointError as error:
-            problems.append(str(error))
+            if was_pruned(candidate, error):
+                logger.debug("checkpoint %s was pruned while it was read", candidate)
+                return None, True
+            damaged[candidate] = str(error)
             continue
-        for problem in problems:
-            logger.warning("skipping damaged checkpoint: %s", problem)
-        return policy, env_info, candidate
-    raise CheckpointError(f"no usable checkpoint in {path}: {len(problems)} damaged (newest: {problems[0]}); "
-                          "evaluate another run or restore this one from a backup", "none")
+        return (policy, env_info, candidate), False
+    return None, False
+
+
+def was_pruned(candidate: Path, error: CheckpointError) -> bool:
+    """Whether a checkpoint that failed has since been removed (a live run pruned it): gone, not damaged."""
+    if error.reason in ("missing-file", "no-manifest") and candidate.exists():
+        time.sleep(PRUNE_GRACE_S)  # shutil.rmtree unlinks the files, then the directory
+    return not candidate.exists()
 
 
 # ------------------------------------------------------------------ RNG state
@@ -302,17 +434,19 @@ class ContextCheckpointer(TrainerComponent):
             except CheckpointError as error:
                 problem = error
             if distributed.any_rank(problem is not None):
-                problem = problem or CheckpointError(f"{path} is unreadable on another rank", "other-rank")
-                logger.warning("checkpoint %s is unusable, trying the previous one: %s", path, problem)
-                rejected.append((path, problem))
+                if not path.exists():  # removed while read (by hand: the run lock keeps other trainers out)
+                    logger.warning("checkpoint %s disappeared while it was read; trying the previous one", path)
+                    continue
+                rejected.append((path, problem or CheckpointError(f"{path} is unreadable on another rank",
+                                                                  "other-rank")))
                 continue
             self._apply_checked(state, weights, path)
             self._set_aside(rejected)
             return path
         if rejected:
-            raise CheckpointError(f"no usable checkpoint in {self.directory}: "
-                                  + "; ".join(str(problem) for _, problem in rejected)
-                                  + f"; move them out of {self.directory} to start over, or restore a backup", "none")
+            raise CheckpointError(f"no usable checkpoint in {self.directory}: {len(rejected)} damaged (newest: "
+                                  f"{rejected[0][1]}); restore one from a backup, or start over with --fresh (which "
+                                  "moves the run's files aside)", "none")
         return None
 
     def _check_fits(self, state: Any, weights: dict[str, torch.Tensor], path: Path) -> None:
@@ -353,8 +487,12 @@ class ContextCheckpointer(TrainerComponent):
             while target.exists():
                 suffix += 1
                 target = damaged / f"{path.name}-{problem.reason}-{suffix}"
-            os.replace(path, target)
-            logger.warning("moved damaged checkpoint %s to %s", path, target)
+            try:
+                os.replace(path, target)
+            except FileNotFoundError:  # removed meanwhile: nothing left to set aside
+                continue
+            logger.warning("checkpoint %s is unusable (%s); moved it to %s and resumed from an older one",
+                           path, problem, target)
         fsync_dir(self.directory)
 
     def _apply(self, state: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
@@ -418,29 +556,133 @@ def file_digest(path: Path) -> dict[str, Any]:
 
 
 def verify_manifest(directory: Path, required: tuple[str, ...] = (POLICY_WEIGHTS, POLICY_SPEC)) -> None:
-    """Raise CheckpointError naming the first missing, truncated or altered file, or a `required` one unlisted."""
-    try:
-        expected = json.loads((directory / MANIFEST).read_text())
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{directory}: missing or unreadable {MANIFEST} ({one_line(error)})",
-                              "no-manifest") from None
-    if not isinstance(expected, dict) or not all(isinstance(facts, dict) for facts in expected.values()):
-        raise CheckpointError(f"{directory / MANIFEST} is not a manifest (name -> size and sha256)", "no-manifest")
+    """Raise CheckpointError naming the first missing, truncated or altered file, or a `required` one unlisted.
+
+    Every entry is checked to be a plain file name before any listed file is opened, and each is opened only
+    as a regular file inside `directory` (never through a symlink, never a FIFO or device).
+    """
+    expected = read_manifest(directory)
     unlisted = [name for name in required if name not in expected]
     if unlisted:
         raise CheckpointError(f"{directory / MANIFEST} does not list {unlisted}", "no-manifest")
     for name, facts in expected.items():
-        path = directory / name
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing", "missing-file")
-        if file_digest(path) != facts:
-            raise CheckpointError(f"{path} is truncated or altered (size/sha256 differ from {MANIFEST})", "altered")
+        check_file(directory / name, facts)
+
+
+def read_manifest(directory: Path) -> dict[str, dict[str, Any]]:
+    """The manifest's entries, each a plain file name with {"size": int, "sha256": 64 hex digits}."""
+    try:
+        expected = json.loads(read_limited(directory / MANIFEST, MANIFEST_LIMIT))
+    except (CheckpointError, ValueError, RecursionError) as error:
+        cause = str(error) if isinstance(error, CheckpointError) else one_line(error)
+        raise CheckpointError(f"{directory}: missing or unreadable {MANIFEST} ({cause})", "no-manifest") from None
+    if not isinstance(expected, dict) or not all(isinstance(facts, dict) for facts in expected.values()):
+        raise CheckpointError(f"{directory / MANIFEST} is not a manifest (name -> size and sha256)", "no-manifest")
+    for name, facts in expected.items():
+        check_entry(directory, name, facts)
+    return expected
+
+
+def check_entry(directory: Path, name: str, facts: dict[str, Any]) -> None:
+    """A manifest names files inside its checkpoint only, with exactly the facts `write_manifest` records."""
+    if not is_plain_name(name):
+        raise CheckpointError(f"{directory / MANIFEST} lists {brief(name)}, which is not a file name inside the "
+                              "checkpoint (a path, '..' or empty); it was not opened", "bad-manifest")
+    size, digest = facts.get("size"), facts.get("sha256")
+    if (set(facts) != {"size", "sha256"} or type(size) is not int or size < 0
+            or not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest)):
+        raise CheckpointError(f"{directory / MANIFEST}: the entry for {brief(name)} is {brief(facts)}, not "
+                              '{"size": bytes, "sha256": 64 hex digits}', "bad-manifest")
+
+
+def is_plain_name(name: str) -> bool:
+    """One path component: no separator, not '.' or '..', not empty, no NUL."""
+    separators = ("/", "\0", *((os.altsep,) if os.altsep else ()))
+    return name not in ("", ".", "..") and not any(sep in name for sep in separators)
+
+
+def check_file(path: Path, facts: dict[str, Any]) -> None:
+    """Size (from fstat, so a huge file is never hashed for nothing), then the sha256, match the manifest."""
+    with open_regular(path) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size != facts["size"]:
+            raise CheckpointError(f"{path} is truncated or altered ({size} bytes, {MANIFEST} says {facts['size']})",
+                                  "altered")
+        digest = hashlib.sha256()
+        for block in iter(lambda: handle.read(HASH_BLOCK), b""):
+            digest.update(block)
+    if digest.hexdigest() != facts["sha256"]:
+        raise CheckpointError(f"{path} is truncated or altered (sha256 differs from {MANIFEST})", "altered")
+
+
+@contextlib.contextmanager
+def open_regular(path: Path) -> Iterator[IO[bytes]]:
+    """Open a checkpoint file to read, refusing a symlink, FIFO, device or directory (which may block or never end).
+
+    lstat first, so such a file is never opened; then O_NOFOLLOW and fstat, in case it was swapped meanwhile.
+    """
+    try:
+        kind = stat.S_IFMT(os.lstat(path).st_mode)
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC) \
+            if kind == stat.S_IFREG else -1
+    except OSError as error:
+        raise open_error(path, error) from None
+    with contextlib.ExitStack() as cleanup:
+        if descriptor >= 0:
+            cleanup.callback(os.close, descriptor)
+            kind = stat.S_IFMT(os.fstat(descriptor).st_mode)
+        if kind != stat.S_IFREG:
+            raise CheckpointError(f"{path} is a {FILE_KINDS.get(kind, 'special file')}, not a regular file; a "
+                                  "checkpoint holds plain files only", "not-a-file")
+        cleanup.pop_all()
+    with os.fdopen(descriptor, "rb") as handle:
+        yield handle
+
+
+def open_error(path: Path, error: OSError) -> CheckpointError:
+    """Why `path` could not be opened, as the CheckpointError that names it."""
+    if error.errno == errno.ENOENT:
+        return CheckpointError(f"{path} is missing", "missing-file")
+    if error.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink that replaced the file after lstat
+        return CheckpointError(f"{path} is a symlink, not a regular file; a checkpoint holds plain files only",
+                               "not-a-file")
+    return CheckpointError(f"cannot read {path}: {one_line(error)}", "unreadable")
+
+
+def read_limited(path: Path, limit: int) -> bytes:
+    """A regular file's bytes, refused (unread) when it is larger than `limit`."""
+    with open_regular(path) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        data = handle.read(limit + 1) if size <= limit else b""
+    if size > limit or len(data) > limit:
+        raise CheckpointError(f"{path} is {max(size, len(data)):,} bytes, more than the {limit:,} such a file may "
+                              "have", "too-large")
+    return data
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Verified trainer state and policy weights of one checkpoint directory."""
+    """Verified trainer state and policy weights of one checkpoint directory; weights and optimizer state finite."""
     verify_manifest(path, (POLICY_WEIGHTS, POLICY_SPEC, TRAINER_STATE))
-    return load_trainer_state(path / TRAINER_STATE), read_weights(path / POLICY_WEIGHTS)
+    state = load_trainer_state(path / TRAINER_STATE)
+    weights = read_weights(path / POLICY_WEIGHTS)
+    if isinstance(state, dict):
+        check_finite(optimizer_tensors(state.get("optimizer")), path / TRAINER_STATE)
+    return state, weights
+
+
+def newest_intact_checkpoint(directory: Path) -> Path | None:
+    """The newest checkpoint under `directory` that verifies and loads (read-only: nothing is moved); None if none.
+
+    What a resume would start from, short of the checks that need the trainer (architecture and optimizer fit).
+    """
+    for path in reversed(list_checkpoints(resolve_checkpoint_dir(Path(directory)))):
+        try:
+            state, _ = read_checkpoint(path)
+            check_state_fields(state, path / TRAINER_STATE)
+        except CheckpointError:
+            continue
+        return path
+    return None
 
 
 STATE_FIELDS: dict[str, tuple[type, ...]] = {
@@ -485,13 +727,18 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
     """Load trainer state with `weights_only=True`, so a file carrying code is refused, never run."""
-    try:
-        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            f"{path}: refused: it holds objects other than tensors and plain containers ({one_line(error)})",
-            "refused-code",
-        ) from None
-    except Exception as error:  # truncated zip, EOF, bad magic...
-        raise CheckpointError(f"cannot load {path}: {one_line(error)}", "unloadable-state") from None
+    with open_regular(path) as handle:
+        try:
+            state: dict[str, Any] = torch.load(handle, map_location="cpu", weights_only=True)
+        except Exception as error:  # truncated zip, EOF, bad magic... or the refusal (an UnpicklingError)
+            if isinstance(error, pickle.UnpicklingError) or "weights_only" in str(error):
+                raise CheckpointError(f"{path} was refused: it holds objects other than tensors and plain containers"
+                                      f"{refused_global(error)}, so it was not loaded", "refused-code") from None
+            raise CheckpointError(f"cannot load {path}: {one_line(error)}", "unloadable-state") from None
     return state
+
+
+def refused_global(error: BaseException) -> str:
+    """` (it names X)` for the first global the weights-only loader refused, so the message says what was found."""
+    match = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    return f" (it names {match.group(1)[:80]})" if match else ""

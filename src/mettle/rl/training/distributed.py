@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -10,8 +12,46 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mettle import errors
+
 if TYPE_CHECKING:
     from mettle.rl.trainer_config import TrainerConfig
+
+
+class CollectiveError(RuntimeError):
+    """A collective across ranks failed: another rank died or left (the launcher or torchrun says which and how)."""
+
+
+def collective_failure(error: BaseException) -> bool:
+    """Whether `error` (or its cause) is a failed collective: ours, or one inside DDP's backward (gloo, NCCL)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        if isinstance(current, CollectiveError | dist.DistError) or "gloo/transport" in text or "NCCL" in text:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def backend_reason(error: BaseException) -> str:
+    """gloo's `[.../pair.cc:553] Connection closed by peer [127.0.0.1]:39105. This is typically...` as its gist."""
+    text = errors.one_line(error, first_line=True)
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.split(". ", 1)[0]
+
+
+def split_batches(cfg: TrainerConfig, world: int) -> TrainerConfig:
+    """Global batch and minibatch sizes as per-rank ones for `world` ranks (a launcher checks before it starts)."""
+    for name in ("batch_size", "minibatch_size"):
+        value = getattr(cfg, name)
+        if value % world:
+            raise ValueError(f"{name} {value} does not split over {world} ranks; use a multiple of {world}")
+    data = cfg.model_dump()
+    data.update(batch_size=cfg.batch_size // world, minibatch_size=cfg.minibatch_size // world)
+    return type(cfg).model_validate(data)
 
 
 class DistributedHelper:
@@ -71,26 +111,30 @@ class DistributedHelper:
 
     def scale_batches_by_world_size(self, cfg: TrainerConfig) -> TrainerConfig:
         """Turn global batch and minibatch sizes into per-rank ones, so a run's totals do not grow with ranks."""
-        world = self.get_world_size()
-        for name in ("batch_size", "minibatch_size"):
-            value = getattr(cfg, name)
-            if value % world:
-                raise ValueError(f"{name} {value} does not split over {world} ranks; use a multiple of {world}")
-        data = cfg.model_dump()
-        data.update(batch_size=cfg.batch_size // world, minibatch_size=cfg.minibatch_size // world)
-        return type(cfg).model_validate(data)
+        return split_batches(cfg, self.get_world_size())
+
+    @contextlib.contextmanager
+    def _collective(self, what: str) -> Iterator[None]:
+        """Name a failed collective (a peer died: the backend's error says only 'connection reset')."""
+        try:
+            yield
+        except RuntimeError as error:  # gloo's and NCCL's errors, DistBackendError among them
+            raise CollectiveError(f"rank {dist.get_rank()}: {what} across ranks failed ({backend_reason(error)})") \
+                from error
 
     def synchronize(self) -> None:
         """Barrier across ranks."""
         if self.is_distributed:
-            dist.barrier()
+            with self._collective("a barrier"):
+                dist.barrier()
 
     def broadcast_from_master(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank."""
         if not self.is_distributed:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        with self._collective("a broadcast"):
+            dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -98,7 +142,8 @@ class DistributedHelper:
         if not self.is_distributed:
             return tensor
         out = tensor.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        with self._collective("an all-reduce"):
+            dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out
 
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -116,7 +161,8 @@ class DistributedHelper:
         if not self.is_distributed:
             return [obj]
         out: list[Any] = [None] * self.get_world_size()
-        dist.all_gather_object(out, obj)
+        with self._collective("an all-gather"):
+            dist.all_gather_object(out, obj)
         return out
 
     def cleanup(self, synchronize: bool = False) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -52,6 +53,31 @@ class Minibatch:
         return weight / weight.sum().clamp_min(1e-8)
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device` (MemAvailable on the CPU); None where it cannot be known."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits_in_memory(batch_size: int, specs: dict[str, TensorSpec], device: torch.device) -> None:
+    """Refuse, naming the sizes, a buffer larger than the free memory, before allocating it."""
+    per_step = 8 + sum(math.prod(spec.shape) * spec.dtype.itemsize for spec in specs.values())  # + advantage targets
+    needed, free = batch_size * per_step, available_memory(device)
+    if free is not None and needed > free:
+        gib = 2**30
+        raise ValueError(f"batch_size {batch_size:,} needs {needed / gib:,.1f} GiB for the rollout buffer "
+                         f"({per_step:,} bytes per agent step) but {device} has {free / gib:,.1f} GiB free; "
+                         "lower batch_size (and minibatch_size)")
+
+
 class Experience:
     """Stores each agent row's steps in consecutive windows so that BPTT sees contiguous time.
 
@@ -69,6 +95,7 @@ class Experience:
     ) -> None:
         if batch_size % (num_rows * bptt_horizon):
             raise ValueError(f"batch_size {batch_size} is not a multiple of {num_rows} rows x {bptt_horizon}")
+        check_fits_in_memory(batch_size, {**policy_spec, **STEP_FIELDS}, torch.device(device))
         self.horizon = bptt_horizon
         self.num_rows = num_rows
         self.segments = batch_size // bptt_horizon

@@ -102,7 +102,8 @@ class JsonlLogger(MetricsLogger):
     def _open_from(self, step: int) -> TextIO:
         """Keep the records before `step` (a torn last line too is dropped), then append."""
         if self.path.exists():
-            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+            text = self.path.read_text(encoding="utf-8", errors="replace")  # a damaged line is dropped below
+            kept = [line for line in text.splitlines(keepends=True)
                     if line.endswith("\n") and _record_step(line) < step]
             atomic_write(self.path, lambda handle: handle.write("".join(kept).encode()))
         return self.path.open("a", encoding="utf-8")
@@ -112,7 +113,7 @@ def _record_step(line: str) -> float:
     """The step of one metrics.jsonl line; an unreadable line sorts last, so it is dropped."""
     try:
         return float(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
         return math.inf
 
 

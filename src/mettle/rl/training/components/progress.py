@@ -286,10 +286,17 @@ def format_line(snap: ProgressSnapshot, prefix: str = "") -> str:
     )
 
 
+YEAR_S = 365 * 86_400
+LONGEST_SHOWN_S = 100 * YEAR_S
+"""Durations beyond this (an ETA for total_timesteps=10**18) are shown as a bound, not as days."""
+
+
 def format_duration(seconds: float | None) -> str:
     """H:MM:SS for ETAs and elapsed times; "?" when unknown."""
     if seconds is None or not math.isfinite(seconds):
         return "?"
+    if seconds >= LONGEST_SHOWN_S:
+        return f"> {LONGEST_SHOWN_S // YEAR_S:,} years"
     return str(timedelta(seconds=round(seconds)))
 
 

@@ -13,17 +13,27 @@ from mettle.rl.training.component import TrainerComponent
 HANDLED = (signal.SIGINT, signal.SIGTERM)
 
 _pending: int | None = None  # a signal that arrived during start-up, before a GracefulShutdown was registered
+_received: int | None = None  # the first stop signal this process received, at start-up or in training
+_announce = True  # whether this process says so when a stop signal arrives (ranks of `--nproc`: their launcher does)
 
 
-def install_early_handlers(stream: TextIO | None = None) -> None:
-    """From the first line of `mettle train`: a SIGINT/SIGTERM during start-up is remembered, not fatal."""
+def install_early_handlers(stream: TextIO | None = None, announce: bool = True) -> None:
+    """From the first line of `mettle train`: a SIGINT/SIGTERM during start-up is remembered, not fatal.
+
+    `announce=False` (a rank whose launcher announces the user's signals) keeps quiet when one arrives: torchrun
+    also sends SIGTERM when another rank died, and then no checkpoint is coming.
+    """
+    global _announce
     out = stream or sys.stderr
+    _announce = announce
 
     def record(signum: int, frame: FrameType | None) -> None:
         global _pending
         _pending = signum
-        print(f"{signal.Signals(signum).name} received during start-up: stopping before training starts",
-              file=out, flush=True)
+        note_received(signum)
+        if _announce:
+            print(f"{signal.Signals(signum).name} received during start-up: stopping before training starts",
+                  file=out, flush=True)
         install_repeat_handlers(out)
 
     if threading.current_thread() is threading.main_thread():
@@ -34,6 +44,18 @@ def install_early_handlers(stream: TextIO | None = None) -> None:
 def pending_signal() -> int | None:
     """The signal recorded during start-up, if any."""
     return _pending
+
+
+def received_signal() -> int | None:
+    """The first SIGINT/SIGTERM this process received (start-up or training), if any."""
+    return _received
+
+
+def note_received(signum: int) -> None:
+    """Remember the first stop signal (what a failing rank checks: was it told that the group is ending?)."""
+    global _received
+    if _received is None:
+        _received = signum
 
 
 def install_repeat_handlers(stream: TextIO) -> None:
@@ -47,7 +69,8 @@ def repeat_signal(signum: int, stream: TextIO) -> None:
     """A second SIGINT stops now (KeyboardInterrupt); a second SIGTERM is only noted."""
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
-    print("SIGTERM received again: already stopping (SIGINT or SIGKILL to stop now)", file=stream, flush=True)
+    if _announce:
+        print("SIGTERM received again: already stopping (SIGINT or SIGKILL to stop now)", file=stream, flush=True)
 
 
 class GracefulShutdown(TrainerComponent):
@@ -79,9 +102,11 @@ class GracefulShutdown(TrainerComponent):
             return
         self.received = signum
         self.context.stop_requested = True
-        name = signal.Signals(signum).name
-        print(f"{name} received: finishing this epoch and writing a checkpoint (SIGINT again to stop now)",
-              file=self.stream, flush=True)
+        note_received(signum)
+        if _announce:
+            name = signal.Signals(signum).name
+            print(f"{name} received: finishing this epoch and writing a checkpoint (SIGINT again to stop now)",
+                  file=self.stream, flush=True)
         install_repeat_handlers(self.stream)
 
     def on_epoch_end(self, epoch: int) -> None:
