@@ -261,3 +261,69 @@ def test_report_on_a_read_only_run_dir_is_one_line_and_out_writes_elsewhere(
     assert main(["report", str(run), "--out", str(tmp_path / "plots")]) == 0
     assert (tmp_path / "plots" / "return.png").is_file()
     capsys.readouterr()
+
+
+# ------------------------------------------------------------------ what the fuzz test found
+def link_outside(run: Path, name: str) -> None:
+    """Replace run/name by a symlink to a copy of it outside the run."""
+    outside = run.parent.parent / "outside" / name.replace("/", "-")
+    outside.parent.mkdir(exist_ok=True)
+    entry = run / name
+    if entry.is_dir():
+        shutil.copytree(entry, outside)
+        shutil.rmtree(entry)
+    else:
+        shutil.copy(entry, outside)
+        entry.unlink()
+    entry.symlink_to(outside, target_is_directory=outside.is_dir())
+
+
+def become_directory(run: Path, name: str) -> None:
+    (run / name).unlink()
+    (run / name).mkdir()
+
+
+WRITE_TARGETS: dict[str, tuple[Callable[[Path], None], str]] = {
+    "tensorboard-link": (lambda run: link_outside(run, "tensorboard"), "tensorboard is a symbolic link"),
+    "checkpoints-link": (lambda run: link_outside(run, "checkpoints"), "checkpoints is a symbolic link"),
+    "checkpoint-link": (lambda run: link_outside(run, "checkpoints/00000002"), "00000002 is a symbolic link"),
+    "metrics-link": (lambda run: link_outside(run, "metrics.jsonl"), "metrics.jsonl is a symbolic link"),
+    "policy-json-directory": (lambda run: become_directory(run, "policy.json"), "policy.json is a directory"),
+    "tensorboard-file": (lambda run: (shutil.rmtree(run / "tensorboard"), (run / "tensorboard").write_text("x")),
+                         "tensorboard is a file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRITE_TARGETS))
+def test_links_and_misplaced_entries_where_training_writes_are_refused(run: Path, case: str) -> None:
+    damage, expected = WRITE_TARGETS[case]
+    damage(run)
+    before = snapshot(run.parent.parent)
+    line = one_error(train(run, "total_timesteps=4096"))
+    assert expected in line and "move it out of the run directory" in line, line
+    assert snapshot(run.parent.parent) == before
+
+
+def test_a_run_whose_config_json_is_gone_is_not_resumed_with_another_recipe(
+        run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (run / "config.json").unlink()
+    before = snapshot(run)
+    assert "has no config.json" in one_error(train(run))
+    assert "no config.json found" in one_error(evaluate(run, capsys))
+    assert snapshot(run) == before
+
+
+def test_resume_names_a_damaged_checkpoint_in_one_line_and_reads_past_a_damaged_metrics_line(run: Path) -> None:
+    newest = run / "checkpoints" / "00000002"
+    weights = bytearray((newest / "policy.safetensors").read_bytes())
+    weights[-1] ^= 0xFF
+    (newest / "policy.safetensors").write_bytes(bytes(weights))
+    with open(run / "metrics.jsonl", "ab") as metrics:
+        metrics.write(b'{"step": \xff}\n')
+    result = train(run, "total_timesteps=1536")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(newest) in lines[0] and "moved it to" in lines[0], result.stderr
+    assert (run / "checkpoints" / "damaged" / "00000002-altered").is_dir()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert steps == sorted(steps) and steps[-1] >= 1536, steps
