@@ -9,7 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ def run(finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path
     (tmp_path / "evilmod.py").write_text(EVIL_MODULE)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "evilmod", raising=False)  # imported by an earlier test: it would not run again
     return tmp_path / "runs" / "r"
 
 
@@ -83,6 +84,30 @@ def edit_config(run_dir: Path, change: Callable[[dict[str, Any]], None]) -> None
     (run_dir / "config.json").write_text(json.dumps(data))
 
 
+@pytest.fixture(autouse=True)
+def restore_process_state() -> Iterator[None]:
+    """`mettle train` run in this process installs signal handlers and sets torch's threads: undo both."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    threads = torch.get_num_threads()
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    torch.set_num_threads(threads)
+
+
+def refused(capsys: pytest.CaptureFixture[str], *argv: str) -> subprocess.CompletedProcess[str]:
+    """`mettle train ARGV` in this process (a new one costs seconds), for commands refused before training."""
+    capsys.readouterr()
+    code = main(["train", *argv])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["mettle", "train"], code, out, err)
+
+
+def refused_resume(run_dir: Path, capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`mettle train --run NAME --run-dir PARENT ARGS` in this process."""
+    return refused(capsys, "--run", run_dir.name, "--run-dir", str(run_dir.parent), *args)
+
+
 def train(run_dir: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """`mettle train --run NAME --run-dir PARENT ARGS` from the directory above the run dir."""
     return run_mettle("train", "--run", run_dir.name, "--run-dir", str(run_dir.parent), *args,
@@ -104,16 +129,16 @@ def test_an_env_name_in_config_json_that_would_import_an_untrusted_module_is_ref
     env, module = HOSTILE_ENVS[case]
     edit_config(run, lambda data: data["env"].update(env))
     before = snapshot(run.parent.parent, skip=run)
-    for result in (evaluate(run, capsys), train(run)):
+    for result in (evaluate(run, capsys), refused_resume(run, capsys)):
         line = one_error(result)
         assert "env.name" in line and repr(module) in line and f"--env {env['name']}" in line, line
     assert not (run.parent.parent / "PWNED").exists() and not (run / "PWNED").exists()
     assert snapshot(run.parent.parent, skip=run) == before
 
 
-def test_an_untrusted_evaluator_env_in_config_json_is_refused(run: Path) -> None:
+def test_an_untrusted_evaluator_env_in_config_json_is_refused(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     edit_config(run, lambda data: data["evaluator"].update(envs=["pettingzoo:evilmod:parallel_env"]))
-    line = one_error(train(run))
+    line = one_error(refused_resume(run, capsys))
     assert "evaluator.envs" in line and "'evilmod'" in line, line
     assert not (run.parent.parent / "PWNED").exists()
 
@@ -138,41 +163,47 @@ def test_trusted_names_resolve_and_others_are_refused_naming_the_field() -> None
 
 
 # ------------------------------------------------------------------ where we write
-def test_a_run_lock_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
+def test_a_run_lock_that_is_a_symlink_is_refused_and_its_target_untouched(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     (tmp_path / "runs" / "r").mkdir(parents=True)
     (tmp_path / "runs" / "r" / ".lock").symlink_to(victim)
-    line = one_error(train(tmp_path / "runs" / "r", *CARTPOLE))
+    line = one_error(refused_resume(tmp_path / "runs" / "r", capsys, *CARTPOLE))
     assert ".lock" in line and "not a regular file" in line, line
     assert victim.read_text() == "precious"
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "..", "."])
-def test_a_run_name_is_one_path_component(tmp_path: Path, name: str) -> None:
+def test_a_run_name_is_one_path_component(
+        tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "runs").mkdir()
-    result = run_mettle("train", *CARTPOLE, "--run", name, "--run-dir", "runs", cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    result = refused(capsys, *CARTPOLE, "--run", name, "--run-dir", "runs")
     assert "--run" in one_error(result)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"] and not any((tmp_path / "runs").iterdir())
 
 
-def test_a_run_or_run_dir_that_is_a_file_is_refused_and_left_alone(tmp_path: Path) -> None:
+def test_a_run_or_run_dir_that_is_a_file_is_refused_and_left_alone(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "notes").write_text("mine")
     (tmp_path / "afile").write_text("mine too")
-    line = one_error(run_mettle("train", *CARTPOLE, "--run", "notes", "--run-dir", "runs", cwd=tmp_path))
+    line = one_error(refused(capsys, *CARTPOLE, "--run", "notes", "--run-dir", "runs"))
     assert "--run" in line and "is a file" in line
-    line = one_error(run_mettle("train", *CARTPOLE, "--run-dir", "afile", cwd=tmp_path))
+    line = one_error(refused(capsys, *CARTPOLE, "--run-dir", "afile"))
     assert "--run-dir" in line and "is a file" in line
     assert (tmp_path / "runs" / "notes").read_text() == "mine" and (tmp_path / "afile").read_text() == "mine too"
 
 
 # ------------------------------------------------------------------ never start over on top of a run
-def test_a_run_without_checkpoints_is_refused_and_fresh_moves_its_files_aside(run: Path) -> None:
+def test_a_run_without_checkpoints_is_refused_and_fresh_moves_its_files_aside(
+        run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for checkpoint in (run / "checkpoints").iterdir():
         shutil.rmtree(checkpoint)
     before = snapshot(run)
-    line = one_error(train(run, "total_timesteps=512"))
+    line = one_error(refused_resume(run, capsys, "total_timesteps=512"))
     assert "no checkpoint to resume from" in line and "--fresh" in line, line
     assert snapshot(run) == before
     result = train(run, "--fresh", "total_timesteps=512")
@@ -184,9 +215,9 @@ def test_a_run_without_checkpoints_is_refused_and_fresh_moves_its_files_aside(ru
     assert lines[0] < lines[1], lines
 
 
-def test_fresh_still_refuses_a_run_with_an_intact_checkpoint(run: Path) -> None:
+def test_fresh_still_refuses_a_run_with_an_intact_checkpoint(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = snapshot(run)
-    assert "--fresh refuses" in one_error(train(run, "--fresh"))
+    assert "--fresh refuses" in one_error(refused_resume(run, capsys, "--fresh"))
     assert snapshot(run) == before
 
 
@@ -199,10 +230,10 @@ def test_fresh_still_refuses_a_run_with_an_intact_checkpoint(run: Path) -> None:
     ("total_timesteps=100000000000000000000", "total_timesteps"),
 ])
 def test_devices_and_sizes_this_machine_cannot_hold_fail_before_training(
-        tmp_path: Path, override: str, expected: str) -> None:
+        tmp_path: Path, override: str, expected: str, capsys: pytest.CaptureFixture[str]) -> None:
     if override == "device=cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    line = one_error(run_mettle("train", *CARTPOLE, "--run", "r", "--run-dir", "runs", override, cwd=tmp_path))
+    line = one_error(refused(capsys, *CARTPOLE, "--run", "r", "--run-dir", str(tmp_path / "runs"), override))
     assert expected in line, line
     assert not (tmp_path / "runs" / "r").exists()
 
@@ -236,7 +267,7 @@ def test_a_damaged_config_json_is_one_line_in_train_and_eval(
         run: Path, damage: str, capsys: pytest.CaptureFixture[str]) -> None:
     DAMAGED_CONFIGS[damage](run)
     before = snapshot(run)
-    for result in (evaluate(run, capsys), train(run)):
+    for result in (evaluate(run, capsys), refused_resume(run, capsys)):
         assert f"{run / 'config.json'}" in one_error(result)
     assert snapshot(run) == before
 
@@ -295,11 +326,12 @@ WRITE_TARGETS: dict[str, tuple[Callable[[Path], None], str]] = {
 
 
 @pytest.mark.parametrize("case", sorted(WRITE_TARGETS))
-def test_links_and_misplaced_entries_where_training_writes_are_refused(run: Path, case: str) -> None:
+def test_links_and_misplaced_entries_where_training_writes_are_refused(
+        run: Path, case: str, capsys: pytest.CaptureFixture[str]) -> None:
     damage, expected = WRITE_TARGETS[case]
     damage(run)
     before = snapshot(run.parent.parent)
-    line = one_error(train(run, "total_timesteps=4096"))
+    line = one_error(refused_resume(run, capsys, "total_timesteps=4096"))
     assert expected in line and "move it out of the run directory" in line, line
     assert snapshot(run.parent.parent) == before
 
@@ -308,7 +340,7 @@ def test_a_run_whose_config_json_is_gone_is_not_resumed_with_another_recipe(
         run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (run / "config.json").unlink()
     before = snapshot(run)
-    assert "has no config.json" in one_error(train(run))
+    assert "has no config.json" in one_error(refused_resume(run, capsys))
     assert "no config.json found" in one_error(evaluate(run, capsys))
     assert snapshot(run) == before
 
