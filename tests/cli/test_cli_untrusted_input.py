@@ -150,6 +150,15 @@ def test_the_env_typed_on_the_command_line_is_trusted(run: Path, capsys: pytest.
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
 
 
+def test_a_mettagrid_config_path_in_config_json_that_is_a_fifo_is_refused_unread(
+        run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    os.mkfifo(run.parent.parent / "task.yaml")  # reading it would block for ever
+    edit_config(run, lambda data: data["env"].update(name=f"mettagrid:{run.parent.parent / 'task.yaml'}", kwargs={}))
+    result = evaluate(run, capsys)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1].endswith("task.yaml: not a regular file"), result.stderr
+
+
 def test_trusted_names_resolve_and_others_are_refused_naming_the_field() -> None:
     for name in ("gym:CartPole-v1", "mettagrid:arena", "pettingzoo:mpe2.simple_spread_v3:parallel_env",
                  "pettingzoo:mettle.envs.pettingzoo_testing:parallel_env", "gym:gymnasium.envs:CartPole-v1"):

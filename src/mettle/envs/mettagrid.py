@@ -413,6 +413,8 @@ def load_mettagrid_config(name_or_path: str, **task_kwargs: Any) -> MettaGridCon
 
 def _read_config_file(path: Path) -> MettaGridConfig:
     """Parse YAML/JSON and validate it as a MettaGridConfig."""
+    if path.exists() and not path.is_file():  # a FIFO or device would block the read, or never end
+        raise MettaGridEnvError(f"MettaGrid config {path}: not a regular file")
     try:
         text = path.read_text()
     except OSError as error:
