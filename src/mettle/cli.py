@@ -10,6 +10,7 @@ import os
 import shlex
 import shutil
 import signal
+import stat
 import sys
 import time
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mettle.config import ConfigError, RunConfig, build_run_config, parse_value
+from mettle.files import is_plain_name
 from mettle.launch import COMMAND_ENV, EXIT_SIGNAL_BASE, ProcessDied, launch_torchrun, launched_rank, strip_option
 from mettle.recipes import recipe_for
 
@@ -39,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--policy", choices=["mlp", "lstm", "token"], default=None, help="policy architecture")
     train.add_argument("--run", default=None, help="run name (default: <env>-<time>)")
     train.add_argument("--run-dir", default="runs", help="directory that holds runs (default ./runs)")
-    train.add_argument("--fresh", action="store_true", help="refuse to resume: fail if the run already exists")
+    train.add_argument("--fresh", action="store_true", help="start a new run: refuse one with an intact checkpoint; "
+                       "an earlier run without one is moved aside into RUN/previous-<time>/")
     train.add_argument("--nproc", type=int, default=1, help="ranks on this machine (launches torchrun)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. batch_size=4096")
     evaluate = sub.add_parser("eval", help="evaluate a trained run")
@@ -110,7 +113,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def check_run_location(run: str | None, run_dir: str) -> None:
     """A run name is one path component, and where a run is written is a directory (or does not exist yet)."""
-    if run is not None and (run in ("", ".", "..") or any(sep in run for sep in ("/", "\0", os.altsep or "/"))):
+    if run is not None and not is_plain_name(run):
         raise ConfigError(f"--run {run!r} must be a name, not a path (no '/', '.' or '..'); "
                           "choose where runs are kept with --run-dir")
     where = Path(run_dir)
@@ -181,7 +184,8 @@ def launch_ranks(args: argparse.Namespace, argv: list[str], command: str) -> int
     check_before_launch(args, run_name, run_dir)
     resume = resume_command(command, run_name)
     try:
-        return launch_torchrun(args.nproc, argv if args.run else with_run(argv, run_name), command, resume)
+        return launch_torchrun(args.nproc, argv if args.run else with_run(argv, run_name), command,
+                               lambda: resume_hint(resume, run_dir))
     except ProcessDied as death:
         print(f"mettle: error: {death}; {resume_hint(resume, run_dir)}", file=sys.stderr, flush=True)
         return EXIT_CRASH
@@ -282,11 +286,12 @@ def lock_run(lock: RunLock, run_name: str, distributed: DistributedHelper) -> No
         raise RunLocked(message)
 
 
-RUN_FILES = ("config.json", "checkpoints", "metrics.jsonl", "tensorboard", "heartbeat.json", "policy.safetensors",
-             "policy.json", "manifest.json", "profiles", "wandb")
-"""What `mettle train` writes into a run directory: their presence means a run was trained there before."""
+RUN_RECORDS = ("config.json", "checkpoints", "metrics.jsonl", "policy.safetensors", "policy.json", "manifest.json")
+"""What a run that trained leaves in its directory: their presence means there is something to resume or to lose."""
+RUN_OUTPUTS = (*RUN_RECORDS, "tensorboard", "profiles", "wandb", "heartbeat.json")
+"""Everything `mettle train` writes in a run directory (the last four from the moment a run is built)."""
 RUN_SUBDIRS = ("checkpoints", "tensorboard", "profiles", "wandb")
-"""The entries of RUN_FILES that are directories."""
+"""The entries of RUN_OUTPUTS that are directories."""
 
 
 def prepare_config(args: argparse.Namespace, run_name: str, run_dir: Path, distributed: DistributedHelper) -> RunConfig:
@@ -294,7 +299,7 @@ def prepare_config(args: argparse.Namespace, run_name: str, run_dir: Path, distr
     cfg, start_over = read_run_config(args, run_name, run_dir)
     distributed.synchronize()  # every rank has read the run dir before rank 0 writes to it
     if start_over and distributed.is_master():
-        move_aside(run_dir, earlier_run_files(run_dir))
+        move_aside(run_dir, [name for name in RUN_OUTPUTS if (run_dir / name).exists()])
     distributed.synchronize()
     if cfg.global_batch:
         try:
@@ -320,22 +325,25 @@ def read_run_config(args: argparse.Namespace, run_name: str, run_dir: Path) -> t
 def check_run_entries(run_dir: Path) -> None:
     """Refuse links and misplaced files where training writes, so that no write lands outside the run directory."""
     checkpoints = run_dir / "checkpoints"
-    entries = [(run_dir / name, name in RUN_SUBDIRS) for name in RUN_FILES]
+    entries = [(run_dir / name, name in RUN_SUBDIRS) for name in RUN_OUTPUTS]
     if checkpoints.is_dir() and not checkpoints.is_symlink():
-        entries += [(path, True) for path in checkpoints.iterdir() if path.name.isdigit() or path.name == "damaged"]
+        entries += [(path, True) for path in checkpoints.iterdir()
+                    if path.name.isdigit() or path.name == "damaged" or path.name.startswith(".staging-")]
     for path, directory in entries:
-        if path.is_symlink() or (path.exists() and path.is_dir() != directory):
-            found = "a symbolic link" if path.is_symlink() else "a directory" if path.is_dir() else "a file"
+        kind = stat.S_IFMT(path.lstat().st_mode) if path.is_symlink() or path.exists() else None
+        if kind is not None and kind != (stat.S_IFDIR if directory else stat.S_IFREG):
+            found = {stat.S_IFLNK: "a symbolic link", stat.S_IFDIR: "a directory", stat.S_IFREG: "a file"}.get(
+                kind, "a special file (a FIFO or device)")
             raise ConfigError(f"{path} is {found} where training writes {'a directory' if directory else 'a file'}; "
                               "move it out of the run directory (or restore it from a backup), then retry")
 
 
 def earlier_run_files(run_dir: Path) -> list[str]:
-    """The names of `RUN_FILES` present in `run_dir` (links included; an empty directory holds nothing to lose)."""
+    """The names of `RUN_RECORDS` present in `run_dir` (links included; an empty directory holds nothing to lose)."""
     def holds_something(path: Path) -> bool:
         return path.is_symlink() or path.is_file() or (path.is_dir() and any(path.iterdir()))
 
-    return [name for name in RUN_FILES if holds_something(run_dir / name)]
+    return [name for name in RUN_RECORDS if holds_something(run_dir / name)]
 
 
 def check_earlier_run(args: argparse.Namespace, run_name: str, run_dir: Path) -> bool:
@@ -467,7 +475,8 @@ def run_training(cfg: RunConfig, run_name: str, run_dir: Path, distributed: Dist
         if distributed.any_rank(shutdown.received is not None):
             signum = shutdown.received or signal.SIGTERM
             if master:
-                print(f"stopped by {signal.Signals(signum).name} before training started; resume with: {resume}",
+                print(f"stopped by {signal.Signals(signum).name} before training started; "
+                      f"{resume_hint(resume, run_dir)}",
                       flush=True)
             return EXIT_SIGNAL_BASE + signum
         if master:  # only now: a restore that fails leaves the saved config as it was
@@ -504,15 +513,13 @@ def eval_command(args: argparse.Namespace) -> int:
     path = Path(args.run_dir)
     if not path.exists():
         raise ConfigError(f"run directory {path} does not exist")
-    from mettle.run import load_newest_policy, load_run_config
+    from mettle.run import load_newest_policy, load_run_config, missing_device
 
-    cfg = load_run_config(path, typed_env_names(args))
-    if args.env:
-        cfg = cfg.model_copy(update={"env": cfg.env.model_copy(update={"name": args.env})})
-    device = cfg.device if torch.cuda.is_available() or not cfg.device.startswith("cuda") else "cpu"
-    if device != cfg.device:
-        print(f"mettle: the run trained on {cfg.device}; this machine has no CUDA device, so it is evaluated on cpu",
-              file=sys.stderr)
+    cfg = load_run_config(path, typed_env_names(args), env_name=args.env)
+    problem = missing_device(cfg.device)
+    device = "cpu" if problem else cfg.device
+    if problem:
+        print(f"mettle: the run trained on {cfg.device}, but {problem}: evaluating on cpu", file=sys.stderr)
     policy, trained_on, _ = load_newest_policy(path, device)
     env = make_environment(cfg.env, seed=args.seed, num_envs=min(args.episodes, cfg.env.num_envs))
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -15,9 +16,11 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object], durable: bool 
     every epoch for live readers (a heartbeat) skip that cost.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    # created exclusively (O_EXCL never follows a link): a link planted at the temp name is refused, not written
+    descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     try:
-        with open(tmp, "wb") as handle:
+        with os.fdopen(descriptor, "wb") as handle:
             write(handle)
             handle.flush()
             if durable:
@@ -36,3 +39,9 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def is_plain_name(name: str) -> bool:
+    """One path component: no separator, not '.' or '..', not empty, no NUL (a name read or typed stays inside)."""
+    separators = ("/", "\0", *((os.altsep,) if os.altsep else ()))
+    return name not in ("", ".", "..") and not any(sep in name for sep in separators)

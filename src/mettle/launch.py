@@ -16,6 +16,7 @@ import shlex
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -51,7 +52,7 @@ def launched_rank() -> bool:
     return COMMAND_ENV in os.environ and "LOCAL_RANK" in os.environ
 
 
-def launch_torchrun(nproc: int, argv: list[str], command: str, resume: str) -> int:
+def launch_torchrun(nproc: int, argv: list[str], command: str, hint: Callable[[], str]) -> int:
     """Run torchrun (quietly, in its own session) with `nproc` ranks; relay SIGINT/SIGTERM as a graceful stop.
 
     Terminal Ctrl-C reaches only this process, which asks the ranks (through torchrun) to finish their
@@ -77,7 +78,7 @@ def launch_torchrun(nproc: int, argv: list[str], command: str, resume: str) -> i
     if received:
         how = "at once, without a final checkpoint" if len(received) > 1 and received[-1] == signal.SIGINT \
             else "after the ranks' checkpoint"
-        print(f"mettle: stopped by {signal.Signals(received[0]).name} {how}; resume with: {resume}",
+        print(f"mettle: stopped by {signal.Signals(received[0]).name} {how}; {hint()}",
               file=sys.stderr, flush=True)
         return EXIT_SIGNAL_BASE + received[0]
     if failure is not None and failure.exitcode < 0:

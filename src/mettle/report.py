@@ -224,6 +224,8 @@ def summarize_run(run_dir: Path) -> str:
 
 def _config_label(run_dir: Path) -> str:
     """' (env X, policy Y)' from config.json when the run has a readable one."""
+    if not (run_dir / "config.json").is_file():  # absent, or a FIFO that would block the read
+        return ""
     try:
         config = json.loads((run_dir / "config.json").read_text())
         return f" (env {config['env']['name']}, policy {config['policy']['kind']})"

@@ -110,14 +110,20 @@ def build_run(
 def check_devices_present(cfg: RunConfig) -> None:
     """Refuse before anything starts when `device` or `trainer.actor_device` names a GPU this machine lacks."""
     for field, value in (("device", cfg.device), ("trainer.actor_device", cfg.trainer.actor_device)):
-        if value is None or not value.startswith("cuda"):
-            continue
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = int(value.partition(":")[2] or 0)
-        if index >= count:
-            have = f"only {count} CUDA device(s)" if count else "no CUDA device torch can use"
-            raise ConfigError(f"{field}={value}: this machine has {have}; use {field}=cpu"
-                              + (f" or cuda:0..cuda:{count - 1}" if count else ""))
+        problem = missing_device(value)
+        if problem is not None:
+            raise ConfigError(f"{field}={value}: {problem}; use {field}=cpu")
+
+
+def missing_device(value: str | None) -> str | None:
+    """Why this machine cannot use the device `value` names (cpu, cuda, cuda:N), or None when it can."""
+    if value is None or not value.startswith("cuda"):
+        return None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(value.partition(":")[2] or 0)
+    if index < count:
+        return None
+    return f"this machine has only {count} CUDA device(s)" if count else "this machine has no CUDA device torch can use"
 
 
 def config_components(cfg: RunConfig, trainer: Trainer, run_dir: Path | None) -> list[TrainerComponent]:
@@ -165,18 +171,24 @@ def evaluation_envs(cfg: RunConfig) -> dict[str, Callable[[], TrainingEnvironmen
     return {name: factory(name) for name in names}
 
 
-def load_run_config(path: Path, typed_envs: Collection[str] = ()) -> RunConfig:
+def load_run_config(path: Path, typed_envs: Collection[str] = (), env_name: str | None = None) -> RunConfig:
     """The config.json of a run directory (or of the run holding a checkpoint directory), checked as untrusted input.
 
     Damage is one ConfigError line; env names that would import a module must be trusted or in `typed_envs`.
+    `env_name` (eval's --env, typed) replaces the saved env, and its kwargs unless it is the same env; nothing
+    else from the file is then imported, so nothing else is checked.
     """
     for candidate in (path, *path.parents[:3]):
         file = candidate / "config.json"
         if file.is_file() or file.is_symlink():
             cfg = read_config_file(file)
+            if env_name is not None:
+                kwargs = cfg.env.kwargs if env_name == cfg.env.name else {}
+                return cfg.model_copy(update={"env": cfg.env.model_copy(update={"name": env_name, "kwargs": kwargs})})
             check_trusted_env_name(cfg.env.name, f"{file}: env.name", typed_envs)
             for name in cfg.evaluator.envs:
-                check_trusted_env_name(name, f"{file}: evaluator.envs", typed_envs)
+                check_trusted_env_name(name, f"{file}: evaluator.envs", typed_envs,
+                                       remedy=f"pass evaluator.envs='[\"{name}\"]'")
             return cfg
     raise ConfigError(f"no config.json found at or above {path}")
 

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,11 @@ import pytest
 import torch
 from cli_helpers import read_only_command, run_mettle
 
-from mettle.cli import main
+from mettle import files
+from mettle.cli import RUN_RECORDS, main, resume_hint
 from mettle.config import ConfigError
 from mettle.envs.factory import check_trusted_env_name
+from mettle.rl.training.checkpointer import CheckpointError, load_trainer_state, write_manifest
 from mettle.rl.training.components.progress import format_duration
 
 CARTPOLE = ["--env", "gym:CartPole-v1", "progress_interval_s=100"]
@@ -368,3 +371,60 @@ def test_resume_names_a_damaged_checkpoint_in_one_line_and_reads_past_a_damaged_
     assert (run / "checkpoints" / "damaged" / "00000002-altered").is_dir()
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert steps == sorted(steps) and steps[-1] >= 1536, steps
+
+
+# ------------------------------------------------------------------ what the review found
+def test_a_link_planted_at_the_temp_name_of_an_atomic_write_is_refused_not_followed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    monkeypatch.setattr(files.secrets, "token_hex", lambda _: "guessed")
+    (tmp_path / f".config.json.tmp-{os.getpid()}-guessed").symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        files.atomic_write(tmp_path / "config.json", lambda handle: handle.write(b"{}"))
+    assert victim.read_text() == "precious" and not (tmp_path / "config.json").exists()
+
+
+def test_a_fifo_where_training_appends_metrics_is_refused_before_it_blocks(
+        run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (run / "metrics.jsonl").unlink()
+    os.mkfifo(run / "metrics.jsonl")
+    line = one_error(refused_resume(run, capsys, "total_timesteps=4096"))
+    assert "metrics.jsonl is a special file" in line, line
+
+
+def test_a_compressed_trainer_state_that_would_inflate_is_damage(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    newest = run / "checkpoints" / "00000002"
+    packed = newest / "packed.pt"
+    with zipfile.ZipFile(newest / "trainer_state.pt") as source, \
+            zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info))
+    packed.replace(newest / "trainer_state.pt")
+    write_manifest(newest)
+    with pytest.raises(CheckpointError, match="compressed entries"):
+        load_trainer_state(newest / "trainer_state.pt")
+    result = train(run, "total_timesteps=1536")
+    assert result.returncode == 0 and "00000002" in result.stderr and "compressed" in result.stderr, result.stderr
+    assert (run / "checkpoints" / "damaged" / "00000002-unloadable-state").is_dir()
+
+
+def test_a_run_stopped_while_it_was_built_resumes_without_fresh(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """What a run writes before training (tensorboard/, heartbeat.json) holds nothing to lose: no --fresh needed."""
+    for name in RUN_RECORDS:
+        path = run / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert sorted(p.name for p in run.iterdir()) == ["heartbeat.json", "tensorboard"]
+    hint = resume_hint("mettle train --run r", run)
+    assert hint == "resume with: mettle train --run r; no checkpoint was written yet", hint
+    (run / "config.json").write_text("{}")
+    assert resume_hint("mettle train --run r", run).startswith("no checkpoint was written yet, so start over with: "
+                                                               "mettle train --run r --fresh")
+
+
+def test_eval_with_env_typed_reads_no_other_name_from_the_file(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    edit_config(run, lambda data: data["env"].update(name="pettingzoo:evilmod:parallel_env", kwargs={"x": 1}))
+    edit_config(run, lambda data: data["evaluator"].update(envs=["pettingzoo:evilmod:parallel_env"]))
+    result = evaluate(run, capsys, "--env", "gym:CartPole-v1")
+    assert result.returncode == 0 and "1 episodes: mean return" in result.stdout, result.stderr
+    assert not (run.parent.parent / "PWNED").exists()

@@ -92,7 +92,7 @@ def vouched_modules() -> set[str]:
     return {point.value.partition(":")[0].strip() for point in entry_points(group=ENV_ENTRY_POINTS)}
 
 
-def check_trusted_env_name(name: str, field: str, typed: Collection[str] = ()) -> None:
+def check_trusted_env_name(name: str, field: str, typed: Collection[str] = (), remedy: str | None = None) -> None:
     """Refuse an env name read from a file that would import a module we do not trust, before anything imports it.
 
     Trusted: a name the user typed on this command line (`typed`), modules under TRUSTED_ENV_PACKAGES (for
@@ -110,6 +110,6 @@ def check_trusted_env_name(name: str, field: str, typed: Collection[str] = ()) -
     raise ConfigError(
         f"{field} {name!r} would import {module!r}; a name read from a file may only import environment packages "
         f"Mettle trusts ({', '.join(TRUSTED_ENV_PACKAGES)}; for PettingZoo their {'/'.join(PETTINGZOO_FACTORIES)}) "
-        f"or a module a {ENV_ENTRY_POINTS!r} entry point names, so it was refused; if you trust it, pass "
-        f"--env {name} on the command line"
+        f"or a module a {ENV_ENTRY_POINTS!r} entry point names, so it was refused; if you trust it, "
+        f"{remedy or f'pass --env {name}'} on the command line"
     )

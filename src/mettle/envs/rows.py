@@ -270,6 +270,9 @@ class EpisodeLog:
             raise EnvStateError(f"saved episodes are for {len(starts)} instances of another row layout")
         longest = max((len(a) for a in actions), default=0)
         heads = next((a.shape[2] for a in actions if len(a)), 1)
+        if longest > MAX_LOGGED_SENDS or any(len(a) and a.shape[2] != heads for a in actions):
+            raise EnvStateError(f"saved episodes are {longest:,} steps long (at most {MAX_LOGGED_SENDS:,} are "
+                                "logged) or of mixed action heads: not a log this environment wrote")
         sends = np.zeros((longest, len(starts) * self.rows_per_instance, heads), dtype=np.int64)
         for i, episode in enumerate(actions):  # right-aligned: every episode ends at the last send
             if len(episode):

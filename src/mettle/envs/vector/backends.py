@@ -379,13 +379,9 @@ def _join_all(processes: Sequence[Any], timeout_s: float) -> None:
 
 
 def _stop_all(processes: Sequence[Any]) -> None:
-    """SIGTERM (and SIGCONT) the live ones, then SIGKILL whoever survives the grace period; reap all."""
+    """After the close message: SIGKILL whoever has not left within the grace period (workers ignore SIGTERM,
+    which is the trainer's to act on; SIGKILL also ends a stopped one); reap all."""
     started = [p for p in processes if p.pid is not None]
-    for process in started:
-        if process.is_alive():
-            process.terminate()
-            with contextlib.suppress(OSError):  # a stopped (SIGSTOP) worker acts on SIGTERM only once continued
-                os.kill(process.pid, signal.SIGCONT)
     _join_all(started, _GRACE_S)
     for process in started:
         if process.is_alive():

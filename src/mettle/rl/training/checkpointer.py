@@ -15,6 +15,7 @@ import re
 import shutil
 import stat
 import time
+import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -27,7 +28,7 @@ from safetensors.torch import save as save_safetensors
 
 from mettle import errors
 from mettle.agent.layers import check_size
-from mettle.files import atomic_write, fsync_dir
+from mettle.files import atomic_write, fsync_dir, is_plain_name
 from mettle.rl.training.component import TrainerComponent
 from mettle.rl.training.environment import PolicyEnvInfo
 
@@ -387,6 +388,8 @@ class ContextCheckpointer(TrainerComponent):
         """Stage every file, then rename; a failed write (disk full...) removes the staging dir and re-raises."""
         ctx = self.context
         staging = self.directory / f".staging-{final.name}"
+        if staging.is_symlink() or staging.is_file():  # never write through a link left where staging goes
+            staging.unlink()
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         try:
@@ -444,9 +447,11 @@ class ContextCheckpointer(TrainerComponent):
             self._set_aside(rejected)
             return path
         if rejected:
-            raise CheckpointError(f"no usable checkpoint in {self.directory}: {len(rejected)} damaged (newest: "
-                                  f"{rejected[0][1]}); restore one from a backup, or start over with --fresh (which "
-                                  "moves the run's files aside)", "none")
+            damage_only = all(problem.reason not in ("does-not-fit", "other-rank") for _, problem in rejected)
+            start_over = "start over with --fresh (which moves the run's files aside)" if damage_only \
+                else "train this configuration under another --run name"
+            raise CheckpointError(f"no usable checkpoint in {self.directory}: {len(rejected)} unusable (newest: "
+                                  f"{rejected[0][1]}); restore one from a backup, or {start_over}", "none")
         return None
 
     def _check_fits(self, state: Any, weights: dict[str, torch.Tensor], path: Path) -> None:
@@ -595,12 +600,6 @@ def check_entry(directory: Path, name: str, facts: dict[str, Any]) -> None:
                               '{"size": bytes, "sha256": 64 hex digits}', "bad-manifest")
 
 
-def is_plain_name(name: str) -> bool:
-    """One path component: no separator, not '.' or '..', not empty, no NUL."""
-    separators = ("/", "\0", *((os.altsep,) if os.altsep else ()))
-    return name not in ("", ".", "..") and not any(sep in name for sep in separators)
-
-
 def check_file(path: Path, facts: dict[str, Any]) -> None:
     """Size (from fstat, so a huge file is never hashed for nothing), then the sha256, match the manifest."""
     with open_regular(path) as handle:
@@ -728,6 +727,7 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any
 def load_trainer_state(path: Path) -> dict[str, Any]:
     """Load trainer state with `weights_only=True`, so a file carrying code is refused, never run."""
     with open_regular(path) as handle:
+        check_stored_only(handle, path)
         try:
             state: dict[str, Any] = torch.load(handle, map_location="cpu", weights_only=True)
         except Exception as error:  # truncated zip, EOF, bad magic... or the refusal (an UnpicklingError)
@@ -736,6 +736,21 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
                                       f"{refused_global(error)}, so it was not loaded", "refused-code") from None
             raise CheckpointError(f"cannot load {path}: {one_line(error)}", "unloadable-state") from None
     return state
+
+
+def check_stored_only(handle: IO[bytes], path: Path) -> None:
+    """torch.save never compresses: a compressed entry could inflate a small file into gigabytes, so it is damage."""
+    try:
+        with zipfile.ZipFile(handle) as archive:
+            packed = [info.filename for info in archive.infolist() if info.compress_type != zipfile.ZIP_STORED]
+    except (zipfile.BadZipFile, OSError, ValueError) as error:
+        raise CheckpointError(f"cannot load {path}: not a torch.save archive ({one_line(error)})",
+                              "unloadable-state") from None
+    finally:
+        handle.seek(0)
+    if packed:
+        raise CheckpointError(f"{path} holds compressed entries ({brief(packed[0])}), which torch.save never writes; "
+                              "it was not loaded", "unloadable-state")
 
 
 def refused_global(error: BaseException) -> str:
