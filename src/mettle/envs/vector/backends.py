@@ -379,9 +379,13 @@ def _join_all(processes: Sequence[Any], timeout_s: float) -> None:
 
 
 def _stop_all(processes: Sequence[Any]) -> None:
-    """After the close message: SIGKILL whoever has not left within the grace period (workers ignore SIGTERM,
-    which is the trainer's to act on; SIGKILL also ends a stopped one); reap all."""
+    """After the close message: SIGCONT the live ones (a stopped worker then reads it), SIGKILL whoever has not
+    left within the grace period (workers ignore SIGTERM, which is the trainer's to act on); reap all."""
     started = [p for p in processes if p.pid is not None]
+    for process in started:
+        if process.is_alive():
+            with contextlib.suppress(OSError):
+                os.kill(process.pid, signal.SIGCONT)
     _join_all(started, _GRACE_S)
     for process in started:
         if process.is_alive():
