@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mettle.config import ConfigError, RunConfig, build_run_config, parse_value
+from mettle.errors import exception_chain
 from mettle.files import is_plain_name
 from mettle.launch import COMMAND_ENV, EXIT_SIGNAL_BASE, ProcessDied, launch_torchrun, launched_rank, strip_option
 from mettle.recipes import recipe_for
@@ -423,15 +424,11 @@ def lost_peer(error: Exception, resume: str, run_dir: Path) -> int | None:
 
 def environment_failure(error: BaseException) -> str | None:
     """`[Errno 28] No space left on device: FILE` and the like, found anywhere in the exception chain."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in exception_chain(error):
         if isinstance(current, OSError) and current.errno in ENVIRONMENT_ERRNOS:
             return str(current)
         if "No space left on device" in str(current) or "errno 28" in str(current).lower():
             return f"[Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)} ({str(current).splitlines()[0][:200]})"
-        current = current.__cause__ or current.__context__
     return None
 
 

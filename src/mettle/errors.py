@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -21,3 +22,13 @@ def one_line(error: BaseException, *, with_type: bool = False, first_line: bool 
     if not text:
         return type(error).__name__
     return f"{type(error).__name__}: {text}" if with_type else text
+
+
+def exception_chain(error: BaseException) -> Iterator[BaseException]:
+    """`error`, then its cause (or context), and so on, each once: where the real failure of a wrapped one is."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__

@@ -24,15 +24,8 @@ class CollectiveError(RuntimeError):
 
 def collective_failure(error: BaseException) -> bool:
     """Whether `error` (or its cause) is a failed collective: ours, or one inside DDP's backward (gloo, NCCL)."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        text = str(current)
-        if isinstance(current, CollectiveError | dist.DistError) or "gloo/transport" in text or "NCCL" in text:
-            return True
-        current = current.__cause__ or current.__context__
-    return False
+    return any(isinstance(current, CollectiveError | dist.DistError) or "gloo/transport" in str(current)
+               or "NCCL" in str(current) for current in errors.exception_chain(error))
 
 
 def backend_reason(error: BaseException) -> str:
