@@ -375,7 +375,7 @@ def move_aside(run_dir: Path, names: list[str]) -> Path:
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     target, suffix = run_dir / f"previous-{stamp}", 1
-    while target.exists():
+    while target.exists() or target.is_symlink():  # a dangling link counts as taken
         suffix += 1
         target = run_dir / f"previous-{stamp}-{suffix}"
     target.mkdir()

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mettle.agent.layers import MAX_WIDTH
 from mettle.errors import ConfigError
 
 __all__ = ["ConfigError", "EnvConfig", "PolicyConfig", "RunConfig", "build_run_config", "fit_run_config"]
@@ -53,7 +54,7 @@ class PolicyConfig(_Config):
 
     kind: Literal["mlp", "lstm", "token"] = "mlp"
     """mlp: feed-forward; lstm: recurrent (BPTT over bptt_horizon); token: MettaGrid token encoder + LSTM."""
-    hidden_size: int = Field(64, gt=0, le=8192)
+    hidden_size: int = Field(64, gt=0, le=MAX_WIDTH)
     """Width of hidden layers (and of the LSTM state)."""
 
 
