@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml
 train: setup
 	$(BIN)/mettle train $(ARGS)
 
+# pyproject.toml's addopts leave out the slow tests; PYTEST_ARGS="-m slow" runs only those.
 test: setup
-	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check src tests bench

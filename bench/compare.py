@@ -34,7 +34,7 @@ from compare_report import render_markdown
 from compare_tasks import CARTPOLE_THRESHOLD, RETURN_WINDOW, SB3_ZOO_CARTPOLE, TASKS, Task, parse_tasks
 
 WORKER = Path(__file__).with_name("compare_workers.py")
-QUICK_STEPS = {"cartpole8": 8192, "cartpole64": 16384, "arena": 12288}
+QUICK_STEPS = {"cartpole8": 8192, "cleanrl8": 8192, "cartpole64": 16384, "arena": 12288}
 """Agent steps per throughput run under --quick (a smoke run, not a measurement)."""
 RAW_FACTOR = 4
 """Raw-env runs take this many times the training steps: they are fast, and longer runs include resets."""

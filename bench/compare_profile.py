@@ -75,7 +75,7 @@ def instrument(trainer: Any, timers: Timers) -> None:
 
     policy_cls = type(trainer.context.policy)
     timers.wrap(policy_cls, "forward", phase("policy forward"))
-    timers.wrap(distributions.MultiCategorical, "sample", phase("policy forward.sample"))
+    timers.wrap(distributions, "sample", phase("policy forward.sample"))  # acting: act() draws through it
     timers.wrap(distributions.MultiCategorical, "entropy", phase("policy forward.entropy"))
     timers.wrap(Experience, "store_decision", "rollout.buffer writes")
     timers.wrap(Experience, "store_outcome", "rollout.buffer writes")

@@ -56,6 +56,15 @@ TASKS: dict[str, Task] = {
         sb3=True,
         solve=True,
     ),
+    "cleanrl8": Task(
+        name="cleanrl8",
+        env="gym:CartPole-v1",
+        num_envs=8,
+        overrides=("batch_size=1024", "minibatch_size=256", "update_epochs=4"),
+        sps_steps=49_152,
+        sb3=True,
+        solve=False,
+    ),
     "cartpole64": Task(
         name="cartpole64",
         env="gym:CartPole-v1",
@@ -75,7 +84,8 @@ TASKS: dict[str, Task] = {
         solve=False,
     ),
 }
-"""cartpole8 is the CLASSIC_CONTROL recipe as is; cartpole64 keeps its 128 steps per env and 4 minibatches."""
+"""cartpole8 is the CLASSIC_CONTROL recipe as is; cleanrl8 is CleanRL's default PPO layout (8 envs x 128 steps,
+4 minibatches, 4 update epochs); cartpole64 keeps 128 steps per env and 4 minibatches."""
 
 
 def parse_tasks(text: str) -> list[Task]:

@@ -92,9 +92,9 @@ def mettle_phases(gradient: str = "auto") -> tuple[Callable[[], None], Callable[
     spec = {"task": TASKS["cartpole8"].as_dict(), "steps": 10**9, "seed": 0, "overrides": overrides}
     cfg = mettle_config(spec)
     _, trainer = build_mettle(cfg)
-    core = trainer.core_loop
-    core.rollout_phase()
-    return core.rollout_phase, core.training_phase, cfg.trainer.update_epochs * cfg.trainer.minibatches_per_epoch
+    trainer.rollout_phase()
+    return (trainer.rollout_phase, trainer.core_loop.training_phase,
+            cfg.trainer.update_epochs * cfg.trainer.minibatches_per_epoch)
 
 
 def timed(fn: Callable[[], None], calls: int = 1) -> float:

@@ -1,11 +1,22 @@
-"""Fixtures shared across the test tree (one copy of each; a test module opts in by name)."""
+"""Fixtures shared across the test tree (one copy of each; a test module opts in by name), and one torch thread.
+
+The whole suite, and every process it starts, runs torch on one thread (OMP_NUM_THREADS=1, set before torch is
+imported): the models are tiny, the machine is shared, and a second spinning thread costs far more than it brings
+(`mettle eval` of a CartPole MLP on a busy 2-core machine: 4.1 s on two threads, 0.04 s on one). Training already
+defaults to one (`torch_threads=1`); a test that wants more threads sets them itself.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
+
+torch.set_num_threads(1)  # in case torch was imported before this file (a plugin)
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run directory as `mettle train` leaves it, holding an untrained token policy for a tiny arena."""
     from mettle.agent.registry import build_policy
     from mettle.envs.mettagrid import make_mettagrid_environment
-    from mettle.rl.training.checkpointer import save_policy
+    from mettle.rl.policy_files import save_policy
 
     run = tmp_path_factory.mktemp("run")
     cfg = RunConfig(env=EnvConfig(name="mettagrid:arena", num_envs=1, kwargs=ARENA),

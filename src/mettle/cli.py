@@ -349,7 +349,8 @@ def earlier_run_files(run_dir: Path) -> list[str]:
 
 def check_earlier_run(args: argparse.Namespace, run_name: str, run_dir: Path) -> bool:
     """Whether to start over (--fresh on a run with no intact checkpoint); refuse to train over an earlier run."""
-    from mettle.rl.training.checkpointer import list_checkpoints, newest_intact_checkpoint
+    from mettle.rl.policy_files import list_checkpoints
+    from mettle.rl.training.checkpointer import newest_intact_checkpoint
 
     leftovers = earlier_run_files(run_dir)
     if not leftovers:
@@ -434,7 +435,7 @@ def environment_failure(error: BaseException) -> str | None:
 
 def resume_hint(resume: str, run_dir: Path) -> str:
     """`resume with: CMD; <which checkpoint>`, or how to start over when no checkpoint was written (resume refuses)."""
-    from mettle.rl.training.checkpointer import list_checkpoints
+    from mettle.rl.policy_files import list_checkpoints
 
     if list_checkpoints(run_dir / "checkpoints") or not earlier_run_files(run_dir):
         return f"resume with: {resume}; {intact(run_dir)}"
@@ -443,7 +444,8 @@ def resume_hint(resume: str, run_dir: Path) -> str:
 
 def intact(run_dir: Path) -> str:
     """Which checkpoint a resume will start from: the newest that verifies (read-only), not merely the newest."""
-    from mettle.rl.training.checkpointer import list_checkpoints, newest_intact_checkpoint
+    from mettle.rl.policy_files import list_checkpoints
+    from mettle.rl.training.checkpointer import newest_intact_checkpoint
 
     checkpoints = list_checkpoints(run_dir / "checkpoints")
     if not checkpoints:
@@ -462,7 +464,7 @@ def run_training(cfg: RunConfig, run_name: str, run_dir: Path, distributed: Dist
     Returns 0 when done, 128+N when signal N stopped the run (after its checkpoint).
     """
     from mettle.files import atomic_write
-    from mettle.rl.training.checkpointer import save_policy
+    from mettle.rl.policy_files import save_policy
     from mettle.run import build_run
 
     master = distributed.is_master()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import sys
@@ -9,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mettle.files import NotRegularFileError, open_regular
 
 METRICS_FILE = "metrics.jsonl"
 REPORT_DIR = "report"
@@ -80,13 +83,15 @@ def _number(value: Any) -> float | None:
 def load_metrics(run_dir: Path) -> RunMetrics:
     """Read run_dir/metrics.jsonl, skipping malformed lines and superseding steps a resumed run repeated."""
     path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
+    metrics = RunMetrics(path)
+    try:
+        raw = open_regular(path, follow_symlinks=True)  # a FIFO would block the read
+    except (FileNotFoundError, NotRegularFileError):
         raise MissingMetricsError(
             f"no metrics file at {path}: a report needs the run's {METRICS_FILE}, which the StatsReporter writes "
             "during training (train with metrics logging enabled, or point at the run directory that holds it)"
-        )
-    metrics = RunMetrics(path)
-    with open(path, encoding="utf-8", errors="replace") as handle:
+        ) from None
+    with io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as handle:
         for line in handle:
             if line.strip():
                 _add_line(metrics, line)
@@ -224,10 +229,9 @@ def summarize_run(run_dir: Path) -> str:
 
 def _config_label(run_dir: Path) -> str:
     """' (env X, policy Y)' from config.json when the run has a readable one."""
-    if not (run_dir / "config.json").is_file():  # absent, or a FIFO that would block the read
-        return ""
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
+    try:  # absent, or a FIFO that would block the read: no label
+        with open_regular(run_dir / "config.json", follow_symlinks=True) as handle:
+            config = json.loads(handle.read())
         return f" (env {config['env']['name']}, policy {config['policy']['kind']})"
     except (OSError, ValueError, KeyError, TypeError):
         return ""

@@ -26,10 +26,11 @@ from mettle.config import ConfigError, RunConfig, fit_run_config, format_validat
 from mettle.contracts import PolicyEnvInfo, TrainingEnvironment
 from mettle.envs.factory import check_trusted_env_name, make_environment
 from mettle.errors import one_line
+from mettle.files import NotRegularFileError, open_regular
 from mettle.rl.loss import Loss
+from mettle.rl.policy_files import CheckpointError, newest_usable_policy
 from mettle.rl.trainer import Trainer
 from mettle.rl.training import ContextCheckpointer, DistributedHelper, TrainerComponent
-from mettle.rl.training.checkpointer import CheckpointError, newest_usable_policy
 from mettle.rl.training.components.gradients import GradientReporter
 from mettle.rl.training.components.heartbeat import Heartbeat
 from mettle.rl.training.components.monitor import Monitor
@@ -196,10 +197,11 @@ def load_run_config(path: Path, typed_envs: Collection[str] = (), env_name: str 
 def read_config_file(file: Path) -> RunConfig:
     """Parse and validate one config.json; a link, an unreadable, truncated or invalid file is one line."""
     restore = "restore it from a backup, or start a new run with another --run name"
-    if file.is_symlink() or not file.is_file():
-        raise ConfigError(f"{file} is not a regular file (a link or a directory); {restore}")
     try:
-        text = file.read_bytes().decode()
+        with open_regular(file) as handle:
+            text = handle.read().decode()
+    except NotRegularFileError as error:
+        raise ConfigError(f"{error}; {restore}") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"cannot read {file}: {one_line(error)}; {restore}") from None
     try:

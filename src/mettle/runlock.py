@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
 import socket
-import stat
 from pathlib import Path
 from typing import Any
 
 from mettle.config import ConfigError
+from mettle.files import NotRegularFileError, open_regular_fd
 
 LOCK_NAME = ".lock"
 _HELD: set[int] = set()
@@ -100,15 +99,9 @@ def open_lock_file(path: Path) -> int:
     refuse = (f"lock {path} is not a regular file (a symbolic link or something else was put there); "
               "remove it and retry")
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
-    except OSError as error:
-        if error.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
-            raise ConfigError(refuse) from None
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ConfigError(refuse)
-    return fd
+        return open_regular_fd(path, os.O_RDWR | os.O_CREAT)
+    except NotRegularFileError:
+        raise ConfigError(refuse) from None
 
 
 def read_holder(fd: int) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.distributions import Categorical
 
-from mettle.agent import LSTMPolicy, MLPPolicy, Policy, TensorSpec, build_policy, policy_from_spec
+from mettle.agent import LSTMPolicy, MLPPolicy, Policy, TensorSpec, build_policy, policy_from_spec, policy_spec
 from mettle.agent.distributions import MultiCategorical
 from mettle.agent.lstm import chunk_bounds
 from mettle.rl.training.environment import PolicyEnvInfo
@@ -158,9 +158,9 @@ def test_non_box_observation_space_is_rejected(policy_cls: type[Policy]) -> None
         policy_cls().initialize_to_environment(info, "cpu")
 
 
-def test_mlp_rebuild_spec_round_trip() -> None:
+def test_mlp_policy_spec_round_trip() -> None:
     policy = make_mlp((4,), (3, 2, 4), num_layers=3)
-    spec = json.loads(json.dumps(policy.rebuild_spec()))
+    spec = json.loads(json.dumps(policy_spec(policy)))
     assert spec == {
         "class": "mlp",
         "kwargs": {"hidden_size": 32, "num_layers": 3, "shared_torso": False},
@@ -333,7 +333,7 @@ def test_lstm_experience_spec_and_bad_memory() -> None:
 
 def test_lstm_rebuild_gives_identical_outputs() -> None:
     policy = make_lstm(seed=7)
-    spec = json.loads(json.dumps(policy.rebuild_spec()))
+    spec = json.loads(json.dumps(policy_spec(policy)))
     clone = policy_from_spec(spec)
     assert isinstance(clone, LSTMPolicy)
     clone.initialize_to_environment(make_info((4,), (3, 2)), "cpu")

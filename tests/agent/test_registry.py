@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from mettle.agent import MLPPolicy, register_policy, registry
-from mettle.agent.registry import policy_from_spec
-from mettle.rl.training.checkpointer import CheckpointError, load_policy, save_policy
+from mettle.agent.registry import policy_from_spec, policy_spec
+from mettle.rl.policy_files import CheckpointError, load_policy, save_policy
 from mettle.rl.training.environment import PolicyEnvInfo
 
 INFO = PolicyEnvInfo(gym.spaces.Box(-1.0, 1.0, (4,), np.float32), gym.spaces.Discrete(3))
@@ -31,8 +31,8 @@ class WidePolicy(MLPPolicy):
         super().__init__(hidden_size=width)
         self.width = width
 
-    def rebuild_spec(self) -> dict[str, Any]:
-        return {"class": registry.policy_name(type(self)), "kwargs": {"width": self.width}}
+    def constructor_kwargs(self) -> dict[str, Any]:
+        return {"width": self.width}
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +55,7 @@ def test_registered_user_policy_round_trips_through_files(tmp_path: Path) -> Non
 
 def test_unregistered_policy_is_one_line_naming_the_fix(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"not registered.*register_policy"):
-        WidePolicy().rebuild_spec()
+        policy_spec(WidePolicy())
     register_policy("wide", WidePolicy)
     policy = WidePolicy()
     policy.initialize_to_environment(INFO, "cpu")
@@ -72,7 +72,7 @@ def test_built_in_names_and_old_class_paths_load_without_imports() -> None:
     for name, cls in [("mlp", "mettle.agent.mlp:MLPPolicy"), ("lstm", "mettle.agent.lstm:LSTMPolicy"),
                       ("token", "mettle.agent.token:TokenPolicy")]:
         assert type(policy_from_spec({"class": name})) is type(policy_from_spec({"class": cls}))
-    assert MLPPolicy().rebuild_spec()["class"] == "mlp"
+    assert policy_spec(MLPPolicy())["class"] == "mlp"
 
 
 @pytest.mark.parametrize("name", ["this:Foo", "torch.nn:Linear", "os:system", "mettle.agent.mlp.MLPPolicy"])
@@ -86,7 +86,7 @@ def test_spec_names_are_never_imported(name: str) -> None:
 def test_hostile_spec_in_cwd_never_runs(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     (tmp_path / "evilmod.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass X: pass\n")
-    code = ("import sys\nfrom mettle.agent.registry import policy_from_spec\n"
+    code = ("import sys\nfrom mettle.agent.registry import policy_from_spec, policy_spec\n"
             "try:\n    policy_from_spec({'class': 'evilmod:X'})\nexcept ValueError as e:\n    print(e)\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -101,7 +101,7 @@ def test_entry_point_policies_are_found_by_name(monkeypatch: pytest.MonkeyPatch)
     point = importlib.metadata.EntryPoint("wide", "mettle_test_plugin:WidePolicy", registry.ENTRY_POINT_GROUP)
     monkeypatch.setattr(registry, "entry_points", lambda group: [point] if group == registry.ENTRY_POINT_GROUP else [])
     assert type(policy_from_spec({"class": "wide", "kwargs": {"width": 8}})) is WidePolicy
-    assert WidePolicy().rebuild_spec()["class"] == "wide"
+    assert policy_spec(WidePolicy())["class"] == "wide"
 
 
 def test_register_policy_refuses_clashes_and_non_policies() -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch._dynamo
 
-from mettle.agent import TensorSpec, build_policy, policy_from_spec
+from mettle.agent import TensorSpec, build_policy, policy_from_spec, policy_spec
 from mettle.agent.token import TokenPolicy, feature_normalizations, max_pool_distinct
 from mettle.rl.training.environment import PolicyEnvInfo
 
@@ -170,7 +170,7 @@ def test_rebuild_gives_identical_outputs(core: str) -> None:
     torch.manual_seed(7)
     policy = TokenPolicy(hidden_size=16, embed_size=8, core=core, pooling="attention", num_heads=2, token_layers=1)
     policy.initialize_to_environment(make_info(nvec=(4, 3), extras=extras), "cpu")
-    spec = json.loads(json.dumps(policy.rebuild_spec()))
+    spec = json.loads(json.dumps(policy_spec(policy)))
     assert spec["class"] == "token" and spec["kwargs"]["core"] == core
     clone = policy_from_spec(spec)
     assert isinstance(clone, TokenPolicy)

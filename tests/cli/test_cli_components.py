@@ -10,7 +10,8 @@ import pytest
 from cli_helpers import run_mettle
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mettle.rl.training.checkpointer import list_checkpoints, read_checkpoint
+from mettle.rl.policy_files import list_checkpoints
+from mettle.rl.training.checkpointer import read_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 from cli_helpers import run_mettle
 
 from mettle.cli import main
-from mettle.rl.training.checkpointer import list_checkpoints, write_manifest
+from mettle.rl.policy_files import list_checkpoints, write_manifest
 
 EVAL = ["--episodes", "3", "--json"]
 

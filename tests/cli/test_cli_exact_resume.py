@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mettle.rl.training.checkpointer import list_checkpoints
+from mettle.rl.policy_files import list_checkpoints
 
 TIMING_KEYS = ("time", "performance/steps_per_second")
 """What differs between two runs of the same training: wall-clock figures."""
@@ -22,7 +22,7 @@ TIMING_KEYS = ("time", "performance/steps_per_second")
 
 def train_args(run: str, run_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "mettle", "train", "--run", run, "--run-dir", str(run_dir), *extra,
-            "total_timesteps=8192", "checkpoint_interval=3", "progress_interval_s=0.01"]
+            "checkpoint_interval=3", "progress_interval_s=0.01"]
 
 
 def run_to_end(run: str, run_dir: Path, *extra: str) -> None:
@@ -62,14 +62,16 @@ def tensorboard_returns(run_dir: Path) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in events.Scalars("environment/episode_return")]
 
 
+# Six or eight epochs, checkpoints every third: killed once epoch 4 is logged, a run has checkpoint 3 and an epoch
+# after it (two epochs short of the next checkpoint), and its rerun trains from 3 to the end.
 @pytest.mark.parametrize("env", [
-    ["--env", "gym:CartPole-v1"],
+    ["--env", "gym:CartPole-v1", "total_timesteps=4096"],
     ["--env", "pettingzoo:mpe2.simple_spread_v3:parallel_env", "env.num_envs=4", "env.vectorization=multiprocess",
-     "env.num_workers=2", "batch_size=768", "minibatch_size=384", "bptt_horizon=16"],
+     "env.num_workers=2", "batch_size=768", "minibatch_size=384", "bptt_horizon=16", "total_timesteps=4608"],
 ], ids=["cartpole", "mpe2-workers"])
 def test_killed_and_rerun_equals_never_killed(tmp_path: Path, env: list[str]) -> None:
     run_to_end("straight", tmp_path, *env)
-    kill_after_logging("killed", tmp_path, 7, *env)
+    kill_after_logging("killed", tmp_path, 4, *env)
     run_to_end("killed", tmp_path, *env)
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"

@@ -44,16 +44,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mettle.rl.training.checkpointer import (
+from mettle.rl.policy_files import (
     MANIFEST,
     POLICY_SPEC,
     POLICY_WEIGHTS,
-    TRAINER_STATE,
     CheckpointError,
     list_checkpoints,
     verify_manifest,
     write_manifest,
 )
+from mettle.rl.training.checkpointer import TRAINER_STATE
 
 CASES = int(os.environ.get("METTLE_FUZZ_CASES", "200"))
 SEED = int(os.environ.get("METTLE_FUZZ_SEED", "0"))

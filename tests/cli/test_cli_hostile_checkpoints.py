@@ -25,7 +25,8 @@ from safetensors.torch import save as save_safetensors
 from mettle.cli import intact, main
 from mettle.config import build_run_config
 from mettle.rl.loss import Kickstarter
-from mettle.rl.training.checkpointer import list_checkpoints, read_checkpoint, write_manifest
+from mettle.rl.policy_files import list_checkpoints, write_manifest
+from mettle.rl.training.checkpointer import read_checkpoint
 from mettle.run import build_run
 
 EVAL = ["--episodes", "3", "--json"]

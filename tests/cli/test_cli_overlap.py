@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -44,16 +43,13 @@ def test_a_killed_actor_ends_training_with_an_error_naming_it(tmp_path: Path) ->
         assert names == ["mettle-actor", "mettle-env-0", "mettle-env-1"], names  # and multiprocessing's tracker
         actor = next(child for child in run if child.name() == "mettle-actor")
         actor.send_signal(signal.SIGKILL)
-        start = time.monotonic()
-        code = process.wait(timeout=60)
-        elapsed = time.monotonic() - start
+        code = process.wait(timeout=60)  # raises if the learner is still running a minute later
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     stderr_text = err.read_text()
-    assert code != 0 and elapsed < 60, (code, elapsed)
-    assert code == 1 and "Traceback" not in stderr_text, stderr_text[-2000:]
+    assert code == 1 and "Traceback" not in stderr_text, (code, stderr_text[-2000:])
     command = r"python\S* -m mettle train --run ov .*"
     assert re.fullmatch(rf"mettle: error: actor process \(pid {actor.pid}\) was killed by SIGKILL; (resume with: "
                         rf"{command}; the last checkpoint \S+ is intact|no checkpoint was written yet, so start over "

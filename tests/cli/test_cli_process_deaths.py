@@ -14,7 +14,9 @@ import pytest
 from cli_helpers import wait_until
 from test_cli_robustness import CARTPOLE, LONG, finish, one_error_line, start, wait_for_epoch
 
-from mettle.rl.training.checkpointer import list_checkpoints, read_checkpoint
+from conftest import InProcess
+from mettle.rl.policy_files import list_checkpoints
+from mettle.rl.training.checkpointer import read_checkpoint
 
 
 def children(pid: int) -> list[int]:
@@ -90,18 +92,27 @@ def test_a_killed_env_worker_is_one_line_naming_it_with_the_resume_command(tmp_p
     assert wait_until(lambda: not any(alive(pid) for pid in everyone), 10), [comm(p) for p in everyone if alive(p)]
 
 
-@pytest.mark.parametrize("override", ["batch_size=abc", "nosuchkey=1", "batch_size=1000"])
-def test_bad_input_under_nproc_is_one_line_and_exit_2(tmp_path: Path, override: str) -> None:
-    """The launcher checks the command line before torchrun starts; what only a rank can check, rank 0 says once."""
+@pytest.mark.parametrize("override", ["batch_size=abc", "nosuchkey=1"])
+def test_bad_input_under_nproc_is_one_line_and_exit_2_before_torchrun(tmp_path: Path, override: str,
+                                                                     mettle_here: InProcess) -> None:
+    """The launcher checks the command line before torchrun starts (so this process can run it: nothing is launched)."""
+    result = mettle_here("train", "--nproc", "2", "--run", "r", "--run-dir", str(tmp_path), *CARTPOLE, override,
+                         cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    one_error_line(result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "launching" not in result.stdout and not (tmp_path / "r").exists()
+
+
+def test_a_batch_only_a_rank_can_check_is_one_line_from_rank_zero_and_exit_2(tmp_path: Path) -> None:
+    """A batch that does not fit the env's rows is known only once a rank builds it: rank 0 says it, once."""
     result = subprocess.run([sys.executable, "-m", "mettle", "train", "--nproc", "2", "--run", "r", "--run-dir",
-                             str(tmp_path), *CARTPOLE, override], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=120)
+                             str(tmp_path), *CARTPOLE, "batch_size=1000"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     one_error_line(result.stderr)
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "OMP_NUM_THREADS" not in result.stderr and "torch/distributed" not in result.stderr
-    if override != "batch_size=1000":  # a batch that does not fit the env's rows is known only once it is built
-        assert "launching" not in result.stdout and not (tmp_path / "r").exists()
 
 
 def test_a_killed_rank_is_one_line_from_the_launcher_and_every_rank_ends(tmp_path: Path) -> None:

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 from cli_helpers import run_mettle
 
-from mettle.rl.training.checkpointer import list_checkpoints, read_checkpoint
+from conftest import InProcess
+from mettle.rl.policy_files import list_checkpoints
+from mettle.rl.training.checkpointer import read_checkpoint
 
 FAST = ["--env", "gym:CartPole-v1", "total_timesteps=4096", "progress_interval_s=0.01", "checkpoint_interval=1"]
 
@@ -24,7 +26,7 @@ def newest_step(run_dir: Path) -> int:
     return int(state["trainer"]["agent_step"])
 
 
-def test_resume_applies_compatible_overrides_and_refuses_the_rest(tmp_path: Path) -> None:
+def test_resume_applies_compatible_overrides_and_refuses_the_rest(tmp_path: Path, mettle_here: InProcess) -> None:
     first = run_mettle("train", "--run", "r", "--run-dir", str(tmp_path), *FAST, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert newest_step(tmp_path / "r") == 4096
@@ -36,18 +38,20 @@ def test_resume_applies_compatible_overrides_and_refuses_the_rest(tmp_path: Path
     saved = json.loads((tmp_path / "r" / "config.json").read_text())
     assert saved["trainer"]["total_timesteps"] == 6144 and saved["checkpoint_interval"] == 1
 
-    other_env = run_mettle("train", "--run", "r", "--run-dir", str(tmp_path), "--env", "gym:Acrobot-v1", cwd=tmp_path)
+    # refusals and eval end before any training: run in this process, as new ones would only add imports
+    other_env = mettle_here("train", "--run", "r", "--run-dir", str(tmp_path), "--env", "gym:Acrobot-v1", cwd=tmp_path)
     assert other_env.returncode == 2
     assert "cannot resume: env.name was 'gym:CartPole-v1'" in other_env.stderr
-    other_policy = run_mettle("train", "--run", "r", "--run-dir", str(tmp_path), "--policy", "lstm", cwd=tmp_path)
+    other_policy = mettle_here("train", "--run", "r", "--run-dir", str(tmp_path), "--policy", "lstm", cwd=tmp_path)
     assert other_policy.returncode == 2 and "cannot resume: policy" in other_policy.stderr
 
-    fresh = run_mettle("train", "--run", "r", "--run-dir", str(tmp_path), "--fresh", cwd=tmp_path)
+    fresh = mettle_here("train", "--run", "r", "--run-dir", str(tmp_path), "--fresh", cwd=tmp_path)
     assert fresh.returncode == 2 and "--fresh refuses to resume" in fresh.stderr
+    assert all(len(result.stderr.splitlines()) == 1 for result in (other_env, other_policy, fresh))
     assert newest_step(tmp_path / "r") == 6144, "refusals change nothing"
 
-    evaluated = run_mettle("eval", str(list_checkpoints(tmp_path / "r" / "checkpoints")[-1]), "--episodes", "2",
-                       "--json", cwd=tmp_path)
+    evaluated = mettle_here("eval", str(list_checkpoints(tmp_path / "r" / "checkpoints")[-1]), "--episodes", "2",
+                            "--json", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(evaluated.stdout.splitlines()[-1])["episodes"] == 2
 

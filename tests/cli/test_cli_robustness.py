@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from mettle.rl.training.checkpointer import list_checkpoints, read_checkpoint
+from conftest import InProcess
+from mettle.rl.policy_files import list_checkpoints
+from mettle.rl.training.checkpointer import read_checkpoint
 
 CARTPOLE = ["--env", "gym:CartPole-v1", "progress_interval_s=0.01"]
 LONG = [*CARTPOLE, "total_timesteps=100000000"]
@@ -162,9 +164,8 @@ def catches(pid: int, sig: signal.Signals) -> bool:
 
 
 @pytest.mark.parametrize("nproc", ["0", "-1"])
-def test_nproc_below_one_is_refused(tmp_path: Path, nproc: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "mettle", "train", "--nproc", nproc, "--run-dir", str(tmp_path)],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+def test_nproc_below_one_is_refused(tmp_path: Path, nproc: str, mettle_here: InProcess) -> None:
+    result = mettle_here("train", "--nproc", nproc, "--run-dir", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 2
     assert one_error_line(result.stderr) == (f"mettle: error: --nproc {nproc} must be at least 1 "
                                              "(the number of ranks on this machine)")

@@ -22,7 +22,8 @@ from mettle import files
 from mettle.cli import RUN_RECORDS, main, resume_hint
 from mettle.config import ConfigError
 from mettle.envs.factory import check_trusted_env_name
-from mettle.rl.training.checkpointer import CheckpointError, load_trainer_state, write_manifest
+from mettle.rl.policy_files import CheckpointError, write_manifest
+from mettle.rl.training.checkpointer import load_trainer_state
 from mettle.rl.training.components.progress import format_duration
 
 CARTPOLE = ["--env", "gym:CartPole-v1", "progress_interval_s=100"]

@@ -9,11 +9,11 @@ import pytest
 
 from mettle.agent.registry import build_policy
 from mettle.envs.testing import BanditEnvironment
+from mettle.rl.hyperparameters import Hyperparameters
 from mettle.rl.trainer import Trainer
 from mettle.rl.trainer_config import TrainerConfig
 from mettle.rl.training import DistributedHelper, EpochStats, TrainerComponent, TrainerState
 from mettle.rl.training.components.autotuner import AutotunerConfig, UpdateEpochsAutotuner
-from mettle.rl.training.context import Hyperparameters
 
 HIGH_KL = (0.1, 0.1)  # approx_kl above kl_high
 HIGH_CLIP = (0.01, 0.5)  # clipfrac above clipfrac_high

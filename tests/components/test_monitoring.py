@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from mettle.rl.trainer_config import TrainerConfig
 from mettle.rl.training.component import TrainerComponent
 from mettle.rl.training.components.gradients import GradientConfig, GradientReporter, gradient_stats
 from mettle.rl.training.components.heartbeat import Heartbeat, HeartbeatConfig, read_heartbeat
-from mettle.rl.training.components.monitor import Monitor, MonitorConfig, rss_bytes
+from mettle.rl.training.components.monitor import CpuSampler, Monitor, MonitorConfig, rss_bytes
 from mettle.rl.training.components.profiler import ProfilerConfig, TorchProfiler
 
 STEPS_PER_EPOCH = 64
@@ -57,7 +59,7 @@ def test_heartbeat_is_rewritten_every_epoch_atomically(tmp_path: Path) -> None:
     final = read_heartbeat(path)
     assert final is not None and final["status"] == "complete"
     assert final["agent_step"] == trainer.context.state.agent_step and final["epoch"] == 4
-    assert isinstance(final["time"], float)
+    assert isinstance(final["time"], float) and abs(final["time"] - time.time()) < 60  # a wall-clock stamp
     assert heartbeat.beats == 6  # start, 4 epochs, complete
     assert sorted(p.name for p in path.parent.iterdir()) == ["heartbeat.json"]  # no temp files left
 
@@ -79,23 +81,47 @@ def test_heartbeat_interval_and_failure_status(tmp_path: Path) -> None:
     assert heartbeat.beats == 3  # start, epoch 2, failure
 
 
-def test_monitor_reports_plausible_cpu_and_memory() -> None:
+def vm_rss_mb() -> float:
+    """This process's resident set from /proc/self/status, read here rather than through the monitor."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def process_cpu_seconds() -> float:
+    """User plus system CPU time of this process."""
+    times = os.times()
+    return times.user + times.system
+
+
+@pytest.mark.parametrize("use_psutil", [True, False], ids=["psutil", "proc"])
+def test_monitor_reports_this_process_memory_and_no_gpu_on_cpu(use_psutil: bool) -> None:
     trainer = make_trainer(epochs=2)
-    monitor = trainer.register(Monitor())
+    monitor = trainer.register(Monitor(use_psutil=use_psutil))
     trainer.train()
     latest = monitor.latest
     assert {"monitor/cpu_percent", "monitor/system_cpu_percent", "monitor/rss_mb"} <= latest.keys()
-    assert 10 < latest["monitor/rss_mb"] < 1_000_000
-    assert latest["monitor/cpu_percent"] >= 0 and 0 <= latest["monitor/system_cpu_percent"] <= 100.0001
+    assert latest["monitor/rss_mb"] == pytest.approx(vm_rss_mb(), rel=0.2)
     assert not any(key.startswith("monitor/gpu") for key in latest)  # cpu device
+    assert abs(rss_bytes(use_psutil=False) - rss_bytes()) / rss_bytes() < 0.05  # /proc agrees with psutil
 
 
-def test_monitor_fallback_without_psutil() -> None:
-    trainer = make_trainer(epochs=2)
-    monitor = trainer.register(Monitor(use_psutil=False))
-    trainer.train()
-    assert monitor.latest["monitor/rss_mb"] > 10 and monitor.latest["monitor/cpu_percent"] >= 0
-    assert abs(rss_bytes(use_psutil=False) - rss_bytes()) / rss_bytes() < 0.5  # /proc agrees with psutil
+@pytest.mark.parametrize("use_psutil", [True, False], ids=["psutil", "proc"])
+def test_cpu_percent_is_the_cpu_time_spent_since_the_previous_sample(use_psutil: bool) -> None:
+    """0.3 s of busy loop and 0.1 s asleep: ~75% of a core on an idle machine, whatever share a loaded one gives."""
+    sampler = CpuSampler(use_psutil)
+    sampler.reset()
+    wall, cpu = time.monotonic(), process_cpu_seconds()
+    while process_cpu_seconds() - cpu < 0.3:
+        pass
+    time.sleep(0.1)
+    expected = 100 * (process_cpu_seconds() - cpu) / (time.monotonic() - wall)
+    busy = sampler.sample()
+    assert busy["monitor/cpu_percent"] == pytest.approx(expected, abs=10), (busy, expected)
+    # the machine was at least as busy as this process: its share of all the CPUs
+    assert expected / (os.cpu_count() or 1) - 10 <= busy["monitor/system_cpu_percent"] <= 100.0001, (busy, expected)
+    time.sleep(0.3)
+    idle = sampler.sample()
+    assert idle["monitor/cpu_percent"] < 10, idle  # the next sample covers only the sleep
 
 
 def test_gradient_reporter_matches_direct_computation() -> None:

@@ -89,7 +89,7 @@ def main() -> None:
               "checksums": recorder.checksums, "epochs": recorder.epochs, "final": checksum(trainer.context.policy),
               "weights": torch.cat([p.detach().reshape(-1) for p in trainer.context.policy.parameters()]).tolist(),
               "agent_step": trainer.context.state.agent_step, "pid": os.getpid(),
-              "overlapped": trainer.core_loop.overlapped}
+              "overlapped": trainer.overlapped}
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(record))
     distributed.cleanup(synchronize=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -250,9 +251,30 @@ def test_reset_while_running_keeps_block_valid(sw: Stopwatch, clock: FakeClock) 
     assert sw.count("x") == 1
 
 
+def test_blocks_entered_again_and_again_time_into_the_current_timers(sw: Stopwatch, clock: FakeClock) -> None:
+    """Blocks of one name are cheap reusable objects: after a load or a reset they time into the new timer."""
+    for _ in range(3):
+        with sw("rollout.env"):
+            clock.advance(1.0)
+    other = Stopwatch(clock=clock)
+    with other("rollout.env"):
+        clock.advance(5.0)
+    sw.load_state_dict(other.state_dict())
+    with sw("rollout.env"):
+        clock.advance(2.0)
+    assert (sw.elapsed("rollout.env"), sw.count("rollout.env")) == (7.0, 2)
+    sw.reset("rollout.env")
+    with sw.time("rollout.env"):
+        clock.advance(0.5)
+    assert (sw.elapsed("rollout.env"), sw.count("rollout.env")) == (0.5, 1)
+
+
 def test_default_clock_is_real() -> None:
+    """Wall time in seconds: a 50 ms sleep counts (a CPU-time clock would read ~0), within the time around it."""
     sw = Stopwatch()
+    before = time.perf_counter()
     with sw("real"):
-        pass
-    assert sw.elapsed("real") >= 0.0
+        time.sleep(0.05)
+    around = time.perf_counter() - before
+    assert 0.049 <= sw.elapsed("real") <= around, (sw.elapsed("real"), around)  # 1 ms for clock rounding
     assert sw.count("real") == 1

@@ -100,7 +100,7 @@ def test_advantages_across_the_epoch_boundary(end: str) -> None:
 
     held_values: list[float] = []
     for epoch in range(2):
-        core.rollout_phase()
+        trainer.rollout_phase()
         policy.eval()
         advantages, returns = core.compute_advantages()
         for row in range(ROWS):

@@ -16,10 +16,10 @@ from mettle.envs.gymnasium import GymnasiumEnvironment
 from mettle.envs.testing import BanditEnvironment
 from mettle.rl.loss import PPOActorLoss, PPOCriticLoss
 from mettle.rl.loss.base import Loss
+from mettle.rl.minibatch import Minibatch
 from mettle.rl.trainer import Trainer
 from mettle.rl.trainer_config import PPOConfig, TrainerConfig
 from mettle.rl.training.analytic import AnalyticPPOGradient, analytic_problem
-from mettle.rl.training.experience import Minibatch
 
 SEGMENTS, HORIZON, OBS = 6, 5, 7
 

@@ -15,11 +15,12 @@ from safetensors.torch import save as save_file_bytes
 
 from mettle.agent.registry import build_policy
 from mettle.envs.testing import BanditEnvironment
+from mettle.files import atomic_write
+from mettle.rl.policy_files import CheckpointError, list_checkpoints, write_manifest
 from mettle.rl.trainer import Trainer
 from mettle.rl.trainer_config import TrainerConfig
 from mettle.rl.training import ContextCheckpointer
 from mettle.rl.training import checkpointer as ckpt
-from mettle.rl.training.checkpointer import CheckpointError, list_checkpoints, write_manifest
 from mettle.rl.training.components.signals import StopAtEpoch
 
 BATCH = 64
@@ -186,7 +187,7 @@ def flip(path: Path, offset: int) -> None:
 def other_shape_weights(newest: Path) -> None:
     policy = build_policy("mlp", hidden_size=8)
     policy.initialize_to_environment(BanditEnvironment(num_envs=4, seed=5).policy_env_info, "cpu")
-    ckpt.atomic_write(newest / "policy.safetensors",
+    atomic_write(newest / "policy.safetensors",
                       lambda f: f.write(save_file_bytes({k: v.contiguous() for k, v in policy.state_dict().items()})))
     write_manifest(newest)
 

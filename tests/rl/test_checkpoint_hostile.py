@@ -22,11 +22,12 @@ from safetensors.torch import save as save_safetensors
 
 from mettle.agent.registry import build_policy
 from mettle.envs.testing import BanditEnvironment
+from mettle.rl import policy_files
+from mettle.rl.policy_files import CheckpointError, list_checkpoints, write_manifest
 from mettle.rl.trainer import Trainer
 from mettle.rl.trainer_config import TrainerConfig
 from mettle.rl.training import ContextCheckpointer
 from mettle.rl.training import checkpointer as ckpt
-from mettle.rl.training.checkpointer import CheckpointError, list_checkpoints, write_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,7 +100,7 @@ def test_a_manifest_entry_that_is_not_a_plain_name_is_refused_before_anything_is
     add_entry(newest, name, facts(outside.read_bytes()))  # matching facts: only the name check stands in the way
     seen = record_opens(monkeypatch)
     with pytest.raises(CheckpointError) as caught:
-        ckpt.verify_manifest(newest)
+        policy_files.verify_manifest(newest)
     assert caught.value.reason == "bad-manifest" and "not a file name inside the checkpoint" in str(caught.value)
     assert "\n" not in str(caught.value)
     assert set(seen) == {str(newest / "manifest.json")}, "only the manifest itself is read"
@@ -129,7 +130,7 @@ def test_manifest_facts_must_be_a_size_and_a_sha256(run: Path, entry: dict[str, 
     (newest / "extra").write_bytes(b"x" * 27)
     add_entry(newest, "extra", entry)
     with pytest.raises(CheckpointError, match="sha256") as caught:
-        ckpt.verify_manifest(newest)
+        policy_files.verify_manifest(newest)
     assert caught.value.reason == "bad-manifest"
 
 
@@ -147,7 +148,7 @@ def test_a_listed_file_that_is_not_a_regular_file_is_refused_unopened(run: Path,
     add_entry(newest, "extra", facts(outside.read_bytes()))
     seen = record_opens(monkeypatch)
     with pytest.raises(CheckpointError, match="not a regular file") as caught:
-        ckpt.verify_manifest(newest)
+        policy_files.verify_manifest(newest)
     assert caught.value.reason == "not-a-file"
     assert seen.count(str(extra)) == 1 and str(outside) not in seen, "lstat only: neither opened nor followed"
 
@@ -167,7 +168,7 @@ def test_a_listed_file_swapped_for_a_symlink_after_lstat_is_not_followed(run: Pa
 
     monkeypatch.setattr(os, "lstat", swap_after_lstat)
     with pytest.raises(CheckpointError, match="symlink") as caught:
-        ckpt.verify_manifest(newest)
+        policy_files.verify_manifest(newest)
     assert caught.value.reason == "not-a-file"
 
 
@@ -176,7 +177,7 @@ def test_a_manifest_that_is_a_fifo_is_refused_without_blocking(run: Path) -> Non
     (newest / "manifest.json").unlink()
     os.mkfifo(newest / "manifest.json")
     with pytest.raises(CheckpointError, match="FIFO, not a regular file") as caught:
-        ckpt.verify_manifest(newest)
+        policy_files.verify_manifest(newest)
     assert caught.value.reason == "no-manifest"
 
 
@@ -191,7 +192,7 @@ def test_a_size_mismatch_is_found_from_stat_without_hashing(run: Path, monkeypat
 
     monkeypatch.setattr(hashlib, "sha256", no_hashing)
     with pytest.raises(CheckpointError, match="truncated or altered") as caught:
-        ckpt.verify_manifest(newest, ("trainer_state.pt",))
+        policy_files.verify_manifest(newest, ("trainer_state.pt",))
     assert caught.value.reason == "altered"
 
 
@@ -230,12 +231,12 @@ def test_eval_and_teachers_skip_nan_weights(run: Path, caplog: pytest.LogCapture
     *_, previous, newest = list_checkpoints(run)
     poison_weights(newest)
     with caplog.at_level(logging.WARNING):
-        policy, _, used = ckpt.newest_usable_policy(run)
+        policy, _, used = policy_files.newest_usable_policy(run)
     assert used == previous
     assert f"skipping damaged checkpoint: {newest / 'policy.safetensors'}: " in caplog.text
     assert all(torch.isfinite(tensor).all() for tensor in policy.state_dict().values())
     with pytest.raises(CheckpointError, match="NaN or infinite") as caught:
-        ckpt.load_policy(newest)
+        policy_files.load_policy(newest)
     assert caught.value.reason == "not-finite"
 
 
@@ -267,7 +268,7 @@ def test_a_spec_too_large_to_be_real_is_refused_before_allocating(run: Path, cas
     edit_spec(newest, change)
     start = time.monotonic()
     with pytest.raises(CheckpointError) as caught:
-        ckpt.load_policy(newest)
+        policy_files.load_policy(newest)
     assert time.monotonic() - start < 5
     assert caught.value.reason == "bad-spec" and expected in str(caught.value), caught.value
     assert "\n" not in str(caught.value)
@@ -309,9 +310,9 @@ def vanishing(real: Callable[..., Any], victims: set[Path], then: Callable[[], N
 def test_a_checkpoint_pruned_while_read_is_skipped_silently(run: Path, monkeypatch: pytest.MonkeyPatch,
                                                             caplog: pytest.LogCaptureFixture) -> None:
     *_, previous, newest = list_checkpoints(run)
-    monkeypatch.setattr(ckpt, "load_policy", vanishing(ckpt.load_policy, {newest}))
+    monkeypatch.setattr(policy_files, "load_policy", vanishing(policy_files.load_policy, {newest}))
     with caplog.at_level(logging.DEBUG):
-        _, _, used = ckpt.newest_usable_policy(run)
+        _, _, used = policy_files.newest_usable_policy(run)
     assert used == previous
     assert "damaged" not in caplog.text.lower()
 
@@ -321,17 +322,17 @@ def test_a_newer_checkpoint_written_meanwhile_is_found_by_listing_again(run: Pat
     *_, newest = list_checkpoints(run)
     newer = run / "00000007"
     shutil.copytree(newest, run / ".spare")
-    monkeypatch.setattr(ckpt, "load_policy",
-                        vanishing(ckpt.load_policy, {newest}, lambda: os.replace(run / ".spare", newer)))
-    _, _, used = ckpt.newest_usable_policy(run)
+    monkeypatch.setattr(policy_files, "load_policy",
+                        vanishing(policy_files.load_policy, {newest}, lambda: os.replace(run / ".spare", newer)))
+    _, _, used = policy_files.newest_usable_policy(run)
     assert used == newer
 
 
 def test_when_every_checkpoint_is_pruned_while_read_the_error_says_so(run: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ckpt, "load_policy", vanishing(ckpt.load_policy, set(list_checkpoints(run))))
+    monkeypatch.setattr(policy_files, "load_policy", vanishing(policy_files.load_policy, set(list_checkpoints(run))))
     with pytest.raises(CheckpointError) as caught:
-        ckpt.newest_usable_policy(run)
+        policy_files.newest_usable_policy(run)
     assert "damaged" not in str(caught.value) and "pruned" in str(caught.value)
 
 

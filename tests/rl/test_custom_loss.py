@@ -26,6 +26,7 @@ from mettle.agent.registry import build_policy
 from mettle.config import EnvConfig
 from mettle.envs.factory import make_environment
 from mettle.rl.loss import Loss, RolloutBatch, masked_mean
+from mettle.rl.minibatch import Minibatch
 from mettle.rl.trainer import Trainer
 from mettle.rl.trainer_config import AdvantageConfig, LossesConfig, PPOConfig, PPOLossConfig, TrainerConfig
 from mettle.rl.training import ContextCheckpointer, TrainerComponent
@@ -34,7 +35,7 @@ from mettle.rl.training.checkpointer import load_trainer_state
 from mettle.rl.training.components.loggers import JsonlLogger
 from mettle.rl.training.components.signals import StopAtEpoch
 from mettle.rl.training.components.stats import StatsReporter
-from mettle.rl.training.experience import Minibatch
+from mettle.rl.training.overlap import OverlappedRollouts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -180,7 +181,7 @@ def test_a_custom_loss_resumes_bitwise_and_reports_under_its_name(overlap: bool,
     overrides: dict[str, Any] = OVERLAP if overlap else {}
     straight_log: list[dict[str, float]] = []
     straight = train(build(tmp_path / "straight", straight_log, **overrides))
-    assert straight.core_loop.overlapped == overlap
+    assert straight.overlapped == overlap
     split_log: list[dict[str, float]] = []
     first = train(build(tmp_path / "split", split_log, stop=STOP, **overrides))
     saved = saved_core_loop(tmp_path / "split", STOP)
@@ -196,7 +197,7 @@ def test_a_custom_loss_resumes_bitwise_and_reports_under_its_name(overlap: bool,
     assert straight_log[0]["probe/step"] == pytest.approx((BATCH // ROWS - 1) / 2)  # steps 0..15, held one not yet
     ours = probe(straight)
     assert ours.state_dict()["updates_ended"] == EPOCHS and ours.calls == EPOCHS * 2 * 2  # 2 passes x 2 minibatches
-    assert straight.core_loop.state_dict()["loss_rollout"]["probe"] == {"steps_seen": rollout_decisions(rollouts)}
+    assert straight.rollouts.state_dict()["loss_rollout"]["probe"] == {"steps_seen": rollout_decisions(rollouts)}
     if overlap:  # every rollout hook ran in the actor: the learner's copy never stepped, yet the state is the actor's
         assert ours.steps_seen == 0 and ours.record == {} and ours.matched == 0
     else:
@@ -217,7 +218,7 @@ def test_a_custom_loss_resumes_bitwise_and_reports_under_its_name(overlap: bool,
                             strict=True):
         assert torch.equal(a, b), name
     assert_same_state(probe(straight).state_dict(), probe(split).state_dict())
-    assert split.core_loop.state_dict()["loss_rollout"] == straight.core_loop.state_dict()["loss_rollout"]
+    assert split.rollouts.state_dict()["loss_rollout"] == straight.rollouts.state_dict()["loss_rollout"]
     if overlap:  # the resumed learner loaded the saved rollout state, and its actor was forked from it
         assert probe(split).steps_seen == rollout_decisions(STOP + 1)
     else:
@@ -332,7 +333,7 @@ def test_a_rollout_hook_failing_in_the_actor_ends_training_and_the_actor() -> No
     """Step 20 is in the second rollout, which the actor collects while the learner updates on the first."""
     trainer = cartpole_trainer(config(epochs=3, **OVERLAP))
     failing = trainer.add_loss(ProbeLoss(fail_at_step=20))
-    assert trainer.core_loop.overlapped
+    assert trainer.overlapped
     with pytest.raises(ActorError, match=r"actor process \(pid \d+\) raised RuntimeError: probe broke at rollout "
                                          r"step 20") as raised:
         train(trainer)
@@ -340,7 +341,7 @@ def test_a_rollout_hook_failing_in_the_actor_ends_training_and_the_actor() -> No
     pid = int(re.search(r"pid (\d+)", str(raised.value)).group(1))  # type: ignore[union-attr]
     assert not psutil.pid_exists(pid), "the actor is reaped"
     assert not [child for child in psutil.Process().children(recursive=True) if child.name() == "mettle-actor"]
-    assert trainer.core_loop._overlap is not None and trainer.core_loop._overlap.actor is None
+    assert isinstance(trainer.rollouts, OverlappedRollouts) and trainer.rollouts.actor is None
     assert isinstance(failing, ProbeLoss) and failing.steps_seen == 0  # it raised over there, not here
     assert trainer.context.state.epoch == 1  # the first update ran on the rollout the actor finished
 

@@ -126,7 +126,7 @@ def test_split_overlapped_run_equals_the_unbroken_run(case: str, tmp_path: Path,
     torch.set_num_threads(1)
     overlap = {"overlap": True, "advantage": AdvantageConfig(method="vtrace")}
     straight, straight_log = train_straight(case, tmp_path, **overlap)
-    assert straight.core_loop.overlapped
+    assert straight.overlapped
     with caplog.at_level(logging.WARNING):
         split, split_log = train_split(case, tmp_path, **overlap)
     assert "not exact" not in caplog.text and "synchronously" not in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from mettle.agent.policy import PolicyOutput, TensorSpec
@@ -86,3 +87,49 @@ def test_priority_math() -> None:
     weights = importance_weights(torch.tensor([0.5, 0.25]), population=4, beta=1.0)
     # (4 * 0.5) ** -1 = 0.5 and (4 * 0.25) ** -1 = 1; normalised by the max
     torch.testing.assert_close(weights, torch.tensor([0.5, 1.0]))
+
+
+def store_step(exp: Experience, t: int, arrays: bool, memory: dict[str, torch.Tensor] | None = None) -> None:
+    """One step of 2 rows, from numpy arrays (an env's batch) or from tensors, with the same values."""
+    obs = np.array([[10.0 * t], [10.0 * t + 1]], dtype=np.float32)
+    flags = np.array([t % 2 == 0, t % 3 == 0])
+    out = PolicyOutput(actions=torch.tensor([[[t]], [[t + 1]]]), log_prob=torch.tensor([[-0.5 * t], [-0.25]]),
+                       entropy=torch.zeros(2, 1), values=torch.tensor([[float(t)], [2.0]]), memory=memory or {})
+    convert = (lambda a: a) if arrays else torch.from_numpy
+    exp.store_decision(slice(0, 2), out, convert(obs), convert(flags), convert(~flags))
+    exp.store_outcome(slice(0, 2), convert(np.array([t, -t], dtype=np.float32)), convert(flags), convert(~flags))
+
+
+def test_numpy_arrays_and_tensors_store_the_same_steps() -> None:
+    from_arrays, from_tensors = Experience(8, 2, 2, SPEC), Experience(8, 2, 2, SPEC)
+    for t in range(4):
+        store_step(from_arrays, t, arrays=True)
+        store_step(from_tensors, t, arrays=False)
+    assert from_arrays.full and from_tensors.full
+    for name, buffer in from_tensors.buffers.items():
+        assert torch.equal(from_arrays.buffers[name], buffer), name
+    assert from_arrays.buffers["actions"][:, :, 0].tolist() == [[0, 1], [1, 2], [2, 3], [3, 4]]
+
+
+def test_a_buffer_moved_to_shared_memory_after_a_store_still_receives_the_next_ones() -> None:
+    """share_memory_() frees a tensor's old memory: a numpy view kept from before must not be written through."""
+    exp = Experience(8, 2, 2, SPEC)
+    store_step(exp, 0, arrays=True)
+    for tensor in exp.buffers.values():
+        tensor.share_memory_()
+    for t in range(1, 4):
+        store_step(exp, t, arrays=True)
+    assert all(tensor.is_shared() for tensor in exp.buffers.values())
+    assert exp.buffers["observations"][:, :, 0].tolist() == [[0.0, 10.0], [1.0, 11.0], [20.0, 30.0], [21.0, 31.0]]
+
+
+def test_fields_numpy_cannot_hold_and_tensors_needing_grad_are_stored_too() -> None:
+    spec = {**SPEC, "h": TensorSpec((3,), torch.bfloat16), "g": TensorSpec((3,), torch.float32)}
+    exp = Experience(8, 2, 2, spec)
+    weight = torch.ones(2, 3, requires_grad=True)
+    for t in range(4):
+        store_step(exp, t, arrays=True, memory={"h": torch.full((2, 3), float(t), dtype=torch.bfloat16),
+                                                "g": weight * t})
+    assert exp.buffers["h"].dtype == torch.bfloat16 and not exp.buffers["g"].requires_grad
+    for name in ("h", "g"):
+        assert exp.buffers[name][:, :, 0].tolist() == [[0.0, 1.0], [0.0, 1.0], [2.0, 3.0], [2.0, 3.0]]

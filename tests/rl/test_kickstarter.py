@@ -33,12 +33,12 @@ from mettle.contracts import PolicyEnvInfo
 from mettle.envs.factory import make_environment
 from mettle.rl.loss import Kickstarter, RolloutBatch
 from mettle.rl.loss.kickstarter import TEACHER_LOGITS, TEACHER_VALUES
+from mettle.rl.minibatch import Minibatch
+from mettle.rl.policy_files import save_policy
 from mettle.rl.trainer import Trainer
 from mettle.rl.trainer_config import AdvantageConfig, KickstarterConfig, LossesConfig, TrainerConfig
 from mettle.rl.training import TrainerComponent
-from mettle.rl.training.checkpointer import save_policy
 from mettle.rl.training.context import TrainerState
-from mettle.rl.training.experience import Minibatch
 from mettle.run import build_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -244,14 +244,15 @@ STARTS = [[True] * 5, [False] * 5, [False, True, False, False, True]]
 """Per step, per row: which rows start an episode (a recurrent teacher resets its memory there)."""
 
 
-def rollout_batches(steps: int = 3) -> Iterator[RolloutBatch]:
+def rollout_batches(steps: int = 3, agent_step: int = 0) -> Iterator[RolloutBatch]:
     """Two row groups stepping in turn, as an async env gives them, with episode starts mixed in."""
     generator = torch.Generator().manual_seed(2)
     for step in range(steps):
         observations = torch.randn(5, 4, generator=generator)
         starts = torch.tensor(STARTS[step])
         for rows in ROW_GROUPS:
-            yield RolloutBatch(rows, observations[rows], starts[rows], torch.ones(rows.stop - rows.start, dtype=bool))
+            yield RolloutBatch(rows, observations[rows], starts[rows], torch.ones(rows.stop - rows.start, dtype=bool),
+                               agent_step)
 
 
 def dummy_output(n: int) -> PolicyOutput:
@@ -291,9 +292,8 @@ def test_the_teacher_is_not_run_once_the_rollouts_update_would_weigh_it_at_zero(
     rollout_steps = 64
     teacher = tiny_policy("lstm")
     counter = ForwardCounter(teacher)
-    kick = make_kickstarter(teacher=teacher, agent_step=ANNEAL_STEPS - rollout_steps - margin,
-                            rollout_steps=rollout_steps)
-    batch = next(rollout_batches())
+    kick = make_kickstarter(teacher=teacher, rollout_steps=rollout_steps)
+    batch = next(rollout_batches(agent_step=ANNEAL_STEPS - rollout_steps - margin))
     with torch.inference_mode():
         fields = kick.on_rollout_step(batch, dummy_output(3))
     assert counter.calls == (1 if runs else 0)
@@ -499,7 +499,7 @@ def test_a_split_run_with_an_lstm_teacher_equals_the_unbroken_run(
     teacher, extra = teacher_run[0], (OVERLAP if overlap else {})
     straight = RolloutTeacherRecorder()
     unbroken = build_resumable(teacher, tmp_path / "straight", straight, **extra)
-    assert unbroken.core_loop.overlapped == overlap
+    assert unbroken.overlapped == overlap
     train(unbroken)
     with caplog.at_level(logging.WARNING):
         split, split_record = train_split(teacher, tmp_path / "split", **extra)

@@ -17,12 +17,13 @@ from resume_helpers import checkpointed, train_and_close
 from mettle.agent.registry import build_policy
 from mettle.config import RunConfig, build_run_config, fit_run_config
 from mettle.envs.factory import make_environment
+from mettle.rl.hyperparameters import Hyperparameters
 from mettle.rl.loss import PPOActorLoss
+from mettle.rl.policy_files import list_checkpoints, write_manifest
 from mettle.rl.trainer import Trainer
 from mettle.rl.trainer_config import PPOConfig, TrainerConfig
 from mettle.rl.training import TrainerComponent, TrainerState
-from mettle.rl.training.checkpointer import TRAINER_STATE, list_checkpoints, load_trainer_state, write_manifest
-from mettle.rl.training.context import Hyperparameters
+from mettle.rl.training.checkpointer import TRAINER_STATE, load_trainer_state
 
 EPOCHS, STOP = 6, 3
 OVERRIDES = [

@@ -15,8 +15,8 @@ import torch
 
 from mettle.agent.policy import PolicyOutput
 from mettle.rl.loss import PPOActorLoss, PPOCriticLoss
+from mettle.rl.minibatch import Minibatch
 from mettle.rl.trainer_config import PPOConfig
-from mettle.rl.training.experience import Minibatch
 
 CLIP = 0.2
 VALUE_CLIP = 0.2

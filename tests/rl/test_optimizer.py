@@ -1,4 +1,5 @@
-"""create_optimizer builds the configured optimizer, and each one actually trains and checkpoints."""
+"""create_optimizer builds the configured optimizer, and each one actually trains and checkpoints; only the
+explicit flatten_parameters step changes a model."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from mettle.rl.training.optimizer import (
     FlatOptimizer,
     clip_gradients,
     create_optimizer,
+    flat_gradients,
+    flatten_parameters,
     get_learning_rate,
     muon_param_split,
     set_learning_rate,
@@ -51,6 +54,11 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, data: Any =
         opt.zero_grad(set_to_none=True)
         _loss(model, data).backward()
         opt.step()
+
+
+def _build(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer as the Trainer builds it: parameters flattened first (explicitly), then create_optimizer."""
+    return create_optimizer(cfg, model, flatten_parameters(model))
 
 
 def _cfg(kind: str, **kw: Any) -> OptimizerConfig:
@@ -89,7 +97,7 @@ HYPER = {
 )
 def test_builds_configured_class(kind: str, cls: type, expect: dict[str, Any]) -> None:
     model = _mlp()
-    opt = create_optimizer(_cfg(kind, warmup_steps=5, **HYPER), model)
+    opt = _build(_cfg(kind, warmup_steps=5, **HYPER), model)
     assert type(opt.inner if isinstance(opt, FlatOptimizer) else opt) is cls
     assert isinstance(opt, FlatOptimizer) == (kind in ("adam", "adamw", "sgd"))
     (group,) = opt.param_groups
@@ -98,7 +106,7 @@ def test_builds_configured_class(kind: str, cls: type, expect: dict[str, Any]) -
 
 
 def test_muon_builds_combined_with_configured_groups() -> None:
-    opt = create_optimizer(_cfg("muon", **HYPER), _mlp())
+    opt = _build(_cfg("muon", **HYPER), _mlp())
     assert isinstance(opt, CombinedOptimizer)
     assert [type(o) for o in opt.optimizers] == [torch.optim.Muon, torch.optim.AdamW]
     muon_group, adamw_group = opt.param_groups
@@ -114,7 +122,7 @@ def test_frozen_parameters_are_left_out() -> None:
     model = _mlp()
     model[0].weight.requires_grad_(False)
     for kind in ALL_TYPES:
-        opt = create_optimizer(_cfg(kind), model)
+        opt = _build(_cfg(kind), model)
         ids = [id(p) for g in opt.param_groups for p in g["params"]]
         assert id(model[0].weight) not in ids
         assert len(ids) == 3
@@ -123,7 +131,7 @@ def test_frozen_parameters_are_left_out() -> None:
 @pytest.mark.parametrize("kind", ALL_TYPES)
 def test_each_optimizer_reduces_regression_loss(kind: str) -> None:
     model = _mlp()
-    opt = create_optimizer(_cfg(kind, learning_rate=0.03, momentum=0.9), model)
+    opt = _build(_cfg(kind, learning_rate=0.03, momentum=0.9), model)
     data = _data()
     with torch.no_grad():
         before = _loss(model, data).item()
@@ -155,7 +163,7 @@ def test_muon_split_puts_each_trainable_param_in_exactly_one_group() -> None:
     assert [id(p) for p in muon] == [id(model.hidden.weight), id(model.head.weight)]
     expected_other = [model.embed.weight, model.hidden.bias, model.norm.weight, model.norm.bias]
     assert [id(p) for p in other] == [id(p) for p in expected_other]
-    opt = create_optimizer(_cfg("muon"), model)
+    opt = _build(_cfg("muon"), model)
     ids = [id(p) for g in opt.param_groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in model.parameters() if p.requires_grad)
     assert len(ids) == len(set(ids))
@@ -164,7 +172,7 @@ def test_muon_split_puts_each_trainable_param_in_exactly_one_group() -> None:
 
 def test_muon_without_linear_layers_is_adamw_only() -> None:
     model = nn.Sequential(nn.Embedding(5, 3), nn.LayerNorm(3))
-    opt = create_optimizer(_cfg("muon"), model)
+    opt = _build(_cfg("muon"), model)
     assert [type(o) for o in opt.optimizers] == [torch.optim.AdamW]
 
 
@@ -177,14 +185,14 @@ def _assert_checkpoint_resumes(kind: str) -> None:
     """Save model+optimizer, load into fresh copies, and check one more step is bitwise identical."""
     cfg = _cfg(kind, learning_rate=0.01, weight_decay=0.01)
     model = _mlp()
-    opt = create_optimizer(cfg, model)
+    opt = _build(cfg, model)
     _train(model, opt, 5)
     set_optimizer_mode(opt, training=False)
     saved = _roundtrip({"model": model.state_dict(), "optimizer": opt.state_dict()})
 
     fresh = _mlp(seed=123)
     fresh.load_state_dict(saved["model"])
-    fresh_opt = create_optimizer(cfg, fresh)
+    fresh_opt = _build(cfg, fresh)
     fresh_opt.load_state_dict(saved["optimizer"])
     _assert_same_params(model, fresh)
 
@@ -204,7 +212,7 @@ def test_muon_state_dict_roundtrip_gives_identical_updates() -> None:
 
 def test_muon_state_dict_holds_state_of_both_inner_optimizers() -> None:
     model = _mlp()
-    opt = create_optimizer(_cfg("muon"), model)
+    opt = _build(_cfg("muon"), model)
     _train(model, opt, 2)
     state = opt.state_dict()["state"]
     assert set(state) == {0, 1, 2, 3}
@@ -214,7 +222,7 @@ def test_muon_state_dict_holds_state_of_both_inner_optimizers() -> None:
 
 def test_muon_load_state_dict_relinks_inner_optimizers() -> None:
     model = _mlp()
-    opt = create_optimizer(_cfg("muon"), model)
+    opt = _build(_cfg("muon"), model)
     _train(model, opt, 2)
     opt.load_state_dict(_roundtrip(opt.state_dict()))
     set_learning_rate(opt, 0.123)
@@ -224,7 +232,7 @@ def test_muon_load_state_dict_relinks_inner_optimizers() -> None:
 
 def test_muon_deepcopy_keeps_inner_optimizers_linked() -> None:
     model = _mlp()
-    opt = create_optimizer(_cfg("muon"), model)
+    opt = _build(_cfg("muon"), model)
     _train(model, opt, 2)
     clone = copy.deepcopy(opt)
     assert all(o.state is clone.state for o in clone.optimizers)
@@ -233,7 +241,7 @@ def test_muon_deepcopy_keeps_inner_optimizers_linked() -> None:
 
 def test_lambda_lr_schedules_every_muon_group() -> None:
     model = _mlp()
-    opt = create_optimizer(_cfg("muon", learning_rate=0.01), model)
+    opt = _build(_cfg("muon", learning_rate=0.01), model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 - 0.25 * epoch)
     for _ in range(2):
         _train(model, opt, 1)
@@ -245,7 +253,7 @@ def test_lambda_lr_schedules_every_muon_group() -> None:
 
 def test_combined_step_evaluates_closure_once() -> None:
     model = _mlp()
-    opt = create_optimizer(_cfg("muon"), model)
+    opt = _build(_cfg("muon"), model)
     calls = []
 
     def closure() -> float:
@@ -261,7 +269,7 @@ def test_combined_step_evaluates_closure_once() -> None:
 
 def test_schedulefree_mode_switches_between_distinct_weights() -> None:
     model = _mlp()
-    opt = create_optimizer(_cfg("adamw_schedulefree", learning_rate=0.01), model)
+    opt = _build(_cfg("adamw_schedulefree", learning_rate=0.01), model)
     _train(model, opt, 10)
     train_weights = [p.detach().clone() for p in model.parameters()]
     set_optimizer_mode(opt, training=False)
@@ -276,7 +284,7 @@ def test_schedulefree_mode_switches_between_distinct_weights() -> None:
 
 def test_schedulefree_step_requires_train_mode() -> None:
     model = _mlp()
-    opt = create_optimizer(_cfg("adamw_schedulefree"), model)
+    opt = _build(_cfg("adamw_schedulefree"), model)
     set_optimizer_mode(opt, training=False)
     _loss(model, _data()).backward()
     with pytest.raises(Exception, match="train mode"):
@@ -294,7 +302,7 @@ def test_plain_state_dict_roundtrip_gives_identical_updates(kind: str) -> None:
 
 def test_set_optimizer_mode_is_noop_without_modes() -> None:
     model = _mlp()
-    opt = create_optimizer(_cfg("adam"), model)
+    opt = _build(_cfg("adam"), model)
     _train(model, opt, 3)
     before = [p.detach().clone() for p in model.parameters()]
     set_optimizer_mode(opt, training=False)
@@ -305,7 +313,7 @@ def test_set_optimizer_mode_is_noop_without_modes() -> None:
 
 @pytest.mark.parametrize("kind", ALL_TYPES)
 def test_set_and_get_learning_rate(kind: str) -> None:
-    opt = create_optimizer(_cfg(kind, learning_rate=0.01), _mlp())
+    opt = _build(_cfg(kind, learning_rate=0.01), _mlp())
     assert get_learning_rate(opt) == pytest.approx(0.01)
     set_learning_rate(opt, 0.002)
     assert get_learning_rate(opt) == pytest.approx(0.002)
@@ -317,7 +325,7 @@ def test_set_learning_rate_changes_step_size() -> None:
     deltas = []
     for lr in (0.01, 0.001):
         model = _mlp()
-        opt = create_optimizer(_cfg("sgd", learning_rate=0.5), model)
+        opt = _build(_cfg("sgd", learning_rate=0.5), model)
         set_learning_rate(opt, lr)
         start = model[2].bias.detach().clone()
         _train(model, opt, 1, data)
@@ -327,7 +335,7 @@ def test_set_learning_rate_changes_step_size() -> None:
 
 @pytest.mark.parametrize("kind", ["adam", "adamw"])
 def test_adam_on_cpu_uses_the_fused_kernel(kind: str) -> None:
-    optimizer = create_optimizer(OptimizerConfig(type=kind), nn.Linear(4, 2))
+    optimizer = _build(OptimizerConfig(type=kind), nn.Linear(4, 2))
     assert optimizer.param_groups[0]["fused"] is True
 
 
@@ -336,7 +344,7 @@ def test_flat_gradients_clip_and_zero_like_torch(max_norm: float) -> None:
     """One flat buffer gives clip_grad_norm_'s norm and scaled gradients, and re-attaches a dropped .grad."""
     model, data = _mlp(), _data()
     reference = copy.deepcopy(model)
-    optimizer = create_optimizer(_cfg("adam"), model)
+    optimizer = _build(_cfg("adam"), model)
     for _ in range(2):  # the second pass runs on the re-attached views
         zero_gradients(optimizer)
         reference.zero_grad(set_to_none=True)
@@ -363,7 +371,7 @@ def _plain(kind: str, model: nn.Module) -> torch.optim.Optimizer:
 @pytest.mark.parametrize("kind", ["adam", "adamw", "sgd"])
 def test_flat_optimizer_steps_and_saves_like_the_per_tensor_one(kind: str) -> None:
     flat_model, plain_model = _mlp(), _mlp()
-    flat, plain = create_optimizer(_cfg(kind, **HYPER), flat_model), _plain(kind, plain_model)
+    flat, plain = _build(_cfg(kind, **HYPER), flat_model), _plain(kind, plain_model)
     assert isinstance(flat, FlatOptimizer)
     data = _data()
     for step in range(12):
@@ -390,7 +398,7 @@ def test_flat_optimizer_resumes_from_a_per_tensor_optimizers_checkpoint(kind: st
     saved = _roundtrip({"model": plain_model.state_dict(), "optimizer": plain.state_dict()})
     flat_model = _mlp(seed=9)
     flat_model.load_state_dict(saved["model"])
-    flat = create_optimizer(_cfg(kind, **HYPER), flat_model)
+    flat = _build(_cfg(kind, **HYPER), flat_model)
     flat.load_state_dict(saved["optimizer"])
     data = _data(seed=3)
     _train(plain_model, plain, 4, data)
@@ -400,11 +408,11 @@ def test_flat_optimizer_resumes_from_a_per_tensor_optimizers_checkpoint(kind: st
 
 def test_flat_optimizer_refuses_a_policy_whose_tensors_were_replaced() -> None:
     model = _mlp()
-    opt = create_optimizer(_cfg("adam"), model)
+    opt = _build(_cfg("adam"), model)
     model.to(torch.float64).to(torch.float32)  # new tensors: the optimizer would step a buffer nobody reads
     _loss(model, _data()).backward()
-    with pytest.raises(RuntimeError, match="no longer lives in the optimizer's flat buffer: build the optimizer "
-                                           "after moving"):
+    with pytest.raises(RuntimeError, match="no longer lives in the optimizer's flat buffer: flatten and build "
+                                           "the optimizer after moving"):
         opt.step()
 
 
@@ -416,8 +424,8 @@ def _assert_close_params(a: nn.Module, b: nn.Module) -> None:
 def test_flat_optimizer_loaded_before_its_first_step_still_saves_its_state() -> None:
     """A resume from a checkpoint written before any update: the first step must still fill the saved state."""
     model = _mlp()
-    opt = create_optimizer(_cfg("adam"), model)
-    opt.load_state_dict(_roundtrip(create_optimizer(_cfg("adam"), _mlp()).state_dict()))
+    opt = _build(_cfg("adam"), model)
+    opt.load_state_dict(_roundtrip(_build(_cfg("adam"), _mlp()).state_dict()))
     _train(model, opt, 2)
     state = opt.state_dict()["state"]
     assert sorted(state) == list(range(4)) and all(set(s) == {"step", "exp_avg", "exp_avg_sq"} for s in state.values())
@@ -427,7 +435,7 @@ def test_flat_optimizer_loaded_before_its_first_step_still_saves_its_state() -> 
 def test_a_plain_optimizer_resumes_from_a_flat_checkpoint() -> None:
     """Each parameter gets its own step in the saved state, so a per-tensor Adam counts steps once each."""
     flat_model = _mlp()
-    flat = create_optimizer(_cfg("adam", **HYPER), flat_model)
+    flat = _build(_cfg("adam", **HYPER), flat_model)
     _train(flat_model, flat, 2)
     saved = _roundtrip({"model": flat_model.state_dict(), "optimizer": flat.state_dict()})
     plain_model = _mlp(seed=5)
@@ -445,14 +453,14 @@ def test_flat_optimizer_handles_a_zero_dim_parameter() -> None:
     model = nn.Module()
     model.scale = nn.Parameter(torch.tensor(0.5))
     model.weight = nn.Parameter(torch.ones(3))
-    opt = create_optimizer(_cfg("adam"), model)
+    opt = _build(_cfg("adam"), model)
     for _ in range(2):
         opt.zero_grad()
         (model.scale * model.weight).sum().backward()
         opt.step()
     fresh = nn.Module()
     fresh.scale, fresh.weight = nn.Parameter(torch.tensor(0.5)), nn.Parameter(torch.ones(3))
-    fresh_opt = create_optimizer(_cfg("adam"), fresh)
+    fresh_opt = _build(_cfg("adam"), fresh)
     fresh_opt.load_state_dict(_roundtrip(opt.state_dict()))
     fresh_opt.zero_grad()
     (fresh.scale * fresh.weight).sum().backward()
@@ -468,4 +476,44 @@ def test_flat_optimizer_refuses_state_for_only_some_parameters() -> None:
     plain.step()
     saved = _roundtrip(plain.state_dict())
     with pytest.raises(ValueError, match="entries for only some parameters"):
-        create_optimizer(_cfg("adam"), model).load_state_dict(saved)
+        _build(_cfg("adam"), model).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("kind", ALL_TYPES)
+def test_create_optimizer_leaves_the_model_as_it_was(kind: str) -> None:
+    """Without the explicit flatten step every type steps the parameters it was given, where they are."""
+    model = _mlp()
+    where = [p.data_ptr() for p in model.parameters()]
+    opt = create_optimizer(_cfg(kind), model)
+    assert not isinstance(opt, FlatOptimizer) and flat_gradients(opt) is None
+    assert [p.data_ptr() for p in model.parameters()] == where
+    _train(model, opt, 2)
+    assert [p.data_ptr() for p in model.parameters()] == where
+
+
+def test_flatten_parameters_seats_every_trainable_parameter_on_one_tensor() -> None:
+    model = _mlp()
+    model[0].bias.requires_grad_(False)
+    before = [p.detach().clone() for p in model.parameters()]
+    flat = flatten_parameters(model)
+    assert flat is not None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert flat.params == trainable and flat.flat.numel() == sum(p.numel() for p in trainable)
+    assert {p.untyped_storage().data_ptr() for p in trainable} == {flat.flat.untyped_storage().data_ptr()}
+    assert model[0].bias.untyped_storage().data_ptr() != flat.flat.untyped_storage().data_ptr()
+    for a, p in zip(before, model.parameters(), strict=True):
+        assert torch.equal(a, p)
+
+
+def test_flatten_parameters_changes_nothing_where_they_cannot_share_a_tensor() -> None:
+    model = _mlp()
+    model[2].double()  # two dtypes: no one flat tensor holds both
+    where = [p.data_ptr() for p in model.parameters()]
+    assert flatten_parameters(model) is None
+    assert [p.data_ptr() for p in model.parameters()] == where
+
+
+def test_create_optimizer_refuses_the_flat_parameters_of_another_model() -> None:
+    with pytest.raises(ValueError, match="flat parameters of another module"):
+        create_optimizer(_cfg("adam"), _mlp(), flatten_parameters(_mlp()))
+

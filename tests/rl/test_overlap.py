@@ -23,6 +23,7 @@ from mettle.rl.trainer_config import AdvantageConfig, OptimizerConfig, TrainerCo
 from mettle.rl.training import TrainerComponent
 from mettle.rl.training.actor import ActorError
 from mettle.rl.training.components.signals import StopAtEpoch
+from mettle.rl.training.overlap import OverlappedRollouts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,7 +87,7 @@ def split_held(mask: torch.Tensor, rows: int = 4) -> tuple[torch.Tensor, torch.T
 def test_the_actor_acts_with_the_weights_from_before_the_previous_update() -> None:
     """Rollouts 0 and 1 use the initial weights, rollout k+1 those from before update k; V-trace sees the ratio."""
     trainer, recorder = train_cartpole(overlap=True)
-    assert trainer.core_loop.overlapped
+    assert trainer.overlapped
     rollouts = recorder.rollouts
     assert len(rollouts) == EPOCHS
     weights = [r["weights"] for r in rollouts]  # weights[k]: the learner's before update k
@@ -107,7 +108,7 @@ def test_the_actor_acts_with_the_weights_from_before_the_previous_update() -> No
 def test_synchronous_training_is_on_policy() -> None:
     """The control: without overlap every rollout uses the weights of the update that follows it."""
     trainer, recorder = train_cartpole(overlap=False)
-    assert not trainer.core_loop.overlapped
+    assert not trainer.overlapped
     for rollout in recorder.rollouts:
         mask, _ = split_held(rollout["mask"])
         assert close(log_probs_under(trainer, rollout["weights"], rollout), rollout["log_probs"], mask)
@@ -142,18 +143,18 @@ def test_an_error_in_the_actor_ends_training_naming_the_actor() -> None:
     trainer = Trainer(cfg, FailingBandit(), build_policy("mlp", hidden_size=8), "cpu")
     with pytest.raises(ActorError, match=r"actor process \(pid \d+\) raised RuntimeError: the simulator broke"):
         trainer.train()
-    assert trainer.core_loop._overlap is not None and trainer.core_loop._overlap.actor is None, "the actor is ended"
+    assert isinstance(trainer.rollouts, OverlappedRollouts) and trainer.rollouts.actor is None, "the actor is ended"
 
 
 def test_without_fork_training_is_synchronous_with_a_warning(monkeypatch: pytest.MonkeyPatch, caplog: Any) -> None:
-    monkeypatch.setattr("mettle.rl.training.core.fork_problem", lambda device: "no fork here")
+    monkeypatch.setattr("mettle.rl.training.overlap.fork_problem", lambda device: "no fork here")
     cfg = TrainerConfig(total_timesteps=32, batch_size=16, minibatch_size=8, bptt_horizon=4, update_epochs=1,
                         overlap=True)
     with caplog.at_level(logging.WARNING):
         trainer = Trainer(cfg, BanditEnvironment(num_envs=2, episode_length=4), build_policy("mlp", hidden_size=8),
                           "cpu")
     assert "overlap=true: training synchronously instead, because no fork here" in caplog.text
-    assert not trainer.core_loop.overlapped
+    assert not trainer.overlapped
     assert trainer.train().agent_step == 32
 
 

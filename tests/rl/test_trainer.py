@@ -152,7 +152,7 @@ def test_rollout_stores_each_transition_at_its_step() -> None:
     env = ScriptedEnvironment(num_envs=2, episode_length=3, end="terminal", row_offsets=[0, 1])
     cfg = TrainerConfig(total_timesteps=16, batch_size=16, minibatch_size=8, bptt_horizon=4, update_epochs=1)
     trainer = Trainer(cfg, env, MLPPolicy(), "cpu")
-    trainer.core_loop.rollout_phase()
+    trainer.rollout_phase()
     exp = trainer.context.experience
     series = {k: exp.as_row_series(exp.buffers[k]) for k in ("observations", "rewards", "terminals", "mask",
                                                               "starts")}

@@ -105,8 +105,9 @@ def test_seed_names_are_the_classes_the_trainer_uses() -> None:
     assert isinstance(ctx.stopwatch, Stopwatch) and isinstance(ctx.distributed, DistributedHelper)
     assert isinstance(trainer.core_loop, CoreTrainingLoop)
     assert isinstance(ctx.optimizer, torch.optim.Optimizer)
+    assert isinstance(ctx.optimizer, FlatOptimizer)  # the Trainer flattened the policy's parameters, explicitly
     sgd = create_optimizer(OptimizerConfig(type="sgd", learning_rate=0.125), policy)
-    assert isinstance(sgd, FlatOptimizer) and isinstance(sgd.inner, torch.optim.SGD)  # SGD, on one flat tensor
+    assert type(sgd) is torch.optim.SGD  # the seed's call: a plain optimizer, the policy left as it was
     assert sgd.param_groups[0]["lr"] == 0.125
     assert issubclass(ContextCheckpointer, TrainerComponent)
     assert issubclass(TrainerCallback, enum.Enum)

@@ -3,7 +3,7 @@
 from mettle.agent.lstm import LSTMPolicy
 from mettle.agent.mlp import MLPPolicy
 from mettle.agent.policy import Policy, PolicyOutput, TensorSpec
-from mettle.agent.registry import build_policy, policy_from_spec, register_policy
+from mettle.agent.registry import build_policy, policy_from_spec, policy_spec, register_policy
 
 __all__ = [
     "LSTMPolicy",
@@ -13,5 +13,6 @@ __all__ = [
     "TensorSpec",
     "build_policy",
     "policy_from_spec",
+    "policy_spec",
     "register_policy",
 ]

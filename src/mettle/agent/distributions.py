@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,13 +12,9 @@ class MultiCategorical:
     """Independent categorical heads read from one flat logits vector, so a policy needs one actor layer."""
 
     def __init__(self, logits: torch.Tensor, nvec: Sequence[int]) -> None:
-        self.nvec = tuple(int(n) for n in nvec)
-        if not self.nvec or min(self.nvec) < 1:
-            raise ValueError(f"nvec must hold at least one positive head size, got {self.nvec}")
-        if logits.shape[-1] != sum(self.nvec):
-            raise ValueError(
-                f"logits end in {logits.shape[-1]} entries; nvec {self.nvec} needs {sum(self.nvec)}"
-            )
+        self.nvec, width, self._uneven = _head_layout(tuple(nvec))
+        if logits.shape[-1] != width:
+            raise ValueError(f"logits end in {logits.shape[-1]} entries; nvec {self.nvec} needs {width}")
         self.batch_shape = logits.shape[:-1]
         # Normalised log-probabilities [..., heads, max(nvec)]; padding entries are -inf.
         self.log_probs = F.log_softmax(_per_head(logits, self.nvec), dim=-1)
@@ -32,15 +27,17 @@ class MultiCategorical:
         return len(self.nvec)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draw one action per head, [..., heads] int64: the first action whose cumulative probability exceeds
-        a uniform draw (a few tensor ops, several times cheaper than torch.multinomial on small batches)."""
-        probs = self.probs
-        uniform = torch.empty_like(probs[..., :1]).uniform_(generator=generator)  # traceable with dynamic shapes
-        drawn = (probs.cumsum(dim=-1) <= uniform).sum(dim=-1)
-        # Rounding can leave a head's total a hair under the draw: keep the index inside that head.
-        if len(set(self.nvec)) == 1:
-            return drawn.clamp_(max=self.nvec[0] - 1)
-        return torch.minimum(drawn, _last_actions(self.nvec, drawn.device))
+        """Draw one action per head, [..., heads] int64, exactly from the heads' probabilities.
+
+        An exponential race (torch.multinomial's own method, in three tensor ops): with E_i ~ Exp(1) drawn
+        independently, E_i / p_i ~ Exp(p_i) and the first of them to ring, argmax p_i / E_i, is action i with
+        probability p_i. Padding has p = 0 and never wins.
+        """
+        race = torch.empty_like(self.probs).exponential_(generator=generator)
+        drawn = (self.probs / race).argmax(dim=-1)
+        if self._uneven:  # only a 0 / 0 (an exponential draw of exactly 0, about 2^-53) could pick padding
+            return torch.minimum(drawn, _last_actions(self.nvec, drawn.device))
+        return drawn
 
     def mode(self) -> torch.Tensor:
         """Most likely action per head, [..., heads] int64 (deterministic evaluation)."""
@@ -50,25 +47,53 @@ class MultiCategorical:
         """Joint log-probability of `actions` [..., heads]: heads are independent, so log-probs add."""
         if actions.shape[-1] != self.num_heads:
             raise ValueError(f"actions end in {actions.shape[-1]} entries, expected {self.num_heads} heads")
-        picked = self.log_probs.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
-        return picked.sum(dim=-1)
+        picked = self.log_probs.gather(-1, actions.long().unsqueeze(-1))
+        if self.num_heads == 1:
+            return picked.view(self.batch_shape)
+        return picked.squeeze(-1).sum(dim=-1)
 
     def entropy(self) -> torch.Tensor:
         """Joint entropy [...]: the sum of the heads' entropies, as the heads are independent."""
         log_probs = self.log_probs
-        if len(set(self.nvec)) > 1:  # padding holds -inf, and 0 * -inf would be NaN; equal heads have none
+        if self._uneven:  # padding holds -inf, and 0 * -inf would be NaN; equal heads have none
             log_probs = log_probs.clamp(min=torch.finfo(log_probs.dtype).min)
-        return -(self.probs * log_probs).sum(dim=(-2, -1))
+        p_log_p = self.probs * log_probs
+        if self.num_heads == 1:  # one reduction over one dimension: several times cheaper on small batches
+            return p_log_p.sum(dim=-1).neg_().view(self.batch_shape)
+        return -p_log_p.sum(dim=(-2, -1))
 
 
-@functools.cache
+_LAYOUTS: dict[tuple[int, ...], tuple[tuple[int, ...], int, bool]] = {}
+
+
+def _head_layout(nvec: tuple[int, ...]) -> tuple[tuple[int, ...], int, bool]:
+    """(head sizes as ints, their sum, whether they differ), checked once per action space, not on every call.
+
+    A plain dict, not functools.cache, which torch.compile warns that it bypasses."""
+    layout = _LAYOUTS.get(nvec)
+    if layout is None:
+        sizes = tuple(int(n) for n in nvec)
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"nvec must hold at least one positive head size, got {sizes}")
+        layout = _LAYOUTS[nvec] = (sizes, sum(sizes), len(set(sizes)) > 1)
+    return layout
+
+
+_LAST_ACTIONS: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+
+
 def _last_actions(nvec: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Each head's largest action, [heads]; built once per action space, not on every draw."""
-    return torch.tensor([n - 1 for n in nvec], device=device)
+    """Each head's largest action, [heads]; built once per action space and device, not on every draw."""
+    last = _LAST_ACTIONS.get((nvec, device))
+    if last is None:
+        last = _LAST_ACTIONS[nvec, device] = torch.tensor([n - 1 for n in nvec], device=device)
+    return last
 
 
 def _per_head(logits: torch.Tensor, nvec: tuple[int, ...]) -> torch.Tensor:
     """Lay logits out as [..., heads, max(nvec)], padding short heads with -inf so they never get mass."""
+    if len(nvec) == 1:
+        return logits.unsqueeze(-2)
     width = max(nvec)
     if all(n == width for n in nvec):
         return logits.reshape(*logits.shape[:-1], len(nvec), width)
@@ -89,11 +114,47 @@ def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, nv
     return total
 
 
+def sample(
+    logits: torch.Tensor, nvec: Sequence[int], generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, Callable[[], torch.Tensor]]:
+    """Draw actions [..., heads] from flat logits [..., sum(nvec)]; return (actions, log_prob, entropy function).
+
+    The acting path: the same draw as `MultiCategorical(logits, nvec).sample(generator)` (the same exponential
+    race over the same entries, in the same order) in fewer tensor operations, each on a two-dimensional table
+    with one row per (row, head): heads of equal size need no padding. Heads of different sizes go through
+    MultiCategorical. The entropy is left as a function, as a rollout never reads it.
+    """
+    sizes, _, uneven = _head_layout(tuple(nvec))
+    if uneven:
+        dist = MultiCategorical(logits, sizes)
+        actions = dist.sample(generator)
+        return actions, dist.log_prob(actions), dist.entropy
+    batch, heads = logits.shape[:-1], len(sizes)
+    log_probs = logits.reshape(-1, sizes[0]).log_softmax(-1)
+    probs = log_probs.exp()
+    drawn = (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(-1, keepdim=True)
+    picked = log_probs.gather(-1, drawn)
+
+    def entropy() -> torch.Tensor:
+        per_head = (probs * log_probs).sum(-1).neg_()
+        return per_head.view(batch) if heads == 1 else per_head.view(*batch, heads).sum(-1)
+
+    log_prob = picked.view(batch) if heads == 1 else picked.view(*batch, heads).sum(-1)
+    return drawn.view(*batch, heads), log_prob, entropy
+
+
 def act(
     logits: torch.Tensor, nvec: Sequence[int], actions: torch.Tensor | None, deterministic: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample (or take the mode, or score given) actions; return (actions, log_prob, entropy)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | Callable[[], torch.Tensor]]:
+    """Sample (or take the mode, or score given) actions; return (actions, log_prob, entropy).
+
+    When acting (no `actions` given) the entropy is returned as the function that computes it, for
+    `PolicyOutput` to run on first read: a rollout never reads it.
+    """
+    if actions is None and not deterministic:
+        return sample(logits, nvec)
     dist = MultiCategorical(logits, nvec)
     if actions is None:
-        actions = dist.mode() if deterministic else dist.sample()
+        actions = dist.mode()
+        return actions, dist.log_prob(actions), dist.entropy
     return actions.long(), dist.log_prob(actions), dist.entropy()

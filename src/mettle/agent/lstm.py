@@ -149,14 +149,9 @@ class LSTMPolicy(Policy):
             return
         self._h, self._c = state["lstm_h"].clone(), state["lstm_c"].clone()
 
-    def rebuild_spec(self) -> dict[str, Any]:
-        """Registered name and constructor arguments, enough to build an identically shaped policy."""
-        from mettle.agent.registry import policy_name  # the registry imports this module
-
-        return {
-            "class": policy_name(type(self)),
-            "kwargs": {"hidden_size": self.hidden_size, "encoder_layers": self.encoder_layers},
-        }
+    def constructor_kwargs(self) -> dict[str, Any]:
+        """Constructor arguments that build an identically shaped policy; the registry names its class."""
+        return {"hidden_size": self.hidden_size, "encoder_layers": self.encoder_layers}
 
     def _given_state(self, memory: dict[str, torch.Tensor], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate and return the stored (h, c) a training window starts from."""

@@ -78,18 +78,9 @@ class MLPPolicy(Policy):
         chosen, log_prob, entropy = act(logits, self.nvec, actions, deterministic)
         return PolicyOutput(chosen, log_prob, entropy, values, memory={}, logits=logits)
 
-    def rebuild_spec(self) -> dict[str, Any]:
-        """Registered name and constructor arguments, enough to build an identically shaped policy."""
-        from mettle.agent.registry import policy_name  # the registry imports this module
-
-        return {
-            "class": policy_name(type(self)),
-            "kwargs": {
-                "hidden_size": self.hidden_size,
-                "num_layers": self.num_layers,
-                "shared_torso": self.shared_torso,
-            },
-        }
+    def constructor_kwargs(self) -> dict[str, Any]:
+        """Constructor arguments that build an identically shaped policy; the registry names its class."""
+        return {"hidden_size": self.hidden_size, "num_layers": self.num_layers, "shared_torso": self.shared_torso}
 
     def _require_initialized(self) -> None:
         """Fail clearly when used before its layers exist."""

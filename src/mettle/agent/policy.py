@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,23 +23,54 @@ class TensorSpec:
     dtype: torch.dtype
 
 
-@dataclass
 class PolicyOutput:
-    """Result of a policy forward over [rows, time] inputs."""
+    """Result of a policy forward over [rows, time] inputs.
+
+    `entropy` may be given as a function returning it, computed on first read: an acting policy passes one, as
+    a rollout never reads the entropy and it costs a few tensor operations on every step.
+    """
+
+    __slots__ = ("_entropy", "actions", "log_prob", "logits", "memory", "values")
 
     actions: torch.Tensor
     """[B, T, heads] int64: sampled (rollout) or the given actions (training)."""
     log_prob: torch.Tensor
     """[B, T] log-probability of `actions` under the current policy."""
-    entropy: torch.Tensor
-    """[B, T] entropy of the action distribution."""
     values: torch.Tensor
     """[B, T] critic estimate."""
-    memory: dict[str, torch.Tensor] = field(default_factory=dict)
+    memory: dict[str, torch.Tensor]
     """Recurrent state each row had before this call ([B, ...] per field); empty if stateless."""
-    logits: torch.Tensor | None = None
+    logits: torch.Tensor | None
     """[B, T, sum(nvec)] unnormalised action logits, all heads side by side (distillation compares them);
     None from a policy that does not expose them."""
+
+    def __init__(
+        self,
+        actions: torch.Tensor,
+        log_prob: torch.Tensor,
+        entropy: torch.Tensor | Callable[[], torch.Tensor],
+        values: torch.Tensor,
+        memory: dict[str, torch.Tensor] | None = None,
+        logits: torch.Tensor | None = None,
+    ) -> None:
+        self.actions, self.log_prob, self._entropy, self.values = actions, log_prob, entropy, values
+        self.memory = {} if memory is None else memory
+        self.logits = logits
+
+    @property
+    def entropy(self) -> torch.Tensor:
+        """[B, T] entropy of the action distribution."""
+        if not isinstance(self._entropy, torch.Tensor):
+            self._entropy = self._entropy()
+        return self._entropy
+
+    @entropy.setter
+    def entropy(self, value: torch.Tensor) -> None:
+        self._entropy = value
+
+    def __repr__(self) -> str:
+        shapes = {name: tuple(getattr(self, name).shape) for name in ("actions", "log_prob", "values")}
+        return f"PolicyOutput({shapes}, memory={sorted(self.memory)}, logits={self.logits is not None})"
 
 
 class Policy(nn.Module, ABC):
@@ -104,7 +136,7 @@ class Policy(nn.Module, ABC):
         """Whether outputs depend on earlier steps of the same row."""
         return False
 
-    def rebuild_spec(self) -> dict[str, Any]:
-        """A JSON-able description ({"class": registered name, "kwargs": ...}) from which an equal policy is built."""
-        raise NotImplementedError(f"{type(self).__name__} does not describe how to rebuild itself; define "
-                                  "rebuild_spec() returning its register_policy name and constructor kwargs")
+    def constructor_kwargs(self) -> dict[str, Any]:
+        """JSON-able constructor arguments that build an identically shaped policy (the registry supplies its name)."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how to rebuild itself; define "
+                                  "constructor_kwargs() returning the keyword arguments its __init__ takes")

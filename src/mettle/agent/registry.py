@@ -2,7 +2,8 @@
 
 A checkpoint's `policy.json` is data from disk, so its `class` is only looked up here; nothing it says is
 imported. User classes join through `register_policy(name, cls)` or an installed package's entry point in
-the `mettle.policies` group (the package's author declared it; the spec only names it).
+the `mettle.policies` group (the package's author declared it; the spec only names it). This module is the
+only one that names policies: a policy class never imports it, and whoever saves one asks `policy_spec`.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def policy_class(name: str) -> type[Policy]:
 
 
 def policy_name(cls: type[Policy]) -> str:
-    """The name `cls` is registered under (the first, built-ins win), for `rebuild_spec`."""
+    """The name `cls` is registered under (the first, built-ins win): what a saved spec calls it."""
     for name, registered in _registry.items():
         if registered is cls:
             return name
@@ -93,8 +94,13 @@ def build_policy(kind: str, **kwargs: Any) -> Policy:
     return _registry[kind](**kwargs)
 
 
+def policy_spec(policy: Policy) -> dict[str, Any]:
+    """{"class": registered name, "kwargs": constructor arguments}: what a checkpoint stores to rebuild `policy`."""
+    return {"class": policy_name(type(policy)), "kwargs": policy.constructor_kwargs()}
+
+
 def policy_from_spec(spec: dict[str, Any]) -> Policy:
-    """Rebuild an uninitialised policy from `Policy.rebuild_spec()`, by registered name only."""
+    """Rebuild an uninitialised policy from `policy_spec`'s description, by registered name only."""
     name = spec.get("class") if isinstance(spec, dict) else None
     if not isinstance(name, str):
         raise ValueError(f"policy spec needs a 'class' naming a registered policy, got {spec!r}")

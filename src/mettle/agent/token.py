@@ -308,20 +308,15 @@ class TokenPolicy(LSTMPolicy):
             self._write_rows(rows, h_n, c_n)
         return hidden, {"lstm_h": h0, "lstm_c": c0}
 
-    def rebuild_spec(self) -> dict[str, Any]:
-        """Registered name and constructor arguments; value scales travel in the state dict."""
-        from mettle.agent.registry import policy_name  # the registry imports this module
-
+    def constructor_kwargs(self) -> dict[str, Any]:
+        """Constructor arguments (value scales travel in the state dict); the registry names its class."""
         return {
-            "class": policy_name(type(self)),
-            "kwargs": {
-                "hidden_size": self.hidden_size,
-                "embed_size": self.embed_size,
-                "core": self.core,
-                "pooling": self.pooling,
-                "num_heads": self.num_heads,
-                "token_layers": self.token_layers,
-            },
+            "hidden_size": self.hidden_size,
+            "embed_size": self.embed_size,
+            "core": self.core,
+            "pooling": self.pooling,
+            "num_heads": self.num_heads,
+            "token_layers": self.token_layers,
         }
 
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Collection
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mettle.contracts import TrainingEnvironment
 from mettle.errors import ConfigError
 
-if TYPE_CHECKING:  # the run-level config; importing it at run time would pull mettle.rl into envs
-    from mettle.config import EnvConfig
+if TYPE_CHECKING:
     from mettle.envs.gymnasium import Vectorization
 
 FAMILIES = ("mettagrid", "gym", "pettingzoo")
@@ -22,6 +21,21 @@ ENV_ENTRY_POINTS = "mettle.envs"
 """Entry-point group through which an installed package vouches for its own environment modules."""
 PETTINGZOO_FACTORIES = ("parallel_env",)
 """The callables a name read from a file may call in a trusted PettingZoo module (PettingZoo's own convention)."""
+
+
+class EnvSettings(Protocol):
+    """The env settings `make_environment` reads, as `mettle.config.EnvConfig` holds them (envs sit below config)."""
+
+    name: str
+    num_envs: int
+    num_workers: int
+    async_factor: int
+    worker_timeout_s: float
+    kwargs: dict[str, Any]
+
+    @property
+    def vectorization(self) -> str:
+        """serial, multiprocess, gymnasium_sync or gymnasium_async (read-only here, so a Literal field fits)."""
 
 
 def split_env_name(name: str) -> tuple[str, str]:
@@ -57,7 +71,7 @@ def build_in_process(
     return make_mettagrid_environment(target, num_envs=num_envs, **kwargs)
 
 
-def make_environment(cfg: EnvConfig, seed: int = 0, num_envs: int | None = None) -> TrainingEnvironment:
+def make_environment(cfg: EnvSettings, seed: int = 0, num_envs: int | None = None) -> TrainingEnvironment:
     """Create the environment a config names; unknown names and bad layouts fail with a one-line fix."""
     family, target = split_env_name(cfg.name)
     count = num_envs or cfg.num_envs

@@ -40,10 +40,10 @@ from mettle.envs.rows import (
     EpisodeLog,
     ReplayEnvironment,
     RowBuffers,
-    feature_space,
     generator_state,
     set_generator_state,
 )
+from mettle.envs.spaces import ActionConverter, ObservationWriter, scalar_infos
 
 __all__ = [
     "CARTPOLE_NO_VELOCITY_ID",
@@ -218,77 +218,24 @@ def _parse_mode(mode: str | AutoresetMode) -> AutoresetMode:
         ) from None
 
 
-# ------------------------------------------------------------------------- space conversion
-class _ObservationWriter:
-    """Writes vector-env observations into the float32 batch buffer (Box as is, Discrete one-hot)."""
+# ------------------------------------------------------------------------- vector infos
+def _row_info(info: dict[str, Any], row: int) -> dict[str, Any]:
+    """What a vector env's batched info holds for sub-env `row`: its entries of numeric 1-d arrays, nested alike.
 
-    def __init__(self, space: gym.Space[Any], env_name: str) -> None:
-        converted = feature_space(space)
-        if converted is None:
-            raise GymnasiumEnvError(
-                f"{env_name}: observation space {space} is not supported (Box or Discrete only); "
-                "flatten it with wrappers=(gymnasium.wrappers.FlattenObservation,)"
-            )
-        self.space, self.one_hot_start = converted
-
-    def write(self, out: np.ndarray, obs: np.ndarray, rows: np.ndarray | None = None) -> None:
-        """Copy all rows, or only the rows where the boolean `rows` is True."""
-        if self.one_hot_start is None:
-            if rows is None:
-                np.copyto(out, obs, casting="unsafe")
-            else:
-                out[rows] = obs[rows]
-            return
-        index = np.arange(len(out)) if rows is None else np.flatnonzero(rows)
-        out[index] = 0.0
-        out[index, np.asarray(obs)[index] - self.one_hot_start] = 1.0
-
-
-class _ActionConverter:
-    """Turns [rows, heads] int64 actions into the vector env's batched action layout."""
-
-    def __init__(self, space: gym.Space[Any], num_envs: int, env_name: str) -> None:
-        if isinstance(space, gym.spaces.Discrete):
-            self.shape: tuple[int, ...] = (num_envs,)
-            self.heads = 1
-            start = np.asarray(space.start)
-        elif isinstance(space, gym.spaces.MultiDiscrete):
-            self.shape = (num_envs, *space.nvec.shape)
-            self.heads = int(space.nvec.size)
-            start = np.asarray(space.start).reshape(-1)
-        else:
-            raise GymnasiumEnvError(
-                f"{env_name}: action space {space} is not supported; mettle policies need Discrete or "
-                "MultiDiscrete actions"
-            )
-        self.space = space
-        self.start = start if np.any(start != 0) else None
-        self.num_envs = num_envs
-        self._buffer = np.zeros((num_envs, self.heads), dtype=np.int64)
-
-    def convert(self, actions: np.ndarray) -> np.ndarray:
-        """A view when no start offset applies, otherwise a reused buffer."""
-        if actions.shape != (self.num_envs, self.heads):
-            raise ValueError(f"expected actions shaped {(self.num_envs, self.heads)}, got {actions.shape}")
-        if self.start is not None:
-            actions = np.add(actions, self.start, out=self._buffer)
-        return actions.reshape(self.shape)
-
-
-def _scalar_infos(info: dict[str, Any], row: int, prefix: str = "") -> dict[str, float]:
-    """Numeric scalars a sub-env reported for `row` (nested dicts flattened as `outer/inner`)."""
-    out: dict[str, float] = {}
+    Entries whose `_key` mask leaves `row` out, private `_keys` and the final observation/info are skipped.
+    """
+    out: dict[str, Any] = {}
     for key, value in info.items():
         if key.startswith("_") or key in ("final_obs", "final_info"):
             continue
         if isinstance(value, dict):
-            out.update(_scalar_infos(value, row, f"{prefix}{key}/"))
+            out[key] = _row_info(value, row)
             continue
         present = info.get(f"_{key}")
         if present is not None and not present[row]:
             continue
         if isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in "biuf":
-            out[f"{prefix}{key}"] = value[row].item()
+            out[key] = value[row]
     return out
 
 
@@ -339,8 +286,9 @@ class GymnasiumEnvironment(ReplayEnvironment):
         self._mode = _parse_mode(vec_env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP))
         n = vec_env.num_envs
         try:
-            self._obs_writer = _ObservationWriter(vec_env.single_observation_space, name)
-            self._actions = _ActionConverter(vec_env.single_action_space, n, name)
+            self._obs_writer = ObservationWriter(vec_env.single_observation_space, GymnasiumEnvError, f"{name}: ",
+                                                 "flatten it with wrappers=(gymnasium.wrappers.FlattenObservation,)")
+            self._actions = ActionConverter(vec_env.single_action_space, n, GymnasiumEnvError, f"{name}: ")
         except GymnasiumEnvError:
             self.close()
             raise
@@ -384,21 +332,15 @@ class GymnasiumEnvironment(ReplayEnvironment):
         actions = np.asarray(actions)
         if self._log is not None:
             self._log_send(actions)
-        obs, rewards, terminals, truncations, info = self._vec.step(self._actions.convert(actions))
+        obs, rewards, terminals, truncations, info = self._vec.step(self._actions.batched(actions))
         buffers = self._buffers
         buffers.begin_step()
         self._obs_writer.write(buffers.observations, obs)
         buffers.record(rewards, terminals, truncations)
-        final_info = info
-        if self._mode == AutoresetMode.SAME_STEP:
-            if buffers.done.any():
-                final_info = info.get("final_info", {})
-                self._write_final_observations(info)
-            self._reset_rows(buffers.starts)
-        elif self._mode == AutoresetMode.DISABLED:
-            self._reset_rows(np.logical_or(buffers.starts, buffers.done, out=self._to_reset))
-        if buffers.done.any():
-            self._finish_episodes(final_info)
+        if self._mode != AutoresetMode.NEXT_STEP:
+            info = self._autoreset_by_hand(info)
+        if buffers.any_done:
+            self._finish_episodes(info)
 
     def close(self) -> None:
         """Close the vector env (and its worker processes); safe to call twice."""
@@ -421,8 +363,9 @@ class GymnasiumEnvironment(ReplayEnvironment):
         """Log the actions; rows showing a final observation reset in this step, from their RNG's state now."""
         assert self._log is not None
         self._log.record(actions)
-        for row in np.flatnonzero(self._buffers.done):
-            self._log.begin(int(row), self._rng_start(int(row)))
+        if self._buffers.any_done:
+            for row in np.flatnonzero(self._buffers.done):
+                self._log.begin(int(row), self._rng_start(int(row)))
 
     def _rng_start(self, row: int) -> dict[str, Any]:
         """An unseeded reset of sub-env `row` continues its RNG: its state now is the episode's start."""
@@ -440,9 +383,9 @@ class GymnasiumEnvironment(ReplayEnvironment):
         full = np.zeros((vec.num_envs, self._actions.heads), dtype=np.int64)
         for step in actions:
             full[instance] = step[0]
-            obs, *_ = env.step(self._actions.convert(full)[instance])
+            obs, *_ = env.step(self._actions.batched(full)[instance])
         vec._env_obs[instance] = obs
-        self._obs_writer.write(self._buffers.observations[instance : instance + 1], np.asarray(obs)[None])
+        self._obs_writer.write_row(self._buffers.observations[instance], obs)
 
     def _extra_state(self) -> dict[str, Any]:
         """A native vector env's arrays and generator; the sync env's flags follow from the batch."""
@@ -466,11 +409,24 @@ class GymnasiumEnvironment(ReplayEnvironment):
         set_generator_state(vec.np_random, state["rng"])
 
     # -------------------------------------------------------------------- internals
+    def _autoreset_by_hand(self, info: dict[str, Any]) -> dict[str, Any]:
+        """SAME_STEP and DISABLED: show final observations, reset what must restart; the finished episodes' info."""
+        buffers = self._buffers
+        if self._mode == AutoresetMode.DISABLED:
+            self._reset_rows(np.logical_or(buffers.starts, buffers.done, out=self._to_reset))
+            return info
+        final_info = info
+        if buffers.any_done:
+            final_info = info.get("final_info", {})
+            self._write_final_observations(info)
+        self._reset_rows(buffers.starts)
+        return final_info
+
     def _write_final_observations(self, info: dict[str, Any]) -> None:
         """SAME_STEP puts the reset observation in obs; show the final one from infos instead."""
         final_obs, observations = info["final_obs"], self._buffers.observations
         for row in np.flatnonzero(self._buffers.done):
-            self._obs_writer.write(observations[row : row + 1], np.asarray(final_obs[row])[None])
+            self._obs_writer.write_row(observations[row], final_obs[row])
 
     def _reset_rows(self, rows: np.ndarray) -> None:
         """Reset `rows` now; only the restarting rows' reset observations are delivered."""
@@ -483,8 +439,8 @@ class GymnasiumEnvironment(ReplayEnvironment):
     def _finish_episodes(self, final_info: dict[str, Any]) -> None:
         """Queue one info per finished episode: the sub-env's numeric scalars, then return, length and env_id."""
         buffers = self._buffers
-        for row in np.flatnonzero(buffers.done):
-            episode = _scalar_infos(final_info, int(row)) if final_info else {}
-            episode.update(buffers.episode_info(int(row), env_id=int(row)))
+        for row in buffers.done.nonzero()[0].tolist():
+            episode = scalar_infos(_row_info(final_info, row)) if final_info else {}
+            episode.update(buffers.episode_info(row, env_id=row))
             buffers.infos.append(episode)
         buffers.clear_totals(buffers.done)

@@ -36,6 +36,7 @@ config conversion, a few milliseconds).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,9 @@ from pydantic import ValidationError
 from mettle.contracts import BatchInfo, PolicyEnvInfo
 from mettle.envs.mettagrid_tasks import TASKS
 from mettle.envs.rows import EpisodeLog, ReplayEnvironment, RowBuffers, generator_state, set_generator_state
+from mettle.envs.spaces import ActionConverter, scalar_infos
 from mettle.errors import one_line
+from mettle.files import NotRegularFileError, open_regular
 
 __all__ = [
     "MettaGridEnvError",
@@ -108,6 +111,8 @@ class MettaGridEnvironment(ReplayEnvironment):
         self._reseed_maps = hasattr(builder, "seed") and builder.seed is None
         self._fast_step = not config.game.talk.enabled and not config.game.end_episode_on_game_stats
         self._sims: list[Simulation | None] = [None] * num_envs
+        self._steppers: list[Callable[[], None]] = [_not_started] * num_envs
+        """Each game's step call, bound once per simulation (the C++ step directly when that is all a step does)."""
         self._rngs: list[np.random.Generator] = []
         self._log = EpisodeLog(num_envs, self._agents)
         self._closed = False
@@ -162,6 +167,7 @@ class MettaGridEnvironment(ReplayEnvironment):
         self._env_done = np.zeros(n, dtype=bool)
         self._cut_at = np.full(n, -1, dtype=np.int64)  # desync: the step ending a game's first episode
         self._vibe_ids = self._vibe_action_ids()
+        self._action_checks = ActionConverter(self._info.action_space, rows, MettaGridEnvError)
 
     def _env_buffers(self, rows: slice) -> Buffers:
         """Views of one game's rows: the C++ core writes observations, rewards and flags straight into them."""
@@ -227,11 +233,11 @@ class MettaGridEnvironment(ReplayEnvironment):
         self._log.record(actions)
         self._copy_actions(actions, slice(None))
         self._buffers.begin_step()  # counts the step in every live row's episode length
-        if self._env_done.any():
+        if self._buffers.any_done:  # some game showed its final observation
             self._step_or_restart()
         else:
-            for sim in self._sims:
-                self._step(sim)
+            for step in self._steppers:
+                step()
         if self._cut_pending:
             self._cut_first_episodes()
         self._record_transition()
@@ -241,6 +247,7 @@ class MettaGridEnvironment(ReplayEnvironment):
         if self._closed:
             return
         self._closed = True
+        self._steppers = [_not_started] * self._num_envs
         for e, sim in enumerate(self._sims):
             if sim is not None:
                 sim.close()
@@ -254,13 +261,12 @@ class MettaGridEnvironment(ReplayEnvironment):
 
     def _check_actions(self, actions: np.ndarray) -> None:
         """Actions must be [rows, heads] integers within each head's range."""
-        heads = len(self._info.action_nvec)
-        if actions.shape != (self._batch_info.num_rows, heads) or actions.dtype.kind not in "iu":
+        checks = self._action_checks
+        if actions.shape != (checks.rows, checks.heads) or actions.dtype.kind not in "iu":
             raise ValueError(
-                f"expected integer actions shaped {(self._batch_info.num_rows, heads)}, "
-                f"got {actions.dtype} {actions.shape}"
+                f"expected integer actions shaped {(checks.rows, checks.heads)}, got {actions.dtype} {actions.shape}"
             )
-        if (actions.min(axis=0) < 0).any() or (actions.max(axis=0) >= self._info.action_nvec).any():
+        if not checks.in_range(actions):
             raise ValueError(f"actions must lie in [0, {list(self._info.action_nvec)}) per head")
 
     def _copy_actions(self, actions: np.ndarray, rows: slice) -> None:
@@ -269,21 +275,13 @@ class MettaGridEnvironment(ReplayEnvironment):
         if actions.shape[1] == 2:
             np.take(self._vibe_ids, actions[:, 1], out=self._vibe_actions[rows])
 
-    def _step(self, sim: Simulation | None) -> None:
-        """One game step; without talk or stat-based endings, Simulation.step only adds timers around the C++ step."""
-        assert sim is not None
-        if self._fast_step:
-            sim._c_sim.step()
-        else:
-            sim.step()
-
     def _step_or_restart(self) -> None:
         """The slow path of a step: some games restart, the others step."""
-        for e, sim in enumerate(self._sims):
+        for e, step in enumerate(self._steppers):
             if self._env_done[e]:
                 self._begin_episode(e, None)
             else:
-                self._step(sim)
+                step()
 
     def _begin_episode(self, env: int, seed: int | None) -> None:
         """Replace game `env`'s simulation; the new one writes its first observation into the game's rows."""
@@ -301,7 +299,9 @@ class MettaGridEnvironment(ReplayEnvironment):
         old, self._sims[env] = self._sims[env], None
         if old is not None:
             old.close()
-        self._sims[env] = Simulation(config, seed=seed, buffers=self._sim_buffers[env])
+        sim = self._sims[env] = Simulation(config, seed=seed, buffers=self._sim_buffers[env])
+        # without talk or stat-based endings, Simulation.step only adds timers and hooks around the C++ step
+        self._steppers[env] = sim._c_sim.step if self._fast_step else sim.step
 
     def _replay_instance(self, instance: int, start: dict[str, Any], actions: np.ndarray) -> None:
         """Rebuild game `instance` from its episode's seed, stepping it through the logged actions."""
@@ -310,7 +310,7 @@ class MettaGridEnvironment(ReplayEnvironment):
         assert sim is not None
         for step, step_actions in enumerate(actions, start=1):
             self._copy_actions(step_actions, rows)
-            self._step(sim)
+            self._steppers[instance]()
             if step == start.get("cut_at"):
                 sim.end_episode()
 
@@ -344,9 +344,11 @@ class MettaGridEnvironment(ReplayEnvironment):
     def _record_transition(self) -> None:
         """Delivered rewards and flags (restarting rows: 0 and False), episode totals and finished games."""
         self._buffers.record(self._sim_rewards, self._sim_terminals, self._sim_truncations)
-        self._buffers.done.reshape(self._num_envs, self._agents).any(axis=1, out=self._env_done)
-        if self._env_done.any():
+        if self._buffers.any_done:
+            self._buffers.done.reshape(self._num_envs, self._agents).any(axis=1, out=self._env_done)
             self._finish_episodes()
+        else:
+            self._env_done.fill(False)
 
     def _finish_episodes(self) -> None:
         """End every agent of a finished game (unflagged ones as truncated) and queue one info per agent."""
@@ -364,14 +366,19 @@ class MettaGridEnvironment(ReplayEnvironment):
         sim = self._sims[env]
         assert sim is not None
         stats = sim.episode_stats
-        game = {f"game/{key}": float(value) for key, value in stats["game"].items()}
+        game = scalar_infos(stats["game"], "game/")
         infos = []
         for agent, agent_stats in enumerate(stats["agent"]):
             info = self._buffers.episode_info(env * self._agents + agent, env_id=env, agent_id=agent)
             info.update(game)
-            info.update((f"agent/{key}", float(value)) for key, value in agent_stats.items())
+            info.update(scalar_infos(agent_stats, "agent/"))
             infos.append(info)
         return infos
+
+
+def _not_started() -> None:
+    """The step of a game whose simulation is not built (or was closed)."""
+    raise RuntimeError("this MettaGrid game has no simulation")
 
 
 # ---------------------------------------------------------------------------------- factory
@@ -413,15 +420,16 @@ def load_mettagrid_config(name_or_path: str, **task_kwargs: Any) -> MettaGridCon
 
 def _read_config_file(path: Path) -> MettaGridConfig:
     """Parse YAML/JSON and validate it as a MettaGridConfig."""
-    if path.exists() and not path.is_file():  # a FIFO or device would block the read, or never end
-        raise MettaGridEnvError(f"MettaGrid config {path}: not a regular file")
-    try:
-        text = path.read_text()
+    try:  # a FIFO or device would block the read, or never end; a link to a config file is fine
+        with open_regular(path, follow_symlinks=True) as handle:
+            text = handle.read()
+    except NotRegularFileError:
+        raise MettaGridEnvError(f"MettaGrid config {path}: not a regular file") from None
     except OSError as error:
         raise MettaGridEnvError(f"MettaGrid config {path}: cannot read it ({error.strerror or error})") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise MettaGridEnvError(
             f"MettaGrid config {path}: not valid {path.suffix[1:].upper()}: {one_line(error)}"
         ) from None

@@ -48,14 +48,8 @@ except ImportError as _error:  # an optional dependency: say how to get it
     raise ImportError(f"mettle.envs.pettingzoo needs PettingZoo (pip install pettingzoo): {_error}") from _error
 
 from mettle.contracts import BatchInfo, PolicyEnvInfo
-from mettle.envs.rows import (
-    EpisodeLog,
-    ReplayEnvironment,
-    RowBuffers,
-    feature_space,
-    generator_state,
-    set_generator_state,
-)
+from mettle.envs.rows import EpisodeLog, ReplayEnvironment, RowBuffers, generator_state, set_generator_state
+from mettle.envs.spaces import ActionConverter, ObservationWriter, scalar_infos
 from mettle.errors import one_line
 
 __all__ = ["PettingZooEnvError", "PettingZooEnvironment", "PettingZooSpec", "parse_pettingzoo_spec"]
@@ -139,82 +133,6 @@ def _shared_space(env: ParallelEnv, kind: str) -> gym.Space[Any]:
     raise PettingZooEnvError(f"all agents must share one {kind} space; got {listed}")
 
 
-class _ObservationWriter:
-    """Writes one agent's observation into a float32 row (Box as is, Discrete one-hot)."""
-
-    def __init__(self, space: gym.Space[Any]) -> None:
-        converted = feature_space(space)
-        if converted is None:
-            raise PettingZooEnvError(
-                f"observation space {space} is not supported (Box or Discrete only); flatten it first"
-            )
-        self.space, self.one_hot_start = converted
-
-    def write(self, out: np.ndarray, obs: Any) -> None:
-        """Fill `out` (one row) from a single agent's observation."""
-        if self.one_hot_start is None:
-            np.copyto(out, np.asarray(obs).reshape(out.shape), casting="unsafe")
-        else:
-            out.fill(0.0)
-            out[int(obs) - self.one_hot_start] = 1.0
-
-
-class _ActionConverter:
-    """Turns one row of [heads] int64 choices into the action the agent's space expects."""
-
-    def __init__(self, space: gym.Space[Any]) -> None:
-        self.space: gym.spaces.Discrete | gym.spaces.MultiDiscrete
-        if isinstance(space, gym.spaces.Discrete):
-            self.shape: tuple[int, ...] = ()
-            self.start = np.asarray(space.start).reshape(1)
-            self.nvec = np.asarray([space.n]).reshape(1)
-        elif isinstance(space, gym.spaces.MultiDiscrete):
-            self.shape = tuple(space.nvec.shape)
-            self.start = np.asarray(space.start).reshape(-1)
-            self.nvec = np.asarray(space.nvec).reshape(-1)
-        else:
-            raise PettingZooEnvError(
-                f"action space {space} is not supported; mettle policies need Discrete or MultiDiscrete actions"
-            )
-        self.space = space
-        self.dtype = space.dtype
-
-    @property
-    def heads(self) -> int:
-        """Action heads per row."""
-        return len(self.nvec)
-
-    def check(self, actions: np.ndarray, rows: int) -> np.ndarray:
-        """Shape and range checks once per send, since PettingZoo envs rarely validate actions."""
-        actions = np.asarray(actions)
-        if actions.shape != (rows, self.heads):
-            raise ValueError(f"expected actions shaped {(rows, self.heads)}, got {actions.shape}")
-        if actions.dtype.kind not in "iu" or (actions < 0).any() or (actions >= self.nvec).any():
-            raise ValueError(f"actions must be integers in [0, {self.nvec.tolist()}) per head")
-        return actions
-
-    def convert(self, row: np.ndarray) -> Any:
-        """A Python int for Discrete, an array shaped like `nvec` for MultiDiscrete."""
-        if not self.shape:
-            return int(row[0] + self.start[0])
-        return (row + self.start).astype(self.dtype).reshape(self.shape)
-
-
-def _scalar_infos(info: Any, prefix: str = "") -> dict[str, float]:
-    """Numeric scalars of one agent's info dict (nested dicts flattened as `outer/inner`)."""
-    out: dict[str, float] = {}
-    if not isinstance(info, dict):
-        return out
-    for key, value in info.items():
-        if isinstance(value, dict):
-            out.update(_scalar_infos(value, f"{prefix}{key}/"))
-        elif isinstance(value, bool | int | float | np.number | np.bool_) or (
-            isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "biuf"
-        ):
-            out[f"{prefix}{key}"] = float(value)
-    return out
-
-
 # ---------------------------------------------------------------------------------- adapter
 class PettingZooEnvironment(ReplayEnvironment):
     """`num_envs` in-process PettingZoo ParallelEnvs as one row per possible agent per instance.
@@ -266,9 +184,10 @@ class PettingZooEnvironment(ReplayEnvironment):
                     f"instances disagree on possible_agents: {self.possible_agents} vs {env.possible_agents}"
                 )
         self._index = {agent: k for k, agent in enumerate(self.possible_agents)}
-        self._obs_writer = _ObservationWriter(_shared_space(first, "observation"))
-        self._actions = _ActionConverter(_shared_space(first, "action"))
         a, n = len(self.possible_agents), len(self._envs)
+        self._obs_writer = ObservationWriter(_shared_space(first, "observation"), PettingZooEnvError, "",
+                                             "flatten it first")
+        self._actions = ActionConverter(_shared_space(first, "action"), n * a, PettingZooEnvError)
         extras = {"possible_agents": tuple(self.possible_agents)}
         self._info = PolicyEnvInfo(self._obs_writer.space, self._actions.space, num_agents=a, extras=extras)
         self._batch_info = BatchInfo(num_envs=n, agents_per_env=a)
@@ -299,7 +218,7 @@ class PettingZooEnvironment(ReplayEnvironment):
     def send_actions(self, actions: np.ndarray, rows: slice | None = None) -> None:
         """Step every instance with its live rows' actions; instances with no live agent reset instead."""
         self._prepare_send(rows)
-        actions = self._actions.check(actions, self._batch_info.num_rows)
+        actions = self._checked(actions)
         self._log.record(actions)
         for i in range(len(self._envs)):
             if self._needs_reset[i]:
@@ -316,6 +235,14 @@ class PettingZooEnvironment(ReplayEnvironment):
             env.close()
 
     # -------------------------------------------------------------------- internals
+    def _checked(self, actions: np.ndarray) -> np.ndarray:
+        """Shape and range checks once per send, since PettingZoo envs rarely validate actions."""
+        actions, converter = np.asarray(actions), self._actions
+        converter.check_shape(actions)
+        if actions.dtype.kind not in "iu" or not converter.in_range(actions):
+            raise ValueError(f"actions must be integers in [0, {converter.nvec.tolist()}) per head")
+        return actions
+
     def _block(self, i: int) -> slice:
         """The rows of instance i."""
         a = self._batch_info.agents_per_env
@@ -365,7 +292,7 @@ class PettingZooEnvironment(ReplayEnvironment):
         """One PettingZoo step for instance i with its rows' actions; updates rows and queues finished episodes."""
         env, block, buffers = self._envs[i], self._block(i), self._buffers
         acting = [agent for agent in self.possible_agents if buffers.mask[self._row(i, agent)]]
-        sent = {agent: self._actions.convert(actions[self._index[agent]]) for agent in acting}
+        sent = {agent: self._actions.single(actions[self._index[agent]]) for agent in acting}
         obs, rewards, terminations, truncations, infos = env.step(sent)
         for array in (buffers.rewards, buffers.terminals, buffers.truncations, buffers.starts, buffers.mask):
             array[block] = 0
@@ -388,7 +315,7 @@ class PettingZooEnvironment(ReplayEnvironment):
         if agent not in obs:
             raise PettingZooEnvError(f"instance {i} lists {agent!r} in env.agents but gave it no observation")
         row = self._row(i, agent)
-        self._obs_writer.write(self._buffers.observations[row], obs[agent])
+        self._obs_writer.write_row(self._buffers.observations[row], obs[agent])
         self._buffers.mask[row] = True
 
     def _record(self, i: int, agent: str, obs: dict[str, Any], reward: float) -> None:
@@ -398,14 +325,14 @@ class PettingZooEnvironment(ReplayEnvironment):
         buffers.returns[row] += reward
         buffers.lengths[row] += 1
         if agent in obs:
-            self._obs_writer.write(buffers.observations[row], obs[agent])
+            self._obs_writer.write_row(buffers.observations[row], obs[agent])
 
     def _end_episode(self, i: int, agent: str, terminal: bool, info: Any) -> None:
         """Flag the row (leaving it masked) and queue the agent's episode info."""
         row, buffers = self._row(i, agent), self._buffers
         buffers.terminals[row], buffers.truncations[row] = terminal, not terminal
         self._finished[i].add(agent)
-        episode = _scalar_infos(info)
+        episode = scalar_infos(info)
         episode.update(buffers.episode_info(row, env_id=i, agent_id=self._index[agent]))
         buffers.infos.append(episode)
         buffers.clear_totals(row)

@@ -10,8 +10,10 @@ step allocates nothing. An adapter that steps all its rows together drives it as
 * `episode_info(row, env_id, agent_id)` for each row that ended, then `clear_totals` for them.
 
 Adapters with their own per-row rules (PettingZoo's agents that come and go) use the arrays,
-`episode_info` and `clear_totals` only. `feature_space` is the float32 observation space the
-Gymnasium and PettingZoo adapters deliver.
+`episode_info` and `clear_totals` only.
+
+Most steps neither end nor restart an episode; `begin_step` and `record` notice that from two flags
+and then only count the step and copy the rewards, so the common step costs a handful of numpy calls.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 import torch
 
@@ -42,7 +43,6 @@ __all__ = [
     "RowBufferEnvironment",
     "RowBuffers",
     "RowLayoutEnvironment",
-    "feature_space",
 ]
 
 
@@ -60,6 +60,11 @@ class RowBuffers(EnvBatch):
     """Steps taken so far in each row's episode."""
     raw_rewards: np.ndarray = field(init=False, repr=False)
     """Scratch for totalling rewards that float32 would round."""
+    any_done: bool = field(init=False, default=False)
+    """Whether any row shows a final observation now (`done.any()`, kept by `record`)."""
+    settled: bool = field(init=False, default=False)
+    """No row restarts in this step and every flag is at rest (terminals, truncations and done False, mask, live
+    True, starts False): `begin_step` and `record` then skip the per-row rules."""
 
     def __post_init__(self) -> None:
         """Size the scratch with the rows, so `record` allocates nothing."""
@@ -100,16 +105,44 @@ class RowBuffers(EnvBatch):
         for totals in (self.rewards, self.returns, self.lengths):
             totals.fill(0)
         self.infos = []
+        self.any_done = self.settled = False
+
+    def resync(self) -> None:
+        """Arrays were written from outside (a restored state): the next step re-derives its rows from them."""
+        self.any_done, self.settled = bool(self.done.any()), False
 
     def begin_step(self) -> None:
         """A send: rows that showed a final observation restart, every other row takes a step (counted here)."""
+        if self.settled:  # nothing restarts: every row is live already
+            self.lengths += 1
+            return
         np.copyto(self.starts, self.done)
         np.logical_not(self.starts, out=self.live)
         self.lengths += self.live
+        self.settled = not self.any_done
 
     def record(self, rewards: np.ndarray, terminals: np.ndarray, truncations: np.ndarray) -> None:
         """Deliver a step's outcome for live rows (restarting ones: reward 0, no flags; terminal beats truncation)."""
-        live, rewards = self.live, np.asarray(rewards)  # a vector env may hand over a list
+        rewards = np.asarray(rewards)  # a vector env may hand over a list
+        if not self.settled:
+            self._record_rows(rewards, terminals, truncations)
+            return
+        np.logical_or(terminals, truncations, out=self.done)  # every row is live: no per-row rules apply
+        if self.done.any():
+            self._record_ends(terminals)
+        np.copyto(self.rewards, rewards, casting="unsafe")
+        self.returns += self.rewards if rewards.dtype == self.rewards.dtype else rewards
+
+    def _record_ends(self, terminals: np.ndarray) -> None:
+        """Flags of a step where episodes end and none restarts (`done` is set): terminal beats truncation."""
+        np.not_equal(terminals, 0, out=self.terminals)
+        np.greater(self.done, self.terminals, out=self.truncations)
+        np.logical_not(self.done, out=self.mask)
+        self.any_done, self.settled = True, False
+
+    def _record_rows(self, rewards: np.ndarray, terminals: np.ndarray, truncations: np.ndarray) -> None:
+        """`record` in a step where rows restart: the per-row rules, then the flags for the next step."""
+        live = self.live
         np.logical_and(terminals, live, out=self.terminals)
         np.logical_and(truncations, live, out=self.truncations)
         np.greater(self.truncations, self.terminals, out=self.truncations)
@@ -121,6 +154,7 @@ class RowBuffers(EnvBatch):
             self.returns += self.rewards
         else:  # total the raw (usually float64) rewards, not their float32 copies
             self.returns += np.multiply(rewards, live, out=self.raw_rewards, casting="unsafe")
+        self.any_done, self.settled = bool(self.done.any()), False
 
     def episode_info(self, row: int, env_id: int, agent_id: int | None = None) -> dict[str, Any]:
         """What every finished episode's info carries: the row's return and length, and its ids."""
@@ -137,16 +171,6 @@ class RowBuffers(EnvBatch):
         """Start the return and length of new episodes in `rows` (a mask, slice or row), once reported."""
         self.returns[rows] = 0.0
         self.lengths[rows] = 0
-
-
-def feature_space(space: gym.Space[Any]) -> tuple[gym.spaces.Box, int | None] | None:
-    """Box (as is) or Discrete (one-hot) as the float32 Box delivered, with the one-hot's start; else None."""
-    if isinstance(space, gym.spaces.Box):
-        low, high = space.low.astype(np.float32), space.high.astype(np.float32)
-        return gym.spaces.Box(low, high, shape=space.shape, dtype=np.float32), None
-    if isinstance(space, gym.spaces.Discrete):
-        return gym.spaces.Box(0.0, 1.0, shape=(int(space.n),), dtype=np.float32), int(space.start)
-    return None
 
 
 class RowLayoutEnvironment(TrainingEnvironment):
@@ -188,7 +212,8 @@ class RowBufferEnvironment(RowLayoutEnvironment):
 
     def _prepare_send(self, rows: slice | None) -> None:
         """Actions must cover every row; an environment never reset starts now, so they apply to its first batch."""
-        check_all_rows(rows, self._batch_info.num_rows)
+        if rows is not self._buffers.rows:  # the delivered batch's own slice covers every row
+            check_all_rows(rows, self._batch_info.num_rows)
         if not self._started:
             self.reset()
 
@@ -226,15 +251,20 @@ class EpisodeLog:
         self._sends.append(np.array(actions, dtype=np.int64, copy=True))
         self._count += 1
         if self._trim:
-            self._trim = False
-            for _ in range(int(self.first.min()) - self._base):
-                self._sends.popleft()
-            self._base = int(self.first.min())
+            self._drop_unneeded()
         if len(self._sends) > MAX_LOGGED_SENDS:
             self.overflowed = True
             self._sends.clear()
             logger.warning("an episode outlasted %d steps: a resume of this run will restart its episodes "
                            "instead of continuing them exactly", MAX_LOGGED_SENDS)
+
+    def _drop_unneeded(self) -> None:
+        """Forget the sends older than every instance's current episode (checked only after an episode began)."""
+        self._trim = False
+        oldest = int(self.first.min())
+        for _ in range(oldest - self._base):
+            self._sends.popleft()
+        self._base = oldest
 
     def begin(self, instance: int, start: dict[str, Any]) -> None:
         """Instance `instance` started an episode from `start` (plain JSON); later sends' actions belong to it."""
@@ -318,6 +348,7 @@ class ReplayEnvironment(RowBufferEnvironment):
         replayed = self._replay(state["log"]) if self._log is not None else None
         for name in _SAVED_BUFFERS:
             np.copyto(getattr(self._buffers, name), state["arrays"][name].numpy())
+        self._buffers.resync()
         self._buffers.infos = [dict(info) for info in state["infos"]]
         self._load_extra_state(state["extra"])
         self._started = True

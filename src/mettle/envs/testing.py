@@ -26,6 +26,7 @@ import torch
 
 from mettle.contracts import BatchInfo, EnvBatch, PolicyEnvInfo, TrainingEnvironment, random_actions
 from mettle.envs.rows import RowBufferEnvironment, RowBuffers
+from mettle.envs.spaces import ActionConverter
 
 __all__ = [
     "BanditEnvironment",
@@ -70,6 +71,7 @@ class _RowEpisodeEnvironment(RowBufferEnvironment):
         self._batch_info = BatchInfo(num_envs=num_envs, agents_per_env=agents_per_env)
         self._info = PolicyEnvInfo(observation_space, action_space, num_agents=agents_per_env)
         self._nvec = np.asarray(self._info.action_nvec, dtype=np.int64)
+        self._actions = ActionConverter(action_space, self._batch_info.num_rows, ValueError)
         self._seed = seed
         self._buffers = RowBuffers.allocate(self._batch_info.num_rows, observation_space.shape)
         self._started = False
@@ -126,6 +128,7 @@ class _RowEpisodeEnvironment(RowBufferEnvironment):
         arrays = self._saved_arrays()
         for name, tensor in state["arrays"].items():
             np.copyto(arrays[name], tensor.numpy())
+        self._buffers.resync()
         self._buffers.infos = [dict(info) for info in state["infos"]]
         self._started = bool(state["started"])
         if state["rng"] is not None:
@@ -145,10 +148,8 @@ class _RowEpisodeEnvironment(RowBufferEnvironment):
     def _validate(self, actions: np.ndarray) -> np.ndarray:
         """Strict checks, since these environments exist to catch bugs in their callers."""
         actions = np.asarray(actions)
-        expected = (self._batch_info.num_rows, len(self._nvec))
-        if actions.shape != expected:
-            raise ValueError(f"expected actions shaped {expected}, got {actions.shape}")
-        if actions.dtype.kind not in "iu" or (actions < 0).any() or (actions >= self._nvec).any():
+        self._actions.check_shape(actions)
+        if actions.dtype.kind not in "iu" or not self._actions.in_range(actions):
             raise ValueError(f"actions must be integers in [0, {self._nvec.tolist()}), got {actions!r}")
         return actions
 

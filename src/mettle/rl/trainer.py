@@ -13,6 +13,7 @@ import torch
 
 from mettle.agent.policy import Policy
 from mettle.profiling.stopwatch import Stopwatch
+from mettle.rl.hyperparameters import Hyperparameters
 from mettle.rl.loss import Loss, losses_from_config
 from mettle.rl.trainer_config import TrainerConfig
 from mettle.rl.training import (
@@ -26,9 +27,10 @@ from mettle.rl.training import (
     TrainerState,
     TrainingEnvironment,
 )
+from mettle.rl.training.collector import Collector, RolloutSource
 from mettle.rl.training.component import crossed_interval
-from mettle.rl.training.context import Hyperparameters
-from mettle.rl.training.optimizer import create_optimizer
+from mettle.rl.training.optimizer import create_optimizer, flatten_parameters, set_optimizer_mode
+from mettle.rl.training.overlap import OverlappedRollouts, rollout_source
 from mettle.runtime import check_torch_compile, keep_freed_memory
 
 logger = logging.getLogger(__name__)
@@ -67,18 +69,21 @@ class Trainer:
             policy=policy,
             env=env,
             experience=experience,
-            optimizer=create_optimizer(cfg.optimizer, policy),
+            optimizer=create_optimizer(cfg.optimizer, policy, flatten_parameters(policy)),
             stopwatch=Stopwatch(),
             distributed=self._distributed,
             device=device,
             run_name=run_name,
             generator=torch.Generator().manual_seed(seed),
         )
-        self._core = CoreTrainingLoop(self._context, losses_from_config(self._context))
-        self._context.core_loop = self._core
+        self._core = CoreTrainingLoop(self._context)
+        self._rollouts = rollout_source(self._context, Collector(env, policy, device, self._context.stopwatch, seed))
+        self._context.core_loop, self._context.rollouts = self._core, self._rollouts
         self._components = self._context.components
         self._sealed_by: str | None = None
         """Set by restore() or train(): after them a new loss would miss its saved state or its first rollout."""
+        for loss in losses_from_config(self._context):
+            self.add_loss(loss)
 
     @property
     def context(self) -> ComponentContext:
@@ -87,8 +92,18 @@ class Trainer:
 
     @property
     def core_loop(self) -> CoreTrainingLoop:
-        """The rollout/update loop (its pending decisions and RNG are part of a checkpoint)."""
+        """Advantages and the update (its losses' update state is part of a checkpoint)."""
         return self._core
+
+    @property
+    def rollouts(self) -> RolloutSource:
+        """Where rollouts come from: the Collector, or with overlap the actor process that owns one."""
+        return self._rollouts
+
+    @property
+    def overlapped(self) -> bool:
+        """Whether rollouts run in an actor process while the learner updates (overlap=true, and it could start)."""
+        return isinstance(self._rollouts, OverlappedRollouts)
 
     @property
     def losses(self) -> list[Loss]:
@@ -102,6 +117,7 @@ class Trainer:
                                "constructing the Trainer (or pass them to build_run), so they get their experience "
                                "fields and checkpointed state")
         self._core.add_loss(loss)
+        self._rollouts.add_loss(loss)
         return loss
 
     @property
@@ -126,9 +142,9 @@ class Trainer:
             while state.agent_step < self._cfg.total_timesteps and not self._stop_requested():
                 self._run_epoch()
             self._invoke(TrainerCallback.TRAINING_COMPLETE)
-            self._core.stop_actor()
+            self._rollouts.stop()
         except BaseException as error:
-            self._core.abort_actor()
+            self._rollouts.abort()
             self._notify_failure(error)
             raise
         return state
@@ -136,7 +152,7 @@ class Trainer:
     def _run_epoch(self) -> None:
         ctx = self._context
         started, first_step = time.perf_counter(), ctx.state.agent_step
-        infos = self._core.rollout_phase()
+        infos = self.rollout_phase()
         ctx.stats.episodes = [info for rank in ctx.distributed.all_gather_object(infos) for info in rank]
         self._invoke(TrainerCallback.STEP, ctx.stats.episodes)
         self._invoke(TrainerCallback.ROLLOUT_END)
@@ -145,6 +161,17 @@ class Trainer:
         elapsed = max(time.perf_counter() - started, 1e-9)
         ctx.stats.steps_per_second = (ctx.state.agent_step - first_step) / elapsed
         self._invoke_epoch_end(ctx.state.epoch - 1, ctx.state.epoch)
+
+    def rollout_phase(self) -> list[dict[str, Any]]:
+        """Collect the next rollout into the Experience with the acting weights; the infos of episodes that ended."""
+        ctx = self._context
+        set_optimizer_mode(ctx.optimizer, training=False)
+        ctx.policy.eval()
+        infos = self._rollouts.collect(ctx.experience, ctx.state.agent_step)
+        if self._rollouts.lagged:
+            self._core.score_lagged_rollout()
+        ctx.state.agent_step += ctx.rollout_agent_steps
+        return infos
 
     def _stop_requested(self) -> bool:
         """A stop asked for on any rank stops every rank at the same epoch (one asked during the vote: the next)."""

@@ -10,13 +10,13 @@ from mettle.rl.loss.ppo_actor import PPOActorLoss
 from mettle.rl.loss.ppo_critic import PPOCriticLoss
 
 if TYPE_CHECKING:
-    from mettle.rl.training.context import ComponentContext
+    from mettle.rl.loss.trainer_view import TrainerView
 
 __all__ = ["Kickstarter", "Loss", "PPOActorLoss", "PPOCriticLoss", "RolloutBatch", "losses_from_config",
            "masked_mean"]
 
 
-def losses_from_config(context: ComponentContext) -> list[Loss]:
+def losses_from_config(context: TrainerView) -> list[Loss]:
     """The losses `trainer.losses` enables, in a fixed order (PPO actor, PPO critic, kickstarter)."""
     cfg = context.config
     chosen = cfg.losses

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -10,7 +12,9 @@ import torch
 from mettle.agent.policy import PolicyOutput, TensorSpec
 
 if TYPE_CHECKING:
-    from mettle.rl.training.experience import Minibatch
+    from mettle.rl.minibatch import Minibatch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,8 @@ class RolloutBatch:
     """[n] bool: the step is an episode's first."""
     mask: torch.Tensor
     """[n] bool: the row holds a live agent."""
+    agent_step: int
+    """The agent step (all ranks) at which this rollout began; the update on it sees one rollout's more."""
 
 
 class Loss:
@@ -72,3 +78,19 @@ class Loss:
 def masked_mean(values: torch.Tensor, minibatch: Minibatch) -> torch.Tensor:
     """Mean over live steps ([n, T]), weighted by the minibatch's importance weights."""
     return (values * minibatch.loss_weights).sum()
+
+
+def load_loss_states(losses: Sequence[Loss], saved: dict[str, Any], rollout: bool) -> None:
+    """Hand each loss its saved update (or `rollout`) state; a loss with state but none saved starts fresh (said)."""
+    kind = "rollout_state_dict" if rollout else "state_dict"
+    for loss in losses:
+        load, current = ((loss.load_rollout_state_dict, loss.rollout_state_dict) if rollout
+                         else (loss.load_state_dict, loss.state_dict))
+        if loss.name in saved:
+            load(saved[loss.name])
+        elif current():
+            logger.warning("the checkpoint holds no %s for loss %r (added since it was written): it starts fresh",
+                           kind, loss.name)
+    for name in sorted(set(saved) - {loss.name for loss in losses}):
+        logger.warning("the checkpoint holds a %s for loss %r, which this run does not have: it is ignored",
+                       kind, name)

@@ -19,11 +19,12 @@ from mettle.agent.distributions import kl_divergence
 from mettle.agent.policy import Policy, PolicyOutput, TensorSpec
 from mettle.contracts import PolicyEnvInfo
 from mettle.rl.loss.base import Loss, RolloutBatch, masked_mean
+from mettle.rl.policy_files import CheckpointError, newest_usable_policy
 from mettle.rl.trainer_config import KickstarterConfig
 
 if TYPE_CHECKING:
-    from mettle.rl.training.context import ComponentContext, TrainerState
-    from mettle.rl.training.experience import Minibatch
+    from mettle.rl.loss.trainer_view import TrainerView, TrainingProgress
+    from mettle.rl.minibatch import Minibatch
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class Kickstarter(Loss):
 
     name = "kickstarter"
 
-    def __init__(self, cfg: KickstarterConfig, teacher: Policy, nvec: tuple[int, ...], state: TrainerState,
+    def __init__(self, cfg: KickstarterConfig, teacher: Policy, nvec: tuple[int, ...], state: TrainingProgress,
                  rollout_steps: int, teacher_digest: str = "") -> None:
         self.cfg, self.teacher, self.nvec, self.state = cfg, teacher, nvec, state
         self.rollout_steps = rollout_steps
@@ -48,10 +49,8 @@ class Kickstarter(Loss):
         self._teacher_device = next(teacher.parameters()).device
 
     @classmethod
-    def from_config(cls, cfg: KickstarterConfig, context: ComponentContext) -> Kickstarter:
+    def from_config(cls, cfg: KickstarterConfig, context: TrainerView) -> Kickstarter:
         """Load the teacher (on the device where rollouts run) and check it reads this env and acts in its space."""
-        from mettle.rl.training.checkpointer import CheckpointError, newest_usable_policy
-
         assert cfg.teacher is not None  # the config refuses an enabled kickstarter without one
         path, config = Path(cfg.teacher), context.config
         if not path.exists():
@@ -79,7 +78,7 @@ class Kickstarter(Loss):
     def on_rollout_step(self, batch: RolloutBatch, output: PolicyOutput) -> dict[str, torch.Tensor]:
         """Run the teacher on the step the student saw, unless the update on this rollout no longer weighs it."""
         n = batch.observations.shape[0]
-        if self.coefficient(self.state.agent_step + self.rollout_steps) == 0.0:
+        if self.coefficient(batch.agent_step + self.rollout_steps) == 0.0:
             device = batch.observations.device
             return {TEACHER_LOGITS: torch.zeros(n, sum(self.nvec), device=device),
                     TEACHER_VALUES: torch.zeros(n, device=device)}

@@ -11,8 +11,8 @@ from mettle.rl.loss.base import Loss, masked_mean
 from mettle.rl.trainer_config import PPOConfig
 
 if TYPE_CHECKING:
-    from mettle.rl.training.context import Hyperparameters
-    from mettle.rl.training.experience import Minibatch
+    from mettle.rl.hyperparameters import Hyperparameters
+    from mettle.rl.minibatch import Minibatch
 
 
 class PPOActorLoss(Loss):

@@ -11,7 +11,7 @@ from mettle.rl.loss.base import Loss, masked_mean
 from mettle.rl.trainer_config import PPOConfig
 
 if TYPE_CHECKING:
-    from mettle.rl.training.experience import Minibatch
+    from mettle.rl.minibatch import Minibatch
 
 
 class PPOCriticLoss(Loss):

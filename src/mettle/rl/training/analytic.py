@@ -24,7 +24,7 @@ from mettle.rl.loss.ppo_critic import PPOCriticLoss
 
 if TYPE_CHECKING:
     from mettle.rl.loss.base import Loss
-    from mettle.rl.training.experience import Minibatch
+    from mettle.rl.minibatch import Minibatch
 
 
 DIAGNOSTICS = ("ppo_actor/policy_loss", "ppo_actor/entropy", "ppo_actor/approx_kl", "ppo_actor/clipfrac",

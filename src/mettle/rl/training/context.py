@@ -2,51 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mettle.rl.hyperparameters import Hyperparameters
 from mettle.rl.trainer_config import TrainerConfig
 
 if TYPE_CHECKING:
     from mettle.agent.policy import Policy
     from mettle.profiling.stopwatch import Stopwatch
+    from mettle.rl.training.collector import RolloutSource
     from mettle.rl.training.component import TrainerComponent
     from mettle.rl.training.core import CoreTrainingLoop
     from mettle.rl.training.distributed import DistributedHelper
     from mettle.rl.training.environment import TrainingEnvironment
     from mettle.rl.training.experience import Experience
-
-
-@dataclass
-class Hyperparameters:
-    """The config values that schedules and the autotuner move during a run; the loop and losses read them here."""
-
-    learning_rate: float
-    """Optimizer step size; the core loop writes it to every param group before each update (0 allowed)."""
-    entropy_coef: float
-    """Weight of the PPO entropy bonus."""
-    clip_coef: float
-    """PPO policy ratio clip range."""
-    update_epochs: int
-    """Passes over the batch in the next update."""
-
-    @classmethod
-    def from_config(cls, cfg: TrainerConfig) -> Hyperparameters:
-        """The starting values, as the (read-only) config asks."""
-        return cls(learning_rate=cfg.optimizer.learning_rate, entropy_coef=cfg.ppo.entropy_coef,
-                   clip_coef=cfg.ppo.clip_coef, update_epochs=cfg.update_epochs)
-
-    def state_dict(self) -> dict[str, float | int]:
-        """Plain-container copy for checkpoints."""
-        return asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore in place (losses hold this object), all fields or none."""
-        values = (float(state["learning_rate"]), float(state["entropy_coef"]), float(state["clip_coef"]),
-                  int(state["update_epochs"]))
-        self.learning_rate, self.entropy_coef, self.clip_coef, self.update_epochs = values
 
 
 def _default_hyperparameters() -> Hyperparameters:
@@ -115,7 +87,10 @@ class ComponentContext:
     stop_requested: bool = False
     """Set (by a signal handler or any component) to end training cleanly after the current epoch."""
     core_loop: CoreTrainingLoop | None = None
-    """The rollout/update loop, set by the Trainer: its held decisions and env state go into checkpoints."""
+    """Advantages and the update, set by the Trainer: its losses' update state goes into checkpoints."""
+    rollouts: RolloutSource | None = None
+    """Where rollouts come from (a Collector, or the overlapped actor), set by the Trainer: its state (env,
+    held decisions, memory, the losses' rollout state) goes into checkpoints."""
 
     @property
     def rollout_agent_steps(self) -> int:

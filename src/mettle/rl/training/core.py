@@ -1,21 +1,18 @@
-"""CoreTrainingLoop: one epoch is a rollout phase that fills Experience, then a PPO update."""
+"""CoreTrainingLoop: the learner's half of an epoch, advantages and the PPO update, on a filled Experience."""
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from mettle.agent.policy import PolicyOutput
 from mettle.rl import advantage as adv
-from mettle.rl.loss.base import Loss, RolloutBatch
+from mettle.rl.loss.base import Loss, load_loss_states
 from mettle.rl.training.analytic import AnalyticPPOGradient, analytic_problem
 from mettle.rl.training.context import ComponentContext
-from mettle.rl.training.environment import EnvBatch, EnvStateError
 from mettle.rl.training.optimizer import (
     clip_gradients,
     flat_gradients,
@@ -23,43 +20,23 @@ from mettle.rl.training.optimizer import (
     set_optimizer_mode,
     zero_gradients,
 )
-from mettle.rl.training.overlap import OverlappedRollouts, fork_problem
 
 logger = logging.getLogger(__name__)
 
 NON_MEMORY_FIELDS = frozenset({"observations", "actions"})
 
 
-@dataclass
-class Decision:
-    """The policy's choice for one batch of rows, not yet stored or sent."""
-
-    rows: slice
-    observations: torch.Tensor
-    mask: torch.Tensor
-    starts: torch.Tensor
-    output: PolicyOutput
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
-    """The losses' experience fields for this step (`Loss.on_rollout_step`)."""
-
-
 class CoreTrainingLoop:
-    """Runs the two phases of an epoch; the Trainer adds callbacks and bookkeeping around it."""
+    """Turns a collected rollout into advantages and minibatch updates; the Trainer adds callbacks around it."""
 
-    def __init__(self, context: ComponentContext, losses: Sequence[Loss]) -> None:
+    def __init__(self, context: ComponentContext, losses: Sequence[Loss] = ()) -> None:
         self.context = context
         self.losses: list[Loss] = []
-        self._declared: dict[str, frozenset[str]] = {}
-        """Each loss's experience fields, as allocated (checked against what its rollout hook returns)."""
         for loss in losses:
             self.add_loss(loss)
         self.train_policy = context.distributed.wrap_policy(context.policy)
         self.memory_fields = [k for k in context.policy.get_agent_experience_spec() if k not in NON_MEMORY_FIELDS]
-        self._pending: dict[int, Decision] = {}
-        self._awaiting: set[int] = set()
-        self._env_started = False
         self._gradient_said = False
-        self._overlap = self._overlapped_rollouts()
 
     def add_loss(self, loss: Loss) -> None:
         """Add a term to the objective, allocating the experience fields it declares (before rollouts start)."""
@@ -67,219 +44,16 @@ class CoreTrainingLoop:
         if loss.name in taken:
             raise ValueError(f"a loss named {loss.name!r} is already added ({taken}); give {type(loss).__name__} "
                              "another `name`")
-        spec = loss.experience_spec()
-        self.context.experience.add_fields(spec)
+        self.context.experience.add_fields(loss.experience_spec())
         self.losses.append(loss)
-        self._declared[loss.name] = frozenset(spec)
 
-    def _overlapped_rollouts(self) -> OverlappedRollouts | None:
-        """The actor side when `overlap` is on and a forked actor can run here; else None (synchronous, said once)."""
-        ctx = self.context
-        if not ctx.config.overlap:
-            return None
-        actor_device = torch.device(ctx.config.actor_device or ctx.device)
-        problem = fork_problem(actor_device)
-        if problem is not None:
-            logger.warning("overlap=true: training synchronously instead, because %s", problem)
-            return None
-        return OverlappedRollouts(self, actor_device)
-
-    @property
-    def overlapped(self) -> bool:
-        """Whether rollouts run in an actor process while the learner updates (overlap=true, and it could start)."""
-        return self._overlap is not None
-
-    # ----------------------------------------------------------------- rollout
-    def rollout_phase(self) -> list[dict[str, Any]]:
-        """Fill the experience buffer (or take the actor's next rollout); return the infos of episodes that finished."""
-        ctx = self.context
-        set_optimizer_mode(ctx.optimizer, training=False)
-        ctx.policy.eval()
-        infos = self._overlap.next_rollout() if self._overlap is not None else self.collect()
-        ctx.state.agent_step += ctx.rollout_agent_steps
-        return infos
-
-    def collect(self) -> list[dict[str, Any]]:
-        """Step the env with the policy until the experience buffer is full (the learner's, or in the actor)."""
-        ctx, exp = self.context, self.context.experience
-        if not self._env_started:
-            ctx.env.reset(seed=ctx.config.seed + ctx.distributed.seed_offset())
-            self._env_started = True
-        exp.reset()
-        infos: list[dict[str, Any]] = []
-        with ctx.stopwatch("rollout"):
-            pending, self._pending = self._pending, {}
-            for decision in pending.values():
-                self._commit(decision)
-            while not exp.full:
-                self._step(infos)
-        return infos
-
-    def stop_actor(self) -> None:
-        """End the actor process between rollouts (training is done); its state stays for checkpoints and resumes."""
-        if self._overlap is not None:
-            self._overlap.stop()
-
-    def abort_actor(self) -> None:
-        """End the actor process at once (training failed)."""
-        if self._overlap is not None:
-            self._overlap.abort()
-
-    def _step(self, infos: list[dict[str, Any]]) -> None:
-        ctx, exp = self.context, self.context.experience
-        with ctx.stopwatch("rollout.env"):
-            batch = ctx.env.get_observations()
-        infos.extend(batch.infos)
-        if batch.rows.start in self._awaiting:
-            self._store_outcome(batch)
-        decision = self._decide(batch)
-        if exp.rows_full(batch.rows):
-            exp.set_bootstrap(batch.rows, decision.output.values[:, 0])
-            self._pending[batch.rows.start] = decision
-        else:
-            self._commit(decision)
-
-    def _store_outcome(self, batch: EnvBatch) -> None:
-        device = self.context.experience.device
-        self.context.experience.store_outcome(
-            batch.rows,
-            torch.as_tensor(batch.rewards, dtype=torch.float32).to(device),
-            torch.as_tensor(batch.terminals, dtype=torch.bool).to(device),
-            torch.as_tensor(batch.truncations, dtype=torch.bool).to(device),
-        )
-        self._awaiting.discard(batch.rows.start)
-
-    def _decide(self, batch: EnvBatch) -> Decision:
-        ctx = self.context
-        with ctx.stopwatch("rollout.inference"), torch.inference_mode():
-            obs = torch.as_tensor(batch.observations).to(ctx.device, non_blocking=True)
-            starts = torch.as_tensor(batch.starts, dtype=torch.bool).to(ctx.device)
-            mask = torch.as_tensor(batch.mask, dtype=torch.bool).to(ctx.device)
-            output = ctx.policy(obs.unsqueeze(1), starts.unsqueeze(1), rows=batch.rows)
-            extras = self._loss_fields(RolloutBatch(batch.rows, obs, starts, mask), output)
-        return Decision(batch.rows, obs, mask, starts, output, extras)
-
-    def _loss_fields(self, batch: RolloutBatch, output: PolicyOutput) -> dict[str, torch.Tensor]:
-        """Every loss's fields for this step; a loss that leaves out or adds a field is named."""
-        fields: dict[str, torch.Tensor] = {}
-        for loss in self.losses:
-            filled = loss.on_rollout_step(batch, output)
-            declared = self._declared[loss.name]
-            if filled.keys() != declared:
-                raise ValueError(f"{type(loss).__name__}.on_rollout_step returned fields {sorted(filled)}, but "
-                                 f"experience_spec declares {sorted(declared)}; return exactly the declared ones")
-            fields.update(filled)
-        return fields
-
-    def _commit(self, decision: Decision) -> None:
-        ctx = self.context
-        with torch.inference_mode():
-            ctx.experience.store_decision(
-                decision.rows, decision.output, decision.observations, decision.mask, decision.starts,
-                decision.extras,
-            )
-        actions = decision.output.actions[:, 0].cpu().numpy()
-        with ctx.stopwatch("rollout.env"):
-            ctx.env.send_actions(actions, decision.rows)
-        self._awaiting.add(decision.rows.start)
-
-    # ------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
-        """Rollout progress between epochs: held decisions, policy memory, the env's own state (and, overlapped, the
-        rollout collected ahead, with the actor's RNG)."""
-        rollouts = self._overlap.state_dict() if self._overlap is not None else self.rollout_state_dict()
-        return {**rollouts, "losses": {loss.name: loss.state_dict() for loss in self.losses}}
-
-    def rollout_state_dict(self) -> dict[str, Any]:
-        """What this process's rollouts need to continue exactly: held decisions, policy memory and the env's state."""
-        ctx = self.context
-        return {
-            "env_started": self._env_started,
-            "awaiting": sorted(self._awaiting),
-            "pending": [decision_to_dict(d) for d in self._pending.values()],
-            "policy_memory": {k: v.detach().cpu() for k, v in ctx.policy.memory_state().items()},
-            "env": ctx.env.state_dict(),
-            "loss_rollout": {loss.name: loss.rollout_state_dict() for loss in self.losses},
-        }
+        """Each loss's update state (the rollout side's is the Collector's)."""
+        return {"losses": {loss.name: loss.state_dict() for loss in self.losses}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume rollouts where `state_dict` left them; without usable env state the env restarts, and says so."""
-        self._load_loss_states(state.get("losses", {}), rollout=False)
-        if self._overlap is not None:
-            self._overlap.load_state_dict(state)
-            return
-        if (state.get("overlap") or {}).get("ready") is not None:
-            logger.warning("the checkpoint holds a rollout collected ahead by overlapped training; with overlap off "
-                           "it is dropped and collected again, so this resume is not exact")
-        self.load_rollout_state(state)
-
-    def load_rollout_state(self, state: dict[str, Any]) -> None:
-        """Restore this process's env, held decisions and policy memory from `rollout_state_dict`'s output."""
-        ctx = self.context
-        self._load_loss_states(state.get("loss_rollout", {}), rollout=True)
-        if not state["env_started"]:
-            self._restart_rollouts()
-            return
-        problem = self._load_env_state(state["env"])
-        if problem is not None:
-            logger.warning("%s: every episode restarts, so this resume is not exact (%s)",
-                           type(ctx.env).__name__, problem)
-            self._restart_rollouts()
-            return
-        ctx.policy.load_memory_state({k: v.to(ctx.device) for k, v in state["policy_memory"].items()})
-        decisions = [decision_from_dict(d, ctx.device) for d in state["pending"]]
-        for decision in decisions:
-            self._refit_fields(decision)
-        self._pending = {d.rows.start: d for d in decisions}
-        self._awaiting = set(state["awaiting"])
-        self._env_started = True
-
-    def _refit_fields(self, decision: Decision) -> None:
-        """A held decision from a run with other losses: drop fields no loss here declares, fill those it lacks."""
-        decision.extras = {k: v for k, v in decision.extras.items() if k in self.context.experience.buffers}
-        batch = RolloutBatch(decision.rows, decision.observations, decision.starts, decision.mask)
-        with torch.inference_mode():
-            for loss in self.losses:
-                if not self._declared[loss.name] <= decision.extras.keys():
-                    decision.extras.update(loss.on_rollout_step(batch, decision.output))
-
-    def _load_loss_states(self, saved: dict[str, Any], rollout: bool) -> None:
-        """Hand each loss its saved update (or `rollout`) state; one with state but none saved starts fresh."""
-        kind = "rollout_state_dict" if rollout else "state_dict"
-        for loss in self.losses:
-            load, current = ((loss.load_rollout_state_dict, loss.rollout_state_dict) if rollout
-                             else (loss.load_state_dict, loss.state_dict))
-            if loss.name in saved:
-                load(saved[loss.name])
-            elif current():
-                logger.warning("the checkpoint holds no %s for loss %r (added since it was written): it starts "
-                               "fresh", kind, loss.name)
-        for name in sorted(set(saved) - {loss.name for loss in self.losses}):
-            logger.warning("the checkpoint holds a %s for loss %r, which this run does not have: it is ignored",
-                           kind, name)
-
-    def pending_decisions(self, device: torch.device) -> dict[int, Decision]:
-        """The held decisions, on `device` (the actor's)."""
-        return {start: decision_from_dict(decision_to_dict(d), device) for start, d in self._pending.items()}
-
-    def adopt_pending(self, pending: dict[int, Decision]) -> None:
-        """Hold these decisions instead (the actor's copies, on its device)."""
-        self._pending = pending
-
-    def _load_env_state(self, env_state: dict[str, Any] | None) -> str | None:
-        """Restore the env from a checkpoint; why it could not be, or None once it is."""
-        if env_state is None:
-            return "the checkpoint holds no environment state: this environment cannot save it"
-        try:
-            self.context.env.load_state_dict(env_state)
-        except (EnvStateError, NotImplementedError) as error:
-            return str(error)
-        return None
-
-    def _restart_rollouts(self) -> None:
-        """Forget held decisions and policy memory: the next rollout resets the environment."""
-        self._pending, self._awaiting, self._env_started = {}, set(), False
-        self.context.policy.reset_memory()
+        """Give each loss its saved update state."""
+        load_loss_states(self.losses, state.get("losses", {}), rollout=False)
 
     # ---------------------------------------------------------------- training
     def training_phase(self) -> dict[str, float]:
@@ -360,6 +134,21 @@ class CoreTrainingLoop:
         for grad in grads:
             grad.copy_(dist.all_reduce_mean(grad))
 
+    def score_lagged_rollout(self) -> None:
+        """V-trace on a rollout from older weights (overlap): log pi_learner - log mu_behaviour, by the learner."""
+        ctx, exp = self.context, self.context.experience
+        if ctx.config.advantage.method != "vtrace":
+            return
+        set_optimizer_mode(ctx.optimizer, training=True)
+        ctx.policy.train()
+        with ctx.stopwatch("train"), torch.no_grad():
+            every = torch.arange(exp.segments, device=exp.device)
+            for idx in torch.split(every, ctx.config.minibatch_segments):
+                data = {name: buf[idx] for name, buf in exp.buffers.items()}
+                memory = {name: data[name][:, 0] for name in self.memory_fields}
+                output = ctx.policy(data["observations"], data["starts"], actions=data["actions"], memory=memory)
+                exp.log_ratio[idx] = output.log_prob - data["log_probs"]
+
     def _recent_kl(self, sums: dict[str, list[torch.Tensor]]) -> float:
         """Mean approx-KL of the last update epoch over all ranks, so every rank stops together."""
         recent = torch.stack(sums["ppo_actor/approx_kl"][-self.context.config.minibatches_per_epoch :]).mean()
@@ -399,27 +188,3 @@ class CoreTrainingLoop:
     def _progress(self) -> float:
         state, cfg = self.context.state, self.context.config
         return state.agent_step / cfg.total_timesteps
-
-
-def decision_to_dict(decision: Decision) -> dict[str, Any]:
-    """A held decision as plain tensors, for checkpoints."""
-    out = decision.output
-    return {
-        "rows": [decision.rows.start, decision.rows.stop],
-        "observations": decision.observations.cpu(), "mask": decision.mask.cpu(), "starts": decision.starts.cpu(),
-        "actions": out.actions.cpu(), "log_prob": out.log_prob.cpu(), "entropy": out.entropy.cpu(),
-        "values": out.values.cpu(), "memory": {k: v.cpu() for k, v in out.memory.items()},
-        "extras": {k: v.cpu() for k, v in decision.extras.items()},
-    }
-
-
-def decision_from_dict(data: dict[str, Any], device: torch.device) -> Decision:
-    """Inverse of `decision_to_dict`."""
-    output = PolicyOutput(
-        actions=data["actions"].to(device), log_prob=data["log_prob"].to(device), entropy=data["entropy"].to(device),
-        values=data["values"].to(device), memory={k: v.to(device) for k, v in data["memory"].items()},
-    )
-    start, stop = data["rows"]
-    extras = {k: v.to(device) for k, v in data.get("extras", {}).items()}
-    return Decision(slice(start, stop), data["observations"].to(device), data["mask"].to(device),
-                    data["starts"].to(device), output, extras)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from mettle.agent.policy import PolicyOutput, TensorSpec
+from mettle.rl.minibatch import Minibatch
 from mettle.rl.trainer_config import SamplingConfig
 
 STEP_FIELDS: dict[str, TensorSpec] = {
@@ -22,35 +21,6 @@ STEP_FIELDS: dict[str, TensorSpec] = {
     "mask": TensorSpec((), torch.bool),
     "starts": TensorSpec((), torch.bool),
 }
-
-
-@dataclass
-class Minibatch:
-    """A set of whole segments and the training targets for them."""
-
-    indices: torch.Tensor
-    """Segment indices into the buffer, [n]."""
-    data: dict[str, torch.Tensor]
-    """Every stored field for those segments, [n, T, ...]."""
-    advantages: torch.Tensor
-    returns: torch.Tensor
-    weights: torch.Tensor
-    """Importance weights of prioritised sampling ([n, 1]; ones when sampling is uniform)."""
-    step_weights: torch.Tensor | None = None
-    """`loss_weights` when worked out ahead (for all of a pass's minibatches at once); None: on first use."""
-
-    def rows(self, rows: slice) -> Minibatch:
-        """The segments at positions `rows` of this minibatch, as views (weights are per minibatch, kept whole)."""
-        data = {name: tensor[rows] for name, tensor in self.data.items()}
-        return Minibatch(self.indices[rows], data, self.advantages[rows], self.returns[rows], self.weights)
-
-    @functools.cached_property
-    def loss_weights(self) -> torch.Tensor:
-        """Per-step weights of a loss mean, [n, T]: live steps times importance weights, summing to one."""
-        if self.step_weights is not None:
-            return self.step_weights
-        weight = self.data["mask"].to(self.weights.dtype) * self.weights
-        return weight / weight.sum().clamp_min(1e-8)
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -78,11 +48,18 @@ def check_fits_in_memory(batch_size: int, specs: dict[str, TensorSpec], device: 
                          "lower batch_size (and minibatch_size)")
 
 
+Stored = torch.Tensor | np.ndarray
+"""A value to store: a tensor, or a numpy array (an environment's batch arrays, passed as they are)."""
+
+
 class Experience:
     """Stores each agent row's steps in consecutive windows so that BPTT sees contiguous time.
 
     Row r's steps t = 0..k*T-1 (k windows of T = bptt_horizon steps per epoch) live in segment
     `(t // T) * num_rows + r` at position `t % T`.
+
+    The store methods run once per rollout step, so on the CPU they write through numpy views of the buffers:
+    a numpy assignment costs well under a microsecond where torch's indexed assignment costs several.
     """
 
     def __init__(
@@ -103,10 +80,13 @@ class Experience:
         self.steps_per_row = self.windows_per_row * bptt_horizon
         self.device = torch.device(device)
         self.buffers: dict[str, torch.Tensor] = {}
+        self._views: dict[str, tuple[torch.Tensor, int, np.ndarray]] = {}
+        """Numpy views of CPU buffers for the store methods, with the tensor and address each was taken from."""
         self.add_fields({**policy_spec, **STEP_FIELDS})
         self.bootstrap = torch.zeros(num_rows, device=self.device)
         self.log_ratio = torch.zeros(self.segments, bptt_horizon, device=self.device)
         self._row_step = np.zeros(num_rows, dtype=np.int64)
+        self._full = False
 
     def add_fields(self, specs: dict[str, TensorSpec]) -> None:
         """Allocate more per-step fields (a loss's); a name already stored is an error, not an overwrite."""
@@ -125,8 +105,8 @@ class Experience:
 
     @property
     def full(self) -> bool:
-        """Whether every row has stored all its steps for this epoch."""
-        return bool((self._row_step >= self.steps_per_row).all())
+        """Whether every row has stored all its steps for this epoch (worked out when a block of rows fills)."""
+        return self._full
 
     def rows_full(self, rows: slice) -> bool:
         """Whether the given rows have stored all their steps."""
@@ -135,6 +115,7 @@ class Experience:
     def reset(self) -> None:
         """Start filling a new epoch."""
         self._row_step[:] = 0
+        self._full = False
         self.log_ratio.zero_()
 
     def _cursor(self, rows: slice) -> tuple[slice, int]:
@@ -146,32 +127,62 @@ class Experience:
         self,
         rows: slice,
         output: PolicyOutput,
-        observations: torch.Tensor,
-        mask: torch.Tensor,
-        starts: torch.Tensor,
+        observations: Stored,
+        mask: Stored,
+        starts: Stored,
         extras: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Record what the policy saw and chose at the rows' current step (and the losses' `extras` fields)."""
-        seg, pos = self._cursor(rows)
-        buf = self.buffers
-        buf["observations"][seg, pos] = observations
-        buf["actions"][seg, pos] = output.actions[:, 0]
-        buf["log_probs"][seg, pos] = output.log_prob[:, 0]
-        buf["values"][seg, pos] = output.values[:, 0]
-        buf["mask"][seg, pos] = mask
-        buf["starts"][seg, pos] = starts
-        for name, tensor in (*output.memory.items(), *(extras or {}).items()):
-            buf[name][seg, pos] = tensor
+        """Record what the policy saw and chose at the rows' current step (and the losses' `extras` fields).
 
-    def store_outcome(
-        self, rows: slice, rewards: torch.Tensor, terminals: torch.Tensor, truncations: torch.Tensor
-    ) -> None:
+        `output` is shaped [rows, 1, ...] (one time step); the other values [rows, ...].
+        """
+        seg, pos = self._cursor(rows)
+        put = self._put
+        put("observations", seg, pos, observations)
+        put("actions", seg, pos, output.actions, first_step=True)
+        put("log_probs", seg, pos, output.log_prob, first_step=True)
+        put("values", seg, pos, output.values, first_step=True)
+        put("mask", seg, pos, mask)
+        put("starts", seg, pos, starts)
+        for name, tensor in output.memory.items():
+            put(name, seg, pos, tensor)
+        for name, tensor in (extras or {}).items():
+            put(name, seg, pos, tensor)
+
+    def store_outcome(self, rows: slice, rewards: Stored, terminals: Stored, truncations: Stored) -> None:
         """Record the result of the rows' last decision and advance them one step."""
         seg, pos = self._cursor(rows)
-        self.buffers["rewards"][seg, pos] = rewards
-        self.buffers["terminals"][seg, pos] = terminals
-        self.buffers["truncations"][seg, pos] = truncations
+        self._put("rewards", seg, pos, rewards)
+        self._put("terminals", seg, pos, terminals)
+        self._put("truncations", seg, pos, truncations)
         self._row_step[rows] += 1
+        if self._row_step[rows.start] >= self.steps_per_row:  # a block filled: are they all?
+            self._full = bool((self._row_step >= self.steps_per_row).all())
+
+    def _put(self, name: str, seg: slice, pos: int, value: Stored, first_step: bool = False) -> None:
+        """buffers[name][seg, pos] = value (value[:, 0] with `first_step`), through numpy where both are on the CPU."""
+        buffer = self.buffers[name]
+        if buffer.is_cpu and (isinstance(value, np.ndarray) or value.is_cpu):
+            try:
+                array = value if isinstance(value, np.ndarray) else (
+                    value.detach() if value.requires_grad else value).numpy()
+                self._host_view(name, buffer)[seg, pos] = array[:, 0] if first_step else array
+                return
+            except TypeError:  # a dtype numpy lacks (bfloat16): torch's own assignment below
+                pass
+        tensor = torch.as_tensor(value)
+        buffer[seg, pos] = tensor[:, 0] if first_step else tensor
+
+    def _host_view(self, name: str, buffer: torch.Tensor) -> np.ndarray:
+        """A numpy view of a CPU buffer, kept while it still shows that tensor's memory.
+
+        `share_memory_()` moves a tensor's storage in place, freeing the old memory, so a kept view is checked
+        against the tensor (the same object, at the same address) before every use, never trusted.
+        """
+        kept = self._views.get(name)
+        if kept is None or kept[0] is not buffer or kept[1] != buffer.data_ptr():
+            kept = self._views[name] = (buffer, buffer.data_ptr(), buffer.numpy())
+        return kept[2]
 
     def set_bootstrap(self, rows: slice, values: torch.Tensor) -> None:
         """Value of the observation after each row's last stored step."""

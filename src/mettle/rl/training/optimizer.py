@@ -1,9 +1,12 @@
-"""Build the policy optimizer from OptimizerConfig, plus mode and learning-rate helpers for the trainer."""
+"""Build the policy optimizer from OptimizerConfig, plus mode, learning-rate and gradient helpers for the trainer.
+
+Nothing here changes a policy unasked: `flatten_parameters` is the one step that re-seats a policy's tensors (on
+one flat tensor, for one-call optimizer steps), and the Trainer calls it explicitly before `create_optimizer`.
+"""
 
 from __future__ import annotations
 
 import functools
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,9 +20,11 @@ __all__ = [
     "CombinedOptimizer",
     "FlatGradients",
     "FlatOptimizer",
+    "FlatParameters",
     "clip_gradients",
     "create_optimizer",
     "flat_gradients",
+    "flatten_parameters",
     "get_learning_rate",
     "muon_param_split",
     "set_learning_rate",
@@ -153,17 +158,45 @@ _BUILDERS: dict[str, Callable[[OptimizerConfig, list[nn.Parameter]], torch.optim
 }
 
 
-def create_optimizer(cfg: OptimizerConfig, policy: nn.Module) -> torch.optim.Optimizer:
-    """One optimizer over the policy's trainable parameters, chosen and tuned by the config."""
+def create_optimizer(cfg: OptimizerConfig, policy: nn.Module, flat: FlatParameters | None = None,
+                     ) -> torch.optim.Optimizer:
+    """A new optimizer of the configured type and settings over `policy`'s trainable parameters; the policy is
+    not changed.
+
+    With `flat` (what `flatten_parameters(policy)` returned), adam, adamw and sgd step that one flat tensor in a
+    single call: a FlatOptimizer, outwardly the per-parameter optimizer (same `param_groups`, same `state_dict`
+    layout). Other types ignore it; without it every type steps each parameter on its own.
+    """
     if cfg.type == "muon":
         return _muon(cfg, policy)
     if cfg.type not in _BUILDERS:
         raise ValueError(f"unknown optimizer type {cfg.type!r}; expected muon or one of {sorted(_BUILDERS)}")
-    params = [p for p in policy.parameters() if p.requires_grad]
+    params = trainable_parameters(policy)
     build = functools.partial(_BUILDERS[cfg.type], cfg)
-    if cfg.type in _ELEMENTWISE and FlatGradients.supports(params):
-        return FlatOptimizer(params, build)
-    return build(params)
+    if flat is None or cfg.type not in _ELEMENTWISE:
+        return build(params)
+    if [id(p) for p in flat.params] != [id(p) for p in params]:
+        raise ValueError("create_optimizer got flat parameters of another module (or of an earlier set of its "
+                         "parameters): pass what flatten_parameters(policy) returned for this policy")
+    return FlatOptimizer(flat, build)
+
+
+def trainable_parameters(policy: nn.Module) -> list[nn.Parameter]:
+    """The parameters an optimizer steps, in `policy.parameters()` order."""
+    return [p for p in policy.parameters() if p.requires_grad]
+
+
+def flatten_parameters(policy: nn.Module) -> FlatParameters | None:
+    """Re-seat `policy`'s trainable parameters as views of one flat tensor, so an elementwise optimizer steps
+    them in one call (pass the result to `create_optimizer`); None, and nothing changed, where they cannot share
+    one (several devices or dtypes, sparse or non-contiguous).
+
+    This changes the policy in place, on purpose: call it once the policy is initialised and on its device.
+    Moving or re-assigning its tensors afterwards undoes the sharing, and the FlatOptimizer's step then fails
+    with a message rather than training tensors the policy no longer uses.
+    """
+    params = trainable_parameters(policy)
+    return FlatParameters(params) if FlatGradients.supports(params) else None
 
 
 def set_optimizer_mode(optimizer: torch.optim.Optimizer, training: bool) -> None:
@@ -244,17 +277,9 @@ class FlatGradients:
         return norm
 
 
-_FLAT: weakref.WeakKeyDictionary[torch.optim.Optimizer, FlatGradients | None] = weakref.WeakKeyDictionary()
-
-
 def flat_gradients(optimizer: torch.optim.Optimizer) -> FlatGradients | None:
-    """The optimizer's parameters' gradients as one buffer (built once), or None where they cannot share one."""
-    if isinstance(optimizer, FlatOptimizer):
-        return optimizer.gradients
-    if optimizer not in _FLAT:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        _FLAT[optimizer] = FlatGradients(params) if FlatGradients.supports(params) else None
-    return _FLAT[optimizer]
+    """The gradient buffer of an optimizer that steps one flat tensor (a FlatOptimizer); None: per-parameter ones."""
+    return optimizer.gradients if isinstance(optimizer, FlatOptimizer) else None
 
 
 def zero_gradients(optimizer: torch.optim.Optimizer) -> None:
@@ -276,30 +301,54 @@ def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.T
     return flat.clip_(max_norm)
 
 
+class FlatParameters:
+    """Parameters that live as views of one flat Parameter, their gradients as views of one buffer (FlatGradients).
+
+    Built by `flatten_parameters`, which is what re-seats the parameters' tensors; a FlatOptimizer steps `flat`.
+    """
+
+    def __init__(self, params: Sequence[nn.Parameter]) -> None:
+        self.params = list(params)
+        self.flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in self.params]))
+        for p, view in zip(self.params, self.views(self.flat.data), strict=True):
+            p.data = view
+        self.gradients = FlatGradients(self.params)
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Each parameter's part of a flat tensor, shaped like the parameter."""
+        sizes = [p.numel() for p in self.params]
+        return [part.view_as(p) for p, part in zip(self.params, torch.split(flat, sizes), strict=True)]
+
+    def check_seated(self) -> None:
+        """Fail clearly if something replaced a parameter's tensor (e.g. `policy.to(...)` after flattening)."""
+        storage = self.flat.untyped_storage().data_ptr()
+        for index, p in enumerate(self.params):
+            if p.untyped_storage().data_ptr() != storage:
+                raise RuntimeError(f"parameter {index} {tuple(p.shape)} no longer lives in the optimizer's flat "
+                                   "buffer: flatten and build the optimizer after moving or re-assigning the "
+                                   "policy's tensors")
+
+
 class FlatOptimizer(torch.optim.Optimizer):
     """An elementwise optimizer (Adam, AdamW, SGD) stepping every parameter as one flat tensor.
 
-    The parameters are re-seated as views of one flat Parameter, their gradients as views of one buffer
-    (FlatGradients), and the inner optimizer steps the flat Parameter: one call where a per-layer optimizer
-    loops in Python over every tensor (Adam's step is about twice as fast at CartPole's 12 tensors,
+    The parameters are views of one flat Parameter and their gradients views of one buffer (`FlatParameters`,
+    made by `flatten_parameters`); the inner optimizer steps the flat Parameter: one call where a per-layer
+    optimizer loops in Python over every tensor (Adam's step is about twice as fast at CartPole's 12 tensors,
     bench/update_floor.py). Outwardly it is the per-parameter optimizer it equals: `param_groups` list each
     parameter and `state_dict`/`load_state_dict` use the per-parameter layout, so checkpoints do not change.
     """
 
-    def __init__(self, params: Sequence[nn.Parameter], build: Callable[[list[nn.Parameter]], torch.optim.Optimizer]):
-        self.params = list(params)
-        self.gradients = FlatGradients(self.params)
-        self.flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in self.params]))
-        for p, view in zip(self.params, self._views(self.flat.data), strict=True):
-            p.data = view
+    def __init__(self, flat: FlatParameters, build: Callable[[list[nn.Parameter]], torch.optim.Optimizer]) -> None:
+        self.seating = flat
+        self.params, self.gradients, self.flat = flat.params, flat.gradients, flat.flat
         self.inner = build([self.flat])
         settings = {key: value for key, value in self.inner.param_groups[0].items() if key != "params"}
         super().__init__(self.params, settings)
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Each parameter's part of a flat tensor, shaped like the parameter."""
-        return [part.view_as(p) for p, part in zip(self.params, torch.split(flat, [p.numel() for p in self.params]),
-                                                     strict=True)]
+        return self.seating.views(flat)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the flat gradient buffer (the parameters' gradients stay its views)."""
@@ -311,7 +360,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_seated()
+        self.seating.check_seated()
         self.gradients.gather_()
         self.flat.grad = self.gradients.buffer
         group = self.param_groups[0]
@@ -320,14 +369,6 @@ class FlatOptimizer(torch.optim.Optimizer):
         if not self.state.get(self.params[0]):  # the inner optimizer made its state on this first step
             self._share_state()
         return loss
-
-    def _check_seated(self) -> None:
-        """Fail clearly if something replaced a parameter's tensor (e.g. `policy.to(...)` after this was built)."""
-        storage = self.flat.untyped_storage().data_ptr()
-        for index, p in enumerate(self.params):
-            if p.untyped_storage().data_ptr() != storage:
-                raise RuntimeError(f"parameter {index} {tuple(p.shape)} no longer lives in the optimizer's flat "
-                                   "buffer: build the optimizer after moving or re-assigning the policy's tensors")
 
     def _share_state(self) -> None:
         """Expose the inner optimizer's flat state per parameter, as views (scalars such as `step` are shared)."""
@@ -366,7 +407,8 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         """Keep the inner optimizer and flat buffers when pickled or deep-copied; the base class would drop them."""
-        return {**super().__getstate__(), **{k: self.__dict__[k] for k in ("params", "gradients", "flat", "inner")}}
+        kept = ("seating", "params", "gradients", "flat", "inner")
+        return {**super().__getstate__(), **{k: self.__dict__[k] for k in kept}}
 
 
 def _per_element(key: str, value: Any, param: torch.Tensor) -> bool:

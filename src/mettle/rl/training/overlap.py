@@ -6,10 +6,14 @@ shared-memory buffers. Rollouts 0 and 1 therefore both use the initial weights, 
 from before update k: a policy lag of exactly one update phase. With V-trace the learner recomputes the
 importance ratios (learner over behaviour policy) of each rollout before its update.
 
-The learner sends a rollout command only once its weights for it are published, so the actor never waits
-on a version counter in a loop: the command is the signal and names the version (checked on load).
-A checkpoint waits for the rollout in flight and holds it (its buffer and episode infos) together with
-the actor's rollout state (env, held decisions, policy memory) and RNG, so a resumed run continues with it.
+The actor process owns the rollout side: a Collector (forked from this process's, so it inherits the env,
+its workers and the held decisions) that fills the shared slots. The learner talks to it only through the
+slots, the shared weights and commands; it copies each finished slot into its own Experience. The learner
+sends a rollout command only once its weights for it are published, so the actor never waits on a version
+counter in a loop: the command is the signal and names the version (checked on load). A checkpoint waits
+for the rollout in flight and holds it (its buffer and episode infos) together with the actor's Collector
+state (env, held decisions, policy memory, the losses' rollout state) and RNG, so a resumed run continues
+with it.
 """
 
 from __future__ import annotations
@@ -24,13 +28,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mettle.agent.policy import TensorSpec
+from mettle.rl.loss.base import Loss
 from mettle.rl.training.actor import ActorProcess, SharedWeights, shared
+from mettle.rl.training.collector import OVERLAP_KEY, Collector, RolloutSource
 from mettle.rl.training.experience import Experience
-from mettle.rl.training.optimizer import set_optimizer_mode
+from mettle.rl.training.rng import rng_state, set_rng_state
 
 if TYPE_CHECKING:
     from mettle.agent.policy import Policy
-    from mettle.rl.training.core import CoreTrainingLoop
+    from mettle.rl.training.context import ComponentContext
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +55,30 @@ def fork_problem(actor_device: torch.device) -> str | None:
     return None
 
 
+def rollout_source(context: ComponentContext, collector: Collector) -> RolloutSource:
+    """The forked actor around `collector` when `overlap` is on and it can run here; else `collector` itself
+    (synchronous, said once)."""
+    if not context.config.overlap:
+        return collector
+    actor_device = torch.device(context.config.actor_device or context.device)
+    problem = fork_problem(actor_device)
+    if problem is not None:
+        logger.warning("overlap=true: training synchronously instead, because %s", problem)
+        return collector
+    return OverlappedRollouts(context, collector, actor_device)
+
+
 class OverlappedRollouts:
     """Double-buffered rollouts from a forked actor, on the fixed one-update lag; checkpointed exactly."""
 
-    def __init__(self, core: CoreTrainingLoop, actor_device: torch.device) -> None:
-        ctx = core.context
-        self.core, self.actor_device = core, actor_device
-        self.learner_experience = ctx.experience
+    lagged = True
+
+    def __init__(self, context: ComponentContext, collector: Collector, actor_device: torch.device) -> None:
+        self.context = context
+        """The learner's: its policy's weights are published, its Experience gives the slots their shape."""
+        self.collector = collector
+        """The Collector the next actor is forked with; while no actor runs it holds the rollout state."""
+        self.actor_device = actor_device
         self.weights: SharedWeights | None = None
         self.actor: ActorProcess | None = None
         self.version = 0
@@ -67,8 +90,12 @@ class OverlappedRollouts:
         self.actor_rng: dict[str, Any] | None = None
         """The RNG state the next actor starts from (None: a fresh stream from the seed)."""
         self.parked: dict[str, Any] | None = None
-        """A stopped actor's rollout state, which the learner's env has not caught up with."""
+        """A stopped actor's Collector state, which `collector` (and the learner's env) has not caught up with."""
         self._state_cache: dict[str, Any] | None = None
+
+    def add_loss(self, loss: Loss) -> None:
+        """The actor runs this loss's rollout hook (added before the actor starts)."""
+        self.collector.add_loss(loss)
 
     @functools.cached_property
     def slots(self) -> list[Experience]:
@@ -77,7 +104,7 @@ class OverlappedRollouts:
 
     def _shared_experience(self) -> Experience:
         """A CPU rollout buffer in shared memory, with the learner's fields and shapes."""
-        exp = self.learner_experience
+        exp = self.context.experience
         spec = {name: TensorSpec(tuple(buf.shape[2:]), buf.dtype) for name, buf in exp.buffers.items()}
         slot = Experience(exp.batch_size, exp.horizon, exp.num_rows, spec, "cpu")
         for tensor in (*slot.buffers.values(), slot.bootstrap, slot.log_ratio):
@@ -85,77 +112,47 @@ class OverlappedRollouts:
         return slot
 
     # ------------------------------------------------------------------ epoch
-    def next_rollout(self) -> list[dict[str, Any]]:
-        """Rollout k for the learner (waiting if needed) after commanding rollout k+1; return k's episode infos."""
-        step, rollout_steps = self.core.context.state.agent_step, self.core.context.rollout_agent_steps
+    def collect(self, experience: Experience, agent_step: int) -> list[dict[str, Any]]:
+        """Rollout k into `experience` (waiting if needed) after commanding rollout k+1; return k's episode infos.
+
+        The learner's policy must be in acting mode (its weights are published for rollout k+1)."""
         if self.ready is None:
             if self.in_flight is None:
-                self._command(0, step)
+                self._command(0, agent_step)
             self._wait()
         assert self.ready is not None
         slot, infos = self.ready
         self.ready = None
-        self._command(1 - slot, step + rollout_steps)
-        self._hand_to_learner(slot)
-        if self.core.context.config.advantage.method == "vtrace":
-            self._learner_log_ratio()
+        self._command(1 - slot, agent_step + self.context.rollout_agent_steps)
+        copy_rollout(self.slots[slot], experience)
         return infos
 
     def _command(self, slot: int, agent_step: int) -> None:
-        """Publish the learner's weights (eval mode: what a rollout would use) and start a rollout into `slot`
-        that begins at `agent_step` (what the actor's losses read, as the learner's would in a synchronous run)."""
-        ctx = self.core.context
+        """Publish the learner's weights and start a rollout into `slot` that begins at `agent_step`."""
         if self.actor is None:
             self._start_actor()
         assert self.actor is not None and self.weights is not None
-        set_optimizer_mode(ctx.optimizer, training=False)
         self.version += 1
-        self.weights.publish(ctx.policy.state_dict(), self.version)
+        self.weights.publish(self.context.policy.state_dict(), self.version)
         self.actor.send(("rollout", self.version, slot, agent_step))
         self.in_flight, self._state_cache = slot, None
 
     def _wait(self) -> None:
         """Wait for the rollout in flight; the learner's stopwatch counts the wait, `actor.*` the actor's figures."""
         assert self.actor is not None and self.in_flight is not None
-        stopwatch = self.core.context.stopwatch
+        stopwatch = self.context.stopwatch
         with stopwatch("rollout"):
             infos, timing = self.actor.receive()
         for name, seconds in timing.items():
             stopwatch.add(f"actor.{name}", seconds)
         self.ready, self.in_flight = (self.in_flight, infos), None
 
-    def _hand_to_learner(self, slot: int) -> None:
-        """Train on the slot itself when the learner is on the CPU, else on a device copy of it."""
-        ctx, source = self.core.context, self.slots[slot]
-        target = self.learner_experience
-        if target.device == source.device:
-            ctx.experience = source
-            return
-        for name, tensor in source.buffers.items():
-            target.buffers[name].copy_(tensor, non_blocking=True)
-        target.bootstrap.copy_(source.bootstrap, non_blocking=True)
-        target.log_ratio.zero_()
-        ctx.experience = target
-
-    def _learner_log_ratio(self) -> None:
-        """V-trace's ratios for the lagged data: log pi_learner - log mu_behaviour, from the learner's forward pass."""
-        ctx, exp = self.core.context, self.core.context.experience
-        set_optimizer_mode(ctx.optimizer, training=True)
-        ctx.policy.train()
-        with ctx.stopwatch("train"), torch.no_grad():
-            every = torch.arange(exp.segments, device=exp.device)
-            for idx in torch.split(every, ctx.config.minibatch_segments):
-                data = {name: buf[idx] for name, buf in exp.buffers.items()}
-                memory = {name: data[name][:, 0] for name in self.core.memory_fields}
-                output = ctx.policy(data["observations"], data["starts"], actions=data["actions"], memory=memory)
-                exp.log_ratio[idx] = output.log_prob - data["log_probs"]
-
     # ------------------------------------------------------------------ actor
     def _start_actor(self) -> None:
-        """Fork the actor from the learner's rollout state (catching up first on a stopped actor's state)."""
-        core, ctx = self.core, self.core.context
+        """Fork the actor with the Collector (catching it up first on a stopped actor's state)."""
+        ctx, collector = self.context, self.collector
         if self.parked is not None:
-            core.load_rollout_state(self.parked["rollout"])
+            collector.load_state_dict(self.parked["rollout"])
             self.actor_rng, self.parked = self.parked["rng"], None
         if self.weights is None:
             self.weights = SharedWeights(ctx.policy.state_dict())
@@ -165,48 +162,40 @@ class OverlappedRollouts:
         rng = self.actor_rng
 
         def setup() -> None:
-            """In the actor: its own RNG stream, its policy copy on its device, buffers in shared memory."""
-            from mettle.rl.training.checkpointer import set_rng_state
-
+            """In the actor: its own RNG stream, and its Collector acting with a policy copy on its device."""
             if rng is None:
                 torch.manual_seed(seed)
             else:
                 set_rng_state(rng)
-            policy, pending = moved if moved is not None else self._actor_policy()
-            core.context = copy.copy(ctx)
-            core.context.policy, core.context.device = policy, self.actor_device
-            core.adopt_pending(pending)
-            policy.eval()
+            collector.act_on(moved if moved is not None else self._actor_policy(), self.actor_device)
+            collector.policy.eval()
 
         self.actor = ActorProcess(self._serve, setup)
 
-    def _actor_policy(self) -> tuple[Policy, dict[int, Any]]:
-        """The policy and held decisions the actor uses, moved to its device (copies only when it differs)."""
-        ctx, device = self.core.context, self.actor_device
-        if device == ctx.device:
-            return ctx.policy, self.core.pending_decisions(device)
-        policy = copy.deepcopy(ctx.policy).to(device)
-        policy.load_memory_state({k: v.to(device) for k, v in ctx.policy.memory_state().items()})
-        return policy, self.core.pending_decisions(device)
+    def _actor_policy(self) -> Policy:
+        """The policy the actor acts with: the learner's (forked) on the same device, else a copy on its own."""
+        policy, device = self.context.policy, self.actor_device
+        if device == self.context.device:
+            return policy
+        moved = copy.deepcopy(policy).to(device)
+        moved.load_memory_state({k: v.to(device) for k, v in policy.memory_state().items()})
+        return moved
 
     def _serve(self, request: tuple[Any, ...]) -> Any:
-        """In the actor: run one request from the learner."""
-        from mettle.rl.training.checkpointer import rng_state
-
-        core, ctx = self.core, self.core.context
+        """In the actor: run one request from the learner with the actor's own Collector."""
+        collector = self.collector
         if request[0] == "state":
-            return {"rollout": core.rollout_state_dict(), "rng": rng_state()}
+            return {"rollout": collector.state_dict(), "rng": rng_state()}
         _, version, slot, agent_step = request
         assert self.weights is not None
-        self.weights.load_into(ctx.policy, version)
-        ctx.state.agent_step = agent_step
-        ctx.experience = self.slots[slot]
-        before = {name: ctx.stopwatch.elapsed(name) for name in TIMERS}
-        infos = core.collect()
-        return infos, {name: ctx.stopwatch.elapsed(name) - before[name] for name in TIMERS}
+        self.weights.load_into(collector.policy, version)
+        stopwatch = collector.stopwatch
+        before = {name: stopwatch.elapsed(name) for name in TIMERS}
+        infos = collector.collect(self.slots[slot], agent_step)
+        return infos, {name: stopwatch.elapsed(name) - before[name] for name in TIMERS}
 
     def stop(self) -> None:
-        """End the actor between rollouts, keeping its rollout state (parked) and any finished rollout."""
+        """End the actor between rollouts, keeping its Collector state (parked) and any finished rollout."""
         if self.actor is None:
             return
         if not self.actor.failed:
@@ -221,7 +210,7 @@ class OverlappedRollouts:
 
     # ------------------------------------------------------------------ checkpoint
     def _actor_state(self) -> dict[str, Any]:
-        """The actor's rollout state and RNG once the rollout in flight is done (cached until the next command)."""
+        """The actor's Collector state and RNG once the rollout in flight is done (cached until the next command)."""
         if self.in_flight is not None:
             self._wait()
         if self._state_cache is None:
@@ -230,27 +219,27 @@ class OverlappedRollouts:
         return self._state_cache
 
     def state_dict(self) -> dict[str, Any]:
-        """The rollout state of whoever holds it (the actor, parked, or the learner), and the rollout held."""
+        """The Collector state of whoever holds it (the actor, parked, or this process), and the rollout held."""
         if self.actor is not None:
             state = self._actor_state()
         elif self.parked is not None:
             state = self.parked
         else:
-            state = {"rollout": self.core.rollout_state_dict(), "rng": self.actor_rng}
+            state = {"rollout": self.collector.state_dict(), "rng": self.actor_rng}
         ready = None
         if self.ready is not None:
             slot, infos = self.ready
             source = self.slots[slot]
             ready = {"buffers": {k: v.clone() for k, v in source.buffers.items()},
                      "bootstrap": source.bootstrap.clone(), "infos": infos}
-        return {**state["rollout"], "overlap": {"ready": ready, "actor_rng": state["rng"]}}
+        return {**state["rollout"], OVERLAP_KEY: {"ready": ready, "actor_rng": state["rng"]}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume: the learner takes the rollout state (the next actor inherits it) and the rollout held."""
+        """Resume: the Collector takes the rollout state (the next actor inherits it), the slot the rollout held."""
         self.abort()
         self.parked, self.ready = None, None
-        self.core.load_rollout_state(state)
-        overlap = state.get("overlap") or {}
+        self.collector.load_state_dict({k: v for k, v in state.items() if k != OVERLAP_KEY})
+        overlap = state.get(OVERLAP_KEY) or {}
         self.actor_rng = overlap.get("actor_rng")
         ready = overlap.get("ready")
         if ready is not None:
@@ -258,5 +247,12 @@ class OverlappedRollouts:
             for name, tensor in ready["buffers"].items():
                 slot.buffers[name].copy_(tensor)
             slot.bootstrap.copy_(ready["bootstrap"])
-            slot.log_ratio.zero_()
             self.ready = (0, list(ready["infos"]))
+
+
+def copy_rollout(source: Experience, target: Experience) -> None:
+    """Hand a finished slot to the learner: its steps and bootstrap values, with V-trace ratios still to compute."""
+    for name, tensor in source.buffers.items():
+        target.buffers[name].copy_(tensor, non_blocking=True)
+    target.bootstrap.copy_(source.bootstrap, non_blocking=True)
+    target.log_ratio.zero_()

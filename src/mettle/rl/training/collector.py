@@ -1,0 +1,272 @@
+"""Collector: the rollout side of training, which steps the environment with the acting policy into Experience.
+
+The synchronous loop owns one Collector and fills the learner's Experience with it; with `overlap=true` the
+actor process owns one and fills a shared slot (overlap.py). Either way a rollout reads as one loop:
+take the env's next batch of rows, store the outcome of their previous decision, decide, store and send.
+A row whose buffer is full keeps its decision (held) for the next rollout, which is what makes a resumed
+run continue exactly; `state_dict` carries the held decisions, the policy's memory, the env's own state
+and each loss's rollout state.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from mettle.agent.policy import PolicyOutput
+from mettle.contracts import EnvBatch, EnvStateError
+from mettle.rl.loss.base import Loss, RolloutBatch, load_loss_states
+
+if TYPE_CHECKING:
+    from mettle.agent.policy import Policy
+    from mettle.contracts import TrainingEnvironment
+    from mettle.profiling.stopwatch import Stopwatch
+    from mettle.rl.training.experience import Experience
+
+logger = logging.getLogger(__name__)
+
+OVERLAP_KEY = "overlap"
+"""Where a rollout state holds what only overlapped training has (the rollout collected ahead, the actor's RNG)."""
+
+
+class RolloutSource(Protocol):
+    """Where the learner's rollouts come from: a Collector in this process, or the actor process (overlap)."""
+
+    lagged: bool
+    """Whether a rollout may come from weights older than the learner's (V-trace then recomputes its ratios)."""
+
+    def add_loss(self, loss: Loss) -> None:
+        """Run this loss's rollout hook on every step from now on."""
+
+    def collect(self, experience: Experience, agent_step: int) -> list[dict[str, Any]]:
+        """Fill `experience` with the rollout that starts at `agent_step`; the infos of episodes that ended."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the rollouts need to continue exactly after a resume."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from what `state_dict` returned."""
+
+    def stop(self) -> None:
+        """Training is done: end any helper process, keeping the state for checkpoints."""
+
+    def abort(self) -> None:
+        """Training failed: end any helper process at once."""
+
+
+@dataclass
+class Decision:
+    """The policy's choice for one batch of rows, not yet stored or sent."""
+
+    rows: slice
+    observations: torch.Tensor
+    mask: torch.Tensor
+    starts: torch.Tensor
+    output: PolicyOutput
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The losses' experience fields for this step (`Loss.on_rollout_step`)."""
+
+
+class Collector:
+    """Steps one environment with one acting policy and fills an Experience, one rollout per `collect`."""
+
+    lagged = False
+
+    def __init__(self, env: TrainingEnvironment, policy: Policy, device: torch.device, stopwatch: Stopwatch,
+                 seed: int) -> None:
+        self.env, self.policy, self.device, self.stopwatch = env, policy, device, stopwatch
+        self.seed = seed
+        """The env's reset seed (the run's seed plus this rank's offset)."""
+        self.losses: list[Loss] = []
+        self._unchecked: set[str] = set()
+        """Losses whose rollout hook has not yet been checked against their declared fields."""
+        self._held: dict[int, Decision] = {}
+        """Decisions taken for rows whose buffer was full: stored and sent first in the next rollout."""
+        self._awaiting: set[int] = set()
+        """Rows (by first row) whose last decision was sent and whose outcome is not stored yet."""
+        self._env_started = False
+        self._refit_held = False
+        """Held decisions came from a checkpoint, perhaps of a run with other losses: refit their fields first."""
+
+    def add_loss(self, loss: Loss) -> None:
+        """Run this loss's `on_rollout_step` on every step; its fields are checked on its first step."""
+        self.losses.append(loss)
+        self._unchecked.add(loss.name)
+
+    def act_on(self, policy: Policy, device: torch.device) -> None:
+        """Act with `policy` on `device` from now on (the actor's copy), holding the same decisions there."""
+        self.policy, self.device = policy, device
+        self._held = {start: decision_from_dict(decision_to_dict(d), device) for start, d in self._held.items()}
+
+    # ----------------------------------------------------------------- rollout
+    def collect(self, experience: Experience, agent_step: int) -> list[dict[str, Any]]:
+        """Step the env with the policy until `experience` is full; return the infos of episodes that ended."""
+        if not self._env_started:
+            self.env.reset(seed=self.seed)
+            self._env_started = True
+        experience.reset()
+        infos: list[dict[str, Any]] = []
+        with self.stopwatch("rollout"):
+            held, self._held = self._held, {}
+            for decision in held.values():
+                if self._refit_held:
+                    self._refit_fields(decision, agent_step)
+                self._commit(decision, experience)
+            self._refit_held = False
+            while not experience.full:
+                self._step(experience, agent_step, infos)
+        return infos
+
+    def _step(self, experience: Experience, agent_step: int, infos: list[dict[str, Any]]) -> None:
+        """One batch of rows: store the outcome of their last decision, decide, then store and send (or hold)."""
+        with self.stopwatch("rollout.env"):
+            batch = self.env.get_observations()
+        infos.extend(batch.infos)
+        if batch.rows.start in self._awaiting:
+            self._store_outcome(batch, experience)
+        decision = self._decide(batch, agent_step)
+        if experience.rows_full(batch.rows):
+            experience.set_bootstrap(batch.rows, decision.output.values[:, 0])
+            self._held[batch.rows.start] = decision
+        else:
+            self._commit(decision, experience)
+
+    def _store_outcome(self, batch: EnvBatch, experience: Experience) -> None:
+        device = experience.device
+        experience.store_outcome(
+            batch.rows,
+            torch.as_tensor(batch.rewards, dtype=torch.float32).to(device),
+            torch.as_tensor(batch.terminals, dtype=torch.bool).to(device),
+            torch.as_tensor(batch.truncations, dtype=torch.bool).to(device),
+        )
+        self._awaiting.discard(batch.rows.start)
+
+    def _decide(self, batch: EnvBatch, agent_step: int) -> Decision:
+        with self.stopwatch("rollout.inference"), torch.inference_mode():
+            obs = torch.as_tensor(batch.observations).to(self.device, non_blocking=True)
+            starts = torch.as_tensor(batch.starts, dtype=torch.bool).to(self.device)
+            mask = torch.as_tensor(batch.mask, dtype=torch.bool).to(self.device)
+            output = self.policy(obs.unsqueeze(1), starts.unsqueeze(1), rows=batch.rows)
+            extras = self._loss_fields(RolloutBatch(batch.rows, obs, starts, mask, agent_step), output)
+        return Decision(batch.rows, obs, mask, starts, output, extras)
+
+    def _loss_fields(self, batch: RolloutBatch, output: PolicyOutput) -> dict[str, torch.Tensor]:
+        """Every loss's fields for this step; a loss that leaves out or adds a field is named (on its first step)."""
+        fields: dict[str, torch.Tensor] = {}
+        for loss in self.losses:
+            filled = loss.on_rollout_step(batch, output)
+            if loss.name in self._unchecked:
+                check_loss_fields(loss, filled)
+                self._unchecked.discard(loss.name)
+            fields.update(filled)
+        return fields
+
+    def _commit(self, decision: Decision, experience: Experience) -> None:
+        """Store the decision in `experience` and send its actions to the env."""
+        with torch.inference_mode():
+            experience.store_decision(decision.rows, decision.output, decision.observations, decision.mask,
+                                      decision.starts, decision.extras)
+        actions = decision.output.actions[:, 0].cpu().numpy()
+        with self.stopwatch("rollout.env"):
+            self.env.send_actions(actions, decision.rows)
+        self._awaiting.add(decision.rows.start)
+
+    # ------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """What the next rollout needs to continue exactly: held decisions, policy memory, the env's state."""
+        return {
+            "env_started": self._env_started,
+            "awaiting": sorted(self._awaiting),
+            "pending": [decision_to_dict(d) for d in self._held.values()],
+            "policy_memory": {k: v.detach().cpu() for k, v in self.policy.memory_state().items()},
+            "env": self.env.state_dict(),
+            "loss_rollout": {loss.name: loss.rollout_state_dict() for loss in self.losses},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict`'s output; without usable env state every episode restarts, and says so."""
+        if (state.get(OVERLAP_KEY) or {}).get("ready") is not None:
+            logger.warning("the checkpoint holds a rollout collected ahead by overlapped training; with overlap off "
+                           "it is dropped and collected again, so this resume is not exact")
+        load_loss_states(self.losses, state.get("loss_rollout", {}), rollout=True)
+        if not state["env_started"]:
+            self.restart()
+            return
+        problem = self._load_env_state(state["env"])
+        if problem is not None:
+            logger.warning("%s: every episode restarts, so this resume is not exact (%s)", type(self.env).__name__,
+                           problem)
+            self.restart()
+            return
+        self.policy.load_memory_state({k: v.to(self.device) for k, v in state["policy_memory"].items()})
+        decisions = [decision_from_dict(d, self.device) for d in state["pending"]]
+        self._held = {d.rows.start: d for d in decisions}
+        self._refit_held = True
+        self._awaiting = set(state["awaiting"])
+        self._env_started = True
+
+    def _load_env_state(self, env_state: dict[str, Any] | None) -> str | None:
+        """Restore the env from a checkpoint; why it could not be, or None once it is."""
+        if env_state is None:
+            return "the checkpoint holds no environment state: this environment cannot save it"
+        try:
+            self.env.load_state_dict(env_state)
+        except (EnvStateError, NotImplementedError) as error:
+            return str(error)
+        return None
+
+    def _refit_fields(self, decision: Decision, agent_step: int) -> None:
+        """A held decision from a run with other losses: drop fields no loss here fills, fill those it lacks."""
+        declared = {name for loss in self.losses for name in loss.experience_spec()}
+        decision.extras = {k: v for k, v in decision.extras.items() if k in declared}
+        batch = RolloutBatch(decision.rows, decision.observations, decision.starts, decision.mask, agent_step)
+        with torch.inference_mode():
+            for loss in self.losses:
+                if not loss.experience_spec().keys() <= decision.extras.keys():
+                    decision.extras.update(loss.on_rollout_step(batch, decision.output))
+
+    def restart(self) -> None:
+        """Forget held decisions and policy memory: the next rollout resets the environment."""
+        self._held, self._awaiting, self._env_started = {}, set(), False
+        self.policy.reset_memory()
+
+    def stop(self) -> None:
+        """Nothing runs apart from training here."""
+
+    def abort(self) -> None:
+        """Nothing runs apart from training here."""
+
+
+def check_loss_fields(loss: Loss, filled: dict[str, torch.Tensor]) -> None:
+    """A loss's rollout hook must return exactly the fields its `experience_spec` declares."""
+    declared = loss.experience_spec().keys()
+    if filled.keys() != declared:
+        raise ValueError(f"{type(loss).__name__}.on_rollout_step returned fields {sorted(filled)}, but "
+                         f"experience_spec declares {sorted(declared)}; return exactly the declared ones")
+
+
+def decision_to_dict(decision: Decision) -> dict[str, Any]:
+    """A held decision as plain tensors, for checkpoints."""
+    out = decision.output
+    return {
+        "rows": [decision.rows.start, decision.rows.stop],
+        "observations": decision.observations.cpu(), "mask": decision.mask.cpu(), "starts": decision.starts.cpu(),
+        "actions": out.actions.cpu(), "log_prob": out.log_prob.cpu(), "entropy": out.entropy.cpu(),
+        "values": out.values.cpu(), "memory": {k: v.cpu() for k, v in out.memory.items()},
+        "extras": {k: v.cpu() for k, v in decision.extras.items()},
+    }
+
+
+def decision_from_dict(data: dict[str, Any], device: torch.device) -> Decision:
+    """Inverse of `decision_to_dict`."""
+    output = PolicyOutput(
+        actions=data["actions"].to(device), log_prob=data["log_prob"].to(device), entropy=data["entropy"].to(device),
+        values=data["values"].to(device), memory={k: v.to(device) for k, v in data["memory"].items()},
+    )
+    start, stop = data["rows"]
+    extras = {k: v.to(device) for k, v in data.get("extras", {}).items()}
+    return Decision(slice(start, stop), data["observations"].to(device), data["mask"].to(device),
+                    data["starts"].to(device), output, extras)
