@@ -11,9 +11,10 @@ and each loss's rollout state.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import torch
 
 from mettle.agent.policy import PolicyOutput
@@ -69,6 +70,11 @@ class Decision:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     """The losses' experience fields for this step (`Loss.on_rollout_step`)."""
 
+    def kept(self) -> Decision:
+        """This decision with copies of what may still be the env's own arrays (it refills them on later steps)."""
+        return replace(self, observations=self.observations.clone(), mask=self.mask.clone(),
+                       starts=self.starts.clone())
+
 
 class Collector:
     """Steps one environment with one acting policy and fills an Experience, one rollout per `collect`."""
@@ -81,6 +87,8 @@ class Collector:
         self.seed = seed
         """The env's reset seed (the run's seed plus this rank's offset)."""
         self.losses: list[Loss] = []
+        self._hooked: list[Loss] = []
+        """The losses with a rollout hook or fields of their own (the PPO terms have neither)."""
         self._unchecked: set[str] = set()
         """Losses whose rollout hook has not yet been checked against their declared fields."""
         self._held: dict[int, Decision] = {}
@@ -92,9 +100,11 @@ class Collector:
         """Held decisions came from a checkpoint, perhaps of a run with other losses: refit their fields first."""
 
     def add_loss(self, loss: Loss) -> None:
-        """Run this loss's `on_rollout_step` on every step; its fields are checked on its first step."""
+        """Run this loss's `on_rollout_step` on every step (if it has one); its fields are checked on its first step."""
         self.losses.append(loss)
-        self._unchecked.add(loss.name)
+        if type(loss).on_rollout_step is not Loss.on_rollout_step or loss.experience_spec():
+            self._hooked.append(loss)
+            self._unchecked.add(loss.name)
 
     def act_on(self, policy: Policy, device: torch.device) -> None:
         """Act with `policy` on `device` from now on (the actor's copy), holding the same decisions there."""
@@ -109,7 +119,7 @@ class Collector:
             self._env_started = True
         experience.reset()
         infos: list[dict[str, Any]] = []
-        with self.stopwatch("rollout"):
+        with self.stopwatch("rollout"), torch.inference_mode():
             held, self._held = self._held, {}
             for decision in held.values():
                 if self._refit_held:
@@ -125,38 +135,31 @@ class Collector:
         with self.stopwatch("rollout.env"):
             batch = self.env.get_observations()
         infos.extend(batch.infos)
-        if batch.rows.start in self._awaiting:
-            self._store_outcome(batch, experience)
+        rows = batch.rows
+        if rows.start in self._awaiting:
+            experience.store_outcome(rows, batch.rewards, batch.terminals, batch.truncations)
+            self._awaiting.discard(rows.start)
         decision = self._decide(batch, agent_step)
-        if experience.rows_full(batch.rows):
-            experience.set_bootstrap(batch.rows, decision.output.values[:, 0])
-            self._held[batch.rows.start] = decision
+        if experience.rows_full(rows):
+            experience.set_bootstrap(rows, decision.output.values[:, 0])
+            self._held[rows.start] = decision.kept()
         else:
             self._commit(decision, experience)
 
-    def _store_outcome(self, batch: EnvBatch, experience: Experience) -> None:
-        device = experience.device
-        experience.store_outcome(
-            batch.rows,
-            torch.as_tensor(batch.rewards, dtype=torch.float32).to(device),
-            torch.as_tensor(batch.terminals, dtype=torch.bool).to(device),
-            torch.as_tensor(batch.truncations, dtype=torch.bool).to(device),
-        )
-        self._awaiting.discard(batch.rows.start)
-
     def _decide(self, batch: EnvBatch, agent_step: int) -> Decision:
-        with self.stopwatch("rollout.inference"), torch.inference_mode():
-            obs = torch.as_tensor(batch.observations).to(self.device, non_blocking=True)
-            starts = torch.as_tensor(batch.starts, dtype=torch.bool).to(self.device)
-            mask = torch.as_tensor(batch.mask, dtype=torch.bool).to(self.device)
+        """The policy's choice for the batch (and the losses' fields), on the acting device."""
+        with self.stopwatch("rollout.inference"):
+            obs = on_device(batch.observations, None, self.device)
+            starts = on_device(batch.starts, torch.bool, self.device)
+            mask = on_device(batch.mask, torch.bool, self.device)
             output = self.policy(obs.unsqueeze(1), starts.unsqueeze(1), rows=batch.rows)
             extras = self._loss_fields(RolloutBatch(batch.rows, obs, starts, mask, agent_step), output)
         return Decision(batch.rows, obs, mask, starts, output, extras)
 
     def _loss_fields(self, batch: RolloutBatch, output: PolicyOutput) -> dict[str, torch.Tensor]:
-        """Every loss's fields for this step; a loss that leaves out or adds a field is named (on its first step)."""
+        """The fields of every loss with a rollout hook; one that leaves out or adds a field is named (first step)."""
         fields: dict[str, torch.Tensor] = {}
-        for loss in self.losses:
+        for loss in self._hooked:
             filled = loss.on_rollout_step(batch, output)
             if loss.name in self._unchecked:
                 check_loss_fields(loss, filled)
@@ -166,10 +169,10 @@ class Collector:
 
     def _commit(self, decision: Decision, experience: Experience) -> None:
         """Store the decision in `experience` and send its actions to the env."""
-        with torch.inference_mode():
-            experience.store_decision(decision.rows, decision.output, decision.observations, decision.mask,
-                                      decision.starts, decision.extras)
-        actions = decision.output.actions[:, 0].cpu().numpy()
+        output = decision.output
+        experience.store_decision(decision.rows, output, decision.observations, decision.mask, decision.starts,
+                                  decision.extras)
+        actions = output.actions.numpy()[:, 0] if output.actions.is_cpu else output.actions[:, 0].cpu().numpy()
         with self.stopwatch("rollout.env"):
             self.env.send_actions(actions, decision.rows)
         self._awaiting.add(decision.rows.start)
@@ -238,6 +241,14 @@ class Collector:
 
     def abort(self) -> None:
         """Nothing runs apart from training here."""
+
+
+def on_device(array: np.ndarray | torch.Tensor, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    """The env's array as a tensor on `device`: on the CPU a view of it when the dtype already fits (no copy)."""
+    tensor = torch.from_numpy(array) if isinstance(array, np.ndarray) else array
+    if dtype is not None and tensor.dtype != dtype:
+        tensor = tensor.to(dtype)
+    return tensor if tensor.device == device else tensor.to(device, non_blocking=True)
 
 
 def check_loss_fields(loss: Loss, filled: dict[str, torch.Tensor]) -> None:
