@@ -211,6 +211,16 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def write_report(out: str | None, name: str, data: dict[str, Any], markdown: str) -> None:
+    """Print the markdown and write NAME.md and NAME.json to `out` (default: a new temporary directory)."""
+    directory = Path(out) if out else Path(tempfile.mkdtemp(prefix=f"mettle-{name.replace('_', '-')}-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{name}.json").write_text(json.dumps(data, indent=2, default=str))
+    (directory / f"{name}.md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {directory / f'{name}.md'} and {directory / f'{name}.json'}", file=sys.stderr)
+
+
 def machine_info() -> dict[str, Any]:
     """What the figures depend on: CPUs, load (the machine may be shared), library versions."""
     import importlib.metadata

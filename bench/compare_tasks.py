@@ -46,43 +46,19 @@ class Task:
         return asdict(self)
 
 
+def cartpole(name: str, envs: int, batch: int, epochs: int, sps_steps: int, solve: bool = False) -> Task:
+    """A CartPole-v1 task with 4 minibatches per update, which SB3 and plain PPO also train."""
+    overrides = (f"batch_size={batch}", f"minibatch_size={batch // 4}", f"update_epochs={epochs}")
+    return Task(name=name, env="gym:CartPole-v1", num_envs=envs, overrides=overrides, sps_steps=sps_steps, sb3=True,
+                solve=solve)
+
+
 TASKS: dict[str, Task] = {
-    "cartpole8": Task(
-        name="cartpole8",
-        env="gym:CartPole-v1",
-        num_envs=8,
-        overrides=("batch_size=1024", "minibatch_size=256", "update_epochs=10"),
-        sps_steps=49_152,
-        sb3=True,
-        solve=True,
-    ),
-    "cleanrl8": Task(
-        name="cleanrl8",
-        env="gym:CartPole-v1",
-        num_envs=8,
-        overrides=("batch_size=1024", "minibatch_size=256", "update_epochs=4"),
-        sps_steps=49_152,
-        sb3=True,
-        solve=False,
-    ),
-    "cartpole64": Task(
-        name="cartpole64",
-        env="gym:CartPole-v1",
-        num_envs=64,
-        overrides=("batch_size=8192", "minibatch_size=2048", "update_epochs=10"),
-        sps_steps=98_304,
-        sb3=True,
-        solve=False,
-    ),
-    "arena": Task(
-        name="arena",
-        env="mettagrid:arena",
-        num_envs=16,
-        overrides=(),
-        sps_steps=49_152,
-        sb3=False,
-        solve=False,
-    ),
+    "cartpole8": cartpole("cartpole8", envs=8, batch=1024, epochs=10, sps_steps=49_152, solve=True),
+    "cleanrl8": cartpole("cleanrl8", envs=8, batch=1024, epochs=4, sps_steps=49_152),
+    "cartpole64": cartpole("cartpole64", envs=64, batch=8192, epochs=10, sps_steps=98_304),
+    "arena": Task(name="arena", env="mettagrid:arena", num_envs=16, overrides=(), sps_steps=49_152, sb3=False,
+                  solve=False),
 }
 """cartpole8 is the CLASSIC_CONTROL recipe as is; cleanrl8 is CleanRL's default PPO layout (8 envs x 128 steps,
 4 minibatches, 4 update epochs); cartpole64 keeps 128 steps per env and 4 minibatches."""

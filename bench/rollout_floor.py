@@ -28,21 +28,18 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import pstats
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from scipy import stats
 
-from compare import machine_info
+from compare import machine_info, write_report
 from compare_tasks import TASKS, parse_tasks
 from compare_workers import build_mettle, mettle_config
 
@@ -449,13 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     results = [measure_task(task.name, max(1, args.rounds), max(1, args.arena_rollouts), args.profile)
                for task in parse_tasks(args.tasks)]
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="mettle-rollout-floor-"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rollout_floor.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2,
-                                                       default=str))
-    (out / "rollout_floor.md").write_text(render(results, machine))
-    print(render(results, machine))
-    print(f"wrote {out / 'rollout_floor.md'} and {out / 'rollout_floor.json'}", file=sys.stderr)
+    write_report(args.out, "rollout_floor", {"machine": machine, "results": results}, render(results, machine))
     return 0
 
 

@@ -17,20 +17,17 @@ rollout + 40 floor steps), and over 40 floor steps alone (a free rollout). Write
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compare import machine_info
+from compare import machine_info, write_report
 from compare_tasks import TASKS
 from compare_workers import build_mettle, mettle_config, sb3_matched_kwargs
 
@@ -175,12 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     machine = machine_info()
     result = measure(max(1, args.repeats))
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="mettle-update-floor-"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "update_floor.json").write_text(json.dumps({"machine": machine, **result}, indent=2, default=str))
-    (out / "update_floor.md").write_text(render(result, machine))
-    print(render(result, machine))
-    print(f"wrote {out / 'update_floor.md'} and {out / 'update_floor.json'}", file=sys.stderr)
+    write_report(args.out, "update_floor", {"machine": machine, **result}, render(result, machine))
     return 0
 
 
