@@ -48,6 +48,32 @@ def build_torso(
     return nn.Sequential(*layers)
 
 
+Dense = tuple[torch.Tensor, torch.Tensor]
+"""A Linear layer's (weight, bias)."""
+
+
+def tanh_torso_layers(torso: nn.Sequential) -> list[Dense]:
+    """The (weight, bias) of each Linear in a (Linear, Tanh)* torso, checked to be just that."""
+    modules = list(torso)
+    linears = [m for m in modules[0::2] if isinstance(m, nn.Linear)]
+    if len(linears) * 2 != len(modules) or not all(isinstance(m, nn.Tanh) for m in modules[1::2]):
+        raise ValueError(f"expected a torso of (Linear, Tanh) pairs, got {torso}")
+    return [(m.weight, m.bias) for m in linears]
+
+
+def dense(layer: Dense, x: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T + bias, as nn.Linear computes it (without a module call: they cost more than the math here)."""
+    return torch.addmm(layer[1], x, layer[0].t())
+
+
+def tanh_torso_forward(layers: list[Dense], x: torch.Tensor) -> list[torch.Tensor]:
+    """The torso's input and each layer's tanh output (the hand-written backward needs them all)."""
+    acts = [x]
+    for layer in layers:
+        acts.append(dense(layer, acts[-1]).tanh_())
+    return acts
+
+
 def box_shape(env_info: PolicyEnvInfo, policy_name: str) -> tuple[int, ...]:
     """The observation shape, rejecting spaces a dense encoder cannot read."""
     space = env_info.observation_space

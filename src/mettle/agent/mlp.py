@@ -17,8 +17,11 @@ from mettle.agent.layers import (
     box_shape,
     build_torso,
     check_size,
+    dense,
     flatten_steps,
     orthogonal_linear,
+    tanh_torso_forward,
+    tanh_torso_layers,
 )
 from mettle.agent.policy import Policy, PolicyOutput, TensorSpec
 
@@ -71,10 +74,10 @@ class MLPPolicy(Policy):
         self._require_initialized()
         b, t = observations.shape[:2]
         x = flatten_steps(observations, self.obs_shape)
-        actor_features = self.actor_torso(x)
-        critic_features = actor_features if self.critic_torso is None else self.critic_torso(x)
-        logits = self.actor_head(actor_features).view(b, t, -1)
-        values = self.critic_head(critic_features).view(b, t)
+        actor_features = torso_features(self.actor_torso, x)
+        critic_features = actor_features if self.critic_torso is None else torso_features(self.critic_torso, x)
+        logits = dense((self.actor_head.weight, self.actor_head.bias), actor_features).view(b, t, -1)
+        values = dense((self.critic_head.weight, self.critic_head.bias), critic_features).view(b, t)
         chosen, log_prob, entropy = act(logits, self.nvec, actions, deterministic)
         return PolicyOutput(chosen, log_prob, entropy, values, memory={}, logits=logits)
 
@@ -86,3 +89,8 @@ class MLPPolicy(Policy):
         """Fail clearly when used before its layers exist."""
         if not self.nvec:
             raise RuntimeError(f"{type(self).__name__}.initialize_to_environment must be called first")
+
+
+def torso_features(torso: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """The torso's output, its layers run as functions (a module call per layer costs more than a 64-wide layer)."""
+    return tanh_torso_forward(tanh_torso_layers(torso), x)[-1]

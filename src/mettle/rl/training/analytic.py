@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from mettle.agent.distributions import MultiCategorical
-from mettle.agent.layers import flatten_steps
+from mettle.agent.layers import Dense, dense, flatten_steps, tanh_torso_forward, tanh_torso_layers
 from mettle.agent.mlp import MLPPolicy
 from mettle.rl.loss.ppo_actor import PPOActorLoss
 from mettle.rl.loss.ppo_critic import PPOCriticLoss
@@ -47,7 +47,7 @@ def analytic_problem(policy: nn.Module, losses: Sequence[Loss]) -> str | None:
         return "the policy has forward hooks or parametrizations, which a hand-written forward would skip"
     try:
         torsos = [policy.actor_torso] if policy.critic_torso is None else [policy.actor_torso, policy.critic_torso]
-        layers = [layer for torso in torsos for layer in _linears(torso)]
+        layers = [layer for torso in torsos for layer in tanh_torso_layers(torso)]
     except ValueError as error:
         return str(error)
     read = {id(t) for layer in layers for t in layer} | {id(t) for head in (policy.actor_head, policy.critic_head)
@@ -68,8 +68,8 @@ class AnalyticPPOGradient:
         self.actor_loss = next(loss for loss in losses if isinstance(loss, PPOActorLoss))
         self.critic_loss = next(loss for loss in losses if isinstance(loss, PPOCriticLoss))
         # (weight, bias) pairs, looked up once: nn.Module attribute access costs more than some of the maths
-        self.actor_layers = _linears(policy.actor_torso)
-        self.critic_layers = None if policy.critic_torso is None else _linears(policy.critic_torso)
+        self.actor_layers = tanh_torso_layers(policy.actor_torso)
+        self.critic_layers = None if policy.critic_torso is None else tanh_torso_layers(policy.critic_torso)
         self.actor_head = (policy.actor_head.weight, policy.actor_head.bias)
         self.critic_head = (policy.critic_head.weight, policy.critic_head.bias)
 
@@ -79,10 +79,10 @@ class AnalyticPPOGradient:
         policy, data = self.policy, minibatch.data
         n, t = data["observations"].shape[:2]
         x = flatten_steps(data["observations"], policy.obs_shape)
-        actor_acts = _torso_forward(self.actor_layers, x)
-        critic_acts = actor_acts if self.critic_layers is None else _torso_forward(self.critic_layers, x)
-        logits = _dense(self.actor_head, actor_acts[-1])
-        values = _dense(self.critic_head, critic_acts[-1]).view(n * t)
+        actor_acts = tanh_torso_forward(self.actor_layers, x)
+        critic_acts = actor_acts if self.critic_layers is None else tanh_torso_forward(self.critic_layers, x)
+        logits = dense(self.actor_head, actor_acts[-1])
+        values = dense(self.critic_head, critic_acts[-1]).view(n * t)
         weights = minibatch.loss_weights.reshape(n * t)
         dist = MultiCategorical(logits, policy.nvec)
         actions = data["actions"].reshape(n * t, -1)
@@ -158,30 +158,7 @@ class AnalyticPPOGradient:
         _torso_backward(self.critic_layers, critic_acts, grad_critic)
 
 
-Dense = tuple[torch.Tensor, torch.Tensor]
 """A Linear layer's (weight [out, in], bias [out])."""
-
-
-def _linears(torso: nn.Sequential) -> list[Dense]:
-    """The (weight, bias) of each Linear in a (Linear, Tanh)* torso, checked to be just that."""
-    modules = list(torso)
-    linears = [m for m in modules[0::2] if isinstance(m, nn.Linear)]
-    if len(linears) * 2 != len(modules) or not all(isinstance(m, nn.Tanh) for m in modules[1::2]):
-        raise ValueError(f"expected a torso of (Linear, Tanh) pairs, got {torso}")
-    return [(m.weight, m.bias) for m in linears]
-
-
-def _dense(layer: Dense, x: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T + bias, as nn.Linear computes it."""
-    return torch.addmm(layer[1], x, layer[0].t())
-
-
-def _torso_forward(layers: list[Dense], x: torch.Tensor) -> list[torch.Tensor]:
-    """The torso's input and each layer's tanh output (what the backward needs)."""
-    acts = [x]
-    for layer in layers:
-        acts.append(_dense(layer, acts[-1]).tanh_())
-    return acts
 
 
 def _head_backward(head: Dense, features: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
