@@ -20,9 +20,10 @@ $(STAMP): pyproject.toml
 train: setup
 	$(BIN)/mettle train $(ARGS)
 
-# pyproject.toml's addopts leave out the slow tests; PYTEST_ARGS="-m slow" runs only those.
+# pyproject.toml's addopts leave out the slow tests (PYTEST_ARGS="-m slow" runs only those); whole modules go to
+# each worker, the longest first (tests/conftest.py's LONGEST_FIRST).
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check src tests bench

@@ -12,7 +12,7 @@
 Runs are in-process and one after another (each student is its own Trainer and environment); only agent steps are
 compared, so the machine's speed does not enter the ratios, except through how far the timed teacher gets.
 
-`--size quick` is the CartPole check at a size for a test (about 1.5 min on a 2-core machine; `pytest -m slow` runs
+`--size quick` is the CartPole check at a size for a test (about 1 min on a 2-core machine; `pytest -m slow` runs
 it with 3 seeds): the teacher trains until its greedy policy plays all 20 evaluation episodes to 500 rather than
 for 100k steps, and each student stops at the greedy threshold (budget 50k steps) instead of waiting for its training
 window too. The target is the same: kickstarted median greedy steps at most half the scratch median.

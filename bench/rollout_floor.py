@@ -138,18 +138,23 @@ def sampler_costs(logits: torch.Tensor, calls: int = 2000) -> dict[str, float]:
 def policy_forward(policy: Any, rows: int) -> Forward:
     """The policy module's layers called directly, as a hand-written loop would: no interface, no sampling.
 
-    MLPPolicy: torsos and heads. TokenPolicy and LSTMPolicy: the encoder, one step of the module's nn.LSTM from
-    per-row state kept here (zeroed where an episode starts), and the heads.
+    MLPPolicy: torsos and heads, as functions of their weights (cheaper than module calls, and what it runs).
+    TokenPolicy and LSTMPolicy: the encoder, one step of the module's nn.LSTM from per-row state kept here
+    (zeroed where an episode starts), and the heads.
     """
+    from mettle.agent.layers import dense as linear
     from mettle.agent.lstm import LSTMPolicy
-    from mettle.agent.mlp import MLPPolicy
+    from mettle.agent.mlp import MLPPolicy, torso_features
 
-    if isinstance(policy, MLPPolicy):
+    if isinstance(policy, MLPPolicy):  # its layers as functions (no module call each), as MLPPolicy runs them
         critic = policy.critic_torso if policy.critic_torso is not None else policy.actor_torso
+        actor_head = (policy.actor_head.weight, policy.actor_head.bias)
+        critic_head = (policy.critic_head.weight, policy.critic_head.bias)
 
         def mlp(obs: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             x = obs.reshape(rows, -1).float()
-            return policy.actor_head(policy.actor_torso(x)), policy.critic_head(critic(x))[:, 0]
+            actor, values = torso_features(policy.actor_torso, x), torso_features(critic, x)
+            return linear(actor_head, actor), linear(critic_head, values)[:, 0]
 
         return mlp
     if not isinstance(policy, LSTMPolicy):

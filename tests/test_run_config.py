@@ -1,12 +1,8 @@
 """RunConfig settings reach the parts they configure: worker timeout, vectorisation, evaluation envs, stop epoch,
-batch sizes fitted to the env's agent rows."""
+batch sizes fitted to the env's agent rows (through `mettle train`: tests/cli/test_cli_errors.py)."""
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -114,32 +110,3 @@ def test_explicit_sizes_that_cannot_fit_fail_with_a_fix_that_works() -> None:
     fix = message.split("; try ")[1].split()
     fixed = fit_run_config(build_run_config(fix), 24)
     fixed.trainer.check_rows(24)
-
-
-TWENTY_FOUR_ROWS = ["--env", "pettingzoo:mettle.envs.pettingzoo_testing:parallel_env"]
-"""8 envs x 3 agents: the shape of mpe2's simple_spread_v3 that sent the size suggestions in a circle."""
-
-
-def train(tmp_path: Path, run: str, *overrides: str) -> subprocess.CompletedProcess[str]:
-    """`mettle train` on the 24-row env for one epoch."""
-    command = [sys.executable, "-m", "mettle", "train", *TWENTY_FOUR_ROWS, "--run", run, "--run-dir",
-               str(tmp_path / "runs"), "env.num_envs=8", "env.kwargs.num_agents=3", "total_timesteps=1", *overrides]
-    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-
-
-def test_cli_fits_default_sizes_to_24_rows_and_trains(tmp_path: Path) -> None:
-    result = train(tmp_path, "defaults")
-    assert result.returncode == 0, result.stderr
-    assert "using batch_size=8064 minibatch_size=2016" in result.stderr
-    assert (tmp_path / "runs" / "defaults" / "policy.safetensors").exists()
-
-
-def test_cli_explicit_bad_batch_fails_in_one_line_and_its_fix_trains(tmp_path: Path) -> None:
-    bad = train(tmp_path, "bad", "batch_size=4000")
-    assert bad.returncode == 2
-    lines = bad.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mettle: error: batch_size 4000"), bad.stderr
-    match = re.search(r"; try ((?:\w+=\d+ ?)+)$", lines[0])
-    assert match, lines[0]
-    fixed = train(tmp_path, "fixed", *match.group(1).split())
-    assert fixed.returncode == 0, fixed.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import signal
@@ -10,10 +11,9 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import torch
 
 from mettle.cli import main
@@ -28,34 +28,39 @@ def run_mettle(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Comple
                           timeout=timeout)
 
 
-def run_in_process(args: Sequence[str], cwd: Path, capsys: pytest.CaptureFixture[str],
-                   caplog: pytest.LogCaptureFixture) -> subprocess.CompletedProcess[str]:
-    """`mettle ARGS` in this process from `cwd`, as a finished process: for commands that end before training.
+def mettle_in_process(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`mettle ARGS` run by this process from `cwd`, as a finished process would report it.
 
-    A new process costs seconds of imports. Its stderr is rebuilt from what would reach it: printed lines, log
-    records (`mettle` logs INFO and above to stderr) and warnings the default filters show. The signal handlers
-    and torch threads `mettle train` sets are put back.
+    For runs where a new process is not the point: one costs ~3 s of imports, ~5 s once it builds an optimizer
+    (torch.optim imports torch._dynamo). stderr holds what would reach a process's stderr: printed lines and log
+    records (`mettle` logs INFO and above there) in order, then the warnings Python's default filters show. The
+    signal handlers, torch threads and root log level `mettle train` changes are put back.
     """
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     threads = torch.get_num_threads()
-    capsys.readouterr()
-    caplog.clear()
+    out, err = io.StringIO(), io.StringIO()
+    log = logging.StreamHandler(err)
+    log.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(log)
+    root.setLevel(logging.INFO)
     try:
-        with contextlib.chdir(cwd), caplog.at_level(logging.INFO), warnings.catch_warnings(record=True) as caught:
+        with (contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err),
+              warnings.catch_warnings(record=True) as caught):
             warnings.simplefilter("always")
             try:
                 code = main(list(args))
             except SystemExit as exit_:  # argparse's usage errors
                 code = exit_.code if isinstance(exit_.code, int) else 1
     finally:
+        root.removeHandler(log)
+        root.setLevel(level)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         torch.set_num_threads(threads)
-    out, err = capsys.readouterr()
-    logged = [record.getMessage() for record in caplog.records]
-    shown = [f"{w.category.__name__}: {w.message}" for w in caught if not issubclass(w.category, HIDDEN_WARNINGS)]
-    err += "".join(f"{line}\n" for line in [*logged, *shown])
-    return subprocess.CompletedProcess(["mettle", *args], code, out, err)
+    shown = [f"{w.category.__name__}: {w.message}\n" for w in caught if not issubclass(w.category, HIDDEN_WARNINGS)]
+    return subprocess.CompletedProcess(["mettle", *args], code, out.getvalue(), err.getvalue() + "".join(shown))
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:

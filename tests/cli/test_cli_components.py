@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from cli_helpers import run_mettle
+from cli_helpers import mettle_in_process
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mettle.rl.policy_files import list_checkpoints
@@ -16,9 +16,9 @@ from mettle.rl.training.checkpointer import read_checkpoint
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One short CartPole run with every optional component switched on."""
+    """One short CartPole run with every optional component switched on (in this process: what it writes is tested)."""
     root = tmp_path_factory.mktemp("runs")
-    result = run_mettle(
+    result = mettle_in_process(
         "train", "--env", "gym:CartPole-v1", "--run", "full", "--run-dir", str(root), "total_timesteps=6144",
         "batch_size=1024", "progress_interval_s=0.01", "evaluator.enabled=true", "evaluator.interval=2",
         "evaluator.episodes=4",
@@ -62,7 +62,7 @@ def test_heartbeat_checkpoints_and_wandb_files(trained: Path) -> None:
 
 
 def test_report_writes_png_plots(trained: Path) -> None:
-    result = run_mettle("report", str(trained), cwd=trained)
+    result = mettle_in_process("report", str(trained), cwd=trained)
     assert result.returncode == 0, result.stderr
     assert "agent steps" in result.stdout
     pngs = sorted((trained / "report").glob("*.png"))
@@ -72,11 +72,11 @@ def test_report_writes_png_plots(trained: Path) -> None:
 
 
 def test_report_of_a_run_without_metrics_is_one_line(tmp_path: Path) -> None:
-    result = run_mettle("report", str(tmp_path), cwd=tmp_path)
+    result = mettle_in_process("report", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "metrics.jsonl" in result.stderr
 
 
 def test_play_needs_a_run_or_a_replay(tmp_path: Path) -> None:
-    result = run_mettle("play", cwd=tmp_path)
+    result = mettle_in_process("play", cwd=tmp_path)
     assert result.returncode == 2 and "RUN_DIR" in result.stderr

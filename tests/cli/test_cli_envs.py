@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cli_helpers import run_mettle
+from cli_helpers import mettle_in_process, run_mettle
 
 from mettle.envs.pettingzoo import PettingZooEnvironment, parse_pettingzoo_spec
 from mettle.envs.testing import collect_rollout
@@ -43,7 +43,7 @@ def test_pettingzoo_env_trains_from_the_cli_and_beats_random(tmp_path: Path) -> 
     progress = [line for line in result.stdout.splitlines() if line.startswith("epoch")]
     assert progress and all("return" in line and "length" in line for line in progress)
 
-    evaluation = run_mettle("eval", str(tmp_path / "pz"), "--episodes", "30", "--json", cwd=tmp_path)
+    evaluation = mettle_in_process("eval", str(tmp_path / "pz"), "--episodes", "30", "--json", cwd=tmp_path)
     assert evaluation.returncode == 0, evaluation.stderr
     summary = json.loads(evaluation.stdout.strip().splitlines()[-1])
     random_mean = float(np.mean(random_agent_returns()))

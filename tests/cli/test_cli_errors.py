@@ -1,13 +1,14 @@
-"""Bad input fails before training with one line naming the problem, exit code 2, no traceback."""
+"""Bad input fails before training with one line naming the problem, exit code 2, no traceback; sizes that do not
+fit the env's agent rows are refitted, or refused with a fix that trains."""
 
 from __future__ import annotations
 
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
-from cli_helpers import run_mettle
-
-from conftest import InProcess
+from cli_helpers import mettle_in_process, run_mettle
 
 
 @pytest.mark.parametrize(
@@ -23,9 +24,8 @@ from conftest import InProcess
         (["--env", "mettagrid:no_such_task"], "no_such_task"),
     ],
 )
-def test_bad_input_exits_2_with_one_line(tmp_path: Path, args: list[str], expected: str, mettle_here: InProcess,
-                                         ) -> None:
-    result = mettle_here("train", "--run-dir", str(tmp_path), *args, cwd=tmp_path)
+def test_bad_input_exits_2_with_one_line(tmp_path: Path, args: list[str], expected: str) -> None:
+    result = mettle_in_process("train", "--run-dir", str(tmp_path), *args, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -37,8 +37,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path, args: list[str], expect
 
 def test_recipe_sizes_are_fitted_to_the_rows_the_user_asked_for(tmp_path: Path) -> None:
     """The recipe's batch sizes are defaults: with 7 CartPole envs they are refitted, with one log line."""
-    result = run_mettle("train", "--run-dir", str(tmp_path), "--env", "gym:CartPole-v1", "env.num_envs=7",
-                        "total_timesteps=1", cwd=tmp_path)
+    result = mettle_in_process("train", "--run-dir", str(tmp_path), "--env", "gym:CartPole-v1", "env.num_envs=7",
+                               "total_timesteps=1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "do not fit 7 agent rows x bptt_horizon 16; using batch_size=" in result.stderr
 
@@ -52,7 +52,36 @@ def test_a_real_process_refusing_a_typo_says_one_line_with_the_close_match(tmp_p
     assert result.stdout == ""
 
 
-def test_eval_of_missing_run_is_a_clear_error(tmp_path: Path, mettle_here: InProcess) -> None:
-    result = mettle_here("eval", str(tmp_path / "nope"), cwd=tmp_path)
+def test_eval_of_missing_run_is_a_clear_error(tmp_path: Path) -> None:
+    result = mettle_in_process("eval", str(tmp_path / "nope"), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"mettle: error: run directory {tmp_path / 'nope'} does not exist"]
+
+
+TWENTY_FOUR_ROWS = ["--env", "pettingzoo:mettle.envs.pettingzoo_testing:parallel_env"]
+"""8 envs x 3 agents: the shape of mpe2's simple_spread_v3 that sent the size suggestions in a circle."""
+
+
+def train_24_rows(tmp_path: Path, run: str, *overrides: str) -> subprocess.CompletedProcess[str]:
+    """`mettle train` on the 24-row env for one epoch, in this process (the sizes are tested, not a process)."""
+    return mettle_in_process("train", *TWENTY_FOUR_ROWS, "--run", run, "--run-dir", str(tmp_path / "runs"),
+                             "env.num_envs=8", "env.kwargs.num_agents=3", "total_timesteps=1", *overrides,
+                             cwd=tmp_path)
+
+
+def test_cli_fits_default_sizes_to_24_rows_and_trains(tmp_path: Path) -> None:
+    result = train_24_rows(tmp_path, "defaults")
+    assert result.returncode == 0, result.stderr
+    assert "using batch_size=8064 minibatch_size=2016" in result.stderr
+    assert (tmp_path / "runs" / "defaults" / "policy.safetensors").exists()
+
+
+def test_cli_explicit_bad_batch_fails_in_one_line_and_its_fix_trains(tmp_path: Path) -> None:
+    bad = train_24_rows(tmp_path, "bad", "batch_size=4000")
+    assert bad.returncode == 2
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mettle: error: batch_size 4000"), bad.stderr
+    match = re.search(r"; try ((?:\w+=\d+ ?)+)$", lines[0])
+    assert match, lines[0]
+    fixed = train_24_rows(tmp_path, "fixed", *match.group(1).split())
+    assert fixed.returncode == 0, fixed.stderr

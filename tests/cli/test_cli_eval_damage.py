@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_helpers import run_mettle
+from cli_helpers import mettle_in_process, run_mettle
 
-from mettle.cli import main
 from mettle.rl.policy_files import list_checkpoints, write_manifest
 
 EVAL = ["--episodes", "3", "--json"]
@@ -20,10 +19,10 @@ EVAL = ["--episodes", "3", "--json"]
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A short CartPole run with three checkpoints."""
+    """A short CartPole run with three checkpoints (trained in this process: eval is what is tested)."""
     root = tmp_path_factory.mktemp("runs")
-    result = run_mettle("train", "--env", "gym:CartPole-v1", "--run", "r", "--run-dir", str(root),
-                        "total_timesteps=1536", "checkpoint_interval=1", "progress_interval_s=100", cwd=root)
+    result = mettle_in_process("train", "--env", "gym:CartPole-v1", "--run", "r", "--run-dir", str(root),
+                               "total_timesteps=1536", "checkpoint_interval=1", "progress_interval_s=100", cwd=root)
     assert result.returncode == 0, result.stderr
     assert len(list_checkpoints(root / "r" / "checkpoints")) >= 2
     return root / "r"
@@ -50,11 +49,11 @@ def edit_spec(checkpoint: Path, change: Callable[[dict[str, Any]], None]) -> Non
     write_manifest(checkpoint)
 
 
-def evaluate(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any] | None, str]:
+def evaluate(path: Path) -> tuple[int, dict[str, Any] | None, str]:
     """Exit code, the JSON summary (None on error) and stderr of an in-process `mettle eval`."""
-    code = main(["eval", str(path), *EVAL])
-    out, err = capsys.readouterr()
-    return code, json.loads(out.splitlines()[-1]) if code == 0 else None, err
+    result = mettle_in_process("eval", str(path), *EVAL, cwd=path.parent)
+    code = result.returncode
+    return code, json.loads(result.stdout.splitlines()[-1]) if code == 0 else None, result.stderr
 
 
 DAMAGE: dict[str, Callable[[Path], None]] = {
@@ -66,13 +65,12 @@ DAMAGE: dict[str, Callable[[Path], None]] = {
 
 
 @pytest.mark.parametrize("case", sorted(DAMAGE))
-def test_eval_skips_a_damaged_newest_checkpoint_and_names_the_one_used(run: Path, case: str, caplog: Any,
-                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_skips_a_damaged_newest_checkpoint_and_names_the_one_used(run: Path, case: str, caplog: Any) -> None:
     *_, previous, newest = list_checkpoints(run / "checkpoints")
-    _, intact, _ = evaluate(previous, capsys)
+    _, intact, _ = evaluate(previous)
     DAMAGE[case](newest)
     with caplog.at_level(logging.WARNING):
-        code, summary, err = evaluate(run, capsys)
+        code, summary, err = evaluate(run)
     assert code == 0, err
     assert f"using checkpoint {previous}" in err
     assert str(newest) in caplog.text and "skipping damaged checkpoint" in caplog.text
@@ -90,11 +88,11 @@ def test_eval_skips_a_damaged_newest_checkpoint_and_names_the_one_used(run: Path
         (lambda c: flip(c / "policy.safetensors", 12) or write_manifest(c), "policy.safetensors"),
     ],
 )
-def test_eval_of_one_damaged_checkpoint_is_one_line_exit_2(run: Path, damage: Callable[[Path], None], expected: str,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_of_one_damaged_checkpoint_is_one_line_exit_2(run: Path, damage: Callable[[Path], None],
+                                                            expected: str) -> None:
     newest = list_checkpoints(run / "checkpoints")[-1]
     damage(newest)
-    code, _, err = evaluate(newest, capsys)
+    code, _, err = evaluate(newest)
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("mettle: error:") and expected in err, err
 
@@ -102,7 +100,7 @@ def test_eval_of_one_damaged_checkpoint_is_one_line_exit_2(run: Path, damage: Ca
 def test_eval_with_every_checkpoint_damaged_is_one_line_exit_2(run: Path) -> None:
     for checkpoint in list_checkpoints(run / "checkpoints"):
         flip(checkpoint / "policy.safetensors", -3)
-    result = run_mettle("eval", str(run), *EVAL, cwd=run)
+    result = mettle_in_process("eval", str(run), *EVAL, cwd=run)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mettle: error: no usable checkpoint"), result.stderr

@@ -42,6 +42,7 @@ from typing import Any, NoReturn
 import psutil
 import pytest
 import torch
+from cli_helpers import mettle_in_process
 from safetensors.torch import load_file, save_file
 
 from mettle.rl.policy_files import (
@@ -750,10 +751,9 @@ def describe(failure: Failure) -> str:
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished CartPole run with three checkpoints, made once."""
+    """A finished CartPole run with three checkpoints, made once (in this process: the fuzzed commands are the test)."""
     root = tmp_path_factory.mktemp("pristine")
-    result = subprocess.run([sys.executable, "-m", "mettle", *TRAIN, "--run-dir", str(root)], cwd=root,
-                            capture_output=True, text=True, timeout=300)
+    result = mettle_in_process(*TRAIN, "--run-dir", str(root), cwd=root)
     assert result.returncode == 0, result.stderr
     assert len(list_checkpoints(root / "r" / "checkpoints")) == KEEP_LAST
     return root / "r"

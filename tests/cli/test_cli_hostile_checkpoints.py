@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 import torch
-from cli_helpers import read_only_command, run_mettle
+from cli_helpers import mettle_in_process, read_only_command
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from mettle.cli import intact, main
+from mettle.cli import intact
 from mettle.config import build_run_config
 from mettle.rl.loss import Kickstarter
 from mettle.rl.policy_files import list_checkpoints, write_manifest
@@ -37,7 +37,7 @@ OUTSIDE_DATA = b"a file outside the run\n"
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished CartPole run with three checkpoints, made once by the CLI."""
     root = tmp_path_factory.mktemp("runs")
-    result = run_mettle("train", "--env", "gym:CartPole-v1", "--run", "r", "--run-dir", str(root),
+    result = mettle_in_process("train", "--env", "gym:CartPole-v1", "--run", "r", "--run-dir", str(root),
                         "total_timesteps=1536", "checkpoint_interval=1", "progress_interval_s=100",
                         "stats.tensorboard=false", cwd=root)
     assert result.returncode == 0, result.stderr
@@ -80,10 +80,10 @@ def snapshot(root: Path, skip: Path) -> dict[str, tuple[Any, ...]]:
     return facts
 
 
-def evaluate(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+def evaluate(path: Path) -> tuple[int, str]:
     """Exit code and stderr of an in-process `mettle eval`."""
-    code = main(["eval", str(path), *EVAL])
-    return code, capsys.readouterr().err
+    result = mettle_in_process("eval", str(path), *EVAL, cwd=path.parent)
+    return result.returncode, result.stderr
 
 
 def one_error_line(err: str) -> str:
@@ -145,13 +145,12 @@ ENTRIES: dict[str, tuple[Callable[[Path, Path], None], str]] = {
 @pytest.mark.parametrize("case", sorted(ENTRIES))
 @pytest.mark.usefixtures("untouched")
 def test_eval_skips_a_checkpoint_whose_manifest_names_a_file_outside_it(
-        run: Path, outside: Path, case: str, caplog: pytest.LogCaptureFixture,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        run: Path, outside: Path, case: str, caplog: pytest.LogCaptureFixture) -> None:
     *_, previous, newest = list_checkpoints(run / "checkpoints")
     make, reason = ENTRIES[case]
     make(newest, outside)
     with caplog.at_level(logging.WARNING):
-        code, err = evaluate(run, capsys)
+        code, err = evaluate(run)
     assert code == 0, err
     assert f"using checkpoint {previous}" in err
     assert f"skipping damaged checkpoint: {newest}" in caplog.text and reason in caplog.text
@@ -159,15 +158,15 @@ def test_eval_skips_a_checkpoint_whose_manifest_names_a_file_outside_it(
 
 @pytest.mark.timeout(30)  # reading pagemap, or opening the FIFO, would not end: the timeout fails the test
 @pytest.mark.usefixtures("untouched")
-def test_eval_never_reads_proc_pagemap_nor_blocks_on_a_fifo_manifest(run: Path, caplog: pytest.LogCaptureFixture,
-                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_never_reads_proc_pagemap_nor_blocks_on_a_fifo_manifest(run: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
     oldest, middle, newest = list_checkpoints(run / "checkpoints")
     add_entry(newest, "/proc/self/pagemap", b"")
     (middle / "manifest.json").unlink()
     os.mkfifo(middle / "manifest.json")
     start = time.monotonic()
     with caplog.at_level(logging.WARNING):
-        code, err = evaluate(run, capsys)
+        code, err = evaluate(run)
     assert code == 0 and time.monotonic() - start < 10, err
     assert f"using checkpoint {oldest}" in err
     assert f"skipping damaged checkpoint: {newest / 'manifest.json'} lists '/proc/self/pagemap'" in caplog.text
@@ -178,15 +177,15 @@ def test_eval_never_reads_proc_pagemap_nor_blocks_on_a_fifo_manifest(run: Path, 
 # --------------------------------------------------------------------------- 6: weights that verify but are not numbers
 @pytest.mark.usefixtures("untouched")
 def test_eval_skips_nan_weights_naming_the_checkpoint_and_one_alone_is_exit_2(
-        run: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+        run: Path, caplog: pytest.LogCaptureFixture) -> None:
     *_, previous, newest = list_checkpoints(run / "checkpoints")
     poison_weights(newest)
     with caplog.at_level(logging.WARNING):
-        code, err = evaluate(run, capsys)
+        code, err = evaluate(run)
     assert code == 0 and f"using checkpoint {previous}" in err, err
     assert f"skipping damaged checkpoint: {newest / 'policy.safetensors'}" in caplog.text
     assert "NaN or infinite" in caplog.text
-    code, err = evaluate(newest, capsys)
+    code, err = evaluate(newest)
     assert code == 2
     line = one_error_line(err)
     assert str(newest) in line and "NaN or infinite" in line
@@ -196,7 +195,7 @@ def test_eval_skips_nan_weights_naming_the_checkpoint_and_one_alone_is_exit_2(
 def test_resume_sets_nan_weights_aside_and_resumes_from_the_previous_checkpoint(run: Path) -> None:
     *_, previous, newest = list_checkpoints(run / "checkpoints")
     poison_weights(newest)
-    result = run_mettle("train", "--run", "r", "--run-dir", str(run.parent), cwd=run.parent, timeout=120)
+    result = mettle_in_process("train", "--run", "r", "--run-dir", str(run.parent), cwd=run.parent)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert f"resuming run r from {previous}" in result.stdout
@@ -220,18 +219,17 @@ def test_a_kickstarter_teacher_with_nan_weights_falls_back_to_the_previous_check
 
 
 @pytest.mark.usefixtures("untouched")
-def test_specs_too_large_to_build_are_refused_within_seconds(run: Path, caplog: pytest.LogCaptureFixture,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_specs_too_large_to_build_are_refused_within_seconds(run: Path, caplog: pytest.LogCaptureFixture) -> None:
     oldest, middle, newest = list_checkpoints(run / "checkpoints")
     edit_kwargs(newest, hidden_size=100_000)  # a 40 GB layer
     edit_kwargs(middle, num_layers=10**7)  # minutes and gigabytes of layers
     start = time.monotonic()
     with caplog.at_level(logging.WARNING):
-        code, err = evaluate(run, capsys)
+        code, err = evaluate(run)
     assert code == 0 and f"using checkpoint {oldest}" in err, err
     assert f"skipping damaged checkpoint: {newest / 'policy.json'}: ValueError: hidden_size must be" in caplog.text
     assert f"skipping damaged checkpoint: {middle / 'policy.json'}: ValueError: num_layers must be" in caplog.text
-    code, err = evaluate(newest, capsys)
+    code, err = evaluate(newest)
     assert code == 2 and time.monotonic() - start < 10
     assert "hidden_size must be an integer in [1, 8192], got 100000" in one_error_line(err)
 

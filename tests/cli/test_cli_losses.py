@@ -9,18 +9,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_helpers import run_mettle
+from cli_helpers import mettle_in_process
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from conftest import InProcess
 
 SMALL = ("batch_size=1024", "progress_interval_s=0.01")
 """A few epochs of 1024 agent steps each (the CartPole recipe's other settings, overlap included, stay)."""
 
 
 def train(root: Path, run: str, *overrides: str, env: str = "gym:CartPole-v1") -> subprocess.CompletedProcess[str]:
-    """`mettle train` of run `run` under `root`, run from `root`."""
-    return run_mettle("train", "--env", env, "--run", run, "--run-dir", str(root), *SMALL, *overrides, cwd=root)
+    """`mettle train` of run `run` under `root`, run from `root` in this process (how a run is read is tested)."""
+    return mettle_in_process("train", "--env", env, "--run", run, "--run-dir", str(root), *SMALL, *overrides,
+                             cwd=root)
 
 
 def metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -66,9 +65,9 @@ BAD_INPUT = [
 @pytest.mark.parametrize("args,expected", BAD_INPUT, ids=["missing-teacher", "other-action-space", "unknown-loss",
                                                          "no-teacher", "no-loss"])
 def test_bad_loss_settings_exit_2_with_one_line_and_train_nothing(tmp_path: Path, teachers: Path, args: list[str],
-                                                                  expected: str, mettle_here: InProcess) -> None:
+                                                                  expected: str) -> None:
     runs = tmp_path / "runs"
-    result = mettle_here("train", "--env", "gym:CartPole-v1", "--run-dir", str(runs),
+    result = mettle_in_process("train", "--env", "gym:CartPole-v1", "--run-dir", str(runs),
                          *(a.format(teachers=teachers) for a in args), *SMALL, "total_timesteps=2048", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines() == [expected.format(teachers=teachers)]

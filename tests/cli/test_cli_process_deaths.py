@@ -11,10 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import wait_until
+from cli_helpers import mettle_in_process, wait_until
 from test_cli_robustness import CARTPOLE, LONG, finish, one_error_line, start, wait_for_epoch
 
-from conftest import InProcess
 from mettle.rl.policy_files import list_checkpoints
 from mettle.rl.training.checkpointer import read_checkpoint
 
@@ -93,10 +92,9 @@ def test_a_killed_env_worker_is_one_line_naming_it_with_the_resume_command(tmp_p
 
 
 @pytest.mark.parametrize("override", ["batch_size=abc", "nosuchkey=1"])
-def test_bad_input_under_nproc_is_one_line_and_exit_2_before_torchrun(tmp_path: Path, override: str,
-                                                                     mettle_here: InProcess) -> None:
+def test_bad_input_under_nproc_is_one_line_and_exit_2_before_torchrun(tmp_path: Path, override: str) -> None:
     """The launcher checks the command line before torchrun starts (so this process can run it: nothing is launched)."""
-    result = mettle_here("train", "--nproc", "2", "--run", "r", "--run-dir", str(tmp_path), *CARTPOLE, override,
+    result = mettle_in_process("train", "--nproc", "2", "--run", "r", "--run-dir", str(tmp_path), *CARTPOLE, override,
                          cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     one_error_line(result.stderr)

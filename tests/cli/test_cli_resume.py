@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import run_mettle
+from cli_helpers import mettle_in_process
 
-from conftest import InProcess
 from mettle.rl.policy_files import list_checkpoints
 from mettle.rl.training.checkpointer import read_checkpoint
 
@@ -26,32 +25,34 @@ def newest_step(run_dir: Path) -> int:
     return int(state["trainer"]["agent_step"])
 
 
-def test_resume_applies_compatible_overrides_and_refuses_the_rest(tmp_path: Path, mettle_here: InProcess) -> None:
-    first = run_mettle("train", "--run", "r", "--run-dir", str(tmp_path), *FAST, cwd=tmp_path)
+def test_resume_applies_compatible_overrides_and_refuses_the_rest(tmp_path: Path) -> None:
+    """In this process: what is tested is how `mettle train` reads a run, not a process (the signal and SIGKILL
+    tests below start real ones)."""
+    first = mettle_in_process("train", "--run", "r", "--run-dir", str(tmp_path), *FAST, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert newest_step(tmp_path / "r") == 4096
 
-    more = run_mettle("train", "--run", "r", "--run-dir", str(tmp_path), "total_timesteps=6144", cwd=tmp_path)
+    more = mettle_in_process("train", "--run", "r", "--run-dir", str(tmp_path), "total_timesteps=6144", cwd=tmp_path)
     assert more.returncode == 0, more.stderr
     assert "resuming run r from" in more.stdout and "at agent step 4,096" in more.stdout
     assert newest_step(tmp_path / "r") == 6144
     saved = json.loads((tmp_path / "r" / "config.json").read_text())
     assert saved["trainer"]["total_timesteps"] == 6144 and saved["checkpoint_interval"] == 1
 
-    # refusals and eval end before any training: run in this process, as new ones would only add imports
-    other_env = mettle_here("train", "--run", "r", "--run-dir", str(tmp_path), "--env", "gym:Acrobot-v1", cwd=tmp_path)
+    run = ("train", "--run", "r", "--run-dir", str(tmp_path))
+    other_env = mettle_in_process(*run, "--env", "gym:Acrobot-v1", cwd=tmp_path)
     assert other_env.returncode == 2
     assert "cannot resume: env.name was 'gym:CartPole-v1'" in other_env.stderr
-    other_policy = mettle_here("train", "--run", "r", "--run-dir", str(tmp_path), "--policy", "lstm", cwd=tmp_path)
+    other_policy = mettle_in_process(*run, "--policy", "lstm", cwd=tmp_path)
     assert other_policy.returncode == 2 and "cannot resume: policy" in other_policy.stderr
 
-    fresh = mettle_here("train", "--run", "r", "--run-dir", str(tmp_path), "--fresh", cwd=tmp_path)
+    fresh = mettle_in_process(*run, "--fresh", cwd=tmp_path)
     assert fresh.returncode == 2 and "--fresh refuses to resume" in fresh.stderr
     assert all(len(result.stderr.splitlines()) == 1 for result in (other_env, other_policy, fresh))
     assert newest_step(tmp_path / "r") == 6144, "refusals change nothing"
 
-    evaluated = mettle_here("eval", str(list_checkpoints(tmp_path / "r" / "checkpoints")[-1]), "--episodes", "2",
-                            "--json", cwd=tmp_path)
+    evaluated = mettle_in_process("eval", str(list_checkpoints(tmp_path / "r" / "checkpoints")[-1]), "--episodes",
+                                  "2", "--json", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(evaluated.stdout.splitlines()[-1])["episodes"] == 2
 
@@ -79,7 +80,9 @@ def test_signal_checkpoints_the_last_step_and_exits_128_plus_n(tmp_path: Path, s
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig, err
     stopped = [line for line in out.splitlines() if line.startswith("stopped at agent step")]
-    assert stopped and f"resume with: {Path(sys.executable).name} -m mettle train --run s --env" in stopped[0]
+    expected = (f"resume with: {Path(sys.executable).name} -m mettle train --run s --env gym:CartPole-v1 --run-dir "
+                f"{tmp_path} progress_interval_s=0.01 total_timesteps=10000000 checkpoint_interval=1000")
+    assert stopped and stopped[0].endswith(expected), out  # the command as it was run
     final_step = int(stopped[0].split("agent step ")[1].split(";")[0].replace(",", ""))
     assert newest_step(tmp_path / "s") == final_step > 0
     assert f"{sig.name} received" in err

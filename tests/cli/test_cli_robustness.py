@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli_helpers import mettle_in_process
 
-from conftest import InProcess
 from mettle.rl.policy_files import list_checkpoints
 from mettle.rl.training.checkpointer import read_checkpoint
 
@@ -58,21 +58,21 @@ def one_error_line(err: str) -> str:
 def test_second_trainer_of_a_run_fails_at_once_and_a_killed_holders_lock_is_taken_over(tmp_path: Path) -> None:
     holder = start(tmp_path, *LONG, "checkpoint_interval=1")
     wait_for_epoch(holder)
-    second = start(tmp_path, *LONG)
-    out, err = finish(second, timeout=30)
-    assert second.returncode == 2, err
-    line = one_error_line(err)
+    run = ("train", "--run", "r", "--run-dir", str(tmp_path))  # the second trainer and the takeover: this process
+    second = mettle_in_process(*run, *LONG, cwd=tmp_path)
+    assert second.returncode == 2, second.stderr
+    line = one_error_line(second.stderr)
     assert line.startswith("mettle: error: run 'r' is already being trained by pid")
     assert f"pid {holder.pid} on host {socket.gethostname()}" in line and str(tmp_path / "r") in line
-    assert "epoch" not in out
+    assert "epoch" not in second.stdout
 
+    wait_for_epoch(holder, 2)  # epoch 1 is checkpointed before epoch 2 runs
     holder.kill()
     holder.communicate(timeout=30)
     killed_at = newest_step(tmp_path / "r")
-    takeover = start(tmp_path, *CARTPOLE, f"total_timesteps={killed_at + 1024}")
-    out, err = finish(takeover)
-    assert takeover.returncode == 0, err
-    assert f"at agent step {killed_at:,}" in out
+    takeover = mettle_in_process(*run, *CARTPOLE, f"total_timesteps={killed_at + 1024}", cwd=tmp_path)
+    assert takeover.returncode == 0, takeover.stderr
+    assert f"at agent step {killed_at:,}" in takeover.stdout
     assert newest_step(tmp_path / "r") >= killed_at + 1024
     assert not (tmp_path / "r" / ".lock").exists(), "a finished run releases its lock"
 
@@ -92,41 +92,24 @@ def test_the_lock_ends_with_its_holder_even_while_its_env_workers_live_on(tmp_pa
         holder.wait(timeout=30)  # not communicate(): the stopped workers still hold its output pipes open
         assert all(worker.is_running() for worker in workers)
         # killed before its first checkpoint: the run's files are set aside (--fresh), not trained over
-        takeover = start(tmp_path, *CARTPOLE, "total_timesteps=1024", "--fresh")
-        _, err = finish(takeover)
-        assert takeover.returncode == 0 and "already being trained" not in err, err
+        takeover = mettle_in_process("train", "--run", "r", "--run-dir", str(tmp_path), *CARTPOLE,
+                                     "total_timesteps=1024", "--fresh", cwd=tmp_path)
+        assert takeover.returncode == 0 and "already being trained" not in takeover.stderr, takeover.stderr
     finally:
         for worker in workers:
             worker.kill()
 
 
-def test_sigterm_exits_143_after_its_checkpoint_and_prints_the_command_as_run(tmp_path: Path) -> None:
-    proc = start(tmp_path, *LONG, "checkpoint_interval=1000")
-    wait_for_epoch(proc)
-    proc.send_signal(signal.SIGTERM)
-    out, err = finish(proc)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    stopped = [line for line in out.splitlines() if line.startswith("stopped at agent step")]
-    python = Path(sys.executable).name
-    expected = f"resume with: {python} -m mettle train --run r --run-dir {tmp_path} {' '.join(LONG)} " \
-               "checkpoint_interval=1000"
-    assert stopped and stopped[0].endswith(expected), out
-    final_step = int(stopped[0].split("agent step ")[1].split(";")[0].replace(",", ""))
-    assert newest_step(tmp_path / "r") == final_step > 0
-
-
 def test_resume_line_names_a_generated_run_and_drops_fresh(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "mettle", "train", "--fresh", "--run-dir", str(tmp_path), *CARTPOLE,
-               "total_timesteps=1024"]
+    command = [sys.executable, "-m", "mettle", "train", "--fresh", "--run-dir", str(tmp_path), *LONG]
     proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_epoch(proc)
     proc.send_signal(signal.SIGINT)
     out, err = finish(proc)
-    assert proc.returncode in (0, 130), err  # the run may finish its 1024 steps before the signal lands
-    runs = [p.name for p in tmp_path.iterdir() if p.is_dir()]
-    if proc.returncode == 130:
-        line = next(line for line in out.splitlines() if "resume with:" in line)
-        assert f"train --run {runs[0]} --run-dir {tmp_path}" in line and "--fresh" not in line
+    assert proc.returncode == 130, err  # a run too long to finish first: the signal always lands mid-training
+    [run] = [p.name for p in tmp_path.iterdir() if p.is_dir()]
+    line = next(line for line in out.splitlines() if "resume with:" in line)
+    assert f"train --run {run} --run-dir {tmp_path}" in line and "--fresh" not in line, line
 
 
 def test_second_ctrl_c_stops_at_once_with_one_line_and_130(tmp_path: Path) -> None:
@@ -164,24 +147,23 @@ def catches(pid: int, sig: signal.Signals) -> bool:
 
 
 @pytest.mark.parametrize("nproc", ["0", "-1"])
-def test_nproc_below_one_is_refused(tmp_path: Path, nproc: str, mettle_here: InProcess) -> None:
-    result = mettle_here("train", "--nproc", nproc, "--run-dir", str(tmp_path), cwd=tmp_path)
+def test_nproc_below_one_is_refused(tmp_path: Path, nproc: str) -> None:
+    result = mettle_in_process("train", "--nproc", nproc, "--run-dir", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 2
     assert one_error_line(result.stderr) == (f"mettle: error: --nproc {nproc} must be at least 1 "
                                              "(the number of ranks on this machine)")
 
 
 def test_failed_restore_leaves_config_json_unchanged(tmp_path: Path) -> None:
-    first = subprocess.run([sys.executable, "-m", "mettle", "train", "--run", "r", "--run-dir", str(tmp_path),
-                            *CARTPOLE, "total_timesteps=1024"], cwd=tmp_path, capture_output=True, text=True,
-                           timeout=120)
+    """In this process: how a failed restore treats the run's files is tested, not a process."""
+    run = ("train", "--run", "r", "--run-dir", str(tmp_path), *CARTPOLE)
+    first = mettle_in_process(*run, "total_timesteps=1024", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     before = (tmp_path / "r" / "config.json").read_bytes()
     for checkpoint in list_checkpoints(tmp_path / "r" / "checkpoints"):
         (checkpoint / "trainer_state.pt").write_bytes(b"damaged")
-    again = start(tmp_path, *CARTPOLE, "total_timesteps=2048")
-    _out, err = finish(again)
-    assert again.returncode == 2 and "no usable checkpoint" in one_error_line(err)
+    again = mettle_in_process(*run, "total_timesteps=2048", cwd=tmp_path)
+    assert again.returncode == 2 and "no usable checkpoint" in one_error_line(again.stderr)
     assert (tmp_path / "r" / "config.json").read_bytes() == before
 
 
@@ -223,10 +205,10 @@ def test_disk_full_mid_run_is_one_line_exit_74_and_the_last_checkpoint_stays(tmp
 
 def test_disk_full_at_start_is_one_line_exit_74(tmp_path: Path, small_disk: Path) -> None:
     fill(small_disk)
-    proc = start(tmp_path, *CARTPOLE, "total_timesteps=1024", run_dir=small_disk)
-    _out, err = finish(proc)
-    assert proc.returncode == 74, err
-    assert "No space left on device" in one_error_line(err)
+    result = mettle_in_process("train", "--run", "r", "--run-dir", str(small_disk), *CARTPOLE, "total_timesteps=1024",
+                               cwd=tmp_path)  # in this process: refused before anything runs
+    assert result.returncode == 74, result.stderr
+    assert "No space left on device" in one_error_line(result.stderr)
 
 
 def test_nproc_launcher_relays_sigterm_to_checkpointing_ranks_and_exits_143(tmp_path: Path) -> None:

@@ -7,9 +7,8 @@ import statistics
 from pathlib import Path
 
 import pytest
-from cli_helpers import run_mettle
+from cli_helpers import mettle_in_process, run_mettle
 
-from mettle.cli import main
 from mettle.envs.factory import make_environment
 from mettle.rl.evaluate import evaluate_policy
 from mettle.run import load_newest_policy, load_run_config
@@ -18,7 +17,7 @@ EVAL_SEED = 12345
 """`mettle eval`'s default --seed."""
 
 
-def test_train_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_then_eval(tmp_path: Path) -> None:
     result = run_mettle("train", "--env", "gym:CartPole-v1", "--run", "tiny", "--run-dir", str(tmp_path),
                         "total_timesteps=8192", "progress_interval_s=0.01", "optimizer.learning_rate=0.002",
                         cwd=tmp_path)
@@ -36,9 +35,9 @@ def test_train_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert spec["policy"]["class"] == "mlp" and spec["agent_step"] == 8192
     assert (run_dir / "policy.safetensors").stat().st_size > 0
 
-    capsys.readouterr()
-    assert main(["eval", str(run_dir), "--episodes", "5", "--json"]) == 0  # in-process: the train above is the CLI's
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    evaluation = mettle_in_process("eval", str(run_dir), "--episodes", "5", "--json", cwd=tmp_path)
+    assert evaluation.returncode == 0, evaluation.stderr  # in this process: the train above is the CLI's own
+    summary = json.loads(evaluation.stdout.strip().splitlines()[-1])
     assert summary["episodes"] == 5
     # It learned: random actions last 22.7 steps on average (the longest of 200 random episodes: 63), one action
     # always ~9. These 8,192 steps gave mean eval returns of 240, 396, 500, 281, 294 and 284 over seeds 0-5

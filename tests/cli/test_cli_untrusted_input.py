@@ -10,13 +10,13 @@ import signal
 import subprocess
 import sys
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from cli_helpers import read_only_command, run_mettle
+from cli_helpers import mettle_in_process, read_only_command
 
 from mettle import files
 from mettle.cli import RUN_RECORDS, main, resume_hint
@@ -35,8 +35,8 @@ EVIL_MODULE = "import pathlib\npathlib.Path('PWNED').touch()\nparallel_env = Non
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A short finished CartPole run with two checkpoints."""
     root = tmp_path_factory.mktemp("runs")
-    result = run_mettle("train", *CARTPOLE, "--run", "r", "--run-dir", str(root), "total_timesteps=1024",
-                        "checkpoint_interval=1", cwd=root)
+    result = mettle_in_process("train", *CARTPOLE, "--run", "r", "--run-dir", str(root), "total_timesteps=1024",
+                               "checkpoint_interval=1", cwd=root)
     assert result.returncode == 0, result.stderr
     return root / "r"
 
@@ -74,12 +74,9 @@ def one_error(result: subprocess.CompletedProcess[str], code: int = 2) -> str:
     return lines[0]
 
 
-def evaluate(run_dir: Path, capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
+def evaluate(run_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """`mettle eval RUN_DIR --episodes 1 ARGS` in this process (cheaper than a new one), as a finished process."""
-    capsys.readouterr()
-    code = main(["eval", str(run_dir), "--episodes", "1", *args])
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(["mettle", "eval"], code, out, err)
+    return mettle_in_process("eval", str(run_dir), "--episodes", "1", *args, cwd=Path.cwd())
 
 
 def edit_config(run_dir: Path, change: Callable[[dict[str, Any]], None]) -> None:
@@ -88,34 +85,20 @@ def edit_config(run_dir: Path, change: Callable[[dict[str, Any]], None]) -> None
     (run_dir / "config.json").write_text(json.dumps(data))
 
 
-@pytest.fixture(autouse=True)
-def restore_process_state() -> Iterator[None]:
-    """`mettle train` run in this process installs signal handlers and sets torch's threads: undo both."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    threads = torch.get_num_threads()
-    yield
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-    torch.set_num_threads(threads)
-
-
-def refused(capsys: pytest.CaptureFixture[str], *argv: str) -> subprocess.CompletedProcess[str]:
+def refused(*argv: str) -> subprocess.CompletedProcess[str]:
     """`mettle train ARGV` in this process (a new one costs seconds), for commands refused before training."""
-    capsys.readouterr()
-    code = main(["train", *argv])
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(["mettle", "train"], code, out, err)
+    return mettle_in_process("train", *argv, cwd=Path.cwd())
 
 
-def refused_resume(run_dir: Path, capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
+def refused_resume(run_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """`mettle train --run NAME --run-dir PARENT ARGS` in this process."""
-    return refused(capsys, "--run", run_dir.name, "--run-dir", str(run_dir.parent), *args)
+    return refused("--run", run_dir.name, "--run-dir", str(run_dir.parent), *args)
 
 
-def train(run_dir: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """`mettle train --run NAME --run-dir PARENT ARGS` from the directory above the run dir."""
-    return run_mettle("train", "--run", run_dir.name, "--run-dir", str(run_dir.parent), *args,
-                      cwd=run_dir.parent.parent, timeout=timeout)
+def train(run_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`mettle train --run NAME --run-dir PARENT ARGS` in this process, from the directory above the run dir."""
+    return mettle_in_process("train", "--run", run_dir.name, "--run-dir", str(run_dir.parent), *args,
+                             cwd=run_dir.parent.parent)
 
 
 # ------------------------------------------------------------------ names read from disk choose no code
@@ -128,37 +111,35 @@ HOSTILE_ENVS = {
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE_ENVS))
-def test_an_env_name_in_config_json_that_would_import_an_untrusted_module_is_refused(
-        run: Path, case: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_env_name_in_config_json_that_would_import_an_untrusted_module_is_refused(run: Path, case: str) -> None:
     env, module = HOSTILE_ENVS[case]
     edit_config(run, lambda data: data["env"].update(env))
     before = snapshot(run.parent.parent, skip=run)
-    for result in (evaluate(run, capsys), refused_resume(run, capsys)):
+    for result in (evaluate(run), refused_resume(run)):
         line = one_error(result)
         assert "env.name" in line and repr(module) in line and f"--env {env['name']}" in line, line
     assert not (run.parent.parent / "PWNED").exists() and not (run / "PWNED").exists()
     assert snapshot(run.parent.parent, skip=run) == before
 
 
-def test_an_untrusted_evaluator_env_in_config_json_is_refused(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_untrusted_evaluator_env_in_config_json_is_refused(run: Path) -> None:
     edit_config(run, lambda data: data["evaluator"].update(envs=["pettingzoo:evilmod:parallel_env"]))
-    line = one_error(refused_resume(run, capsys))
+    line = one_error(refused_resume(run))
     assert "evaluator.envs" in line and "'evilmod'" in line, line
     assert not (run.parent.parent / "PWNED").exists()
 
 
-def test_the_env_typed_on_the_command_line_is_trusted(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_env_typed_on_the_command_line_is_trusted(run: Path) -> None:
     edit_config(run, lambda data: data["env"].update(name="pettingzoo:evilmod:parallel_env"))
-    result = evaluate(run, capsys, "--env", "pettingzoo:evilmod:parallel_env")
+    result = evaluate(run, "--env", "pettingzoo:evilmod:parallel_env")
     assert (run.parent.parent / "PWNED").exists(), result.stderr  # the user asked for this module, so it ran
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
 
 
-def test_a_mettagrid_config_path_in_config_json_that_is_a_fifo_is_refused_unread(
-        run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_mettagrid_config_path_in_config_json_that_is_a_fifo_is_refused_unread(run: Path) -> None:
     os.mkfifo(run.parent.parent / "task.yaml")  # reading it would block for ever
     edit_config(run, lambda data: data["env"].update(name=f"mettagrid:{run.parent.parent / 'task.yaml'}", kwargs={}))
-    result = evaluate(run, capsys)
+    result = evaluate(run)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.splitlines()[-1].endswith("task.yaml: not a regular file"), result.stderr
 
@@ -176,47 +157,44 @@ def test_trusted_names_resolve_and_others_are_refused_naming_the_field() -> None
 
 
 # ------------------------------------------------------------------ where we write
-def test_a_run_lock_that_is_a_symlink_is_refused_and_its_target_untouched(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_run_lock_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     (tmp_path / "runs" / "r").mkdir(parents=True)
     (tmp_path / "runs" / "r" / ".lock").symlink_to(victim)
-    line = one_error(refused_resume(tmp_path / "runs" / "r", capsys, *CARTPOLE))
+    line = one_error(refused_resume(tmp_path / "runs" / "r", *CARTPOLE))
     assert ".lock" in line and "not a regular file" in line, line
     assert victim.read_text() == "precious"
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "..", "."])
-def test_a_run_name_is_one_path_component(
-        tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_run_name_is_one_path_component(tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "runs").mkdir()
     monkeypatch.chdir(tmp_path)
-    result = refused(capsys, *CARTPOLE, "--run", name, "--run-dir", "runs")
+    result = refused(*CARTPOLE, "--run", name, "--run-dir", "runs")
     assert "--run" in one_error(result)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"] and not any((tmp_path / "runs").iterdir())
 
 
 def test_a_run_or_run_dir_that_is_a_file_is_refused_and_left_alone(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "notes").write_text("mine")
     (tmp_path / "afile").write_text("mine too")
-    line = one_error(refused(capsys, *CARTPOLE, "--run", "notes", "--run-dir", "runs"))
+    line = one_error(refused(*CARTPOLE, "--run", "notes", "--run-dir", "runs"))
     assert "--run" in line and "is a file" in line
-    line = one_error(refused(capsys, *CARTPOLE, "--run-dir", "afile"))
+    line = one_error(refused(*CARTPOLE, "--run-dir", "afile"))
     assert "--run-dir" in line and "is a file" in line
     assert (tmp_path / "runs" / "notes").read_text() == "mine" and (tmp_path / "afile").read_text() == "mine too"
 
 
 # ------------------------------------------------------------------ never start over on top of a run
-def test_a_run_without_checkpoints_is_refused_and_fresh_moves_its_files_aside(
-        run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_run_without_checkpoints_is_refused_and_fresh_moves_its_files_aside(run: Path) -> None:
     for checkpoint in (run / "checkpoints").iterdir():
         shutil.rmtree(checkpoint)
     before = snapshot(run)
-    line = one_error(refused_resume(run, capsys, "total_timesteps=512"))
+    line = one_error(refused_resume(run, "total_timesteps=512"))
     assert "no checkpoint to resume from" in line and "--fresh" in line, line
     assert snapshot(run) == before
     result = train(run, "--fresh", "total_timesteps=512")
@@ -228,9 +206,9 @@ def test_a_run_without_checkpoints_is_refused_and_fresh_moves_its_files_aside(
     assert lines[0] < lines[1], lines
 
 
-def test_fresh_still_refuses_a_run_with_an_intact_checkpoint(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_fresh_still_refuses_a_run_with_an_intact_checkpoint(run: Path) -> None:
     before = snapshot(run)
-    assert "--fresh refuses" in one_error(refused_resume(run, capsys, "--fresh"))
+    assert "--fresh refuses" in one_error(refused_resume(run, "--fresh"))
     assert snapshot(run) == before
 
 
@@ -243,10 +221,10 @@ def test_fresh_still_refuses_a_run_with_an_intact_checkpoint(run: Path, capsys: 
     ("total_timesteps=100000000000000000000", "total_timesteps"),
 ])
 def test_devices_and_sizes_this_machine_cannot_hold_fail_before_training(
-        tmp_path: Path, override: str, expected: str, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, override: str, expected: str) -> None:
     if override == "device=cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    line = one_error(refused(capsys, *CARTPOLE, "--run", "r", "--run-dir", str(tmp_path / "runs"), override))
+    line = one_error(refused(*CARTPOLE, "--run", "r", "--run-dir", str(tmp_path / "runs"), override))
     assert expected in line, line
     assert not (tmp_path / "runs" / "r").exists()
 
@@ -276,22 +254,22 @@ DAMAGED_CONFIGS: dict[str, Callable[[Path], None]] = {
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGED_CONFIGS))
-def test_a_damaged_config_json_is_one_line_in_train_and_eval(
-        run: Path, damage: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_damaged_config_json_is_one_line_in_train_and_eval(run: Path, damage: str) -> None:
     DAMAGED_CONFIGS[damage](run)
     before = snapshot(run)
-    for result in (evaluate(run, capsys), refused_resume(run, capsys)):
+    for result in (evaluate(run), refused_resume(run)):
         assert f"{run / 'config.json'}" in one_error(result)
     assert snapshot(run) == before
 
 
 def test_overrides_are_accepted_before_between_and_after_options(tmp_path: Path) -> None:
-    result = run_mettle("train", "total_timesteps=512", "--env", "gym:CartPole-v1", "progress_interval_s=100",
-                        "--run", "r", "batch_size=256", "--run-dir", "runs", "minibatch_size=128", cwd=tmp_path)
+    result = mettle_in_process("train", "total_timesteps=512", "--env", "gym:CartPole-v1", "progress_interval_s=100",
+                               "--run", "r", "batch_size=256", "--run-dir", "runs", "minibatch_size=128", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     saved = json.loads((tmp_path / "runs" / "r" / "config.json").read_text())["trainer"]
     assert (saved["total_timesteps"], saved["batch_size"], saved["minibatch_size"]) == (512, 256, 128)
-    assert "unrecognized arguments: --bogus" in run_mettle("train", "a=1", "--bogus", cwd=tmp_path).stderr
+    bogus = mettle_in_process("train", "a=1", "--bogus", cwd=tmp_path)
+    assert bogus.returncode == 2 and "unrecognized arguments: --bogus" in bogus.stderr
 
 
 def test_report_on_a_read_only_run_dir_is_one_line_and_out_writes_elsewhere(
@@ -339,22 +317,20 @@ WRITE_TARGETS: dict[str, tuple[Callable[[Path], None], str]] = {
 
 
 @pytest.mark.parametrize("case", sorted(WRITE_TARGETS))
-def test_links_and_misplaced_entries_where_training_writes_are_refused(
-        run: Path, case: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_links_and_misplaced_entries_where_training_writes_are_refused(run: Path, case: str) -> None:
     damage, expected = WRITE_TARGETS[case]
     damage(run)
     before = snapshot(run.parent.parent)
-    line = one_error(refused_resume(run, capsys, "total_timesteps=4096"))
+    line = one_error(refused_resume(run, "total_timesteps=4096"))
     assert expected in line and "move it out of the run directory" in line, line
     assert snapshot(run.parent.parent) == before
 
 
-def test_a_run_whose_config_json_is_gone_is_not_resumed_with_another_recipe(
-        run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_run_whose_config_json_is_gone_is_not_resumed_with_another_recipe(run: Path) -> None:
     (run / "config.json").unlink()
     before = snapshot(run)
-    assert "has no config.json" in one_error(refused_resume(run, capsys))
-    assert "no config.json found" in one_error(evaluate(run, capsys))
+    assert "has no config.json" in one_error(refused_resume(run))
+    assert "no config.json found" in one_error(evaluate(run))
     assert snapshot(run) == before
 
 
@@ -386,15 +362,14 @@ def test_a_link_planted_at_the_temp_name_of_an_atomic_write_is_refused_not_follo
     assert victim.read_text() == "precious" and not (tmp_path / "config.json").exists()
 
 
-def test_a_fifo_where_training_appends_metrics_is_refused_before_it_blocks(
-        run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_fifo_where_training_appends_metrics_is_refused_before_it_blocks(run: Path) -> None:
     (run / "metrics.jsonl").unlink()
     os.mkfifo(run / "metrics.jsonl")
-    line = one_error(refused_resume(run, capsys, "total_timesteps=4096"))
+    line = one_error(refused_resume(run, "total_timesteps=4096"))
     assert "metrics.jsonl is a special file" in line, line
 
 
-def test_a_compressed_trainer_state_that_would_inflate_is_damage(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_compressed_trainer_state_that_would_inflate_is_damage(run: Path) -> None:
     newest = run / "checkpoints" / "00000002"
     packed = newest / "packed.pt"
     with zipfile.ZipFile(newest / "trainer_state.pt") as source, \
@@ -410,7 +385,7 @@ def test_a_compressed_trainer_state_that_would_inflate_is_damage(run: Path, caps
     assert (run / "checkpoints" / "damaged" / "00000002-unloadable-state").is_dir()
 
 
-def test_a_run_stopped_while_it_was_built_resumes_without_fresh(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_run_stopped_while_it_was_built_resumes_without_fresh(run: Path) -> None:
     """What a run writes before training (tensorboard/, heartbeat.json) holds nothing to lose: no --fresh needed."""
     for name in RUN_RECORDS:
         path = run / name
@@ -423,9 +398,9 @@ def test_a_run_stopped_while_it_was_built_resumes_without_fresh(run: Path, capsy
                                                                "mettle train --run r --fresh")
 
 
-def test_eval_with_env_typed_reads_no_other_name_from_the_file(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_with_env_typed_reads_no_other_name_from_the_file(run: Path) -> None:
     edit_config(run, lambda data: data["env"].update(name="pettingzoo:evilmod:parallel_env", kwargs={"x": 1}))
     edit_config(run, lambda data: data["evaluator"].update(envs=["pettingzoo:evilmod:parallel_env"]))
-    result = evaluate(run, capsys, "--env", "gym:CartPole-v1")
+    result = evaluate(run, "--env", "gym:CartPole-v1")
     assert result.returncode == 0 and "1 episodes: mean return" in result.stdout, result.stderr
     assert not (run.parent.parent / "PWNED").exists()
