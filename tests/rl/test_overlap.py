@@ -158,6 +158,18 @@ def test_without_fork_training_is_synchronous_with_a_warning(monkeypatch: pytest
     assert trainer.train().agent_step == 32
 
 
+def test_an_actor_that_can_no_longer_fork_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA set up after the Trainer chose overlap (a loss added later) is named, before a broken fork."""
+    cfg = TrainerConfig(total_timesteps=32, batch_size=16, minibatch_size=8, bptt_horizon=4, update_epochs=1,
+                        overlap=True)
+    trainer = Trainer(cfg, BanditEnvironment(num_envs=2, episode_length=4), build_policy("mlp", hidden_size=8), "cpu")
+    assert trainer.overlapped
+    monkeypatch.setattr("mettle.rl.training.overlap.fork_problem", lambda device: "CUDA is set up here now")
+    with pytest.raises(RuntimeError, match="the actor process cannot start, because CUDA is set up here now"):
+        trainer.train()
+    assert trainer.context.state.agent_step == 0
+
+
 def test_a_second_train_call_continues_from_the_stopped_actor() -> None:
     """train() ends its actor; a later train() forks a new one from the parked state: same as one longer call."""
     def run(stops: list[int]) -> list[np.ndarray]:

@@ -76,13 +76,14 @@ class Trainer:
             run_name=run_name,
             generator=torch.Generator().manual_seed(seed),
         )
+        losses = losses_from_config(self._context)  # first: a teacher may set up CUDA, which rules out a fork
         self._core = CoreTrainingLoop(self._context)
         self._rollouts = rollout_source(self._context, Collector(env, policy, device, self._context.stopwatch, seed))
         self._context.core_loop, self._context.rollouts = self._core, self._rollouts
         self._components = self._context.components
         self._sealed_by: str | None = None
         """Set by restore() or train(): after them a new loss would miss its saved state or its first rollout."""
-        for loss in losses_from_config(self._context):
+        for loss in losses:
             self.add_loss(loss)
 
     @property

@@ -50,7 +50,9 @@ class Loss:
         return {}
 
     def on_rollout_step(self, batch: RolloutBatch, output: PolicyOutput) -> dict[str, torch.Tensor]:
-        """This step's values ([n, *shape]) of every field in `experience_spec`; runs under inference_mode."""
+        """This step's values ([n, *shape]) of every field in `experience_spec`, as new tensors; runs under
+        inference_mode, where rollouts run (in the actor process with overlap: read the step from
+        `batch.agent_step`, not from the trainer's state, which the actor does not follow)."""
         return {}
 
     def __call__(self, minibatch: Minibatch, output: PolicyOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -73,7 +73,7 @@ class Decision:
     def kept(self) -> Decision:
         """This decision with copies of what may still be the env's own arrays (it refills them on later steps)."""
         return replace(self, observations=self.observations.clone(), mask=self.mask.clone(),
-                       starts=self.starts.clone())
+                       starts=self.starts.clone(), extras={k: v.clone() for k, v in self.extras.items()})
 
 
 class Collector:
@@ -153,7 +153,9 @@ class Collector:
             starts = on_device(batch.starts, torch.bool, self.device)
             mask = on_device(batch.mask, torch.bool, self.device)
             output = self.policy(obs.unsqueeze(1), starts.unsqueeze(1), rows=batch.rows)
-            extras = self._loss_fields(RolloutBatch(batch.rows, obs, starts, mask, agent_step), output)
+            extras: dict[str, torch.Tensor] = {}
+            if self._hooked:
+                extras = self._loss_fields(RolloutBatch(batch.rows, obs, starts, mask, agent_step), output)
         return Decision(batch.rows, obs, mask, starts, output, extras)
 
     def _loss_fields(self, batch: RolloutBatch, output: PolicyOutput) -> dict[str, torch.Tensor]:
@@ -226,10 +228,9 @@ class Collector:
         declared = {name for loss in self.losses for name in loss.experience_spec()}
         decision.extras = {k: v for k, v in decision.extras.items() if k in declared}
         batch = RolloutBatch(decision.rows, decision.observations, decision.starts, decision.mask, agent_step)
-        with torch.inference_mode():
-            for loss in self.losses:
-                if not loss.experience_spec().keys() <= decision.extras.keys():
-                    decision.extras.update(loss.on_rollout_step(batch, decision.output))
+        for loss in self.losses:
+            if not loss.experience_spec().keys() <= decision.extras.keys():
+                decision.extras.update(loss.on_rollout_step(batch, decision.output))
 
     def restart(self) -> None:
         """Forget held decisions and policy memory: the next rollout resets the environment."""
@@ -248,7 +249,7 @@ def on_device(array: np.ndarray | torch.Tensor, dtype: torch.dtype | None, devic
     tensor = torch.from_numpy(array) if isinstance(array, np.ndarray) else array
     if dtype is not None and tensor.dtype != dtype:
         tensor = tensor.to(dtype)
-    return tensor if tensor.device == device else tensor.to(device, non_blocking=True)
+    return tensor if tensor.device == device else tensor.to(device)  # blocking: the env refills its arrays
 
 
 def check_loss_fields(loss: Loss, filled: dict[str, torch.Tensor]) -> None:

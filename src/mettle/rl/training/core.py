@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -29,11 +28,9 @@ NON_MEMORY_FIELDS = frozenset({"observations", "actions"})
 class CoreTrainingLoop:
     """Turns a collected rollout into advantages and minibatch updates; the Trainer adds callbacks around it."""
 
-    def __init__(self, context: ComponentContext, losses: Sequence[Loss] = ()) -> None:
+    def __init__(self, context: ComponentContext) -> None:
         self.context = context
         self.losses: list[Loss] = []
-        for loss in losses:
-            self.add_loss(loss)
         self.train_policy = context.distributed.wrap_policy(context.policy)
         self.memory_fields = [k for k in context.policy.get_agent_experience_spec() if k not in NON_MEMORY_FIELDS]
         self._gradient_said = False

@@ -151,6 +151,9 @@ class OverlappedRollouts:
     def _start_actor(self) -> None:
         """Fork the actor with the Collector (catching it up first on a stopped actor's state)."""
         ctx, collector = self.context, self.collector
+        problem = fork_problem(self.actor_device)
+        if problem is not None:  # e.g. a loss added after the Trainer was built set up CUDA here
+            raise RuntimeError(f"overlap=true: the actor process cannot start, because {problem}")
         if self.parked is not None:
             collector.load_state_dict(self.parked["rollout"])
             self.actor_rng, self.parked = self.parked["rng"], None
