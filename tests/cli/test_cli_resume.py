@@ -88,6 +88,12 @@ def test_signal_checkpoints_the_last_step_and_exits_128_plus_n(tmp_path: Path, s
     assert f"{sig.name} received" in err
 
 
+def start_over_flag(run: Path) -> list[str]:
+    """`--fresh` when a kill landed after the run wrote its records but before its first checkpoint: the CLI
+    refuses to train over them without it (and says so), as its stop hint tells the user."""
+    return ["--fresh"] if (run / "config.json").exists() and not list_checkpoints(run / "checkpoints") else []
+
+
 def kill_resume_cycles(tmp_path: Path, kills: int, seed: int) -> None:
     """SIGKILL `mettle train` at random moments, resume each time, and check nothing is ever lost."""
     rng = random.Random(seed)
@@ -95,7 +101,7 @@ def kill_resume_cycles(tmp_path: Path, kills: int, seed: int) -> None:
     extra = (f"total_timesteps={total}", "checkpoint_interval=1")
     last_step = 0
     for _ in range(kills):
-        proc = start_training(tmp_path, *extra)
+        proc = start_training(tmp_path, *extra, *start_over_flag(tmp_path / "s"))
         time.sleep(rng.uniform(1.5, 4.0))
         os.kill(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=30)
@@ -105,7 +111,7 @@ def kill_resume_cycles(tmp_path: Path, kills: int, seed: int) -> None:
         step = newest_step(tmp_path / "s") if checkpoints else 0
         assert step >= last_step, "agent_step went backwards"
         last_step = step
-    proc = start_training(tmp_path, *extra)
+    proc = start_training(tmp_path, *extra, *start_over_flag(tmp_path / "s"))
     _out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert newest_step(tmp_path / "s") >= total
