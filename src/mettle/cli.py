@@ -24,6 +24,7 @@ from mettle.errors import exception_chain
 from mettle.files import is_plain_name
 from mettle.launch import COMMAND_ENV, EXIT_SIGNAL_BASE, ProcessDied, launch_torchrun, launched_rank, strip_option
 from mettle.recipes import recipe_for
+from mettle.runtime import use_torch_threads
 
 if TYPE_CHECKING:
     from mettle.rl.training import DistributedHelper
@@ -307,8 +308,7 @@ def prepare_config(args: argparse.Namespace, run_name: str, run_dir: Path, distr
             cfg = cfg.model_copy(update={"trainer": distributed.scale_batches_by_world_size(cfg.trainer)})
         except ValueError as error:
             raise ConfigError(str(error)) from None
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
+    use_torch_threads(cfg.torch_threads)
     return cfg
 
 
@@ -515,6 +515,7 @@ def eval_command(args: argparse.Namespace) -> int:
     from mettle.run import load_newest_policy, load_run_config, missing_device
 
     cfg = load_run_config(path, typed_env_names(args), env_name=args.env)
+    use_torch_threads(cfg.torch_threads)
     problem = missing_device(cfg.device)
     device = "cpu" if problem else cfg.device
     if problem:

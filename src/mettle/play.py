@@ -312,9 +312,11 @@ def play_run(
     (no such run, not a MettaGrid run, bad options) raise ConfigError (a ValueError) with a one-line message.
     """
     from mettle.run import load_newest_policy, load_run_config
+    from mettle.runtime import use_torch_threads
 
     _check_play_options(run_path, steps, fps, seed)
     cfg = load_run_config(run_path)
+    use_torch_threads(cfg.torch_threads)
     title = cfg.env.name
     target = mettagrid_target(title)
     device = _usable_device(cfg.device)

@@ -117,3 +117,13 @@ def test_a_hostile_policy_json_runs_no_code(run: Path) -> None:
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "'evilmod:X'" in lines[0] and "register_policy" in lines[0], result.stderr
+
+
+def test_eval_acts_on_the_runs_torch_threads(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eval runs torch on the run's `torch_threads` (1 by default), as training did: on 2 cores, torch's own default
+    of 2 threads made evaluating CartPole about 100x slower."""
+    calls: list[int] = []
+    monkeypatch.setattr("torch.set_num_threads", calls.append)
+    code, summary, err = evaluate(trained)
+    assert code == 0 and summary is not None, err
+    assert calls[:-1] == [1]  # the last call is the test helper putting the thread count back
