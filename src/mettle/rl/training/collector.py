@@ -108,8 +108,10 @@ class Collector:
 
     def act_on(self, policy: Policy, device: torch.device) -> None:
         """Act with `policy` on `device` from now on (the actor's copy), holding the same decisions there."""
+        moved = device != self.device
         self.policy, self.device = policy, device
-        self._held = {start: decision_from_dict(decision_to_dict(d), device) for start, d in self._held.items()}
+        if moved:
+            self._held = {start: decision_from_dict(decision_to_dict(d), device) for start, d in self._held.items()}
 
     # ----------------------------------------------------------------- rollout
     def collect(self, experience: Experience, agent_step: int) -> list[dict[str, Any]]:
