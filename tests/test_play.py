@@ -26,6 +26,7 @@ from mettle.play import (
     replay_file,
     snapshot,
 )
+from mettle.rl.evaluate import ActionChoice
 
 ARENA = {"num_agents": 3, "width": 8, "height": 7, "mines": 3, "altars": 2, "max_steps": 6}
 STATUS = re.compile(r"^mettagrid:arena  step (\d+)/6  return ", re.MULTILINE)
@@ -53,8 +54,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def frames_of(text: str) -> list[str]:
-    """Frames written to a non-terminal stream: separated by blank lines."""
-    return [frame for frame in text.split("\n\n") if frame.strip()]
+    """Frames written to a non-terminal stream: separated by blank lines (the closing actions line left out)."""
+    return [frame for frame in text.split("\n\n") if frame.strip() and not frame.startswith("actions: ")]
 
 
 def test_render_frame_from_structured_data() -> None:
@@ -100,7 +101,7 @@ def test_object_symbols_are_distinct_lowercase_letters() -> None:
 
 def test_play_to_a_plain_stream_prints_one_frame_per_step(run_dir: Path) -> None:
     out = io.StringIO()
-    assert play_run(run_dir, steps=4, fps=0, save=None, stream=out, seed=1, deterministic=True) == 0
+    assert play_run(run_dir, steps=4, fps=0, save=None, stream=out, seed=1, actions="greedy") == 0
     frames = frames_of(out.getvalue())
     assert len(frames) == 4
     assert [int(m) for m in STATUS.findall(out.getvalue())] == [1, 2, 3, 4]
@@ -110,10 +111,10 @@ def test_play_to_a_plain_stream_prints_one_frame_per_step(run_dir: Path) -> None
 
 def test_play_without_steps_runs_one_whole_episode(run_dir: Path) -> None:
     out = io.StringIO()
-    assert play_run(run_dir, steps=None, fps=0, save=None, stream=out, seed=2, deterministic=False) == 0
+    assert play_run(run_dir, steps=None, fps=0, save=None, stream=out, seed=2, actions="sampled") == 0
     assert [int(m) for m in STATUS.findall(out.getvalue())] == [1, 2, 3, 4, 5, 6]
     longer = io.StringIO()
-    play_run(run_dir, steps=50, fps=0, save=None, stream=longer, seed=2, deterministic=False)
+    play_run(run_dir, steps=50, fps=0, save=None, stream=longer, seed=2, actions="sampled")
     assert len(frames_of(longer.getvalue())) == 6, "play stops at the end of the episode"
 
 
@@ -124,7 +125,7 @@ def test_play_on_a_terminal_redraws_in_place(run_dir: Path) -> None:
     reader.start()
     with open(slave, "w", encoding="utf-8", closefd=True) as terminal:
         assert terminal.isatty()
-        assert play_run(run_dir, steps=3, fps=0, save=None, stream=terminal, seed=1, deterministic=True) == 0
+        assert play_run(run_dir, steps=3, fps=0, save=None, stream=terminal, seed=1, actions="greedy") == 0
     reader.join(timeout=5)
     os.close(master)
     shown = b"".join(chunks).decode().replace("\r\n", "\n")
@@ -150,7 +151,7 @@ def _drain(fd: int, chunks: list[bytes]) -> None:
 
 def test_save_then_replay_shows_the_same_frames(run_dir: Path, tmp_path: Path) -> None:
     live, recording = io.StringIO(), tmp_path / "episode.jsonl"
-    play_run(run_dir, steps=5, fps=0, save=recording, stream=live, seed=3, deterministic=True)
+    play_run(run_dir, steps=5, fps=0, save=recording, stream=live, seed=3, actions="greedy")
     header = json.loads(recording.read_text().splitlines()[0])
     assert header["format"] == "mettle-play" and header["env"] == "mettagrid:arena" and header["frames"] == 5
     assert (header["width"], header["height"], header["num_agents"]) == (8, 7, 3)
@@ -175,14 +176,14 @@ class InterruptedStream(io.StringIO):
 
 def test_ctrl_c_stops_play_and_still_saves(run_dir: Path, tmp_path: Path) -> None:
     recording = tmp_path / "episode.jsonl"
-    code = play_run(run_dir, steps=5, fps=0, save=recording, stream=InterruptedStream(), seed=3, deterministic=True)
+    code = play_run(run_dir, steps=5, fps=0, save=recording, stream=InterruptedStream(), seed=3, actions="greedy")
     assert code == 130
     assert [f.step for f in read_recording(recording)[1]] == [1, 2]
 
 
 def test_replay_is_paced_by_fps(run_dir: Path, tmp_path: Path) -> None:
     recording = tmp_path / "episode.jsonl"
-    play_run(run_dir, steps=4, fps=0, save=recording, stream=io.StringIO(), seed=3, deterministic=True)
+    play_run(run_dir, steps=4, fps=0, save=recording, stream=io.StringIO(), seed=3, actions="greedy")
     start = time.monotonic()
     replay_file(recording, fps=40, stream=io.StringIO())
     assert time.monotonic() - start >= 3 / 40 * 0.9
@@ -214,10 +215,35 @@ def test_replay_of_a_bad_file_is_one_line_naming_it(tmp_path: Path, content: str
 def test_play_refuses_other_environments_and_bad_options(tmp_path: Path, run_dir: Path) -> None:
     (tmp_path / "config.json").write_text(RunConfig(env=EnvConfig(name="gym:CartPole-v1")).model_dump_json())
     with pytest.raises(ValueError, match="mettle play shows MettaGrid environments; gym:CartPole-v1 is not one"):
-        play_run(tmp_path, steps=1, fps=0, save=None, stream=io.StringIO(), seed=0, deterministic=True)
+        play_run(tmp_path, steps=1, fps=0, save=None, stream=io.StringIO(), seed=0, actions="greedy")
     with pytest.raises(ValueError, match="does not exist"):
-        play_run(tmp_path / "nope", steps=1, fps=0, save=None, stream=io.StringIO(), seed=0, deterministic=True)
+        play_run(tmp_path / "nope", steps=1, fps=0, save=None, stream=io.StringIO(), seed=0, actions="greedy")
     with pytest.raises(ValueError, match="--steps 0"):
-        play_run(run_dir, steps=0, fps=0, save=None, stream=io.StringIO(), seed=0, deterministic=True)
+        play_run(run_dir, steps=0, fps=0, save=None, stream=io.StringIO(), seed=0, actions="greedy")
     with pytest.raises(ValueError, match="--fps -1"):
-        play_run(run_dir, steps=1, fps=-1, save=None, stream=io.StringIO(), seed=0, deterministic=True)
+        play_run(run_dir, steps=1, fps=-1, save=None, stream=io.StringIO(), seed=0, actions="greedy")
+
+
+@pytest.mark.parametrize(("actions", "mode", "line"), [
+    ("auto", "sampled", "actions: sampled (MettaGrid default; --greedy for argmax)"),
+    ("greedy", "greedy", "actions: greedy (--greedy; MettaGrid default: sampled)"),
+    ("sampled", "sampled", "actions: sampled (--sample; MettaGrid default: sampled)"),
+])
+def test_play_samples_by_default_says_so_and_records_it(run_dir: Path, tmp_path: Path, actions: str, mode: str,
+                                                        line: str) -> None:
+    out, recording = io.StringIO(), tmp_path / "episode.jsonl"
+    assert play_run(run_dir, steps=3, fps=0, save=recording, stream=out, seed=4, actions=actions) == 0  # type: ignore[arg-type]
+    assert out.getvalue().splitlines()[-1] == line
+    header = json.loads(recording.read_text().splitlines()[0])
+    assert (header["actions"], header["deterministic"]) == (mode, mode == "greedy")
+
+
+def test_play_by_default_moves_as_sampled_play_does_and_repeats_for_a_seed(run_dir: Path) -> None:
+    played: dict[str, list[list[str]]] = {}
+    choices: tuple[ActionChoice, ...] = ("auto", "auto", "sampled", "greedy")
+    for actions in choices:
+        out = io.StringIO()
+        play_run(run_dir, steps=None, fps=0, save=None, stream=out, seed=5, actions=actions)
+        played.setdefault(actions, []).append(frames_of(out.getvalue()))
+    assert played["auto"][0] == played["auto"][1] == played["sampled"][0]
+    assert played["greedy"][0] != played["sampled"][0], "the agents move differently when they act greedily"

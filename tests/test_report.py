@@ -96,3 +96,27 @@ def test_report_command_prints_summary_and_files(tmp_path: Path, capsys: pytest.
     assert report_command(str(tmp_path / "run")) == 0
     out = capsys.readouterr().out
     assert "agent steps 3,000" in out and f"wrote {tmp_path / 'run' / 'report' / 'losses.png'}" in out
+
+
+def test_a_curriculum_run_gets_a_plot_of_what_was_played(tmp_path: Path) -> None:
+    write_metrics(tmp_path / "run", truncated_tail=False)
+    path = tmp_path / "run" / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for i, record in enumerate(records):  # the small maps' share grows from 0.1 to 0.9 over training
+        small = 0.1 + 0.8 * i / (len(records) - 1)
+        record.update({"curriculum/width/10-13/share": small, "curriculum/width/14-17/share": 1 - small,
+                       "curriculum/width/10-13/return": 3.0, "curriculum/progress_max": 0.1})
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+    metrics = load_metrics(tmp_path / "run")
+    assert metrics.curriculum_shares() == {"width": ["curriculum/width/10-13/share", "curriculum/width/14-17/share"]}
+    written = write_report(tmp_path / "run")
+    assert written[-1] == tmp_path / "run" / "report" / "curriculum.png"
+    image = imread(written[-1])
+    assert image.shape[0] > 100 and np.ptp(image) > 0
+
+
+def test_a_run_without_a_curriculum_gets_no_curriculum_plot(tmp_path: Path) -> None:
+    write_metrics(tmp_path / "run", truncated_tail=False)
+    assert load_metrics(tmp_path / "run").curriculum_shares() == {}
+    assert all(path.name != "curriculum.png" for path in write_report(tmp_path / "run"))

@@ -13,20 +13,25 @@ import signal
 import stat
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mettle.config import ConfigError, RunConfig, build_run_config, parse_value
-from mettle.errors import exception_chain
+from mettle.errors import exception_chain, one_line
 from mettle.files import is_plain_name
 from mettle.launch import COMMAND_ENV, EXIT_SIGNAL_BASE, ProcessDied, launch_torchrun, launched_rank, strip_option
 from mettle.recipes import recipe_for
 from mettle.runtime import use_torch_threads
 
 if TYPE_CHECKING:
+    from mettagrid.config.mettagrid_config import MettaGridConfig
+
+    from mettle.agent.policy import Policy
+    from mettle.contracts import PolicyEnvInfo, TrainingEnvironment
+    from mettle.envs.mettagrid_families import Suite
     from mettle.rl.training import DistributedHelper
     from mettle.run import Run
     from mettle.runlock import RunLock
@@ -50,11 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="evaluate a trained run")
     evaluate.add_argument("run_dir", help="a run directory (or one checkpoint directory)")
     evaluate.add_argument("--episodes", type=int, default=20, help="episodes to run (default 20)")
-    evaluate.add_argument("--sample", action="store_true", help="sample actions instead of taking the argmax")
+    add_action_options(evaluate)
     evaluate.add_argument("--seed", type=int, default=12345, help="environment seed (default 12345)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.add_argument("--env", default=None, help="environment to evaluate on (default: the run's); a module a "
                           "run's config.json names is imported only when it is typed here")
+    evaluate.add_argument("--suite", default=None, metavar="NAME|FILE", help="score held-out MettaGrid variants "
+                          "instead: a shipped suite (arena-heldout, navigation-heldout) or a suite .yaml/.json; "
+                          "--episodes agent-episodes on each")
     play = sub.add_parser("play", help="watch a trained MettaGrid policy act, or replay a saved episode")
     play.add_argument("run_dir", nargs="?", help="a run directory (or one checkpoint directory)")
     play.add_argument("--replay", type=Path, default=None, metavar="FILE", help="show a saved episode again")
@@ -62,11 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
     play.add_argument("--steps", type=int, default=None, help="stop after this many steps (default: one episode)")
     play.add_argument("--fps", type=float, default=8.0, help="frames per second (0: as fast as possible)")
     play.add_argument("--seed", type=int, default=0, help="environment seed (default 0)")
-    play.add_argument("--sample", action="store_true", help="sample actions instead of taking the argmax")
+    add_action_options(play)
     report = sub.add_parser("report", help="plots and a text summary of a run")
     report.add_argument("run_dir", help="a run directory made by `mettle train`")
     report.add_argument("--out", default=None, metavar="DIR", help="where to write the plots (default RUN_DIR/report)")
     return parser
+
+
+def add_action_options(command: argparse.ArgumentParser) -> None:
+    """--sample / --greedy (one at most) into `args.actions`; unset, the env family decides (MettaGrid samples)."""
+    group = command.add_mutually_exclusive_group()
+    group.add_argument("--sample", dest="actions", action="store_const", const="sampled", default="auto",
+                       help="sample actions from the policy (default on MettaGrid, where greedy agents block "
+                            "each other)")
+    group.add_argument("--greedy", dest="actions", action="store_const", const="greedy",
+                       help="take each action head's argmax (default on Gymnasium and PettingZoo)")
 
 
 EXIT_CRASH = 1  # a bug (a traceback follows), or a process the run needs died (one line: actor, env worker, rank)
@@ -503,9 +521,9 @@ def announce(run: Run, run_name: str, distributed: DistributedHelper) -> None:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    """Load a run's policy, run whole episodes and print return statistics."""
+    """Load a run's policy, run whole episodes and print return statistics and how actions were chosen."""
     from mettle.envs.factory import make_environment
-    from mettle.rl.evaluate import evaluate_policy, summarize_returns
+    from mettle.rl.evaluate import actions_line, evaluate_policy, isolated_rng, resolve_actions, summarize_returns
 
     if args.episodes < 1:
         raise ConfigError(f"--episodes {args.episodes} must be at least 1")
@@ -520,27 +538,76 @@ def eval_command(args: argparse.Namespace) -> int:
     device = "cpu" if problem else cfg.device
     if problem:
         print(f"mettle: the run trained on {cfg.device}, but {problem}: evaluating on cpu", file=sys.stderr)
+    suite = read_suite(args.suite) if args.suite is not None else None  # bad input fails before any loading
     policy, trained_on, _ = load_newest_policy(path, device)
+    if suite is not None:
+        return eval_suite(args, suite, policy, trained_on, device)
     env = make_environment(cfg.env, seed=args.seed, num_envs=min(args.episodes, cfg.env.num_envs))
     try:
-        given = env.policy_env_info
-        if (given.observation_space, given.action_nvec) != (trained_on.observation_space, trained_on.action_nvec):
-            from mettle.rl.loss.kickstarter import describe
-
-            raise ConfigError(f"--env {cfg.env.name} gives observations {describe(given.observation_space)} and "
-                              f"actions {describe(given.action_space)}, but the policy was trained on "
-                              f"{describe(trained_on.observation_space)} and {describe(trained_on.action_space)}; "
-                              "evaluate it on an environment with the same spaces")
-        infos = evaluate_policy(policy, env, args.episodes, device, not args.sample, args.seed)
+        check_same_spaces(env.policy_env_info, trained_on, f"--env {cfg.env.name}")
+        mode = resolve_actions(args.actions, cfg.env.name)
+        print(actions_line(args.actions, cfg.env.name), file=sys.stderr if args.json else sys.stdout, flush=True)
+        with isolated_rng(args.seed, torch.device(device)):  # sampled episodes repeat for a --seed
+            infos = evaluate_policy(policy, env, args.episodes, device, mode == "greedy", args.seed)
     finally:
         env.close()
-    summary: dict[str, Any] = summarize_returns(infos)
+    summary: dict[str, Any] = {**summarize_returns(infos), "actions": mode}
     if args.json:
         print(json.dumps(summary))
     else:
         print(f"{summary['episodes']} episodes: mean return {summary['mean_return']:.2f} "
               f"± {summary['std_return']:.2f} (min {summary['min_return']:.2f}, max {summary['max_return']:.2f}), "
               f"mean length {summary['mean_length']:.1f}")
+    return 0
+
+
+def check_same_spaces(given: PolicyEnvInfo, trained_on: PolicyEnvInfo, what: str) -> None:
+    """Refuse, in one line, to evaluate a policy on spaces other than those it was trained on."""
+    if (given.observation_space, given.action_nvec) != (trained_on.observation_space, trained_on.action_nvec):
+        from mettle.rl.loss.kickstarter import describe
+
+        raise ConfigError(f"{what} gives observations {describe(given.observation_space)} and "
+                          f"actions {describe(given.action_space)}, but the policy was trained on "
+                          f"{describe(trained_on.observation_space)} and {describe(trained_on.action_space)}; "
+                          "evaluate it on an environment with the same spaces")
+
+
+def read_suite(name_or_path: str) -> Suite:
+    """The suite `--suite` names; an unknown name or a bad file is one ConfigError line."""
+    from mettle.envs.mettagrid_families import load_suite
+
+    try:
+        return load_suite(name_or_path)
+    except ValueError as error:
+        raise ConfigError(f"--suite {name_or_path}: {one_line(error)}") from None
+
+
+def eval_suite(args: argparse.Namespace, suite: Suite, policy: Policy, trained_on: PolicyEnvInfo, device: str) -> int:
+    """`mettle eval RUN --suite NAME|FILE`: each held-out variant's return statistics, and their mean."""
+    from mettle.envs.mettagrid import MettaGridEnvironment
+    from mettle.rl.evaluate import actions_line, evaluate_suite, isolated_rng, resolve_actions
+
+    label = f"mettagrid:{suite.name}"
+    mode = resolve_actions(args.actions, label)
+    print(actions_line(args.actions, label), file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    def factory(name: str, config: MettaGridConfig) -> Callable[[], TrainingEnvironment]:
+        games = max(1, -(-args.episodes // config.game.num_agents))  # enough games for the episodes at once
+        return lambda: MettaGridEnvironment(config, num_envs=games, seed=args.seed, name=f"{suite.name}/{name}")
+
+    variants = {name: factory(name, config) for name, config in suite.variants}
+    with next(iter(variants.values()))() as first:
+        check_same_spaces(first.policy_env_info, trained_on, f"--suite {suite.name}")
+    with isolated_rng(args.seed, torch.device(device)):
+        result = evaluate_suite(policy, variants, args.episodes, device, mode == "greedy", args.seed)
+    summary = {"suite": suite.name, "actions": mode, **result}
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    for name, score in result["variants"].items():
+        print(f"{name}: mean return {score['mean_return']:.2f} ± {score['std_return']:.2f} "
+              f"over {score['episodes']} episodes")
+    print(f"suite {suite.name}: mean of the {len(variants)} variants' mean returns {result['mean_return']:.2f}")
     return 0
 
 
@@ -554,7 +621,7 @@ def play_command(args: argparse.Namespace) -> int:
         return replay_file(args.replay, args.fps, sys.stdout)
     if args.run_dir is None:
         raise ConfigError("mettle play needs a RUN_DIR (or --replay FILE)")
-    return play_run(Path(args.run_dir), args.steps, args.fps, args.save, sys.stdout, args.seed, not args.sample)
+    return play_run(Path(args.run_dir), args.steps, args.fps, args.save, sys.stdout, args.seed, args.actions)
 
 
 if __name__ == "__main__":

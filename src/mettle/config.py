@@ -22,6 +22,7 @@ from mettle.rl.training.components.monitor import MonitorConfig
 from mettle.rl.training.components.profiler import ProfilerConfig
 from mettle.rl.training.components.scheduler import SchedulesConfig
 from mettle.rl.training.components.stats import StatsConfig
+from mettle.rl.training.curriculum import CurriculumConfig
 
 
 class _Config(BaseModel):
@@ -93,6 +94,8 @@ class RunConfig(_Config):
     """Gradient norm, mean and variance per epoch (off by default)."""
     profiler: ProfilerConfig = Field(default_factory=ProfilerConfig)
     """torch.profiler traces every N epochs (off by default)."""
+    curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
+    """How a MettaGrid task family's variants are chosen (learning progress by default); task families only."""
 
     @field_validator("device")
     @classmethod

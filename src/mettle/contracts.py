@@ -6,6 +6,7 @@ It sits below every other package and imports nothing from mettle, so any layer 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,6 +114,10 @@ class TrainingEnvironment(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly from `state_dict`'s output; EnvStateError when the state does not fit this env."""
         raise NotImplementedError(f"{type(self).__name__} cannot restore its state")
+
+    def assign_tasks(self, tasks: Mapping[int, int]) -> None:
+        """Play task `tasks[i]` in instance i from its next episode start (a curriculum's choice, for task families)."""
+        raise NotImplementedError(f"{type(self).__name__} plays one task: it has no task family to draw tasks from")
 
     def __enter__(self) -> TrainingEnvironment:
         return self

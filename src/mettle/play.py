@@ -10,14 +10,17 @@ A frame is the map drawn one character per cell, then status lines:
     0: 2.00 ore=1 heart=2   1: 1.00 ore=1 heart=1
     legend: # wall  . empty  a altar  m mine  0-9 A-Z agents by id (@ id 36+)
 
+Actions are sampled from the policy unless `--greedy` asks for each head's argmax: greedy MettaGrid agents block
+each other and stand still. After the episode one line says which mode was used.
+
 Agents show their id (0-9, then A-Z); every other object type gets a lowercase letter (its first free letter),
 walls `#`, empty cells `.`. Returns are the rewards each agent has collected so far this episode.
 
 Recording (`--save FILE`) is JSON lines, written atomically once the episode ends (or is interrupted):
 
 * line 1, the header: `{"format": "mettle-play", "version": 1, "env": ..., "seed": ..., "policy": ...,
-  "deterministic": ..., "width": W, "height": H, "num_agents": A, "legend": [[symbol, meaning], ...],
-  "frames": N}`;
+  "deterministic": ..., "actions": "sampled" | "greedy", "width": W, "height": H, "num_agents": A,
+  "legend": [[symbol, meaning], ...], "frames": N}`;
 * then one line per step: `{"step": t, "max_steps": T, "grid": [row strings], "agents": [{"id", "row", "col",
   "return", "inventory": {resource: count}}]}`.
 
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
 
     from mettle.agent.policy import Policy
     from mettle.envs.mettagrid import MettaGridEnvironment
+    from mettle.rl.evaluate import ActionChoice
 
 __all__ = [
     "FORMAT",
@@ -304,13 +308,17 @@ def play_run(
     save: Path | None,
     stream: TextIO,
     seed: int,
-    deterministic: bool,
+    actions: ActionChoice = "auto",
 ) -> int:
     """Run a trained run's newest policy for one episode (at most `steps` steps), drawing every step; 0 when done.
 
+    `actions` "auto" samples (MettaGrid's default); the mode used is said on `stream` after the episode.
     Ctrl-C stops early and returns 130; what was played is still written to `save`. User errors
     (no such run, not a MettaGrid run, bad options) raise ConfigError (a ValueError) with a one-line message.
     """
+    import torch
+
+    from mettle.rl.evaluate import actions_line, isolated_rng, resolve_actions
     from mettle.run import load_newest_policy, load_run_config
     from mettle.runtime import use_torch_threads
 
@@ -319,6 +327,7 @@ def play_run(
     use_torch_threads(cfg.torch_threads)
     title = cfg.env.name
     target = mettagrid_target(title)
+    mode = resolve_actions(actions, title)
     device = _usable_device(cfg.device)
     policy, policy_info, policy_dir = load_newest_policy(run_path, device)
     env = _make_env(target, cfg.env.kwargs, seed)
@@ -327,12 +336,17 @@ def play_run(
         sim = env.simulations[0]
         symbols = object_symbols(sim.object_type_names if sim is not None else ())
         legend = legend_for(symbols)
-        frames, interrupted = _play_episode(env, policy, device, deterministic, steps, symbols,
-                                            lambda f: render_frame(f, title, legend), FrameView(stream), Pacer(fps))
+        with isolated_rng(seed, torch.device(device)):  # a sampled episode repeats for a --seed
+            frames, interrupted = _play_episode(env, policy, device, mode == "greedy", steps, symbols,
+                                                lambda f: render_frame(f, title, legend), FrameView(stream),
+                                                Pacer(fps))
     finally:
         env.close()
+    stream.write(actions_line(actions, title) + "\n")
+    stream.flush()
     if save is not None:
-        header = {"env": title, "seed": seed, "policy": str(policy_dir), "deterministic": deterministic}
+        header = {"env": title, "seed": seed, "policy": str(policy_dir), "deterministic": mode == "greedy",
+                  "actions": mode}
         write_recording(save, header, legend, frames)
     return INTERRUPTED if interrupted else 0
 

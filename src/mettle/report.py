@@ -26,6 +26,9 @@ LOSS_PREFIX = "loss/"
 OLD_LOSS_PREFIX = "losses/"
 """Where runs written before losses had names logged them (losses/policy_loss ...); still plotted."""
 MAX_LOSS_PANELS = 12
+CURRICULUM_PREFIX = "curriculum/"
+SHARE_SUFFIX = "/share"
+"""A task curriculum logs `curriculum/<parameter>/<bucket>/share`: the share of episodes played in each bucket."""
 
 
 def loss_name(key: str) -> str:
@@ -61,6 +64,17 @@ class RunMetrics:
     def first_key(self, candidates: Sequence[str]) -> str | None:
         """The first candidate key that has any data (metric names differ slightly between loggers)."""
         return next((key for key in candidates if self.series(key)[1]), None)
+
+    def curriculum_shares(self) -> dict[str, list[str]]:
+        """Parameter -> its bucket share keys, in the order first logged (a task curriculum's runs only)."""
+        shares: dict[str, list[str]] = {}
+        for record in self.records:
+            for key in record:
+                if key.startswith(CURRICULUM_PREFIX) and key.endswith(SHARE_SUFFIX) and key.count("/") == 3:
+                    parameter = key.split("/")[1]
+                    if key not in shares.setdefault(parameter, []):
+                        shares[parameter].append(key)
+        return shares
 
     def loss_keys(self) -> list[str]:
         """loss/ (or an older run's losses/) keys with data: the usual PPO terms first, then the rest alphabetically."""
@@ -143,6 +157,10 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     loss_keys = metrics.loss_keys()[:MAX_LOSS_PANELS]
     if loss_keys:
         written.append(_loss_plot(metrics, loss_keys, f"{title}: losses", out_dir / "losses.png"))
+    shares = metrics.curriculum_shares()
+    if shares:
+        written.append(_curriculum_plot(metrics, shares, f"{title}: what the curriculum played",
+                                        out_dir / "curriculum.png"))
     return written
 
 
@@ -199,6 +217,31 @@ def _loss_plot(metrics: RunMetrics, keys: list[str], title: str, path: Path) -> 
         axes.grid(alpha=0.3)
     figure.savefig(path)
     return path
+
+
+def _curriculum_plot(metrics: RunMetrics, shares: dict[str, list[str]], title: str, path: Path) -> Path:
+    """Per family parameter, a stacked area of the share of episodes each bucket of its values got over training."""
+    figure = _figure(8, 2.6 * len(shares))
+    figure.suptitle(title)
+    for index, (parameter, keys) in enumerate(shares.items(), start=1):
+        axes = figure.add_subplot(len(shares), 1, index)
+        steps = [float(record["step"]) for record in metrics.records if keys[0] in record]
+        layers = [[_number(record.get(key)) or 0.0 for record in metrics.records if keys[0] in record]
+                  for key in keys]
+        labels = [key.split("/")[2] for key in keys]
+        axes.stackplot(steps, *(_padded_smooth(layer) for layer in layers), labels=labels, alpha=0.85)
+        axes.set(ylabel="share of episodes", ylim=(0, 1), title=parameter)
+        axes.set_xlabel("agent steps", fontsize=8)
+        axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, title="bucket", title_fontsize=8)
+    figure.savefig(path)
+    return path
+
+
+def _padded_smooth(values: list[float]) -> list[float]:
+    """A trailing moving average over ~5% of the points, as long as `values` (the first average what they have)."""
+    window = max(1, len(values) // 20)
+    return [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+            for i in range(len(values))]
 
 
 # -------------------------------------------------------------------------------------------- summary

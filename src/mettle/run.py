@@ -16,6 +16,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import torch
 from pydantic import ValidationError
@@ -38,6 +39,13 @@ from mettle.rl.training.components.profiler import TorchProfiler
 from mettle.rl.training.components.progress import ProgressLogger
 from mettle.rl.training.components.signals import GracefulShutdown
 from mettle.rl.training.components.stats import StatsReporter
+from mettle.rl.training.components.task_curriculum import TaskCurriculum
+from mettle.rl.training.curriculum import Curriculum, CurriculumConfig
+
+if TYPE_CHECKING:
+    from mettagrid.config.mettagrid_config import MettaGridConfig
+
+    from mettle.envs.mettagrid_families import TaskFamily
 
 RESUME_FIXED = ("env.name", "env.kwargs", "env.num_envs", "policy", "trainer.optimizer.type", "trainer.bptt_horizon")
 """Config keys a resumed run must keep: the checkpoint's weights, optimizer state and episodes depend on them."""
@@ -81,6 +89,7 @@ def build_run(
     """Env, policy and Trainer with the config's losses (then `losses`) and components (then `components`),
     restored; bad input: ConfigError."""
     check_devices_present(cfg)
+    family = task_family_of(cfg)
     env = make_environment(cfg.env, seed=cfg.trainer.seed)
     try:
         cfg = fit_run_config(cfg, env.batch_info.num_rows)
@@ -95,7 +104,8 @@ def build_run(
         if not trainer.losses:
             raise ConfigError("no loss to train on: losses.ppo_actor, losses.ppo_critic and losses.kickstarter are "
                               "all disabled; enable one (e.g. losses.ppo_actor.enabled=true)")
-        for component in (*config_components(cfg, trainer, run_dir), *components):
+        curriculum = [curriculum_component(cfg, family)] if family is not None else []
+        for component in (*curriculum, *config_components(cfg, trainer, run_dir), *components):
             trainer.register(component)
         shutdown = register_run_dir_guards(trainer, cfg, run_dir)
         try:
@@ -106,6 +116,31 @@ def build_run(
         env.close()
         raise
     return Run(cfg, env, policy, trainer, run_dir, shutdown, resumed)
+
+
+def task_family_of(cfg: RunConfig) -> TaskFamily | None:
+    """The MettaGrid task family the env names (None for one task); curriculum options without one are refused."""
+    family = None
+    if cfg.env.name.startswith("mettagrid:"):
+        from mettle.envs.mettagrid_families import family_named  # mettagrid is imported only for its envs
+
+        try:
+            family = family_named(cfg.env.name.partition(":")[2])
+        except ValueError as error:
+            raise ConfigError(one_line(error)) from None
+    changed = sorted(key for key, value in cfg.curriculum if value != CurriculumConfig.model_fields[key].default)
+    if family is None and changed:
+        raise ConfigError(f"curriculum.{changed[0]}={getattr(cfg.curriculum, changed[0])!r}: curriculum options "
+                          f"apply to MettaGrid task families, and env.name={cfg.env.name!r} is one task; train a "
+                          "family (--env mettagrid:arena-family, mettagrid:navigation-family or "
+                          "mettagrid:<family>.yaml) or drop the curriculum.* overrides")
+    return family
+
+
+def curriculum_component(cfg: RunConfig, family: TaskFamily) -> TaskCurriculum:
+    """The curriculum over `family`'s variants that the config asks for, seeded alike on every rank."""
+    curriculum = Curriculum(cfg.curriculum, seed=cfg.trainer.seed, num_agents=family.num_agents)
+    return TaskCurriculum(curriculum, family.buckets, family.bucket_labels(), seed=cfg.trainer.seed)
 
 
 def check_devices_present(cfg: RunConfig) -> None:
@@ -135,7 +170,7 @@ def config_components(cfg: RunConfig, trainer: Trainer, run_dir: Path | None) ->
         cfg.autotuner.build(),
         Monitor(cfg.monitor.interval) if cfg.monitor.enabled else None,
         GradientReporter(cfg.gradients.interval, cfg.gradients.per_layer) if cfg.gradients.enabled else None,
-        cfg.evaluator.build(evaluation_envs(cfg), seed=cfg.trainer.seed + 12345),
+        cfg.evaluator.build(evaluation_envs(cfg), seed=cfg.trainer.seed + 12345, suites=evaluation_suites(cfg)),
     ]
     if run_dir is not None:
         optional += [
@@ -169,7 +204,40 @@ def evaluation_envs(cfg: RunConfig) -> dict[str, Callable[[], TrainingEnvironmen
         return lambda: make_environment(env_cfg, seed=cfg.trainer.seed + 777, num_envs=cfg.evaluator.num_envs)
 
     names = [cfg.env.name, *(name for name in cfg.evaluator.envs if name != cfg.env.name)]
-    return {name: factory(name) for name in names}
+    factories = {name: factory(name) for name in names}
+    for name, config in held_out_variants(cfg):
+        factories[name] = held_out_factory(name, config, cfg.evaluator.num_envs, cfg.trainer.seed + 777)
+    return factories
+
+
+def held_out_factory(name: str, config: MettaGridConfig, num_envs: int, seed: int) -> Callable[[], TrainingEnvironment]:
+    """Builds one held-out variant's environment when the evaluator first uses it."""
+
+    def build() -> TrainingEnvironment:
+        from mettle.envs.mettagrid import MettaGridEnvironment
+
+        return MettaGridEnvironment(config, num_envs=num_envs, seed=seed, name=name)
+
+    return build
+
+
+def held_out_variants(cfg: RunConfig) -> list[tuple[str, MettaGridConfig]]:
+    """The evaluator's suite as (env name, config) pairs, e.g. `mettagrid:arena-heldout/big-map`; bad: ConfigError."""
+    if cfg.evaluator.suite is None:
+        return []
+    from mettle.envs.mettagrid_families import load_suite
+
+    try:
+        suite = load_suite(cfg.evaluator.suite)
+    except ValueError as error:
+        raise ConfigError(f"evaluator.suite={cfg.evaluator.suite}: {one_line(error)}") from None
+    return [(f"mettagrid:{suite.name}/{variant}", config) for variant, config in suite.variants]
+
+
+def evaluation_suites(cfg: RunConfig) -> dict[str, list[str]]:
+    """The evaluator's suite name -> its variants' env names, so it reports their mean too."""
+    variants = [name for name, _ in held_out_variants(cfg)]
+    return {variants[0].rpartition("/")[0]: variants} if variants else {}
 
 
 def load_run_config(path: Path, typed_envs: Collection[str] = (), env_name: str | None = None) -> RunConfig:

@@ -1,9 +1,12 @@
-"""Evaluator: same numbers as evaluate_policy, runs on its interval, and never disturbs training."""
+"""Evaluator: same numbers as evaluate_policy, runs on its interval, never disturbs training, says how it acts."""
 
 from __future__ import annotations
 
 import io
+import json
+import logging
 import random
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -13,6 +16,7 @@ import torch
 
 from mettle.agent.policy import Policy, PolicyOutput, TensorSpec
 from mettle.agent.registry import build_policy
+from mettle.config import EnvConfig, RunConfig
 from mettle.envs.testing import BanditEnvironment
 from mettle.profiling.stopwatch import Stopwatch
 from mettle.rl.evaluate import evaluate_policy
@@ -20,6 +24,7 @@ from mettle.rl.trainer import Trainer
 from mettle.rl.trainer_config import TrainerConfig
 from mettle.rl.training import EpochStats, PolicyEnvInfo, TrainerState
 from mettle.rl.training.components.evaluator import Evaluator, EvaluatorConfig, env_stat_means
+from mettle.run import load_run_config
 
 BATCH = 64
 EVAL_SEED = 777
@@ -97,6 +102,7 @@ def test_greedy_copy_policy_scores_perfectly_and_stats_are_reported() -> None:
     assert results["eval/bandit/std_return"] == 0.0
     assert results["eval/bandit/mean_length"] == 8.0
     assert results["eval/bandit/episodes"] == 7.0
+    assert results["eval/bandit/greedy"] == 1.0, "a family-less env name takes the non-MettaGrid default: argmax"
     assert evaluator.latest == results == stats.metrics, "results are published for the reporters"
     assert evaluator.history == [{"epoch": 0.0, "agent_step": 0.0, **results}]
 
@@ -108,11 +114,12 @@ def test_env_stat_means_average_numeric_stats_only() -> None:
     assert env_stat_means(infos) == {"game/hearts": 3.0, "agent/moves": 4.0}
 
 
-@pytest.mark.parametrize("deterministic", [True, False])
-def test_results_match_evaluate_policy_before_and_after_training(deterministic: bool) -> None:
+@pytest.mark.parametrize("actions", ["greedy", "sampled"])
+def test_results_match_evaluate_policy_before_and_after_training(actions: str) -> None:
+    deterministic = actions == "greedy"
     trainer = Trainer(config(optimizer={"learning_rate": 0.01}), BanditEnvironment(num_envs=4), build_policy("mlp"),
                       "cpu")
-    evaluator = Evaluator({"bandit": CountingFactory()}, episodes=12, epoch_interval=2, deterministic=deterministic,
+    evaluator = Evaluator({"bandit": CountingFactory()}, episodes=12, epoch_interval=2, actions=actions,  # type: ignore[arg-type]
                           seed=EVAL_SEED, on_complete=False)
     trainer.register(evaluator)
     untrained = evaluator.evaluate()
@@ -124,6 +131,7 @@ def test_results_match_evaluate_policy_before_and_after_training(deterministic: 
         expected_results(trainer.context.policy, 12, deterministic)
     assert [entry["epoch"] for entry in evaluator.history] == [0, 2, 4]
     assert trained["eval/bandit/mean_return"] > untrained["eval/bandit/mean_return"]
+    assert trained["eval/bandit/greedy"] == float(deterministic)
 
 
 @pytest.mark.parametrize("epochs,on_complete,expected", [(5, True, [2, 4, 5]), (5, False, [2, 4]), (4, True, [2, 4])])
@@ -161,7 +169,7 @@ def test_evaluation_leaves_rng_memory_and_modes_as_they_were() -> None:
     memory = policy.memory_state()
     random.seed(5), np.random.seed(5), torch.manual_seed(5)
     before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
-    evaluator = Evaluator({"bandit": CountingFactory(num_envs=3)}, episodes=6, deterministic=False)
+    evaluator = Evaluator({"bandit": CountingFactory(num_envs=3)}, episodes=6, actions="sampled")
     evaluator.register(bare_context(policy))
     evaluator.evaluate()
     assert random.getstate() == before[0]
@@ -176,7 +184,7 @@ def train_lstm(with_evaluator: bool) -> Trainer:
     trainer = Trainer(config(4), BanditEnvironment(num_envs=4, seed=2), build_policy("lstm", hidden_size=16), "cpu")
     if with_evaluator:
         trainer.register(Evaluator({"train_env": CountingFactory(num_envs=3)}, episodes=5, epoch_interval=1,
-                                   deterministic=False))
+                                   actions="sampled"))
     trainer.train()
     return trainer
 
@@ -209,11 +217,58 @@ def test_state_dict_round_trips_through_a_weights_only_load() -> None:
 
 def test_config_builds_only_when_enabled_and_forbids_unknown_fields() -> None:
     assert EvaluatorConfig().build({"a": CountingFactory()}) is None
-    built = EvaluatorConfig(enabled=True, interval=3, episodes=4, deterministic=False).build({"a": CountingFactory()})
-    assert built is not None and (built.epoch_interval, built.episodes, built.deterministic) == (3, 4, False)
+    built = EvaluatorConfig(enabled=True, interval=3, episodes=4, actions="sampled").build({"a": CountingFactory()})
+    assert built is not None and (built.epoch_interval, built.episodes, built.modes) == (3, 4, {"a": "sampled"})
     with pytest.raises(ValueError):
         EvaluatorConfig(episodes=0)
     with pytest.raises(ValueError):
         EvaluatorConfig(nonsense=1)  # type: ignore[call-arg]
     with pytest.raises(ValueError):
         Evaluator({})
+
+
+FAMILIES = {"mettagrid:arena": "sampled", "gym:CartPole-v1": "greedy", "pettingzoo:mpe2.simple_spread_v3:parallel_env":
+            "greedy"}
+"""What "auto" resolves to per env family: MettaGrid samples (greedy agents there block each other)."""
+
+
+@pytest.mark.parametrize(("actions", "expected"), [("auto", FAMILIES), ("greedy", dict.fromkeys(FAMILIES, "greedy")),
+                                                   ("sampled", dict.fromkeys(FAMILIES, "sampled"))])
+def test_actions_resolve_by_env_family_and_are_recorded_and_logged(
+    actions: str, expected: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    evaluator = EvaluatorConfig(enabled=True, episodes=3, actions=actions).build(
+        {name: CountingFactory() for name in FAMILIES})
+    assert evaluator is not None and evaluator.modes == expected
+    evaluator.register(bare_context(CopyPolicy()))
+    with caplog.at_level(logging.INFO, logger="mettle.rl.training.components.evaluator"):
+        results = evaluator.evaluate()
+        evaluator.evaluate()
+    for name, mode in expected.items():
+        assert results[f"eval/{name}/greedy"] == (1.0 if mode == "greedy" else 0.0)
+        assert evaluator.history[-1][f"eval/{name}/greedy"] == results[f"eval/{name}/greedy"]
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == len(FAMILIES), "said once per environment, when it is built"
+    if actions == "auto":
+        assert "evaluator on mettagrid:arena: actions: sampled (MettaGrid default; evaluator.actions=greedy for " \
+               "argmax)" in lines
+        assert "evaluator on gym:CartPole-v1: actions: greedy (Gymnasium default; evaluator.actions=sampled to " \
+               "sample)" in lines
+    else:
+        assert all(f"actions: {actions} (evaluator.actions={actions}; " in line for line in lines), lines
+
+
+def test_the_default_config_is_auto() -> None:
+    assert EvaluatorConfig().actions == "auto"
+    assert RunConfig().evaluator.actions == "auto"
+
+
+@pytest.mark.parametrize(("deterministic", "actions"), [(True, "auto"), (False, "sampled")])
+def test_a_config_json_saved_with_deterministic_still_loads(tmp_path: Path, deterministic: bool, actions: str) -> None:
+    data = RunConfig(env=EnvConfig(name="mettagrid:arena")).model_dump(mode="json")
+    data["evaluator"].pop("actions")
+    data["evaluator"]["deterministic"] = deterministic  # as config.json was written before `actions`
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    loaded = load_run_config(tmp_path)
+    assert loaded.evaluator.actions == actions
+    assert "deterministic" not in loaded.model_dump(mode="json")["evaluator"], "it is saved again as `actions`"

@@ -23,6 +23,13 @@ each game's episode from its seed and the actions since, which restores it exact
 built directly rather than through `Simulator.new_simulation`, which shifts map seeds by a counter
 that runs across resets.
 
+Task families (`family=`, see mettagrid_families): every game starts on the family's base config (task
+-1), and `assign_tasks({game: task id})` switches a game to that task's config at its next episode start (a
+reset, or the restart after its final observation). Each episode's log start records its task, so resume
+replays the right game; current tasks and assignments not yet applied are saved with the env's state, and
+every episode info carries `task_id`. Spaces and `extras` are the base's (a family admits only variants
+that keep them; `extras["max_steps"]` is the base's). Without a family none of this runs.
+
 `desync_episodes=True` ends each game's first episode (as a truncation) at a step drawn from
 [1, max_steps], so the games stop restarting in lockstep. It is off by default, and the config's own
 `desync_episodes` field is not read, because cut episodes would bias an evaluation's returns.
@@ -35,30 +42,27 @@ config conversion, a few milliseconds).
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
-import yaml
 from mettagrid.config.mettagrid_config import MettaGridConfig
 from mettagrid.mettagrid_c import PackedCoordinate, dtype_actions, dtype_observations
 from mettagrid.policy.policy_env_interface import PolicyEnvInterface
 from mettagrid.simulator import Simulation
 from mettagrid.simulator.simulator import Buffers
-from pydantic import ValidationError
 
-from mettle.contracts import BatchInfo, PolicyEnvInfo
-from mettle.envs.mettagrid_tasks import TASKS
+from mettle.contracts import BatchInfo, EnvStateError, PolicyEnvInfo
+from mettle.envs.mettagrid_families import BASE_TASK, TaskFamily, load_config_or_family
+from mettle.envs.mettagrid_tasks import CONFIG_SUFFIXES, MettaGridEnvError, load_mettagrid_config
 from mettle.envs.rows import EpisodeLog, ReplayEnvironment, RowBuffers, generator_state, set_generator_state
 from mettle.envs.spaces import ActionConverter, scalar_infos
 from mettle.errors import one_line
-from mettle.files import NotRegularFileError, open_regular
 
 __all__ = [
+    "CONFIG_SUFFIXES",
     "MettaGridEnvError",
     "MettaGridEnvironment",
     "load_mettagrid_config",
@@ -67,13 +71,8 @@ __all__ = [
 
 PADDING = 0xFF
 """Value of every byte of an unused observation token."""
-CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 _SEED_LIMIT = 2**31
 """Seeds drawn for later episodes stay below this (map builders want non-negative 32-bit seeds)."""
-
-
-class MettaGridEnvError(ValueError):
-    """A MettaGrid task or config that cannot be used: unknown name, unreadable file, invalid content."""
 
 
 # ---------------------------------------------------------------------------------- adapter
@@ -88,16 +87,23 @@ class MettaGridEnvironment(ReplayEnvironment):
 
     def __init__(
         self,
-        config: MettaGridConfig,
+        config: MettaGridConfig | None = None,
         num_envs: int = 1,
         seed: int = 0,
         desync_episodes: bool = False,
         name: str | None = None,
+        family: TaskFamily | None = None,
     ) -> None:
         if num_envs < 1:
             raise MettaGridEnvError(f"num_envs must be at least 1, got {num_envs}")
-        self.name = name or config.label
+        config = _base_config(config, family)
+        self.name = name or (family.name if family is not None else config.label)
         self._config = config
+        self._family = family
+        self._tasks = np.full(num_envs, BASE_TASK, dtype=np.int64)
+        """The task each game plays now (BASE_TASK: the base config)."""
+        self._pending: dict[int, int] = {}
+        """Tasks assigned to games, applied when each next starts an episode."""
         self._interface = PolicyEnvInterface.from_mg_cfg(config)
         self._agents = config.game.num_agents
         self._num_envs = num_envs
@@ -107,9 +113,8 @@ class MettaGridEnvironment(ReplayEnvironment):
         self._cut_pending = False
         self._allocate()
         self._configs = [config.model_copy(deep=True) for _ in range(num_envs)]
-        builder = config.game.map_builder
-        self._reseed_maps = hasattr(builder, "seed") and builder.seed is None
-        self._fast_step = not config.game.talk.enabled and not config.game.end_episode_on_game_stats
+        self._reseed_maps = [_reseeds_maps(config)] * num_envs
+        """Per game: whether its config leaves the map seed open (then each episode's seed seeds the map too)."""
         self._sims: list[Simulation | None] = [None] * num_envs
         self._steppers: list[Callable[[], None]] = [_not_started] * num_envs
         """Each game's step call, bound once per simulation (the C++ step directly when that is all a step does)."""
@@ -195,6 +200,43 @@ class MettaGridEnvironment(ReplayEnvironment):
         return self._config
 
     @property
+    def task_family(self) -> TaskFamily | None:
+        """The family whose tasks `assign_tasks` hands out (None: every game plays `config`)."""
+        return self._family
+
+    @property
+    def current_tasks(self) -> tuple[int, ...]:
+        """The task id each game plays now (BASE_TASK, -1, for the base config)."""
+        return tuple(int(task) for task in self._tasks)
+
+    def assign_tasks(self, tasks: Mapping[int, int]) -> None:
+        """Play task `tasks[i]` in game i from its next episode start (reset, or the restart after its end).
+
+        Games not named keep their task; a later assignment to a game replaces one not yet applied.
+        """
+        if self._family is None:
+            raise NotImplementedError(f"MettaGrid env {self.name!r} plays one task: it has no task family to draw "
+                                      "tasks from (build it from a family: arena-family, navigation-family or a "
+                                      "family file)")
+        checked = {self._instance_index(env): self._task_index(task) for env, task in tasks.items()}
+        self._pending.update(checked)
+
+    def _instance_index(self, env: Any) -> int:
+        """A game index given to `assign_tasks`, checked."""
+        if isinstance(env, bool) or not isinstance(env, (int, np.integer)) or not 0 <= env < self._num_envs:
+            raise MettaGridEnvError(f"assign_tasks: env instance {env!r} is not an index in [0, {self._num_envs}); "
+                                    "key tasks by the instance's env_id")
+        return int(env)
+
+    @staticmethod
+    def _task_index(task: Any) -> int:
+        """A task id given to `assign_tasks`, checked."""
+        if isinstance(task, bool) or not isinstance(task, (int, np.integer)) or task < BASE_TASK:
+            raise MettaGridEnvError(f"assign_tasks: task id {task!r} is not an integer >= {BASE_TASK}; use a "
+                                    f"non-negative id, or {BASE_TASK} for the family's base")
+        return int(task)
+
+    @property
     def mettagrid_interface(self) -> PolicyEnvInterface:
         """mettagrid's own description of the game, for mettagrid policies."""
         return self._interface
@@ -218,8 +260,8 @@ class MettaGridEnvironment(ReplayEnvironment):
         self._cut_at.fill(-1)
         self._cut_pending = self._desync
         if self._desync:
-            top = self._config.game.max_steps + 1
-            self._cut_at[:] = [rng.integers(1, top) for rng in self._rngs]
+            tops = [config.game.max_steps + 1 for config in self._configs]
+            self._cut_at[:] = [rng.integers(1, top) for rng, top in zip(self._rngs, tops, strict=True)]
             for e, start in enumerate(self._log.starts):
                 start["cut_at"] = int(self._cut_at[e])  # type: ignore[index]
         self._started = True
@@ -287,24 +329,47 @@ class MettaGridEnvironment(ReplayEnvironment):
         """Replace game `env`'s simulation; the new one writes its first observation into the game's rows."""
         if seed is None:
             seed = int(self._rngs[env].integers(_SEED_LIMIT))
-        self._log.begin(env, {"seed": seed})
+        start: dict[str, Any] = {"seed": seed}
+        if self._family is not None:
+            start["task"] = self._take_assigned_task(env)
+        self._log.begin(env, start)
         self._new_simulation(env, seed)
+
+    def _take_assigned_task(self, env: int) -> int:
+        """Switch game `env` to the task assigned to it, if any; the task its next episode plays."""
+        task = self._pending.pop(env, int(self._tasks[env]))
+        if task != self._tasks[env]:
+            self._use_task(env, task)
+        return task
+
+    def _use_task(self, env: int, task: int) -> None:
+        """Give game `env` its own copy of task `task`'s config (the base's for BASE_TASK)."""
+        assert self._family is not None
+        config = self._config.model_copy(deep=True) if task == BASE_TASK else self._family.task(task)
+        self._configs[env], self._tasks[env] = config, task
+        self._reseed_maps[env] = _reseeds_maps(config)
 
     def _new_simulation(self, env: int, seed: int) -> None:
         """Build game `env`'s simulation for `seed`, closing the one it replaces."""
         config = self._configs[env]
         builder = config.game.map_builder
-        if self._reseed_maps and hasattr(builder, "seed"):
+        if self._reseed_maps[env] and hasattr(builder, "seed"):
             builder.seed = seed
         old, self._sims[env] = self._sims[env], None
         if old is not None:
             old.close()
         sim = self._sims[env] = Simulation(config, seed=seed, buffers=self._sim_buffers[env])
         # without talk or stat-based endings, Simulation.step only adds timers and hooks around the C++ step
-        self._steppers[env] = sim._c_sim.step if self._fast_step else sim.step
+        fast = not config.game.talk.enabled and not config.game.end_episode_on_game_stats
+        self._steppers[env] = sim._c_sim.step if fast else sim.step
 
     def _replay_instance(self, instance: int, start: dict[str, Any], actions: np.ndarray) -> None:
-        """Rebuild game `instance` from its episode's seed, stepping it through the logged actions."""
+        """Rebuild game `instance` from its episode's task and seed, stepping it through the logged actions."""
+        task = int(start.get("task", BASE_TASK))
+        if task != self._tasks[instance]:
+            if self._family is None:
+                raise EnvStateError(f"saved episodes play task {task} of a task family; {self.name!r} has no family")
+            self._use_task(instance, task)
         self._new_simulation(instance, start["seed"])
         sim, rows = self._sims[instance], slice(instance * self._agents, (instance + 1) * self._agents)
         assert sim is not None
@@ -315,13 +380,18 @@ class MettaGridEnvironment(ReplayEnvironment):
                 sim.end_episode()
 
     def _extra_state(self) -> dict[str, Any]:
-        """Seed generators, finished games and desync cuts still to come."""
-        return {
+        """Seed generators, finished games, desync cuts still to come and, with a family, tasks and assignments."""
+        state = {
             "rngs": [generator_state(rng) for rng in self._rngs],
             "env_done": torch.from_numpy(self._env_done.copy()),
             "cut_at": torch.from_numpy(self._cut_at.copy()),
             "cut_pending": self._cut_pending,
         }
+        if self._family is not None:
+            state["family"] = self._family_id()
+            state["tasks"] = torch.from_numpy(self._tasks.copy())
+            state["pending"] = torch.tensor(sorted(self._pending.items()), dtype=torch.int64).reshape(-1, 2)
+        return state
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what `_extra_state` returned."""
@@ -330,6 +400,25 @@ class MettaGridEnvironment(ReplayEnvironment):
         np.copyto(self._env_done, state["env_done"].numpy())
         np.copyto(self._cut_at, state["cut_at"].numpy())
         self._cut_pending = bool(state["cut_pending"])
+        if self._family is not None:
+            for env, task in enumerate(state["tasks"].tolist()):  # normally a no-op: the replay set them
+                if task != self._tasks[env]:
+                    self._use_task(env, task)
+            self._pending = {int(env): int(task) for env, task in state["pending"].tolist()}
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        """Also refuse state saved with another task family (or none): its episodes would replay other games."""
+        super()._check_state(state)
+        saved = state["extra"].get("family") if isinstance(state.get("extra"), dict) else None
+        mine = self._family_id() if self._family is not None else None
+        if saved != mine:
+            raise EnvStateError(f"saved environment state plays task family {saved or 'none'}, this environment "
+                                f"{mine or 'none'}; resume with the env the run was saved with")
+
+    def _family_id(self) -> str:
+        """The family's name and digest: a family changed under the same name is another family."""
+        assert self._family is not None
+        return f"{self._family.name}@{self._family.digest}"
 
     def _cut_first_episodes(self) -> None:
         """End each game's first episode at its drawn step, so games do not all restart together."""
@@ -367,6 +456,8 @@ class MettaGridEnvironment(ReplayEnvironment):
         assert sim is not None
         stats = sim.episode_stats
         game = scalar_infos(stats["game"], "game/")
+        if self._family is not None:
+            game["task_id"] = int(self._tasks[env])
         infos = []
         for agent, agent_stats in enumerate(stats["agent"]):
             info = self._buffers.episode_info(env * self._agents + agent, env_id=env, agent_id=agent)
@@ -381,15 +472,32 @@ def _not_started() -> None:
     raise RuntimeError("this MettaGrid game has no simulation")
 
 
+def _reseeds_maps(config: MettaGridConfig) -> bool:
+    """Whether the config leaves its map seed open, so each episode's seed also seeds the map."""
+    builder = config.game.map_builder
+    return hasattr(builder, "seed") and builder.seed is None
+
+
+def _base_config(config: MettaGridConfig | None, family: TaskFamily | None) -> MettaGridConfig:
+    """The config games play until assigned a task: `config`, or the family's base."""
+    if family is None and config is not None:
+        return config
+    if family is not None and config is None:
+        return family.base
+    raise MettaGridEnvError("MettaGridEnvironment needs a config or a task family (whose base is the config), "
+                            f"not {'both' if config is not None else 'neither'}")
+
+
 # ---------------------------------------------------------------------------------- factory
 def make_mettagrid_environment(
     name_or_path: str, num_envs: int = 1, seed: int = 0, desync_episodes: bool = False, **task_kwargs: Any
 ) -> MettaGridEnvironment:
-    """A catalogue task (keyword arguments go to its builder) or a .yaml/.json MettaGridConfig file."""
-    config = load_mettagrid_config(name_or_path, **task_kwargs)
+    """A catalogue task (keyword arguments go to its builder) or family, or a .yaml/.json config or family file."""
+    game = load_config_or_family(name_or_path, **task_kwargs)
+    config, family = (None, game) if isinstance(game, TaskFamily) else (game, None)
     try:
         return MettaGridEnvironment(
-            config, num_envs=num_envs, seed=seed, desync_episodes=desync_episodes, name=name_or_path
+            config, num_envs=num_envs, seed=seed, desync_episodes=desync_episodes, name=name_or_path, family=family
         )
     except MettaGridEnvError:
         raise
@@ -397,60 +505,3 @@ def make_mettagrid_environment(
         raise MettaGridEnvError(
             f"MettaGrid config {name_or_path}: cannot build the game: {one_line(error)}"
         ) from error
-
-
-def load_mettagrid_config(name_or_path: str, **task_kwargs: Any) -> MettaGridConfig:
-    """Build a catalogue task, or read and validate a config file; every failure is one MettaGridEnvError line."""
-    if name_or_path in TASKS:
-        try:
-            return TASKS[name_or_path](**task_kwargs)
-        except (TypeError, ValueError) as error:
-            raise MettaGridEnvError(f"MettaGrid task {name_or_path!r}: {one_line(error)}") from None
-    if not name_or_path.endswith(CONFIG_SUFFIXES):
-        raise MettaGridEnvError(
-            f"unknown MettaGrid task {name_or_path!r}; known tasks: {', '.join(sorted(TASKS))} "
-            f"(or a path to a {'/'.join(CONFIG_SUFFIXES)} file holding a MettaGridConfig)"
-        )
-    if task_kwargs:
-        raise MettaGridEnvError(
-            f"MettaGrid config {name_or_path}: task arguments {sorted(task_kwargs)} apply to catalogue tasks only"
-        )
-    return _read_config_file(Path(name_or_path))
-
-
-def _read_config_file(path: Path) -> MettaGridConfig:
-    """Parse YAML/JSON and validate it as a MettaGridConfig."""
-    try:  # a FIFO or device would block the read, or never end; a link to a config file is fine
-        with open_regular(path, follow_symlinks=True) as handle:
-            text = handle.read()
-    except NotRegularFileError:
-        raise MettaGridEnvError(f"MettaGrid config {path}: not a regular file") from None
-    except OSError as error:
-        raise MettaGridEnvError(f"MettaGrid config {path}: cannot read it ({error.strerror or error})") from None
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise MettaGridEnvError(
-            f"MettaGrid config {path}: not valid {path.suffix[1:].upper()}: {one_line(error)}"
-        ) from None
-    if not isinstance(data, dict):
-        raise MettaGridEnvError(
-            f"MettaGrid config {path}: expected a mapping of config fields, got {type(data).__name__}"
-        )
-    try:
-        return MettaGridConfig.model_validate(data)
-    except ValidationError as error:
-        raise MettaGridEnvError(
-            f"MettaGrid config {path}: invalid MettaGridConfig: {_validation_summary(error)}"
-        ) from None
-    except (TypeError, ValueError, KeyError, AssertionError) as error:  # raised by mettagrid's own validators
-        raise MettaGridEnvError(f"MettaGrid config {path}: invalid MettaGridConfig: {one_line(error)}") from None
-
-
-def _validation_summary(error: ValidationError) -> str:
-    """The first problem with its field path, and how many more there are."""
-    problems = error.errors()
-    first = problems[0]
-    where = ".".join(str(part) for part in first["loc"]) or "<root>"
-    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-    return f"{where}: {first['msg']}{more}"

@@ -19,12 +19,22 @@ does (the bench/mettagrid_learning.py criterion is 5x after 10 minutes on 2 core
   heart (+1 reward), so a goal pays at most once every `cooldown` steps and stays where it is. Random
   moves find about 2 hearts per agent in 200 steps; reaching a goal early and using it whenever it is
   charged makes over 20.
+
+Loading: `load_mettagrid_config` turns a task name (with its builder's keyword arguments) or a .yaml/.json
+file into a validated MettaGridConfig. Files are read only when they are regular files, parsed with
+`yaml.safe_load`/`json`, and the class names mettagrid writes into map builder and scene configs (`type`)
+are looked up among modules already imported: mettagrid itself would import whatever module a file names.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import yaml
 from mettagrid.config.action_config import ActionsConfig, ChangeVibeActionConfig, MoveActionConfig, NoopActionConfig
 from mettagrid.config.game_value import InventoryValue
 from mettagrid.config.handler_config import (
@@ -48,19 +58,41 @@ from mettagrid.config.mettagrid_config import (
 from mettagrid.config.obs_config import ObsConfig
 from mettagrid.config.reward_config import reward
 from mettagrid.config.tag import typeTag
+from mettagrid.map_builder.map_builder import MapBuilderConfig
 from mettagrid.map_builder.random_map import RandomMapBuilderConfig
 from mettagrid.mapgen.mapgen import MapGenConfig
-from mettagrid.mapgen.scene import ChildrenAction
+from mettagrid.mapgen.scene import ChildrenAction, SceneConfig
 from mettagrid.mapgen.scenes.bsp import BSPConfig
 from mettagrid.mapgen.scenes.make_connected import MakeConnectedConfig
 from mettagrid.mapgen.scenes.random import RandomConfig
+from pydantic import ValidationError
 
-__all__ = ["TASKS", "arena", "navigation"]
+from mettle.errors import one_line
+from mettle.files import FileTooLargeError, NotRegularFileError, read_limited
+
+__all__ = [
+    "CONFIG_SUFFIXES",
+    "TASKS",
+    "MettaGridEnvError",
+    "arena",
+    "config_from_data",
+    "load_mettagrid_config",
+    "navigation",
+    "read_mapping_file",
+    "resolve_config_classes",
+]
 
 OBS_SIZE = 11
 """Side of the egocentric observation window: large enough to see most of a task's map."""
 NUM_TOKENS = 128
 """Observation tokens per agent; the default maps use well under this (no token is dropped)."""
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+MAX_FILE_BYTES = 16 * 2**20
+"""Config and family files are refused unread above this size (a size on disk is data too)."""
+
+
+class MettaGridEnvError(ValueError):
+    """A MettaGrid task or config that cannot be used: unknown name, unreadable file, invalid content."""
 
 
 def _moves_only() -> ActionsConfig:
@@ -198,3 +230,105 @@ def _dungeon(width: int, height: int, rooms: int, agents: int, objects: dict[str
 
 TASKS: dict[str, Callable[..., MettaGridConfig]] = {"arena": arena, "navigation": navigation}
 """Task name -> config builder; keyword arguments of the builder customise the task."""
+
+
+# ---------------------------------------------------------------------------------- loading
+def load_mettagrid_config(name_or_path: str, **task_kwargs: Any) -> MettaGridConfig:
+    """Build a catalogue task, or read and validate a config file; every failure is one MettaGridEnvError line."""
+    if name_or_path in TASKS:
+        try:
+            return TASKS[name_or_path](**task_kwargs)
+        except (TypeError, ValueError) as error:
+            raise MettaGridEnvError(f"MettaGrid task {name_or_path!r}: {one_line(error)}") from None
+    if not name_or_path.endswith(CONFIG_SUFFIXES):
+        raise MettaGridEnvError(
+            f"unknown MettaGrid task {name_or_path!r}; known tasks: {', '.join(sorted(TASKS))} "
+            f"(or a path to a {'/'.join(CONFIG_SUFFIXES)} file holding a MettaGridConfig)"
+        )
+    if task_kwargs:
+        raise MettaGridEnvError(
+            f"MettaGrid config {name_or_path}: task arguments {sorted(task_kwargs)} apply to catalogue tasks only"
+        )
+    path = Path(name_or_path)
+    return config_from_data(read_mapping_file(path, "MettaGrid config"), f"MettaGrid config {path}")
+
+
+def read_mapping_file(path: Path, what: str) -> dict[str, Any]:
+    """A regular YAML/JSON file's top-level mapping; `what` names the file's role in the one-line errors."""
+    try:  # a FIFO or device would block the read, or never end; a link to a config file is fine
+        text = read_limited(path, MAX_FILE_BYTES, follow_symlinks=True)
+    except NotRegularFileError:
+        raise MettaGridEnvError(f"{what} {path}: not a regular file") from None
+    except FileTooLargeError as error:
+        raise MettaGridEnvError(f"{what} {path}: {one_line(error)}") from None
+    except OSError as error:
+        raise MettaGridEnvError(f"{what} {path}: cannot read it ({error.strerror or error})") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise MettaGridEnvError(f"{what} {path}: not valid {path.suffix[1:].upper()}: {one_line(error)}") from None
+    if not isinstance(data, dict):
+        raise MettaGridEnvError(f"{what} {path}: expected a mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def config_from_data(data: dict[str, Any], where: str) -> MettaGridConfig:
+    """Validate plain data as a MettaGridConfig; `where` (e.g. "MettaGrid config <path>") starts each error."""
+    data = resolve_config_classes(data, where)
+    try:
+        return MettaGridConfig.model_validate(data)
+    except ValidationError as error:
+        raise MettaGridEnvError(f"{where}: invalid MettaGridConfig: {_validation_summary(error)}") from None
+    except (TypeError, ValueError, KeyError, AssertionError) as error:  # raised by mettagrid's own validators
+        raise MettaGridEnvError(f"{where}: invalid MettaGridConfig: {one_line(error)}") from None
+
+
+def resolve_config_classes(data: Any, where: str) -> Any:
+    """A copy of `data` whose dotted `type` names are the loaded mettagrid classes they name (mettagrid would
+    import any module a `type` names); `where` starts the one-line error for a name that is not one."""
+    return _resolve_classes(data, where, "")
+
+
+def _resolve_classes(data: Any, where: str, at: str) -> Any:
+    """`resolve_config_classes` below the dotted path `at`."""
+    if isinstance(data, list):
+        return [_resolve_classes(item, where, f"{at}.{i}") for i, item in enumerate(data)]
+    if not isinstance(data, dict):
+        return data
+    out = {key: _resolve_classes(value, where, f"{at}.{key}") for key, value in data.items()}
+    name = out.get("type")
+    if isinstance(name, str) and "." in name:
+        out["type"] = _loaded_config_class(name)
+        if out["type"] is None:
+            raise MettaGridEnvError(
+                f"{where}: {at[1:] + '.' if at else ''}type {name!r} is not a map builder or scene config class "
+                "of a mettagrid module already loaded; name one of those (mettle imports no module a file names)"
+            )
+    return out
+
+
+def _loaded_class(name: str) -> type | None:
+    """The class a dotted name reaches from a module already imported, without importing anything."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        value: Any = sys.modules.get(".".join(parts[:cut]))
+        for attribute in parts[cut:]:
+            value = getattr(value, attribute, None) if value is not None else None
+        if isinstance(value, type):
+            return value
+    return None
+
+
+def _loaded_config_class(name: str) -> type | None:
+    """The mettagrid map builder or scene config class `name` names, if its module is loaded (else None)."""
+    found = _loaded_class(name) if name.startswith("mettagrid.") else None
+    return found if found is not None and issubclass(found, (MapBuilderConfig, SceneConfig)) else None
+
+
+def _validation_summary(error: ValidationError) -> str:
+    """The first problem with its field path, and how many more there are."""
+    problems = error.errors()
+    first = problems[0]
+    where = ".".join(str(part) for part in first["loc"]) or "<root>"
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{where}: {first['msg']}{more}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing as mp
 import os
 import pickle
@@ -31,6 +32,7 @@ from mettle.envs.vector.layout import (
     _SAVE,
     _STATE,
     _STEP,
+    _TASKS,
     EnvFactory,
     SubEnvInfo,
     _Layout,
@@ -80,6 +82,7 @@ class _Backend(Protocol):
     def collect(self, workers: Sequence[int]) -> list[dict[str, Any]]: ...
     def save(self, workers: Sequence[int]) -> list[dict[str, Any] | None]: ...
     def load(self, worker: int, state: dict[str, Any]) -> None: ...
+    def assign(self, worker: int, tasks: dict[int, int]) -> None: ...
     def close(self) -> None: ...
 
 
@@ -126,6 +129,10 @@ class _SerialBackend:
     def load(self, worker: int, state: dict[str, Any]) -> None:
         """Restore now; its answer is collected like a step's."""
         self._run(worker, lambda runner: runner.load(state))
+
+    def assign(self, worker: int, tasks: dict[int, int]) -> None:
+        """Hand the sub-env its instances' next tasks now; an error waits for `collect`."""
+        self._run(worker, lambda runner: runner.assign(tasks))
 
     def _run(self, worker: int, request: Callable[[_SubEnvRunner], list[dict[str, Any]]]) -> None:
         """Run a request, keeping its infos or its error for `collect`."""
@@ -230,6 +237,10 @@ class _ProcessBackend:
     def load(self, worker: int, state: dict[str, Any]) -> None:
         """Ask for a restore; the answer is collected like a step's."""
         self._send(worker, _LOAD + pickle.dumps(state, pickle.HIGHEST_PROTOCOL))
+
+    def assign(self, worker: int, tasks: dict[int, int]) -> None:
+        """Send the worker its instances' next tasks (ids as JSON, no answer); it applies them before its next step."""
+        self._send(worker, _TASKS + json.dumps(sorted(tasks.items())).encode())
 
     def collect(self, workers: Sequence[int]) -> list[dict[str, Any]]:
         """Wait for every worker's answer; their infos in worker order."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 from collections import deque
+from collections.abc import Mapping
 from multiprocessing.util import Finalize
 from typing import Any, Literal
 
@@ -132,6 +133,18 @@ class VectorEnvironment(RowLayoutEnvironment):
         for worker in self._group_workers[group]:
             self._backend.step(worker)
         self._outstanding.append(group)
+
+    def assign_tasks(self, tasks: Mapping[int, int]) -> None:
+        """Route each instance's next task to the worker that runs it (instance ids count across all workers)."""
+        self._check_open()
+        per_worker: dict[int, dict[int, int]] = {}
+        for instance, task in tasks.items():
+            if not 0 <= instance < self._batch_info.num_envs:
+                raise ValueError(f"instance {instance} is not one of this env's {self._batch_info.num_envs}")
+            worker, local = divmod(int(instance), self._envs_per_worker)
+            per_worker.setdefault(worker, {})[local] = int(task)
+        for worker, local_tasks in sorted(per_worker.items()):
+            self._backend.assign(worker, local_tasks)
 
     def close(self) -> None:
         """End workers (politely, then by signal), close sub-envs and unlink shared memory; idempotent."""

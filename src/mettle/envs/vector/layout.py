@@ -17,7 +17,7 @@ SubEnvInfo = tuple[PolicyEnvInfo, BatchInfo]
 """A sub-env's spaces and row layout, as a worker reports them on start."""
 
 # one-byte message tags (parent -> worker, then worker -> parent)
-_STEP, _RESET, _ATTACH, _CLOSE, _SAVE, _LOAD = b"s", b"r", b"a", b"c", b"g", b"l"
+_STEP, _RESET, _ATTACH, _CLOSE, _SAVE, _LOAD, _TASKS = b"s", b"r", b"a", b"c", b"g", b"l", b"t"
 _OK, _INFOS, _READY, _ERROR, _STATE = b"k", b"i", b"y", b"e", b"d"
 
 _ALIGN = 64

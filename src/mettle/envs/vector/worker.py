@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import select
@@ -30,6 +31,7 @@ from mettle.envs.vector.layout import (
     _SAVE,
     _STATE,
     _STEP,
+    _TASKS,
     EnvFactory,
     _row_views,
 )
@@ -56,6 +58,11 @@ class _SubEnvRunner:
         """Apply the actions the parent wrote into this block and publish the next batch."""
         self.env.send_actions(self.views["actions"])
         return self._publish()
+
+    def assign(self, tasks: dict[int, int]) -> list[dict[str, Any]]:
+        """Pass the sub-env its instances' next tasks (local instance -> task id); nothing to publish."""
+        self.env.assign_tasks(tasks)
+        return []
 
     def load(self, state: dict[str, Any]) -> list[dict[str, Any]]:
         """Restore the sub-env from a checkpoint and publish the batch it was showing."""
@@ -173,6 +180,9 @@ def _serve(conn: connection.Connection, poller: select.poll, runner: _SubEnvRunn
             continue
         elif message[:1] == _LOAD:
             infos = runner.load(pickle.loads(message[1:]))
+        elif message[:1] == _TASKS:  # no answer: the step that follows answers for both
+            runner.assign({int(env): int(task) for env, task in json.loads(message[1:])})
+            continue
         else:
             raise ValueError(f"unknown request {message[:1]!r}")
         conn.send_bytes(_INFOS + pickle.dumps(infos, pickle.HIGHEST_PROTOCOL) if infos else _OK)

@@ -6,11 +6,16 @@ take the env's next batch of rows, store the outcome of their previous decision,
 A row whose buffer is full keeps its decision (held) for the next rollout, which is what makes a resumed
 run continue exactly; `state_dict` carries the held decisions, the policy's memory, the env's own state
 and each loss's rollout state.
+
+With a task family and a curriculum, the Collector also hands each env instance its next task: when a batch
+reports that an instance's episode ended, its `TaskSampler` draws the task the instance restarts with (from the
+plan the learner's curriculum set for this rollout), before the actions that restart it are sent.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -25,6 +30,7 @@ if TYPE_CHECKING:
     from mettle.agent.policy import Policy
     from mettle.contracts import TrainingEnvironment
     from mettle.profiling.stopwatch import Stopwatch
+    from mettle.rl.training.curriculum import TaskPlan, TaskSampler
     from mettle.rl.training.experience import Experience
 
 logger = logging.getLogger(__name__)
@@ -50,6 +56,12 @@ class RolloutSource(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from what `state_dict` returned."""
+
+    def use_tasks(self, sampler: TaskSampler) -> None:
+        """Draw each env instance's next task with `sampler` (a task family's env; before the first rollout)."""
+
+    def set_task_plan(self, plan: TaskPlan) -> None:
+        """The curriculum's plan for the rollouts commanded from now on."""
 
     def stop(self) -> None:
         """Training is done: end any helper process, keeping the state for checkpoints."""
@@ -98,6 +110,8 @@ class Collector:
         self._env_started = False
         self._refit_held = False
         """Held decisions came from a checkpoint, perhaps of a run with other losses: refit their fields first."""
+        self.tasks: TaskSampler | None = None
+        """Draws the task each env instance plays next (None: the env plays one task)."""
 
     def add_loss(self, loss: Loss) -> None:
         """Run this loss's `on_rollout_step` on every step (if it has one); its fields are checked on its first step."""
@@ -113,10 +127,22 @@ class Collector:
         if moved:
             self._held = {start: decision_from_dict(decision_to_dict(d), device) for start, d in self._held.items()}
 
+    def use_tasks(self, sampler: TaskSampler) -> None:
+        """Draw each env instance's next task with `sampler`, from the first episode on."""
+        self.tasks = sampler
+
+    def set_task_plan(self, plan: TaskPlan) -> None:
+        """Draw tasks from `plan` from now on."""
+        if self.tasks is None:
+            raise RuntimeError("set_task_plan without use_tasks: this Collector's env plays one task")
+        self.tasks.set_plan(plan)
+
     # ----------------------------------------------------------------- rollout
     def collect(self, experience: Experience, agent_step: int) -> list[dict[str, Any]]:
         """Step the env with the policy until `experience` is full; return the infos of episodes that ended."""
         if not self._env_started:
+            if self.tasks is not None:
+                self._assign_tasks(range(self.env.batch_info.num_envs))
             self.env.reset(seed=self.seed)
             self._env_started = True
         experience.reset()
@@ -136,6 +162,8 @@ class Collector:
         """One batch of rows: store the outcome of their last decision, decide, then store and send (or hold)."""
         with self.stopwatch("rollout.env"):
             batch = self.env.get_observations()
+            if batch.infos and self.tasks is not None:  # instances that ended restart with their next task
+                self._assign_tasks(sorted({int(info["env_id"]) for info in batch.infos}))
         infos.extend(batch.infos)
         rows = batch.rows
         if rows.start in self._awaiting:
@@ -147,6 +175,11 @@ class Collector:
             self._held[rows.start] = decision.kept()
         else:
             self._commit(decision, experience)
+
+    def _assign_tasks(self, instances: Iterable[int]) -> None:
+        """Draw the next task of each instance, in order, and hand them to the env."""
+        assert self.tasks is not None
+        self.env.assign_tasks({instance: self.tasks.next_task() for instance in instances})
 
     def _decide(self, batch: EnvBatch, agent_step: int) -> Decision:
         """The policy's choice for the batch (and the losses' fields), on the acting device."""
@@ -191,6 +224,7 @@ class Collector:
             "policy_memory": {k: v.detach().cpu() for k, v in self.policy.memory_state().items()},
             "env": self.env.state_dict(),
             "loss_rollout": {loss.name: loss.rollout_state_dict() for loss in self.losses},
+            "tasks": self.tasks.state_dict() if self.tasks is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -199,6 +233,7 @@ class Collector:
             logger.warning("the checkpoint holds a rollout collected ahead by overlapped training; with overlap off "
                            "it is dropped and collected again, so this resume is not exact")
         load_loss_states(self.losses, state.get("loss_rollout", {}), rollout=True)
+        self._load_task_sampler(state.get("tasks"))
         if not state["env_started"]:
             self.restart()
             return
@@ -214,6 +249,15 @@ class Collector:
         self._refit_held = True
         self._awaiting = set(state["awaiting"])
         self._env_started = True
+
+    def _load_task_sampler(self, saved: dict[str, Any] | None) -> None:
+        """Continue the task draws where the checkpoint left them (a run without a family saved none)."""
+        if self.tasks is None or saved is None:
+            if (self.tasks is None) != (saved is None):
+                logger.warning("the checkpoint was written %s a task curriculum and this run has %s: task draws "
+                               "start afresh", "with" if saved else "without", "one" if self.tasks else "none")
+            return
+        self.tasks.load_state_dict(saved)
 
     def _load_env_state(self, env_state: dict[str, Any] | None) -> str | None:
         """Restore the env from a checkpoint; why it could not be, or None once it is."""

@@ -31,12 +31,14 @@ from mettle.agent.policy import TensorSpec
 from mettle.rl.loss.base import Loss
 from mettle.rl.training.actor import ActorProcess, SharedWeights, shared
 from mettle.rl.training.collector import OVERLAP_KEY, Collector, RolloutSource
+from mettle.rl.training.curriculum import TaskPlan
 from mettle.rl.training.experience import Experience
 from mettle.rl.training.rng import rng_state, set_rng_state
 
 if TYPE_CHECKING:
     from mettle.agent.policy import Policy
     from mettle.rl.training.context import ComponentContext
+    from mettle.rl.training.curriculum import TaskSampler
 
 logger = logging.getLogger(__name__)
 
@@ -91,11 +93,21 @@ class OverlappedRollouts:
         """The RNG state the next actor starts from (None: a fresh stream from the seed)."""
         self.parked: dict[str, Any] | None = None
         """A stopped actor's Collector state, which `collector` (and the learner's env) has not caught up with."""
+        self.plan: TaskPlan | None = None
+        """The curriculum's plan, sent with each rollout command (None: the env plays one task)."""
         self._state_cache: dict[str, Any] | None = None
 
     def add_loss(self, loss: Loss) -> None:
         """The actor runs this loss's rollout hook (added before the actor starts)."""
         self.collector.add_loss(loss)
+
+    def use_tasks(self, sampler: TaskSampler) -> None:
+        """The actor's Collector draws env tasks with (its forked copy of) `sampler`."""
+        self.collector.use_tasks(sampler)
+
+    def set_task_plan(self, plan: TaskPlan) -> None:
+        """Send `plan` with the next rollout commands (the actor's sampler takes it before collecting)."""
+        self.plan = plan
 
     @functools.cached_property
     def slots(self) -> list[Experience]:
@@ -134,7 +146,8 @@ class OverlappedRollouts:
         assert self.actor is not None and self.weights is not None
         self.version += 1
         self.weights.publish(self.context.policy.state_dict(), self.version)
-        self.actor.send(("rollout", self.version, slot, agent_step))
+        plan = self.plan.to_dict() if self.plan is not None else None
+        self.actor.send(("rollout", self.version, slot, agent_step, plan))
         self.in_flight, self._state_cache = slot, None
 
     def _wait(self) -> None:
@@ -189,9 +202,11 @@ class OverlappedRollouts:
         collector = self.collector
         if request[0] == "state":
             return {"rollout": collector.state_dict(), "rng": rng_state()}
-        _, version, slot, agent_step = request
+        _, version, slot, agent_step, plan = request
         assert self.weights is not None
         self.weights.load_into(collector.policy, version)
+        if plan is not None:
+            collector.set_task_plan(TaskPlan.from_dict(plan))
         stopwatch = collector.stopwatch
         before = {name: stopwatch.elapsed(name) for name in TIMERS}
         infos = collector.collect(self.slots[slot], agent_step)

@@ -9,6 +9,10 @@ bit-for-bit like a run without. Evaluation therefore
 * saves the global python/numpy/torch (and CUDA) RNG streams, seeds them with `seed` so a sampled
   evaluation is reproducible, and puts the training streams back afterwards.
 
+How it acts is `actions`: "auto" (the default) samples on MettaGrid, where greedy agents block each other and
+stand still, and takes the argmax elsewhere; "sampled" or "greedy" force one. The mode used is logged once per
+environment and recorded with every result as "eval/<name>/greedy" (1.0 argmax, 0.0 sampled).
+
 Results go to `Evaluator.latest` ({"eval/<name>/mean_return": ..., ...}), to `Evaluator.history`
 (checkpointed), and into `ctx.stats.metrics` for the reporters.
 """
@@ -17,18 +21,24 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from numbers import Real
 from typing import Any
 
-import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mettle.agent.policy import Policy
-from mettle.rl.evaluate import evaluate_policy, summarize_returns
+from mettle.rl.evaluate import (
+    ActionChoice,
+    ActionMode,
+    actions_line,
+    evaluate_policy,
+    isolated_rng,
+    resolve_actions,
+    summarize_returns,
+)
 from mettle.rl.training.component import TrainerComponent
 from mettle.rl.training.environment import TrainingEnvironment
 
@@ -38,6 +48,10 @@ logger = logging.getLogger(__name__)
 
 EnvFactory = Callable[[], TrainingEnvironment]
 """Builds one evaluation environment (called once, on first use)."""
+
+CONFIG_SWITCHES: Mapping[ActionMode, str] = {"sampled": "evaluator.actions=sampled",
+                                             "greedy": "evaluator.actions=greedy"}
+"""The overrides that choose each mode, for the logged mode line."""
 
 _INFO_IDS = frozenset({"env_id", "agent_id", "episode_return", "episode_length"})
 """Info keys that are bookkeeping or already summarised by `summarize_returns`."""
@@ -54,42 +68,43 @@ class EvaluatorConfig(BaseModel):
     """Evaluate every this many epochs (and once more when training completes)."""
     episodes: int = Field(10, ge=1)
     """Agent-episodes per evaluation environment, spread evenly over its agent rows."""
-    deterministic: bool = True
-    """Greedy (argmax) actions; False samples from the policy, seeded for reproducibility."""
+    actions: ActionChoice = "auto"
+    """auto: sampled on MettaGrid (greedy agents there block each other), greedy (argmax) elsewhere; sampled
+    (seeded, so reproducible) or greedy force one mode on every evaluation environment."""
     num_envs: int = Field(4, ge=1)
     """Environment instances in each evaluation environment (more finish the episodes sooner)."""
     envs: list[str] = Field(default_factory=list)
     """Other environments (family:name) to evaluate on besides the training one, e.g. another MettaGrid task."""
+    suite: str | None = None
+    """Held-out MettaGrid variants to evaluate on too (arena-heldout, navigation-heldout or a suite file): each
+    variant's results, and the mean of their mean returns as eval/<suite>/mean_return."""
 
-    def build(self, envs: Mapping[str, EnvFactory], seed: int = 12345) -> Evaluator | None:
+    @model_validator(mode="before")
+    @classmethod
+    def _read_deterministic(cls, data: Any) -> Any:
+        """Load configs saved before `actions` replaced `deterministic`.
+
+        `deterministic: true` was the default every config.json recorded, chosen or not, so it becomes "auto"
+        (greedy still on Gymnasium/PettingZoo, sampled on MettaGrid); `false` was a choice: "sampled".
+        """
+        if isinstance(data, dict) and "deterministic" in data and "actions" not in data:
+            data = dict(data)
+            deterministic = data.pop("deterministic")
+            if isinstance(deterministic, bool):
+                data["actions"] = "auto" if deterministic else "sampled"
+            else:
+                data["deterministic"] = deterministic  # left for the "extra fields" error to name
+        return data
+
+    def build(self, envs: Mapping[str, EnvFactory], seed: int = 12345,
+              suites: Mapping[str, list[str]] | None = None) -> Evaluator | None:
         """The component when enabled (the factories should honour `num_envs`), else None."""
         if not self.enabled:
             return None
-        return Evaluator(envs, self.episodes, self.interval, self.deterministic, seed)
+        return Evaluator(envs, self.episodes, self.interval, self.actions, seed, suites=suites)
 
 
 # ---------------------------------------------------------------------- isolation helpers
-@contextmanager
-def isolated_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed python/numpy/torch for the evaluation and restore the training streams exactly afterwards."""
-    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    try:
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.default_generator.manual_seed(seed)
-        if cuda_state is not None:
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        torch.set_rng_state(torch_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state(cuda_state, device)
-
-
 @contextmanager
 def preserved_policy(policy: Policy) -> Iterator[None]:
     """Put back the policy's rollout memory and every module's train/eval flag after the block."""
@@ -131,9 +146,10 @@ class Evaluator(TrainerComponent):
         envs: Mapping[str, EnvFactory],
         episodes: int = 10,
         epoch_interval: int = 10,
-        deterministic: bool = True,
+        actions: ActionChoice = "auto",
         seed: int = 12345,
         on_complete: bool = True,
+        suites: Mapping[str, list[str]] | None = None,
     ) -> None:
         super().__init__(epoch_interval)
         if not envs:
@@ -144,9 +160,16 @@ class Evaluator(TrainerComponent):
             raise ValueError(f"seed {seed} must be >= 0")
         self.factories = dict(envs)
         self.episodes = episodes
-        self.deterministic = deterministic
+        self.actions = actions
+        self.modes: dict[str, ActionMode] = {name: resolve_actions(actions, name) for name in self.factories}
+        """Each environment's mode, "auto" resolved by its env family."""
         self.seed = seed
         self.on_complete = on_complete
+        self.suites = {name: list(members) for name, members in (suites or {}).items()}
+        """Suite name -> the environments (of `envs`) that are its variants: their mean is reported too."""
+        unknown = sorted({env for members in self.suites.values() for env in members} - set(self.factories))
+        if unknown:
+            raise ValueError(f"suite variants {unknown} have no evaluation environment factory")
         self.latest: dict[str, float] = {}
         """Results of the most recent evaluation, keyed "eval/<env name>/<metric>"."""
         self.history: list[dict[str, float]] = []
@@ -178,6 +201,9 @@ class Evaluator(TrainerComponent):
         with ctx.stopwatch("evaluate"):
             for name in self.factories:
                 results.update(self._evaluate_one(name))
+        for suite, members in self.suites.items():
+            means = [results[f"eval/{member}/mean_return"] for member in members]
+            results[f"eval/{suite}/mean_return"] = math.fsum(means) / len(means)
         self.latest = results
         self.history.append({"epoch": float(ctx.state.epoch), "agent_step": float(ctx.state.agent_step), **results})
         self._publish(results)
@@ -188,13 +214,15 @@ class Evaluator(TrainerComponent):
         ctx = self.context
         with isolated_evaluation(ctx.policy, self.seed, ctx.device):
             env = self._env(name)
-            infos = evaluate_policy(ctx.policy, env, self.episodes, ctx.device, self.deterministic, self.seed)
-        summary = {**summarize_returns(infos), **env_stat_means(infos)}
+            greedy = self.modes[name] == "greedy"
+            infos = evaluate_policy(ctx.policy, env, self.episodes, ctx.device, greedy, self.seed)
+        summary = {**summarize_returns(infos), **env_stat_means(infos), "greedy": float(greedy)}
         return {f"eval/{name}/{key}": float(value) for key, value in summary.items()}
 
     def _env(self, name: str) -> TrainingEnvironment:
-        """The named environment, built on first use and reused afterwards."""
+        """The named environment, built on first use (saying how it is acted on) and reused afterwards."""
         if name not in self._envs:
+            logger.info("evaluator on %s: %s", name, actions_line(self.actions, name, CONFIG_SWITCHES))
             self._envs[name] = self.factories[name]()
         return self._envs[name]
 

@@ -17,7 +17,7 @@ from mettle.rl.training.components.loggers import JsonlLogger, MetricsLogger, Te
 logger = logging.getLogger(__name__)
 
 WandbChoice = Literal["off", "online", "offline", "disabled"]
-IDENTIFIER_KEYS = frozenset({"env_id", "agent_id"})
+IDENTIFIER_KEYS = frozenset({"env_id", "agent_id", "task_id"})
 """Numeric episode-info keys that name an episode rather than measure it, so they are not averaged."""
 
 
