@@ -140,7 +140,8 @@ def task_family_of(cfg: RunConfig) -> TaskFamily | None:
 def curriculum_component(cfg: RunConfig, family: TaskFamily) -> TaskCurriculum:
     """The curriculum over `family`'s variants that the config asks for, seeded alike on every rank."""
     curriculum = Curriculum(cfg.curriculum, seed=cfg.trainer.seed, num_agents=family.num_agents)
-    return TaskCurriculum(curriculum, family.buckets, family.bucket_labels(), seed=cfg.trainer.seed)
+    return TaskCurriculum(curriculum, family.buckets, family.bucket_labels(), seed=cfg.trainer.seed,
+                          family=f"task family {family.name}")
 
 
 def check_devices_present(cfg: RunConfig) -> None:

@@ -187,3 +187,30 @@ def _quiet_threads() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")
         yield
+
+
+def test_a_curriculum_under_two_ranks_merges_their_episodes_into_one_plan(tmp_path: Path) -> None:
+    """Both ranks feed their curriculum every rank's episodes: each epoch their samplers hold the same plan."""
+    family = {"name": "tiny-arena", "base": {"task": "arena", "args": {"num_agents": 2, "width": 7, "height": 7,
+                                                                       "mines": 1, "altars": 1, "max_steps": 12}},
+              "parameters": {"max_steps": {"paths": ["game.max_steps"], "choices": [8, 12, 16]}}}
+    (tmp_path / "family.json").write_text(json.dumps(family))
+    port = free_port()
+    command = torchrun("-m", "mettle", "--", "train", "--env", f"mettagrid:{tmp_path / 'family.json'}", "--run", "r",
+                       "--run-dir", str(tmp_path), "env.num_envs=4", "batch_size=256", "minibatch_size=128",
+                       "bptt_horizon=16", "total_timesteps=4096", "policy.hidden_size=32", "overlap=false",
+                       "curriculum.pool_size=4", "curriculum.min_completions=2", "checkpoint_interval=1",
+                       extra=("--nnodes=1", "--master-addr=127.0.0.1", f"--master-port={port}"))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r.get("curriculum/evicted", 0) for r in records) > 0, "the pool turned over"
+    plans = []
+    for checkpoint in list_checkpoints(tmp_path / "r" / "checkpoints"):
+        state, _ = read_checkpoint(checkpoint)
+        samplers = [rank["core_loop"]["tasks"] for rank in state["ranks"]]
+        assert samplers[0]["plan"] == samplers[1]["plan"], f"ranks sample from different plans at {checkpoint.name}"
+        assert samplers[0]["rng"] != samplers[1]["rng"], "each rank draws with its own stream"
+        assert samplers[0]["plan"]["task_ids"] == state["components"]["curriculum"]["task_ids"].tolist()
+        plans.append(samplers[0]["plan"])
+    assert len({json.dumps(plan) for plan in plans}) > 2, "the plan moved as episodes came in"

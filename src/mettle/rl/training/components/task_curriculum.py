@@ -13,12 +13,15 @@ their mean return (`curriculum/<parameter>/<bucket>/share|return`), with the cur
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
 from mettle.rl.training.component import TrainerComponent
 from mettle.rl.training.curriculum import Curriculum, TaskSampler
+
+logger = logging.getLogger(__name__)
 
 SAMPLER_SEED_OFFSET = 4_099_817
 """Added to a rank's seed for its task sampler's own stream, apart from the env's and the policy's."""
@@ -32,8 +35,10 @@ Buckets = Callable[[int], dict[str, str]]
 class TaskCurriculum(TrainerComponent):
     """Scores finished episodes by task, updates the curriculum and hands the rollouts its next plan."""
 
-    def __init__(self, curriculum: Curriculum, buckets: Buckets, labels: dict[str, list[str]], seed: int) -> None:
+    def __init__(self, curriculum: Curriculum, buckets: Buckets, labels: dict[str, list[str]], seed: int,
+                 family: str = "a task family") -> None:
         super().__init__()
+        self.family = family
         self.curriculum = curriculum
         self.buckets = buckets
         """Where a task falls along each parameter (for the per-bucket figures)."""
@@ -54,6 +59,10 @@ class TaskCurriculum(TrainerComponent):
         assert rollouts is not None, "the Trainer sets its rollouts before components register"
         rollouts.use_tasks(TaskSampler(self.seed + context.distributed.seed_offset() + SAMPLER_SEED_OFFSET))
         rollouts.set_task_plan(self.curriculum.plan())
+        if context.distributed.is_master():
+            logger.info("training %s with curriculum.algorithm=%s; the returns shown average over the variants "
+                        "played (their maps and rewards differ): score fixed variants with mettle eval RUN --suite "
+                        "NAME", self.family, self.curriculum.config.algorithm)
 
     def on_step(self, infos: list[dict[str, Any]]) -> None:
         """Update the curriculum with every rank's finished episodes; the next rollouts draw from its new plan."""
