@@ -125,3 +125,16 @@ def test_eval_of_an_unknown_suite_exits_2_naming_the_known_ones(trained_family_r
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "arena-heldot" in lines[0] and "arena-heldout" in lines[0], result.stderr
+
+
+def test_the_evaluator_scores_a_suite_during_training(tmp_path: Path) -> None:
+    result = mettle_in_process("train", "--run-dir", str(tmp_path), "--run", "r", "--env",
+                               f"mettagrid:{family_file(tmp_path)}", *SIZES, "total_timesteps=512",
+                               "evaluator.enabled=true", "evaluator.interval=1", "evaluator.episodes=4",
+                               f"evaluator.suite={suite_file(tmp_path)}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
+    long, rich = (record[f"eval/mettagrid:tiny-heldout/{v}/mean_return"] for v in ("long", "rich"))
+    assert record["eval/mettagrid:tiny-heldout/long/mean_length"] == 40.0
+    assert record["eval/mettagrid:tiny-heldout/rich/greedy"] == 0.0, "MettaGrid variants are evaluated sampled"
+    assert record["eval/mettagrid:tiny-heldout/mean_return"] == pytest.approx((long + rich) / 2)
