@@ -84,7 +84,8 @@ def add_action_options(command: argparse.ArgumentParser) -> None:
                        help="sample actions from the policy (default on MettaGrid, where greedy agents block "
                             "each other)")
     group.add_argument("--greedy", dest="actions", action="store_const", const="greedy",
-                       help="take each action head's argmax (default on Gymnasium and PettingZoo)")
+                       help="take each action head's argmax, a Gaussian head's mean (default on Gymnasium and "
+                            "PettingZoo)")
 
 
 EXIT_CRASH = 1  # a bug (a traceback follows), or a process the run needs died (one line: actor, env worker, rank)
@@ -563,7 +564,7 @@ def eval_command(args: argparse.Namespace) -> int:
 
 def check_same_spaces(given: PolicyEnvInfo, trained_on: PolicyEnvInfo, what: str) -> None:
     """Refuse, in one line, to evaluate a policy on spaces other than those it was trained on."""
-    if (given.observation_space, given.action_nvec) != (trained_on.observation_space, trained_on.action_nvec):
+    if (given.observation_space, given.action_layout) != (trained_on.observation_space, trained_on.action_layout):
         from mettle.rl.loss.kickstarter import describe
 
         raise ConfigError(f"{what} gives observations {describe(given.observation_space)} and "

@@ -19,19 +19,47 @@ class PolicyEnvInfo:
     """What a policy needs to know to fit an environment: one agent's spaces."""
 
     observation_space: gym.spaces.Space[Any]
-    action_space: gym.spaces.Discrete | gym.spaces.MultiDiscrete
+    action_space: gym.spaces.Discrete | gym.spaces.MultiDiscrete | gym.spaces.Box
+    """Discrete/MultiDiscrete: int64 choices per head; Box: float32 values per dimension (a Gaussian head)."""
     num_agents: int = 1
     """Agents per environment instance (each is one row of the batch)."""
     extras: dict[str, Any] = field(default_factory=dict)
     """Environment-specific facts (feature names, map size...) a specialised policy may use."""
 
     @property
+    def continuous_actions(self) -> bool:
+        """Whether actions are real vectors (a Box) rather than choices, so policies know which head to build."""
+        return isinstance(self.action_space, gym.spaces.Box)
+
+    @property
     def action_nvec(self) -> tuple[int, ...]:
-        """Choices per action head; a Discrete space is a single head."""
+        """Choices per action head; a Discrete space is a single head. A Box has none: read `action_width`."""
         space = self.action_space
         if isinstance(space, gym.spaces.Discrete):
             return (int(space.n),)
+        if isinstance(space, gym.spaces.Box):
+            raise ValueError(f"action space {space} is continuous and has no choices per head; "
+                             "read PolicyEnvInfo.action_width (or check continuous_actions first)")
         return tuple(int(n) for n in np.asarray(space.nvec).reshape(-1))
+
+    @property
+    def action_width(self) -> int:
+        """Entries in one agent's action row: one per categorical head, or one per Box dimension (flattened)."""
+        if isinstance(self.action_space, gym.spaces.Box):
+            return int(np.prod(self.action_space.shape, dtype=np.int64))
+        return len(self.action_nvec)
+
+    @property
+    def action_dtype(self) -> np.dtype[Any]:
+        """What `send_actions` takes and episode logs keep: int64 choices, or float32 Box values."""
+        return np.dtype(np.float32 if self.continuous_actions else np.int64)
+
+    @property
+    def action_layout(self) -> tuple[str, tuple[int, ...]]:
+        """("choices", nvec) or ("box", shape): two agents can share a policy's actions when these are equal."""
+        if isinstance(self.action_space, gym.spaces.Box):
+            return "box", tuple(int(n) for n in self.action_space.shape)
+        return "choices", self.action_nvec
 
 
 @dataclass(frozen=True)
@@ -98,7 +126,11 @@ class TrainingEnvironment(ABC):
 
     @abstractmethod
     def send_actions(self, actions: np.ndarray, rows: slice | None = None) -> None:
-        """Apply actions ([rows, heads] int64) to `rows` (default: the rows of the last batch received)."""
+        """Apply actions to `rows` (default: the rows of the last batch received).
+
+        Actions are [rows, heads] int64 choices, or for a Box action space [rows, dims] float32 values as the
+        policy drew them: the environment clips them to the space's bounds itself (and logs them unclipped).
+        """
 
     @abstractmethod
     def close(self) -> None:
@@ -133,7 +165,14 @@ def check_all_rows(rows: slice | None, num_rows: int) -> None:
 
 
 def random_actions(info: PolicyEnvInfo, rows: int, rng: np.random.Generator) -> np.ndarray:
-    """Uniform random actions for `rows` agents, shaped [rows, heads]."""
+    """Uniform random actions for `rows` agents, shaped [rows, heads] (Box: within finite bounds, else normal)."""
+    space = info.action_space
+    if isinstance(space, gym.spaces.Box):
+        low, high = space.low.reshape(-1).astype(np.float64), space.high.reshape(-1).astype(np.float64)
+        finite = np.isfinite(low) & np.isfinite(high)
+        uniform = rng.uniform(np.where(finite, low, 0.0), np.where(finite, high, 1.0), (rows, len(low)))
+        values: np.ndarray = np.where(finite, uniform, rng.standard_normal((rows, len(low)))).astype(np.float32)
+        return values
     nvec = np.asarray(info.action_nvec)
     actions: np.ndarray = (rng.random((rows, len(nvec))) * nvec).astype(np.int64)
     return actions

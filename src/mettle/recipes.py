@@ -51,10 +51,45 @@ METTAGRID = [
 batch is a multiple of rows x bptt for both tasks (16 games of 4 or 12 agents, x16)."""
 
 
+CONTINUOUS_CONTROL = [
+    "total_timesteps=1000000",
+    "env.num_envs=8",
+    "batch_size=2048",
+    "minibatch_size=64",
+    "bptt_horizon=16",
+    "update_epochs=10",
+    "optimizer.learning_rate=0.0003",
+    "optimizer.eps=0.00001",
+    "advantage.gamma=0.99",
+    "advantage.gae_lambda=0.95",
+    "ppo.clip_coef=0.2",
+    "ppo.entropy_coef=0.0",
+    "ppo.max_grad_norm=0.5",
+    "ppo.clip_value_loss=false",
+]
+"""Box actions (a Gaussian head), from the PPO settings CleanRL and SB3 publish for MuJoCo: a 2048-step rollout,
+32 minibatches, 10 update epochs, lr 3e-4, no entropy bonus. Their value clipping is off here, as for CartPole:
+its range is in return units and their runs normalise rewards, which Mettle does not yet do. Observation and
+reward normalisation, when it lands, belongs in this recipe (and the env adapter), not in the policy."""
+
+PENDULUM = ["advantage.gamma=0.9", "optimizer.learning_rate=0.001", "total_timesteps=500000"]
+"""On top of CONTINUOUS_CONTROL for Pendulum: its reward (-16 to 0 per step, unnormalised) makes values of
+~-1,600 at gamma 0.99, so the shorter horizon rl-zoo uses (gamma 0.9, lr 1e-3) learns faster."""
+
+
 def recipe_for(env_name: str, policy_kind: str | None) -> list[str]:
     """Overrides that suit `env_name` (and a recurrent policy), as key=value strings."""
     if "CartPole" in env_name:
         return CLASSIC_CONTROL + (RECURRENT if policy_kind == "lstm" else OVERLAP)
     if env_name.startswith("mettagrid:"):
         return METTAGRID
+    if env_name.startswith("gym:") and continuous_gym_id(env_name.partition(":")[2]):
+        return CONTINUOUS_CONTROL + (PENDULUM if "Pendulum" in env_name else [])
     return []
+
+
+def continuous_gym_id(env_id: str) -> bool:
+    """Whether a Gymnasium id has Box actions (it is built once to see; gymnasium is imported only for gym ids)."""
+    from mettle.envs.gymnasium import has_box_actions
+
+    return has_box_actions(env_id)

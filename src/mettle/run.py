@@ -32,6 +32,7 @@ from mettle.rl.loss import Loss
 from mettle.rl.policy_files import CheckpointError, newest_usable_policy
 from mettle.rl.trainer import Trainer
 from mettle.rl.training import ContextCheckpointer, DistributedHelper, TrainerComponent
+from mettle.rl.training.analytic import analytic_refusal
 from mettle.rl.training.components.gradients import GradientReporter
 from mettle.rl.training.components.heartbeat import Heartbeat
 from mettle.rl.training.components.monitor import Monitor
@@ -104,6 +105,9 @@ def build_run(
         if not trainer.losses:
             raise ConfigError("no loss to train on: losses.ppo_actor, losses.ppo_critic and losses.kickstarter are "
                               "all disabled; enable one (e.g. losses.ppo_actor.enabled=true)")
+        refusal = analytic_refusal(cfg.trainer.gradient, policy, trainer.losses)
+        if refusal is not None:  # the trainer would refuse too, but only once train() starts
+            raise ConfigError(refusal)
         curriculum = [curriculum_component(cfg, family)] if family is not None else []
         for component in (*curriculum, *config_components(cfg, trainer, run_dir), *components):
             trainer.register(component)

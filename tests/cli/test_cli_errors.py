@@ -22,6 +22,11 @@ from cli_helpers import mettle_in_process, run_mettle
         (["--env", "gym:CartPole-v1", "batch_size=1000"], "(8 x 16 = 128); try batch_size=1024"),
         (["--env", "gym:CartPole-v1", "env.num_envs=7", "batch_size=512"], "try batch_size=560 minibatch_size=112"),
         (["--env", "mettagrid:no_such_task"], "no_such_task"),
+        (["--env", "gym:mettle.envs.testing:mettle/DictTarget-v0", "env.kwargs.note=true"],
+         "mettle/DictTarget-v0: observation space Dict('clock': Box(0.0, 1.0, (1,), float32), 'flags': MultiBinary(2), "
+         "'note': Text(1, 8, charset="),
+        (["--env", "gym:mettle.envs.testing:mettle/DictTarget-v0", "env.kwargs.note=true"],
+         "is not supported: its part ['note'] is Text(1, 8, charset="),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path: Path, args: list[str], expected: str) -> None:

@@ -68,7 +68,12 @@ def tensorboard_returns(run_dir: Path) -> list[tuple[int, float]]:
     ["--env", "gym:CartPole-v1", "total_timesteps=4096"],
     ["--env", "pettingzoo:mpe2.simple_spread_v3:parallel_env", "env.num_envs=4", "env.vectorization=multiprocess",
      "env.num_workers=2", "batch_size=768", "minibatch_size=384", "bptt_horizon=16", "total_timesteps=4608"],
-], ids=["cartpole", "mpe2-workers"])
+    ["--env", "gym:mettle.envs.testing:mettle/DictTarget-v0", "env.num_envs=8", "batch_size=512", "minibatch_size=128",
+     "bptt_horizon=16", "total_timesteps=4096"],
+    # Box actions: the replay log keeps the Gaussian's float32 draws; 200-step episodes span every checkpoint
+    ["--env", "gym:Pendulum-v1", "env.num_envs=4", "batch_size=256", "minibatch_size=128", "update_epochs=1",
+     "total_timesteps=2048"],
+], ids=["cartpole", "mpe2-workers", "dict-observations", "pendulum"])
 def test_killed_and_rerun_equals_never_killed(tmp_path: Path, env: list[str]) -> None:
     run_to_end("straight", tmp_path, *env)
     kill_after_logging("killed", tmp_path, 4, *env)

@@ -15,12 +15,13 @@ pytest.importorskip("pettingzoo")
 import torch
 from gymnasium import spaces
 from pettingzoo import ParallelEnv
+from pettingzoo.classic.rps import rps
 from pettingzoo.test import parallel_api_test, parallel_seed_test
 
 from mettle.agent.registry import build_policy
 from mettle.envs.pettingzoo import PettingZooEnvError, PettingZooEnvironment, parse_pettingzoo_spec
 from mettle.envs.pettingzoo_testing import TargetMatchParallelEnv, parallel_env
-from mettle.envs.testing import Rollout, check_environment_contract, collect_rollout
+from mettle.envs.testing import Rollout, check_environment_contract, check_rollout, collect_rollout
 from mettle.rl.trainer import Trainer
 from mettle.rl.trainer_config import TrainerConfig
 from mettle.rl.training import TrainerComponent
@@ -256,11 +257,84 @@ def test_late_joiners_start_mid_episode_and_unflagged_departures_count_as_termin
     ]
 
 
+def test_rock_paper_scissors_shows_each_player_the_others_last_move_one_hot() -> None:
+    with PettingZooEnvironment(rps.parallel_env, num_envs=2) as env:
+        assert env.policy_env_info.observation_space == spaces.Box(0.0, 1.0, (4,), dtype=np.float32)
+        assert env.policy_env_info.extras["observation_source"] == spaces.Discrete(4)
+        rollout = collect_rollout(env, 40, seed=1)
+    check_rollout(rollout)  # both players always end together here
+    np.testing.assert_array_equal(rollout.observations.sum(axis=-1), 1.0)
+    assert (rollout.observations[rollout.starts][:, 3] == 1.0).all(), "3: no move seen yet"
+    moved = ~rollout.starts[1:]
+    partner_moves = rollout.actions[:-1, [1, 0, 3, 2], 0]  # rows are (instance, player): the other player's row
+    np.testing.assert_array_equal(rollout.observations[1:][moved], np.eye(4)[partner_moves][moved])
+
+
+class DictObservationEnv(ParallelEnv):
+    """Agents a, b see a Dict of a Box and a Discrete drawn from the reset seed; `shown` keeps what they saw."""
+
+    metadata: dict[str, Any] = {"name": "dict_obs_v0", "is_parallelizable": True}  # noqa: RUF012
+
+    def __init__(self, text: bool = False, length: int = 4) -> None:
+        self.possible_agents = ["a", "b"]
+        parts: dict[str, spaces.Space] = {"cell": spaces.Discrete(3, start=1), "pos": spaces.Box(-1.0, 1.0, (2,))}
+        if text:
+            parts["name"] = spaces.Text(4)
+        self.space = spaces.Dict(parts)
+        self.length, self.t = length, 0
+        self.shown: dict[str, Any] = {}
+        self.rng = np.random.default_rng()
+
+    def observation_space(self, agent: str) -> spaces.Space:
+        return self.space
+
+    def action_space(self, agent: str) -> spaces.Space:
+        return spaces.Discrete(2)
+
+    def reset(self, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict, dict]:
+        self.rng, self.t, self.agents = np.random.default_rng(seed), 0, list(self.possible_agents)
+        return self.observe(), {agent: {} for agent in self.agents}
+
+    def step(self, actions: dict[str, Any]) -> tuple[dict, dict, dict, dict, dict]:
+        self.t += 1
+        obs, flags = self.observe(), dict.fromkeys(self.agents, self.t >= self.length)
+        out = obs, dict.fromkeys(self.agents, 0.0), dict.fromkeys(self.agents, False), flags, {}
+        if self.t >= self.length:
+            self.agents = []
+        return out
+
+    def observe(self) -> dict[str, Any]:
+        draw = self.rng
+        self.shown = {agent: {"cell": int(draw.integers(1, 4)), "pos": draw.uniform(-1, 1, 2).astype(np.float32)}
+                      for agent in self.agents}
+        return self.shown
+
+
+def test_dict_observations_land_where_gymnasium_flattens_them() -> None:
+    with PettingZooEnvironment(DictObservationEnv, num_envs=2) as env:
+        assert env.policy_env_info.observation_space.shape == (3 + 2,)
+        env.reset(seed=5)
+        for _ in range(10):  # through episode ends (length 4) and restarts
+            observations = env.get_observations().observations
+            expected = [spaces.flatten(instance.space, instance.shown[agent])
+                        for instance in env.envs for agent in instance.possible_agents]
+            np.testing.assert_array_equal(observations, np.stack(expected).astype(np.float32))
+            env.send_actions(np.zeros((4, 1), dtype=np.int64))
+
+
+def test_observation_parts_without_a_feature_form_are_refused_naming_the_env_and_part() -> None:
+    with pytest.raises(PettingZooEnvError) as error:
+        PettingZooEnvironment(partial(DictObservationEnv, text=True), num_envs=1)
+    message = str(error.value)
+    assert message.startswith("dict_obs_v0: observation space Dict(") and "its part ['name'] is Text(1, 4," in message
+    assert message.endswith("wrap the env so that each agent observes one of them") and "\n" not in message
+
+
 @pytest.mark.parametrize(
     "factory,problem",
     [
         (partial(CountingEnv, {"b": 5}), r"share one observation space; got a: Discrete\(4, start=1\), b: Discrete"),
-        (lambda: _with_box_actions(parallel_env()), "action space Box.* not supported"),
+        (lambda: _with_multibinary_actions(parallel_env()), r"action space MultiBinary\(2\) is not supported"),
     ],
 )
 def test_unsupported_spaces_fail_naming_agents_and_spaces(factory: Any, problem: str) -> None:
@@ -268,8 +342,8 @@ def test_unsupported_spaces_fail_naming_agents_and_spaces(factory: Any, problem:
         PettingZooEnvironment(factory, num_envs=2)
 
 
-def _with_box_actions(env: TargetMatchParallelEnv) -> TargetMatchParallelEnv:
-    env.action_spaces = dict.fromkeys(env.possible_agents, spaces.Box(-1.0, 1.0, (2,)))
+def _with_multibinary_actions(env: TargetMatchParallelEnv) -> TargetMatchParallelEnv:
+    env.action_spaces = dict.fromkeys(env.possible_agents, spaces.MultiBinary(2))
     return env
 
 

@@ -47,8 +47,30 @@ def test_unsupported_spaces_fail_with_the_adapter_error_and_prefix() -> None:
     box = gym.spaces.Box(0, 1, (2,))
     with pytest.raises(SpaceError, match=r"^game: action space Box.* not supported; mettle policies need Discrete"):
         ActionConverter(box, rows=1, error=SpaceError, prefix="game: ")
-    with pytest.raises(SpaceError, match=r"^observation space Tuple.*\(Box or Discrete only\); flatten it$"):
-        ObservationWriter(gym.spaces.Tuple([box]), SpaceError, "", "flatten it")
+    refused = r"^game: observation space Text\(1, 4, .*\) is not supported; mettle takes Box, Discrete, MultiDiscrete, "
+    with pytest.raises(SpaceError, match=refused + r"MultiBinary, or Dict/Tuple nests of them; wrap it$"):
+        ObservationWriter(gym.spaces.Text(4), SpaceError, "game: ", "wrap it")
+
+
+@pytest.mark.parametrize("space,part", [
+    (gym.spaces.Dict({"a": gym.spaces.Tuple([gym.spaces.Discrete(2), gym.spaces.Graph(gym.spaces.Discrete(2), None)])}),
+     r"\['a'\]\[1\] is Graph"),
+    (gym.spaces.Tuple([gym.spaces.MultiBinary(2), gym.spaces.Sequence(gym.spaces.Discrete(2))]), r"\[1\] is Sequence"),
+    (gym.spaces.Dict({"x": gym.spaces.OneOf([gym.spaces.Discrete(2)])}), r"\['x'\] is OneOf"),
+])
+def test_nested_parts_without_a_feature_form_are_named_by_their_keys(space: gym.Space, part: str) -> None:
+    with pytest.raises(SpaceError, match=f"is not supported: its part {part}") as error:
+        ObservationWriter(space, SpaceError, "", "wrap it")
+    assert "\n" not in str(error.value)
+
+
+def test_empty_dicts_and_multirow_arrays_still_give_one_line() -> None:
+    with pytest.raises(SpaceError, match=r"^observation space Dict\(\) is not supported"):
+        ObservationWriter(gym.spaces.Dict({}), SpaceError, "", "")
+    space = gym.spaces.Tuple([gym.spaces.MultiDiscrete([[2, 3], [4, 5]]), gym.spaces.Text(3)])
+    with pytest.raises(SpaceError, match=r"MultiDiscrete\(\[\[2 3\] \[4 5\]\]\), Text") as error:
+        ObservationWriter(space, SpaceError, "", "")
+    assert "\n" not in str(error.value)
 
 
 def test_observations_are_written_as_they_are_or_one_hot() -> None:
@@ -64,6 +86,61 @@ def test_observations_are_written_as_they_are_or_one_hot() -> None:
     rows = np.zeros((2, 2), dtype=np.float32)
     box.write_row(rows[1], [[0.5], [0.25]])
     assert box.space.dtype == np.float32 and rows.tolist() == [[0, 0], [0.5, 0.25]]
+
+
+NESTED = gym.spaces.Dict({
+    "state": gym.spaces.Tuple([
+        gym.spaces.MultiDiscrete([[2, 3], [2, 4]], start=[[1, 0], [0, -2]]),
+        gym.spaces.MultiBinary([2, 2]),
+    ]),
+    "cell": gym.spaces.Discrete(5, start=-1),
+    "image": gym.spaces.Box(0, 255, (2, 3), dtype=np.uint8),
+    "speed": gym.spaces.Box(-np.inf, np.inf, (1,), dtype=np.float64),
+})
+"""Every kind of part, nested, with starts, multi-dimensional shapes and unbounded values."""
+
+
+def batch_of(space: gym.Space, samples: list) -> object:
+    """Samples stacked the way a Gymnasium vector env hands them over (a Dict of batched parts, and so on)."""
+    return gym.vector.utils.concatenate(space, samples, gym.vector.utils.create_empty_array(space, len(samples)))
+
+
+@pytest.mark.parametrize("space", [
+    NESTED,
+    gym.spaces.Tuple([gym.spaces.Discrete(32), gym.spaces.Discrete(11), gym.spaces.Discrete(2)]),  # Blackjack's
+    gym.spaces.MultiDiscrete([3, 2], start=[1, 1]),
+    gym.spaces.MultiBinary(3),
+])
+def test_other_spaces_land_in_the_columns_gymnasium_flattens_them_to(space: gym.Space) -> None:
+    writer = ObservationWriter(space, SpaceError, "", "")
+    reference = gym.spaces.flatten_space(space)
+    assert writer.space == gym.spaces.Box(reference.low.astype(np.float32), reference.high.astype(np.float32),
+                                          dtype=np.float32)
+    assert writer.extras == {"observation_source": space}
+    space.seed(7)
+    samples = [space.sample() for _ in range(6)]
+    expected = np.stack([gym.spaces.flatten(space, sample) for sample in samples]).astype(np.float32)
+    out = np.full((6, *writer.space.shape), 7.0, dtype=np.float32)
+    writer.write(out, batch_of(space, samples))
+    np.testing.assert_array_equal(out, expected)
+
+    some = np.array([True, False, False, True, False, True])
+    out.fill(7.0)
+    writer.write(out, batch_of(space, samples), rows=some)
+    np.testing.assert_array_equal(out[some], expected[some])
+    assert (out[~some] == 7.0).all(), "rows left out stay as they were"
+    writer.write(out, batch_of(space, samples), rows=np.zeros(6, dtype=bool))
+
+    for sample, want in zip(samples, expected, strict=True):
+        row = np.full(writer.space.shape, 7.0, dtype=np.float32)
+        writer.write_row(row, sample)
+        np.testing.assert_array_equal(row, want)
+        assert space.contains(gym.spaces.unflatten(space, row.astype(reference.dtype))), "extras read it back"
+
+
+def test_box_observations_keep_their_shape_and_no_extras() -> None:
+    writer = ObservationWriter(gym.spaces.Box(0, 255, (2, 3), dtype=np.uint8), SpaceError, "", "")
+    assert writer.space.shape == (2, 3) and writer.extras == {}
 
 
 def test_scalar_infos_keep_numbers_and_flatten_nested_dicts() -> None:

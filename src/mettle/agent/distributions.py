@@ -1,7 +1,8 @@
-"""Action distributions over one or more independent categorical heads."""
+"""Action distributions: independent categorical heads (Discrete, MultiDiscrete) or a diagonal Gaussian (Box)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -158,3 +159,65 @@ def act(
         actions = dist.mode()
         return actions, dist.log_prob(actions), dist.entropy
     return actions.long(), dist.log_prob(actions), dist.entropy()
+
+
+HALF_LOG_TWO_PI = 0.5 * math.log(2.0 * math.pi)
+
+
+class DiagonalGaussian:
+    """Independent normals, one per Box dimension, with a log-std shared by every state (a parameter, not an output).
+
+    The policy's actor layer gives the means; the log-std [dims] starts at 0 (std 1), as CleanRL and SB3 start.
+    Samples are unbounded: the environment clips what it is sent, and log-probabilities stay those of the
+    unclipped sample, which is what the experience stores and PPO's ratio compares.
+    """
+
+    def __init__(self, mean: torch.Tensor, log_std: torch.Tensor) -> None:
+        if log_std.shape != mean.shape[-1:]:
+            raise ValueError(f"log_std shaped {tuple(log_std.shape)}, expected [{mean.shape[-1]}] (one per dimension)")
+        self.mean, self.log_std = mean, log_std
+        self.batch_shape = mean.shape[:-1]
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One draw [..., dims] float: mean + std * N(0, 1), the noise from `generator` (else torch's global one).
+
+        Without gradient, as a categorical draw: PPO differentiates the log-probability of a fixed action."""
+        with torch.no_grad():
+            noise = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype, device=self.mean.device)
+            return self.mean + self.log_std.exp() * noise
+
+    def mode(self) -> torch.Tensor:
+        """The mean [..., dims]: the most likely action (deterministic evaluation)."""
+        return self.mean
+
+    def log_prob(self, actions: torch.Tensor) -> torch.Tensor:
+        """Joint log-density of `actions` [..., dims]: dimensions are independent, so their log-densities add."""
+        if actions.shape[-1] != self.mean.shape[-1]:
+            raise ValueError(f"actions end in {actions.shape[-1]} entries, expected {self.mean.shape[-1]} dimensions")
+        z = (actions - self.mean) * (-self.log_std).exp()
+        return (-0.5 * z.square() - self.log_std - HALF_LOG_TWO_PI).sum(-1)
+
+    def entropy(self) -> torch.Tensor:
+        """Joint entropy [...]: sum over dimensions of 1/2 log(2 pi e) + log_std, the same for every state."""
+        per_state = (self.log_std + (0.5 + HALF_LOG_TWO_PI)).sum()
+        return per_state.expand(self.batch_shape)
+
+
+def act_gaussian(
+    mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor | None, deterministic: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample (or take the mean, or score given) Box actions; return (actions, log_prob, entropy)."""
+    dist = DiagonalGaussian(mean, log_std)
+    if actions is None:
+        actions = dist.mode() if deterministic else dist.sample()
+    return actions, dist.log_prob(actions), dist.entropy()
+
+
+def act_with_head(
+    logits: torch.Tensor, nvec: Sequence[int], log_std: torch.Tensor | None, actions: torch.Tensor | None,
+    deterministic: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | Callable[[], torch.Tensor]]:
+    """`act` for categorical heads, or `act_gaussian` where the policy holds a log-std (its actions are a Box)."""
+    if log_std is None:
+        return act(logits, nvec, actions, deterministic)
+    return act_gaussian(logits, log_std, actions, deterministic)

@@ -7,8 +7,11 @@ import operator
 from typing import TYPE_CHECKING, SupportsIndex
 
 import gymnasium as gym
+import numpy as np
 import torch
 from torch import nn
+
+from mettle.agent.policy import TensorSpec
 
 if TYPE_CHECKING:
     from mettle.contracts import PolicyEnvInfo
@@ -80,6 +83,28 @@ def box_shape(env_info: PolicyEnvInfo, policy_name: str) -> tuple[int, ...]:
     if not isinstance(space, gym.spaces.Box):
         raise ValueError(f"{policy_name} needs a Box observation space, got {space!r}")
     return tuple(int(d) for d in space.shape)
+
+
+def action_layout(env_info: PolicyEnvInfo) -> tuple[tuple[int, ...], int]:
+    """(nvec, Box dims): categorical head sizes and 0, or () and the Box's flat size; the actor layer is as wide
+    as sum(nvec) + dims. A Box of integers is refused: a Gaussian head draws real numbers."""
+    if not env_info.continuous_actions:
+        return env_info.action_nvec, 0
+    space = env_info.action_space
+    if not np.issubdtype(space.dtype, np.floating):
+        raise ValueError(f"action space {space} holds integers; a Gaussian head needs a float Box "
+                         "(use Discrete/MultiDiscrete for integer actions)")
+    return (), env_info.action_width
+
+
+def gaussian_log_std(dims: int) -> nn.Parameter | None:
+    """The state-independent log-std [dims] of a Gaussian head, 0 at first (std 1); None without Box actions."""
+    return nn.Parameter(torch.zeros(dims)) if dims else None
+
+
+def actions_spec(nvec: tuple[int, ...], dims: int) -> TensorSpec:
+    """One stored action: int64 per categorical head, or float32 per Box dimension (the sample, unclipped)."""
+    return TensorSpec((dims,), torch.float32) if dims else TensorSpec((len(nvec),), torch.int64)
 
 
 def flatten_steps(observations: torch.Tensor, obs_shape: tuple[int, ...]) -> torch.Tensor:

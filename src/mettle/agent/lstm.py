@@ -9,16 +9,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from mettle.agent.distributions import act
+from mettle.agent.distributions import act_with_head
 from mettle.agent.layers import (
     ACTOR_GAIN,
     CRITIC_GAIN,
     MAX_DEPTH,
     MAX_WIDTH,
+    action_layout,
+    actions_spec,
     box_shape,
     build_torso,
     check_size,
     flatten_steps,
+    gaussian_log_std,
     init_lstm,
     normalize_rows,
     orthogonal_linear,
@@ -43,7 +46,10 @@ def chunk_bounds(starts: torch.Tensor, per_step: bool = False) -> list[int]:
 
 
 class LSTMPolicy(Policy):
-    """Recurrent actor-critic that keeps each agent row's (h, c) between rollout calls."""
+    """Recurrent actor-critic that keeps each agent row's (h, c) between rollout calls.
+
+    Its action heads are MLPPolicy's: categorical for Discrete/MultiDiscrete, a diagonal Gaussian for a Box.
+    """
 
     def __init__(self, hidden_size: int = 128, encoder_layers: int = 1) -> None:
         super().__init__()
@@ -51,6 +57,9 @@ class LSTMPolicy(Policy):
         self.encoder_layers = check_size("encoder_layers", encoder_layers, 0, MAX_DEPTH)
         self.obs_shape: tuple[int, ...] = ()
         self.nvec: tuple[int, ...] = ()
+        self.action_dims = 0
+        """Box dimensions of a Gaussian head (0: categorical heads, `nvec`)."""
+        self.log_std: nn.Parameter | None = None
         self._h: torch.Tensor | None = None
         self._c: torch.Tensor | None = None
 
@@ -62,14 +71,15 @@ class LSTMPolicy(Policy):
     def initialize_to_environment(self, env_info: PolicyEnvInfo, device: torch.device | str) -> None:
         """Size encoder, LSTM and heads to the spaces, forget all memory, then move to `device`."""
         self.obs_shape = box_shape(env_info, type(self).__name__)
-        self.nvec = env_info.action_nvec
+        self.nvec, self.action_dims = action_layout(env_info)
         in_features = int(np.prod(self.obs_shape))
         self.encoder: nn.Module = build_torso(in_features, self.hidden_size, self.encoder_layers, nn.ReLU)
         lstm_in = self.hidden_size if self.encoder_layers else in_features
         self.lstm = nn.LSTM(lstm_in, self.hidden_size, batch_first=True)
         init_lstm(self.lstm)
-        self.actor_head = orthogonal_linear(self.hidden_size, sum(self.nvec), ACTOR_GAIN)
+        self.actor_head = orthogonal_linear(self.hidden_size, sum(self.nvec) + self.action_dims, ACTOR_GAIN)
         self.critic_head = orthogonal_linear(self.hidden_size, 1, CRITIC_GAIN)
+        self.log_std = gaussian_log_std(self.action_dims)
         self.reset_memory()
         self.to(device)
 
@@ -79,7 +89,7 @@ class LSTMPolicy(Policy):
         state = TensorSpec((self.hidden_size,), torch.float32)
         return {
             "observations": TensorSpec(self.obs_shape, torch.float32),
-            "actions": TensorSpec((len(self.nvec),), torch.int64),
+            "actions": actions_spec(self.nvec, self.action_dims),
             **{key: state for key in MEMORY_KEYS},
         }
 
@@ -108,7 +118,7 @@ class LSTMPolicy(Policy):
             self._write_rows(rows, h_n, c_n)
         logits = self.actor_head(hidden)
         values = self.critic_head(hidden).squeeze(-1)
-        chosen, log_prob, entropy = act(logits, self.nvec, actions, deterministic)
+        chosen, log_prob, entropy = act_with_head(logits, self.nvec, self.log_std, actions, deterministic)
         memory_out = {"lstm_h": h0, "lstm_c": c0}
         return PolicyOutput(chosen, log_prob, entropy, values, memory_out, logits)
 
@@ -191,7 +201,7 @@ class LSTMPolicy(Policy):
 
     def _require_initialized(self) -> None:
         """Fail clearly when used before its layers exist."""
-        if not self.nvec:
+        if not self.nvec and not self.action_dims:
             raise RuntimeError(f"{type(self).__name__}.initialize_to_environment must be called first")
 
 

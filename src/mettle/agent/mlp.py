@@ -8,17 +8,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from mettle.agent.distributions import act
+from mettle.agent.distributions import act_with_head
 from mettle.agent.layers import (
     ACTOR_GAIN,
     CRITIC_GAIN,
     MAX_DEPTH,
     MAX_WIDTH,
+    action_layout,
+    actions_spec,
     box_shape,
     build_torso,
     check_size,
     dense,
     flatten_steps,
+    gaussian_log_std,
     orthogonal_linear,
     tanh_torso_forward,
     tanh_torso_layers,
@@ -30,7 +33,11 @@ if TYPE_CHECKING:
 
 
 class MLPPolicy(Policy):
-    """Stateless actor-critic; separate actor and critic torsos by default, which suits small control."""
+    """Stateless actor-critic; separate actor and critic torsos by default, which suits small control.
+
+    Discrete actions get categorical heads; a Box gets a diagonal Gaussian whose mean is the actor layer's output
+    and whose log-std is one parameter per dimension (`log_std`), the same in every state.
+    """
 
     def __init__(self, hidden_size: int = 64, num_layers: int = 2, shared_torso: bool = False) -> None:
         super().__init__()
@@ -39,18 +46,22 @@ class MLPPolicy(Policy):
         self.shared_torso = shared_torso
         self.obs_shape: tuple[int, ...] = ()
         self.nvec: tuple[int, ...] = ()
+        self.action_dims = 0
+        """Box dimensions of a Gaussian head (0: categorical heads, `nvec`)."""
+        self.log_std: nn.Parameter | None = None
 
     def initialize_to_environment(self, env_info: PolicyEnvInfo, device: torch.device | str) -> None:
         """Size the torsos and heads to the spaces, then move to `device`."""
         self.obs_shape = box_shape(env_info, type(self).__name__)
-        self.nvec = env_info.action_nvec
+        self.nvec, self.action_dims = action_layout(env_info)
         in_features = int(np.prod(self.obs_shape))
         out_features = self.hidden_size if self.num_layers else in_features
         torso_args = (in_features, self.hidden_size, self.num_layers, nn.Tanh)
         self.actor_torso = build_torso(*torso_args)
         self.critic_torso = None if self.shared_torso else build_torso(*torso_args)
-        self.actor_head = orthogonal_linear(out_features, sum(self.nvec), ACTOR_GAIN)
+        self.actor_head = orthogonal_linear(out_features, sum(self.nvec) + self.action_dims, ACTOR_GAIN)
         self.critic_head = orthogonal_linear(out_features, 1, CRITIC_GAIN)
+        self.log_std = gaussian_log_std(self.action_dims)
         self.to(device)
 
     def get_agent_experience_spec(self) -> dict[str, TensorSpec]:
@@ -58,7 +69,7 @@ class MLPPolicy(Policy):
         self._require_initialized()
         return {
             "observations": TensorSpec(self.obs_shape, torch.float32),
-            "actions": TensorSpec((len(self.nvec),), torch.int64),
+            "actions": actions_spec(self.nvec, self.action_dims),
         }
 
     def forward(
@@ -78,7 +89,7 @@ class MLPPolicy(Policy):
         critic_features = actor_features if self.critic_torso is None else torso_features(self.critic_torso, x)
         logits = dense((self.actor_head.weight, self.actor_head.bias), actor_features).view(b, t, -1)
         values = dense((self.critic_head.weight, self.critic_head.bias), critic_features).view(b, t)
-        chosen, log_prob, entropy = act(logits, self.nvec, actions, deterministic)
+        chosen, log_prob, entropy = act_with_head(logits, self.nvec, self.log_std, actions, deterministic)
         return PolicyOutput(chosen, log_prob, entropy, values, memory={}, logits=logits)
 
     def constructor_kwargs(self) -> dict[str, Any]:
@@ -87,7 +98,7 @@ class MLPPolicy(Policy):
 
     def _require_initialized(self) -> None:
         """Fail clearly when used before its layers exist."""
-        if not self.nvec:
+        if not self.nvec and not self.action_dims:
             raise RuntimeError(f"{type(self).__name__}.initialize_to_environment must be called first")
 
 

@@ -33,7 +33,8 @@ class PolicyOutput:
     __slots__ = ("_entropy", "actions", "log_prob", "logits", "memory", "values")
 
     actions: torch.Tensor
-    """[B, T, heads] int64: sampled (rollout) or the given actions (training)."""
+    """Sampled (rollout) or the given actions (training): [B, T, heads] int64 choices, or for a Box action space
+    [B, T, dims] float32, the Gaussian's sample as drawn (not clipped: the environment clips what it is sent)."""
     log_prob: torch.Tensor
     """[B, T] log-probability of `actions` under the current policy."""
     values: torch.Tensor
@@ -41,8 +42,10 @@ class PolicyOutput:
     memory: dict[str, torch.Tensor]
     """Recurrent state each row had before this call ([B, ...] per field); empty if stateless."""
     logits: torch.Tensor | None
-    """[B, T, sum(nvec)] unnormalised action logits, all heads side by side (distillation compares them);
-    None from a policy that does not expose them."""
+    """[B, T, sum(nvec)] unnormalised action logits, all heads side by side (distillation compares them); for a
+    Box action space the Gaussian's mean [B, T, dims] instead (its log-std is a policy parameter, so the mean
+    alone does not describe the distribution: the kickstarter refuses Box policies). None from a policy that
+    does not expose them."""
 
     def __init__(
         self,
@@ -96,10 +99,10 @@ class Policy(nn.Module, ABC):
     ) -> PolicyOutput:
         """Run the policy over observations shaped [B, T, ...].
 
-        With `actions` None, actions are sampled (or the argmax with `deterministic`); otherwise the
-        given actions are scored. `starts` [B, T] marks first steps of episodes, where memory resets.
-        Recurrent policies start from `memory` when given (training), else from their own memory of
-        `rows` (rollout), which they then advance.
+        With `actions` None, actions are sampled (or the mode with `deterministic`: each head's argmax, a
+        Gaussian's mean); otherwise the given actions are scored. `starts` [B, T] marks first steps of
+        episodes, where memory resets. Recurrent policies start from `memory` when given (training), else
+        from their own memory of `rows` (rollout), which they then advance.
         """
 
     def compile_hot_path(self) -> None:
@@ -120,7 +123,8 @@ class Policy(nn.Module, ABC):
         """Restore what `memory_state` returned."""
 
     def act(self, batch: EnvBatch, device: torch.device | str, deterministic: bool = False) -> np.ndarray:
-        """Actions for every row of an environment batch, as `send_actions` takes them ([rows, heads] int64).
+        """Actions for every row of an environment batch, as `send_actions` takes them ([rows, heads] int64, or
+        [rows, dims] float32 for a Box, where `deterministic` takes the Gaussian's mean).
 
         For acting outside training (evaluation, watching): no gradients, and recurrent memory advances per row.
         """

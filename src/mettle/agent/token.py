@@ -246,6 +246,9 @@ class TokenPolicy(LSTMPolicy):
 
     def initialize_to_environment(self, env_info: PolicyEnvInfo, device: torch.device | str) -> None:
         """Build encoder, core and heads, read per-feature value scales from the extras, then move to `device`."""
+        if env_info.continuous_actions:
+            raise ValueError(f"{type(self).__name__} acts with categorical heads, and the action space is "
+                             f"{env_info.action_space}; use policy.kind=mlp or lstm, which have a Gaussian head")
         self.obs_shape = token_shape(env_info, type(self).__name__)
         self.nvec = env_info.action_nvec
         encoder = TokenEncoder(self.embed_size, self.hidden_size, self.pooling, self.num_heads, self.token_layers)

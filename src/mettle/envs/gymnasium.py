@@ -26,6 +26,7 @@ import difflib
 import functools
 import importlib
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -43,13 +44,14 @@ from mettle.envs.rows import (
     generator_state,
     set_generator_state,
 )
-from mettle.envs.spaces import ActionConverter, ObservationWriter, scalar_infos
+from mettle.envs.spaces import ObservationWriter, action_converter, scalar_infos
 
 __all__ = [
     "CARTPOLE_NO_VELOCITY_ID",
     "GymnasiumEnvError",
     "GymnasiumEnvironment",
     "MaskVelocityObservation",
+    "has_box_actions",
     "make_cartpole_no_velocity",
 ]
 
@@ -135,6 +137,22 @@ def _check_env_id(env_id: str) -> None:
     matches = difflib.get_close_matches(name, list(gym.registry), n=1, cutoff=0.5)
     hint = f"; did you mean {matches[0]!r}?" if matches else "; see gymnasium.pprint_registry()"
     raise GymnasiumEnvError(f"unknown Gymnasium environment {env_id!r}{hint}")
+
+
+def has_box_actions(env_id: str) -> bool:
+    """Whether a Gymnasium id acts in a Box, for choosing its recipe; False where it cannot be built (the run then
+    fails building it, with the reason). A registry spec does not name the action space, so one env is built."""
+    try:
+        _check_env_id(env_id)
+        with warnings.catch_warnings():  # the run builds it again and shows its warnings then
+            warnings.simplefilter("ignore")
+            env = gym.make(env_id)
+    except Exception:  # any third-party env's failure to build (a missing dependency, bad defaults)
+        return False
+    try:
+        return isinstance(env.action_space, gym.spaces.Box)
+    finally:
+        env.close()
 
 
 def _make_env(env_id: str, wrappers: Sequence[Wrapper], env_kwargs: dict[str, Any]) -> gym.Env:
@@ -286,19 +304,21 @@ class GymnasiumEnvironment(ReplayEnvironment):
         self._mode = _parse_mode(vec_env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP))
         n = vec_env.num_envs
         try:
-            self._obs_writer = ObservationWriter(vec_env.single_observation_space, GymnasiumEnvError, f"{name}: ",
-                                                 "flatten it with wrappers=(gymnasium.wrappers.FlattenObservation,)")
-            self._actions = ActionConverter(vec_env.single_action_space, n, GymnasiumEnvError, f"{name}: ")
+            remedy = "wrap the env in a gymnasium.ObservationWrapper that returns one of them"
+            space = vec_env.single_observation_space
+            self._obs_writer = ObservationWriter(space, GymnasiumEnvError, f"{name}: ", remedy)
+            self._actions = action_converter(vec_env.single_action_space, n, GymnasiumEnvError, f"{name}: ")
         except GymnasiumEnvError:
             self.close()
             raise
-        self._info = PolicyEnvInfo(self._obs_writer.space, self._actions.space, num_agents=1)
+        self._info = PolicyEnvInfo(self._obs_writer.space, self._actions.space, num_agents=1,
+                                   extras=self._obs_writer.extras)
         self._batch_info = BatchInfo(num_envs=n, agents_per_env=1)
         self._buffers = RowBuffers.allocate(n, self._obs_writer.space.shape)
         self._to_reset = np.zeros(n, dtype=bool)
         self._started = False
         replays = isinstance(vec_env, gym.vector.SyncVectorEnv) and self._mode == AutoresetMode.NEXT_STEP
-        self._log = EpisodeLog(n, 1) if replays else None
+        self._log = EpisodeLog(n, 1, self._actions.action_dtype) if replays else None
         self._native_fields = NATIVE_STATE.get(type(vec_env).__name__)
 
     # -------------------------------------------------------------------- contract
@@ -380,7 +400,7 @@ class GymnasiumEnvironment(ReplayEnvironment):
         else:
             env.unwrapped.np_random.bit_generator.state = start["rng"]
             obs, _ = env.reset()
-        full = np.zeros((vec.num_envs, self._actions.heads), dtype=np.int64)
+        full = np.zeros((vec.num_envs, self._actions.heads), dtype=self._actions.action_dtype)
         for step in actions:
             full[instance] = step[0]
             obs, *_ = env.step(self._actions.batched(full)[instance])

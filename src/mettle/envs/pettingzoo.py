@@ -49,7 +49,7 @@ except ImportError as _error:  # an optional dependency: say how to get it
 
 from mettle.contracts import BatchInfo, PolicyEnvInfo
 from mettle.envs.rows import EpisodeLog, ReplayEnvironment, RowBuffers, generator_state, set_generator_state
-from mettle.envs.spaces import ActionConverter, ObservationWriter, scalar_infos
+from mettle.envs.spaces import ObservationWriter, action_converter, scalar_infos
 from mettle.errors import one_line
 
 __all__ = ["PettingZooEnvError", "PettingZooEnvironment", "PettingZooSpec", "parse_pettingzoo_spec"]
@@ -185,10 +185,11 @@ class PettingZooEnvironment(ReplayEnvironment):
                 )
         self._index = {agent: k for k, agent in enumerate(self.possible_agents)}
         a, n = len(self.possible_agents), len(self._envs)
-        self._obs_writer = ObservationWriter(_shared_space(first, "observation"), PettingZooEnvError, "",
-                                             "flatten it first")
-        self._actions = ActionConverter(_shared_space(first, "action"), n * a, PettingZooEnvError)
-        extras = {"possible_agents": tuple(self.possible_agents)}
+        label = getattr(first, "metadata", {}).get("name") or _name(first)
+        self._obs_writer = ObservationWriter(_shared_space(first, "observation"), PettingZooEnvError, f"{label}: ",
+                                             "wrap the env so that each agent observes one of them")
+        self._actions = action_converter(_shared_space(first, "action"), n * a, PettingZooEnvError)
+        extras = {"possible_agents": tuple(self.possible_agents), **self._obs_writer.extras}
         self._info = PolicyEnvInfo(self._obs_writer.space, self._actions.space, num_agents=a, extras=extras)
         self._batch_info = BatchInfo(num_envs=n, agents_per_env=a)
         self._seed = seed
@@ -196,7 +197,7 @@ class PettingZooEnvironment(ReplayEnvironment):
         self._needs_reset = np.zeros(n, dtype=bool)  # instances left with no live agent
         self._finished: list[set[str]] = [set() for _ in range(n)]  # agents whose episode ended, per instance
         self._rngs: list[np.random.Generator] = []  # per instance: draws the seeds of its later episodes
-        self._log = EpisodeLog(n, a)
+        self._log = EpisodeLog(n, a, self._actions.action_dtype)
         self._started = False
 
     # -------------------------------------------------------------------- contract
@@ -236,11 +237,9 @@ class PettingZooEnvironment(ReplayEnvironment):
 
     # -------------------------------------------------------------------- internals
     def _checked(self, actions: np.ndarray) -> np.ndarray:
-        """Shape and range checks once per send, since PettingZoo envs rarely validate actions."""
-        actions, converter = np.asarray(actions), self._actions
-        converter.check_shape(actions)
-        if actions.dtype.kind not in "iu" or not converter.in_range(actions):
-            raise ValueError(f"actions must be integers in [0, {converter.nvec.tolist()}) per head")
+        """Shape and range checks once per send, since PettingZoo envs rarely validate actions (Box: clipped later)."""
+        actions = np.asarray(actions)
+        self._actions.check(actions)
         return actions
 
     def _block(self, i: int) -> slice:

@@ -230,11 +230,15 @@ class EpisodeLog:
 
     Any environment that is deterministic given its reset (a seed, or the RNG state it reset from) and
     its actions is rebuilt exactly this way; an episode is short next to a run, so the log stays small.
-    Call `record` at the start of every send, then `begin` for each instance that (re)starts.
+    Call `record` at the start of every send, then `begin` for each instance that (re)starts. Actions are kept in
+    the dtype the adapter sends in (int64 choices, float32 Box values as the policy drew them), so a replay sends
+    bit for bit what the live episode did.
     """
 
-    def __init__(self, num_instances: int, rows_per_instance: int) -> None:
+    def __init__(self, num_instances: int, rows_per_instance: int, dtype: Any = np.int64) -> None:
         self.rows_per_instance = rows_per_instance
+        self.dtype = np.dtype(dtype)
+        """What every send's actions are kept as: int64 or float32."""
         self.starts: list[dict[str, Any] | None] = [None] * num_instances
         self.first = np.zeros(num_instances, dtype=np.int64)
         """Index of the first send whose actions count in each instance's episode."""
@@ -248,7 +252,7 @@ class EpisodeLog:
         """Keep a copy of one send's actions (all rows), dropping sends no live episode needs."""
         if self.overflowed:
             return
-        self._sends.append(np.array(actions, dtype=np.int64, copy=True))
+        self._sends.append(np.array(actions, dtype=self.dtype, copy=True))
         self._count += 1
         if self._trim:
             self._drop_unneeded()
@@ -282,11 +286,11 @@ class EpisodeLog:
             sends = logged[int(self.first[i]) - self._base :]
             heads = sends[0].shape[1] if sends else 0
             actions = np.stack([s[rows] for s in sends]) if sends else np.zeros((0, self.rows_per_instance, heads))
-            out.append((start, actions.astype(np.int64)))
+            out.append((start, actions.astype(self.dtype)))
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """Starts as JSON and each instance's actions as int64 tensors."""
+        """Starts as JSON and each instance's actions as tensors of the log's dtype."""
         return {
             "starts": json.dumps(self.starts),
             "actions": [torch.from_numpy(actions) for _, actions in self.episodes()],
@@ -298,12 +302,16 @@ class EpisodeLog:
         if len(starts) != len(self.starts) or any(a.ndim != 3 or a.shape[1] != self.rows_per_instance
                                                     for a in actions):
             raise EnvStateError(f"saved episodes are for {len(starts)} instances of another row layout")
+        wrong = next((a.dtype for a in actions if a.dtype != self.dtype), None)
+        if wrong is not None:
+            raise EnvStateError(f"saved episodes hold {wrong} actions, this environment sends {self.dtype}: not a "
+                                "log this environment wrote")
         longest = max((len(a) for a in actions), default=0)
         heads = next((a.shape[2] for a in actions if len(a)), 1)
         if longest > MAX_LOGGED_SENDS or any(len(a) and a.shape[2] != heads for a in actions):
             raise EnvStateError(f"saved episodes are {longest:,} steps long (at most {MAX_LOGGED_SENDS:,} are "
                                 "logged) or of mixed action heads: not a log this environment wrote")
-        sends = np.zeros((longest, len(starts) * self.rows_per_instance, heads), dtype=np.int64)
+        sends = np.zeros((longest, len(starts) * self.rows_per_instance, heads), dtype=self.dtype)
         for i, episode in enumerate(actions):  # right-aligned: every episode ends at the last send
             if len(episode):
                 sends[longest - len(episode) :, i * self.rows_per_instance : (i + 1) * self.rows_per_instance] = episode

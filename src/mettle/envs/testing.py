@@ -4,6 +4,9 @@
   in seconds, which makes it the fast end-to-end learning check.
 * `ScriptedEnvironment`: observation `[t]`, reward `f(t)`, fixed episode length; every stored
   reward and flag is known in advance, for exact-index tests.
+* `DictTargetEnv` (Gymnasium id `mettle/DictTarget-v0`, registered on import): the bandit as a single
+  Gymnasium env whose observation is a Dict of Discrete, Box and MultiBinary parts, for the flattening
+  of observations into features.
 * `collect_rollout` / `check_rollout`: drive any `TrainingEnvironment` and verify the `EnvBatch`
   next-step contract (final observation with `mask` False, then a start with reward 0, exact
   episode returns and lengths in `infos`).
@@ -29,7 +32,9 @@ from mettle.envs.rows import RowBufferEnvironment, RowBuffers
 from mettle.envs.spaces import ActionConverter
 
 __all__ = [
+    "DICT_TARGET_ID",
     "BanditEnvironment",
+    "DictTargetEnv",
     "Rollout",
     "ScriptedEnvironment",
     "check_environment_contract",
@@ -357,7 +362,7 @@ def collect_rollout(
         for name in ("observations", "rewards", "terminals", "truncations", "mask", "starts"):
             fields[name].append(np.array(getattr(batch, name), copy=True))
         infos.append(list(batch.infos))
-        sent = np.asarray(choose(t, batch), dtype=np.int64)
+        sent = np.asarray(choose(t, batch), dtype=info.action_dtype)
         fields["actions"].append(sent.copy())
         env.send_actions(sent)
     stacked = {name: np.stack(values) for name, values in fields.items()}
@@ -449,3 +454,62 @@ def _check_episode_infos(r: Rollout) -> None:
                 _fail(f"batch {t} row {row}: episode_length {info['episode_length']} != {lengths[row]} seen")
             if not np.isclose(info["episode_return"], returns[row], rtol=1e-5, atol=1e-5):
                 _fail(f"batch {t} row {row}: episode_return {info['episode_return']} != {returns[row]} seen")
+
+
+# ------------------------------------------------------------------ a Gymnasium env with Dict observations
+DICT_TARGET_ID = "mettle/DictTarget-v0"
+
+
+class DictTargetEnv(gym.Env[dict[str, Any], np.int64]):
+    """Copy the target shown in a Dict observation: {"clock": Box, "flags": MultiBinary, "target": Discrete}.
+
+    The target is Discrete(num_actions, start=1), the flags are noise and the clock is t / episode_length,
+    so only the flattened target's one-hot columns matter; playing it pays 1. Episodes truncate after
+    `episode_length` steps. With `note=True` a Text part is added, which mettle refuses (a bad-input fixture).
+    """
+
+    def __init__(self, num_actions: int = 3, episode_length: int = 8, note: bool = False) -> None:
+        if num_actions < 2 or episode_length < 1:
+            raise ValueError(f"need num_actions >= 2 and episode_length >= 1, got {num_actions}, {episode_length}")
+        parts: dict[str, gym.Space[Any]] = {
+            "clock": gym.spaces.Box(0.0, 1.0, shape=(1,), dtype=np.float32),
+            "flags": gym.spaces.MultiBinary(2),
+            "target": gym.spaces.Discrete(num_actions, start=1),
+        }
+        if note:
+            parts["note"] = gym.spaces.Text(8)
+        self.observation_space = gym.spaces.Dict(parts)
+        self.action_space = gym.spaces.Discrete(num_actions)
+        self.num_actions, self.episode_length, self.note = num_actions, episode_length, note
+        self._t = 0
+        self._target = 1
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Start over at t = 0 with a fresh target."""
+        super().reset(seed=seed)
+        self._t = 0
+        return self._observe(), {}
+
+    def step(self, action: np.int64) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
+        """Pay 1 for the shown target (choice 0 plays target 1), then show the next one."""
+        reward = float(int(action) + 1 == self._target)
+        self._t += 1
+        return self._observe(), reward, False, self._t >= self.episode_length, {}
+
+    def _observe(self) -> dict[str, Any]:
+        """Draw the next target and flags; the clock shows the episode's progress."""
+        self._target = int(self.np_random.integers(1, self.num_actions + 1))
+        observation: dict[str, Any] = {
+            "clock": np.array([self._t / self.episode_length], dtype=np.float32),
+            "flags": self.np_random.integers(0, 2, size=2, dtype=np.int8),
+            "target": self._target,
+        }
+        if self.note:
+            observation["note"] = "a"
+        return observation
+
+
+if DICT_TARGET_ID not in gym.registry:
+    gym.register(id=DICT_TARGET_ID, entry_point=f"{__name__}:DictTargetEnv")

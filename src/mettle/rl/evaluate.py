@@ -14,7 +14,7 @@ from mettle.agent.policy import Policy
 from mettle.rl.training.environment import TrainingEnvironment
 
 ActionMode = Literal["sampled", "greedy"]
-"""How an evaluation acts: sample from the policy, or take each head's argmax."""
+"""How an evaluation acts: sample from the policy, or take its mode (each head's argmax, a Gaussian's mean)."""
 ActionChoice = Literal["auto", "sampled", "greedy"]
 """What a user asks for; "auto" is the env family's default (`default_actions`)."""
 FAMILY_LABELS = {"mettagrid": "MettaGrid", "gym": "Gymnasium", "pettingzoo": "PettingZoo"}

@@ -107,6 +107,17 @@ def box_from_json(data: dict[str, Any]) -> gym.spaces.Box:
     return gym.spaces.Box(np.array(data["low"], dtype=dtype), np.array(data["high"], dtype=dtype), dtype=dtype)
 
 
+def check_action_space(space: gym.spaces.Space[Any]) -> gym.spaces.Discrete | gym.spaces.MultiDiscrete | gym.spaces.Box:
+    """A space a policy can act in: Discrete, MultiDiscrete, or a float Box of at most MAX_ACTION_HEADS dimensions."""
+    if isinstance(space, gym.spaces.Discrete | gym.spaces.MultiDiscrete):
+        return space
+    if not isinstance(space, gym.spaces.Box):
+        raise ValueError(f"action space {space} is not Discrete, MultiDiscrete or Box")
+    if not np.issubdtype(space.dtype, np.floating) or not 1 <= space.low.size <= MAX_ACTION_HEADS:
+        raise ValueError(f"Box action space {brief(space)} must hold floats in 1 to {MAX_ACTION_HEADS} dimensions")
+    return space
+
+
 def action_counts(nvec: Any) -> np.ndarray:
     """A MultiDiscrete nvec of at most MAX_ACTION_HEADS counts, each >= 1, together at most MAX_ACTIONS."""
     if not 1 <= nested_size(nvec) <= MAX_ACTION_HEADS:
@@ -175,9 +186,7 @@ def read_policy_spec(path: Path, device: torch.device | str = "cpu") -> tuple[Po
     text = read_checkpoint_file(path, SPEC_LIMIT)
     try:
         spec = json.loads(text)
-        action_space = space_from_json(spec["action_space"])
-        if not isinstance(action_space, gym.spaces.Discrete | gym.spaces.MultiDiscrete):
-            raise ValueError(f"action space {action_space} is neither Discrete nor MultiDiscrete")
+        action_space = check_action_space(space_from_json(spec["action_space"]))
         num_agents = check_size("num_agents", spec["num_agents"], 1, MAX_AGENTS)
         env_info = PolicyEnvInfo(space_from_json(spec["observation_space"]), action_space, num_agents)
         policy = policy_for_environment(spec["policy"], env_info, device)

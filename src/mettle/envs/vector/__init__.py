@@ -4,9 +4,9 @@
 `make_env(num_envs // num_workers, w)` once and owns the contiguous agent rows of its instances.
 
 Data path. The parent allocates one shared-memory segment holding observations, rewards, terminals,
-truncations, mask and starts for all rows, plus an int64 `[rows, heads]` action array. A step is:
-the parent copies the actions into the segment and sends each worker of the group a one-byte
-message; the worker calls `send_actions` on its sub-env with a view of its action rows, copies the
+truncations, mask and starts for all rows, plus a `[rows, heads]` action array (int64; float32 for a
+Box). A step is: the parent copies the actions into the segment and sends each worker of the group a
+one-byte message; the worker calls `send_actions` on its sub-env with a view of its action rows, copies the
 sub-env's next batch into its block (one memcpy per field) and answers one byte, or the pickled
 infos when episodes ended (infos carry global `env_id`s). Observations are never pickled.
 

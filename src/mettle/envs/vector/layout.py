@@ -32,6 +32,8 @@ class _Layout:
     obs_shape: tuple[int, ...]
     obs_dtype: str
     heads: int
+    action_dtype: str = "<i8"
+    """int64 choices, or float32 Box values (`PolicyEnvInfo.action_dtype`)."""
 
     def fields(self) -> list[tuple[str, tuple[int, ...], np.dtype]]:
         """Name, shape and dtype of every array, in segment order."""
@@ -43,7 +45,7 @@ class _Layout:
             ("truncations", (self.rows,), flag),
             ("mask", (self.rows,), flag),
             ("starts", (self.rows,), flag),
-            ("actions", (self.rows, self.heads), np.dtype(np.int64)),
+            ("actions", (self.rows, self.heads), np.dtype(self.action_dtype)),
         ]
 
     def offsets(self) -> tuple[list[int], int]:
@@ -70,7 +72,7 @@ def _layout_for(info: PolicyEnvInfo, rows: int) -> _Layout:
     if space.shape is None:
         raise ValueError(f"VectorEnvironment needs an observation space with a fixed shape, got {space}")
     dtype = np.dtype(space.dtype) if space.dtype is not None else np.dtype(np.float32)
-    return _Layout(rows, tuple(int(n) for n in space.shape), dtype.str, len(info.action_nvec))
+    return _Layout(rows, tuple(int(n) for n in space.shape), dtype.str, info.action_width, info.action_dtype.str)
 
 
 def _row_views(arrays: dict[str, np.ndarray], rows: slice) -> dict[str, np.ndarray]:

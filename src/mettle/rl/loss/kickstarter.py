@@ -52,6 +52,7 @@ class Kickstarter(Loss):
     def from_config(cls, cfg: KickstarterConfig, context: TrainerView) -> Kickstarter:
         """Load the teacher (on the device where rollouts run) and check it reads this env and acts in its space."""
         assert cfg.teacher is not None  # the config refuses an enabled kickstarter without one
+        refuse_continuous_actions(context.env.policy_env_info)
         path, config = Path(cfg.teacher), context.config
         if not path.exists():
             raise ValueError(f"losses.kickstarter.teacher: {path} does not exist; give a Mettle run directory or "
@@ -122,7 +123,7 @@ class Kickstarter(Loss):
 
 def check_teacher_fits(teacher: PolicyEnvInfo, student: PolicyEnvInfo, source: Path) -> None:
     """The teacher must act in the student's action space and read its observations: one line if not."""
-    if teacher.action_nvec != student.action_nvec:
+    if teacher.action_layout != student.action_layout:
         raise ValueError(f"losses.kickstarter.teacher: {source} acts in {describe(teacher.action_space)}, this "
                          f"environment in {describe(student.action_space)}; use a teacher trained on this "
                          "environment's action space")
@@ -130,6 +131,14 @@ def check_teacher_fits(teacher: PolicyEnvInfo, student: PolicyEnvInfo, source: P
         raise ValueError(f"losses.kickstarter.teacher: {source} reads observations "
                          f"{describe(teacher.observation_space)}, this environment gives "
                          f"{describe(student.observation_space)}; use a teacher trained on these observations")
+
+
+def refuse_continuous_actions(student: PolicyEnvInfo) -> None:
+    """The kickstarter distils categorical heads through their logits: a Box policy's Gaussian is not one."""
+    if student.continuous_actions:
+        raise ValueError(f"losses.kickstarter: this environment's actions are {describe(student.action_space)} "
+                         "(a Gaussian head), and the kickstarter distils categorical action heads only; set "
+                         "losses.kickstarter.enabled=false")
 
 
 def describe(space: Any) -> str:

@@ -36,6 +36,8 @@ def analytic_problem(policy: nn.Module, losses: Sequence[Loss]) -> str | None:
     """Why the hand-written gradient cannot stand in for autograd here, or None when it can."""
     if type(policy) is not MLPPolicy:
         return f"it is written for MLPPolicy, and the policy is {type(policy).__name__}"
+    if policy.log_std is not None:
+        return "it is written for categorical action heads, and this policy's actions are a Box (a Gaussian head)"
     if sorted(type(loss).__name__ for loss in losses) != ["PPOActorLoss", "PPOCriticLoss"] or not all(
         type(loss) in (PPOActorLoss, PPOCriticLoss) for loss in losses
     ):
@@ -55,6 +57,14 @@ def analytic_problem(policy: nn.Module, losses: Sequence[Loss]) -> str | None:
     if read != {id(p) for p in policy.parameters()}:
         return "the policy has parameters beyond its torsos' and heads' Linear layers"
     return None
+
+
+def analytic_refusal(choice: str, policy: nn.Module, losses: Sequence[Loss]) -> str | None:
+    """The one line that refuses `gradient=analytic` where it cannot apply; None when it applies or is not asked for."""
+    problem = analytic_problem(policy, losses) if choice == "analytic" else None
+    if problem is None:
+        return None
+    return f"gradient=analytic cannot be used: {problem}; set gradient=auto or gradient=autograd"
 
 
 class AnalyticPPOGradient:

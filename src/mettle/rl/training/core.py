@@ -10,7 +10,7 @@ import torch
 
 from mettle.rl import advantage as adv
 from mettle.rl.loss.base import Loss, load_loss_states
-from mettle.rl.training.analytic import AnalyticPPOGradient, analytic_problem
+from mettle.rl.training.analytic import AnalyticPPOGradient, analytic_problem, analytic_refusal
 from mettle.rl.training.context import ComponentContext
 from mettle.rl.training.optimizer import (
     clip_gradients,
@@ -83,9 +83,10 @@ class CoreTrainingLoop:
     def gradient_path(self) -> AnalyticPPOGradient | None:
         """The hand-written PPO gradient when `config.gradient` allows it and it applies; None: autograd."""
         choice, policy = self.context.config.gradient, self.context.policy
+        refusal = analytic_refusal(choice, policy, self.losses)
+        if refusal is not None:
+            raise ValueError(refusal)
         problem = "gradient=autograd" if choice == "autograd" else analytic_problem(policy, self.losses)
-        if problem is not None and choice == "analytic":
-            raise ValueError(f"gradient=analytic cannot be used: {problem}; set gradient=auto or gradient=autograd")
         if not self._gradient_said:
             logger.debug("gradient steps: %s", "analytic" if problem is None else f"autograd ({problem})")
             self._gradient_said = True
