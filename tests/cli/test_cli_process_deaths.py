@@ -57,10 +57,25 @@ def assert_intact_checkpoint(run_dir: Path) -> None:
     read_checkpoint(checkpoints[-1])
 
 
+def catches_sigint(pid: int) -> bool:
+    """Whether the process has a handler for SIGINT (its SigCgt mask in /proc): mettle's start-up guard is in."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught, 16) & (1 << (signal.SIGINT - 1)))
+
+
 @pytest.mark.parametrize("delay_s", [0.3, 1.0])
 def test_ctrl_c_during_start_up_is_one_line_and_130(tmp_path: Path, delay_s: float) -> None:
-    """While `import torch` and the other imports run, before train's own handlers are installed."""
+    """While `import torch` and the other imports run, before train's own handlers are installed.
+
+    The delay counts from the guard's installation: a SIGINT that lands before the interpreter has run
+    `mettle/__main__.py`'s first lines (possible on a loaded machine) meets Python's default, which no program
+    can change."""
     proc = start(tmp_path, *LONG)
+    assert wait_until(lambda: catches_sigint(proc.pid), 60), "mettle never installed its start-up guard"
     time.sleep(delay_s)
     assert proc.poll() is None
     proc.send_signal(signal.SIGINT)
