@@ -218,8 +218,10 @@ def check_before_launch(args: argparse.Namespace, run_name: str, run_dir: Path) 
     Read-only, as prepare_config reads the run; the ranks still check everything (the run lock included).
     """
     from mettle.rl.training.distributed import split_batches
+    from mettle.run import check_normalization_env
 
     cfg, _ = read_run_config(args, run_name, run_dir)
+    check_normalization_env(cfg)
     if cfg.global_batch:
         try:
             split_batches(cfg.trainer, args.nproc)

@@ -48,6 +48,13 @@ class EnvConfig(_Config):
     """Seconds a multiprocess env worker may take to answer before the run fails naming it."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments for the environment constructor."""
+    normalize_observations: bool = False
+    """Standardise each observation feature by its running mean and variance over the live observations of every
+    rank's rollouts, clipped to +-10: the statistics live in the policy's weights (evaluation and play apply them)
+    and are updated once per epoch, after the update. Float features only (Gymnasium and PettingZoo)."""
+    normalize_rewards: bool = False
+    """Divide the rewards PPO trains on by the running standard deviation of each row's discounted return
+    (trainer.advantage.gamma), clipped to +-10; reported episode returns stay the environment's own."""
 
 
 class PolicyConfig(_Config):

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from pydantic import ValidationError
 
@@ -26,6 +27,7 @@ from mettle.agent.registry import build_policy
 from mettle.config import ConfigError, RunConfig, fit_run_config, format_validation_error
 from mettle.contracts import PolicyEnvInfo, TrainingEnvironment
 from mettle.envs.factory import check_trusted_env_name, make_environment
+from mettle.envs.spaces import byte_box_part
 from mettle.errors import one_line
 from mettle.files import NotRegularFileError, open_regular
 from mettle.rl.loss import Loss
@@ -48,8 +50,11 @@ if TYPE_CHECKING:
 
     from mettle.envs.mettagrid_families import TaskFamily
 
-RESUME_FIXED = ("env.name", "env.kwargs", "env.num_envs", "policy", "trainer.optimizer.type", "trainer.bptt_horizon")
-"""Config keys a resumed run must keep: the checkpoint's weights, optimizer state and episodes depend on them."""
+RESUME_FIXED = ("env.name", "env.kwargs", "env.num_envs", "env.normalize_observations", "env.normalize_rewards",
+                "policy", "trainer.optimizer.type", "trainer.bptt_horizon")
+"""Config keys a resumed run must keep: the checkpoint's weights (a normaliser's statistics among them), optimizer
+state, episodes and reward statistics depend on them."""
+NORMALIZATION_OPTIONS = ("normalize_observations", "normalize_rewards")
 
 
 @dataclass
@@ -90,16 +95,25 @@ def build_run(
     """Env, policy and Trainer with the config's losses (then `losses`) and components (then `components`),
     restored; bad input: ConfigError."""
     check_devices_present(cfg)
+    check_normalization_env(cfg)
     family = task_family_of(cfg)
     env = make_environment(cfg.env, seed=cfg.trainer.seed)
     try:
         cfg = fit_run_config(cfg, env.batch_info.num_rows)
         policy = build_policy(cfg.policy.kind, hidden_size=cfg.policy.hidden_size)
+        if cfg.env.normalize_observations:
+            attach_observation_normalizer(cfg, policy, env.policy_env_info)
         device = distributed.local_device(cfg.device) if distributed is not None else cfg.device
         try:
             trainer = Trainer(cfg.trainer, env, policy, device, distributed, run_name)
         except ValueError as error:
             raise ConfigError(str(error)) from None
+        if cfg.env.normalize_observations and policy.observation_normalizer is None:
+            raise ConfigError(f"env.normalize_observations=true: policy.kind={cfg.policy.kind} "
+                              f"({type(policy).__name__}) does not read its observations through a normaliser; "
+                              "use policy.kind=mlp or lstm, or drop env.normalize_observations")
+        if cfg.env.normalize_rewards:
+            trainer.core_loop.normalize_rewards()
         for loss in losses:
             trainer.add_loss(loss)
         if not trainer.losses:
@@ -120,6 +134,33 @@ def build_run(
         env.close()
         raise
     return Run(cfg, env, policy, trainer, run_dir, shutdown, resumed)
+
+
+def check_normalization_env(cfg: RunConfig) -> None:
+    """Normalisation options on MettaGrid are refused in one line: its token policy scales each token feature
+    itself, and its rewards are set by the game's config."""
+    chosen = [name for name in NORMALIZATION_OPTIONS if getattr(cfg.env, name)]
+    if chosen and cfg.env.name.startswith("mettagrid:"):
+        raise ConfigError(f"env.{chosen[0]}=true: observation and reward normalisation are for Gymnasium and "
+                          f"PettingZoo feature envs, and {cfg.env.name} gives MettaGrid tokens (the token policy "
+                          f"scales each feature itself; rewards are set in the game config); drop env.{chosen[0]}")
+
+
+def attach_observation_normalizer(cfg: RunConfig, policy: Policy, env_info: PolicyEnvInfo) -> None:
+    """Give the policy its observation normaliser, sized to the env's features. Byte observations (images, tokens)
+    are refused in one line: their scale is known, so the policy should divide by it. A policy that cannot read a
+    normaliser gets none here: the Trainer first says what else it cannot serve, then build_run refuses it."""
+    source = env_info.extras.get("observation_source", env_info.observation_space)
+    found = byte_box_part(source)
+    if found is not None:
+        path, part = found
+        where = f" at {'.'.join(map(str, path))}" if path else ""
+        raise ConfigError(f"env.normalize_observations=true: {cfg.env.name} observations hold uint8 values{where} "
+                          f"(shape {part.shape}: images or tokens), and running mean/variance normalisation is for "
+                          "real-valued features; scale them in the policy (divide images by 255) or drop "
+                          "env.normalize_observations")
+    if policy.observation_normalization:
+        policy.attach_observation_normalizer(int(np.prod(env_info.observation_space.shape or (), dtype=np.int64)))
 
 
 def task_family_of(cfg: RunConfig) -> TaskFamily | None:

@@ -27,6 +27,9 @@ from cli_helpers import mettle_in_process, run_mettle
          "'note': Text(1, 8, charset="),
         (["--env", "gym:mettle.envs.testing:mettle/DictTarget-v0", "env.kwargs.note=true"],
          "is not supported: its part ['note'] is Text(1, 8, charset="),
+        (["--env", "mettagrid:arena", "env.normalize_observations=true"],
+         "env.normalize_observations=true: observation and reward normalisation are for Gymnasium and PettingZoo "
+         "feature envs, and mettagrid:arena gives MettaGrid tokens"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path: Path, args: list[str], expected: str) -> None:

@@ -71,9 +71,13 @@ def tensorboard_returns(run_dir: Path) -> list[tuple[int, float]]:
     ["--env", "gym:mettle.envs.testing:mettle/DictTarget-v0", "env.num_envs=8", "batch_size=512", "minibatch_size=128",
      "bptt_horizon=16", "total_timesteps=4096"],
     # Box actions: the replay log keeps the Gaussian's float32 draws; 200-step episodes span every checkpoint
+    # (the continuous-control recipe normalises observations and rewards: their statistics resume too)
     ["--env", "gym:Pendulum-v1", "env.num_envs=4", "batch_size=256", "minibatch_size=128", "update_epochs=1",
      "total_timesteps=2048"],
-], ids=["cartpole", "mpe2-workers", "dict-observations", "pendulum"])
+    # both normalisations with the overlapped actor, which acts with the statistics it receives with the weights
+    ["--env", "gym:Pendulum-v1", "env.num_envs=4", "batch_size=256", "minibatch_size=128", "update_epochs=1",
+     "total_timesteps=2048", "overlap=true", "env.normalize_observations=true", "env.normalize_rewards=true"],
+], ids=["cartpole", "mpe2-workers", "dict-observations", "pendulum", "pendulum-normalised-overlap"])
 def test_killed_and_rerun_equals_never_killed(tmp_path: Path, env: list[str]) -> None:
     run_to_end("straight", tmp_path, *env)
     kill_after_logging("killed", tmp_path, 4, *env)

@@ -117,6 +117,15 @@ def test_bad_input_under_nproc_is_one_line_and_exit_2_before_torchrun(tmp_path: 
     assert "launching" not in result.stdout and not (tmp_path / "r").exists()
 
 
+def test_normalisation_on_mettagrid_under_nproc_is_refused_before_torchrun(tmp_path: Path) -> None:
+    result = mettle_in_process("train", "--nproc", "2", "--run", "r", "--run-dir", str(tmp_path), "--env",
+                               "mettagrid:arena", "env.normalize_rewards=true", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert one_error_line(result.stderr).startswith("mettle: error: env.normalize_rewards=true: observation and reward "
+                                                    "normalisation are for Gymnasium and PettingZoo feature envs")
+    assert "launching" not in result.stdout and not (tmp_path / "r").exists()
+
+
 def test_a_batch_only_a_rank_can_check_is_one_line_from_rank_zero_and_exit_2(tmp_path: Path) -> None:
     """A batch that does not fit the env's rows is known only once a rank builds it: rank 0 says it, once."""
     result = subprocess.run([sys.executable, "-m", "mettle", "train", "--nproc", "2", "--run", "r", "--run-dir",

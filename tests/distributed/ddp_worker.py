@@ -46,6 +46,26 @@ class StepRecorder(TrainerComponent):
                             "losses": ctx.stats.losses})
 
 
+class LiveObservations(TrainerComponent):
+    """Every live observation of this rank's rollouts, as the learner trains on them (normalisation's stream)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[list[float]] = []
+
+    def on_rollout_end(self) -> None:
+        exp = self.context.experience
+        self.seen += exp.buffers["observations"][exp.buffers["mask"]].double().tolist()
+
+
+def normalization_record(trainer: Trainer, observations: LiveObservations) -> dict[str, Any]:
+    """This rank's live observations and the statistics it ended with (observations' and returns')."""
+    normalizer, scaler = trainer.context.policy.observation_normalizer, trainer.core_loop.reward_scaler
+    assert normalizer is not None and scaler is not None
+    return {"seen": observations.seen, "count": float(normalizer.count), "mean": normalizer.mean.tolist(),
+            "m2": normalizer.m2.tolist(), "returns": {k: v.tolist() for k, v in scaler.state_dict().items()}}
+
+
 def make_env(name: str) -> TrainingEnvironment:
     """The Bandit (tiny and exact) or eight CartPoles (a real env, for a teacher and its student)."""
     if name == "cartpole":
@@ -64,6 +84,7 @@ def main() -> None:
     parser.add_argument("--teacher", default="", help="kickstart from this run directory")
     parser.add_argument("--anneal-steps", type=int, default=1_000_000)
     parser.add_argument("--gradient", choices=["auto", "analytic", "autograd"], default="auto")
+    parser.add_argument("--normalize", action="store_true", help="normalise observations and rewards (fresh runs)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     distributed = DistributedHelper("cpu", timeout_s=60)
@@ -74,10 +95,15 @@ def main() -> None:
                         gradient=args.gradient,
                         losses=LossesConfig(kickstarter=kickstarter))
     env = make_env(args.env)
-    trainer = Trainer.load_or_create(str(Path(args.out) / "checkpoints"), cfg, env,
-                                     build_policy(args.policy, hidden_size=16), "cpu", distributed)
-    recorder = StepRecorder()
+    policy = build_policy(args.policy, hidden_size=16)
+    if args.normalize:
+        policy.attach_observation_normalizer(int(env.policy_env_info.observation_space.shape[0]))
+    trainer = Trainer.load_or_create(str(Path(args.out) / "checkpoints"), cfg, env, policy, "cpu", distributed)
+    if args.normalize:  # after restore, so for fresh runs only: a resumed one would lose the reward statistics
+        trainer.core_loop.normalize_rewards()
+    recorder, observations = StepRecorder(), LiveObservations()
     trainer.register(recorder)
+    trainer.register(observations)
     if args.stop_at:
         trainer.register(StopAtEpoch(args.stop_at))
     checkpointer = next(c for c in trainer.components if isinstance(c, ContextCheckpointer))
@@ -89,7 +115,8 @@ def main() -> None:
               "checksums": recorder.checksums, "epochs": recorder.epochs, "final": checksum(trainer.context.policy),
               "weights": torch.cat([p.detach().reshape(-1) for p in trainer.context.policy.parameters()]).tolist(),
               "agent_step": trainer.context.state.agent_step, "pid": os.getpid(),
-              "overlapped": trainer.overlapped}
+              "overlapped": trainer.overlapped,
+              "normalization": normalization_record(trainer, observations) if args.normalize else None}
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(record))
     distributed.cleanup(synchronize=True)
 

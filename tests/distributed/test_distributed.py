@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from mettle.rl.policy_files import list_checkpoints
@@ -97,6 +98,24 @@ def test_analytic_gradient_under_two_ranks_averages_as_ddp_does(tmp_path: Path) 
     assert analytic[0]["checksums"] == analytic[1]["checksums"], "parameters differ between ranks"
     assert analytic[0]["weights"] == pytest.approx(autograd[0]["weights"], rel=1e-3, abs=1e-5)
     assert [e["losses"] for e in analytic[0]["epochs"]] == [e["losses"] for e in analytic[1]["epochs"]]
+
+
+def test_normalisation_statistics_merge_both_ranks_streams_into_the_same_figures(tmp_path: Path) -> None:
+    """Each rank's live observations differ; both end with the statistics of the two streams together, and with the
+    same reward statistics (each keeps its own rows' running returns)."""
+    rank0, rank1 = run_workers(tmp_path, "--epochs", "3", "--env", "cartpole", "--policy", "mlp", "--normalize")
+    first, second = rank0["normalization"], rank1["normalization"]
+    assert first["seen"] != second["seen"], "each rank collects its own stream"
+    both = np.array(first["seen"] + second["seen"])
+    for record in (first, second):
+        assert record["count"] == len(both)
+        np.testing.assert_allclose(record["mean"], both.mean(axis=0), rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(np.array(record["m2"]) / len(both), both.var(axis=0), rtol=1e-9)
+    assert (first["mean"], first["m2"]) == (second["mean"], second["m2"]), "ranks normalise bit for bit alike"
+    assert {k: first["returns"][k] for k in ("count", "mean", "m2")} == \
+        {k: second["returns"][k] for k in ("count", "mean", "m2")}
+    assert first["returns"]["count"] == len(both), "a return per live step of either rank"
+    assert rank0["checksums"] == rank1["checksums"], "parameters stay equal across ranks"
 
 
 def test_kickstarted_student_under_two_ranks_stays_identical(tmp_path: Path) -> None:

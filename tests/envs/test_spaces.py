@@ -138,9 +138,13 @@ def test_other_spaces_land_in_the_columns_gymnasium_flattens_them_to(space: gym.
         assert space.contains(gym.spaces.unflatten(space, row.astype(reference.dtype))), "extras read it back"
 
 
-def test_box_observations_keep_their_shape_and_no_extras() -> None:
-    writer = ObservationWriter(gym.spaces.Box(0, 255, (2, 3), dtype=np.uint8), SpaceError, "", "")
-    assert writer.space.shape == (2, 3) and writer.extras == {}
+def test_box_observations_keep_their_shape_and_only_integer_ones_name_their_source() -> None:
+    floats = ObservationWriter(gym.spaces.Box(-1.0, 1.0, (2, 3), dtype=np.float64), SpaceError, "", "")
+    assert floats.space.shape == (2, 3) and floats.extras == {}
+    image = gym.spaces.Box(0, 255, (2, 3), dtype=np.uint8)
+    writer = ObservationWriter(image, SpaceError, "", "")
+    assert writer.space.shape == (2, 3) and writer.space.dtype == np.float32
+    assert writer.extras == {"observation_source": image}, "normalisation needs to know these were integers"
 
 
 def test_scalar_infos_keep_numbers_and_flatten_nested_dicts() -> None:

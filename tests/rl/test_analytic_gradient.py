@@ -11,6 +11,7 @@ import torch
 
 from mettle.agent.lstm import LSTMPolicy
 from mettle.agent.mlp import MLPPolicy
+from mettle.agent.normalizer import batch_moments
 from mettle.contracts import PolicyEnvInfo
 from mettle.envs.gymnasium import GymnasiumEnvironment
 from mettle.envs.testing import BanditEnvironment
@@ -98,6 +99,25 @@ def test_analytic_gradient_equals_autograd(
     assert 0.05 < float(metrics["ppo_actor/clipfrac"]) < 0.95, "both branches of the clipped policy term are taken"
     torch.testing.assert_close(analytic_log_prob, log_prob)
     assert analytic_metrics.keys() == metrics.keys()
+    for name, value in metrics.items():
+        torch.testing.assert_close(analytic_metrics[name], value.detach(), msg=name)
+    for name, p in policy.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_analytic_gradient_reads_normalised_observations_as_the_forward_does() -> None:
+    """With an observation normaliser (statistics far from the raw features') both paths see the same input."""
+    policy = make_policy((3, 2), 2, False)
+    normalizer = policy.attach_observation_normalizer(OBS)
+    gen = torch.Generator().manual_seed(2)
+    normalizer.merge(batch_moments(torch.randn(50, OBS, generator=gen, dtype=torch.float64) * 0.3 + 0.5))
+    cfg = PPOConfig(clip_coef=0.2, entropy_coef=0.01)
+    losses: list[Loss] = [PPOActorLoss(cfg), PPOCriticLoss(cfg)]
+    minibatch = make_minibatch(policy, weighted=False)
+    grads, metrics, log_prob = autograd_reference(policy, losses, minibatch)
+    assert analytic_problem(policy, losses) is None, "a normaliser has no parameters: the analytic path applies"
+    analytic_metrics, analytic_log_prob = AnalyticPPOGradient(policy, losses)(minibatch)
+    torch.testing.assert_close(analytic_log_prob, log_prob)
     for name, value in metrics.items():
         torch.testing.assert_close(analytic_metrics[name], value.detach(), msg=name)
     for name, p in policy.named_parameters():

@@ -51,6 +51,8 @@ class LSTMPolicy(Policy):
     Its action heads are MLPPolicy's: categorical for Discrete/MultiDiscrete, a diagonal Gaussian for a Box.
     """
 
+    observation_normalization = True
+
     def __init__(self, hidden_size: int = 128, encoder_layers: int = 1) -> None:
         super().__init__()
         self.hidden_size = check_size("hidden_size", hidden_size, 1, MAX_WIDTH)
@@ -107,7 +109,7 @@ class LSTMPolicy(Policy):
         b, t = observations.shape[:2]
         if tuple(starts.shape) != (b, t):
             raise ValueError(f"starts shaped {tuple(starts.shape)}, expected [B, T] = [{b}, {t}]")
-        x = self.encoder(flatten_steps(observations, self.obs_shape)).view(b, t, -1)
+        x = self.encoder(self.normalize_observations(flatten_steps(observations, self.obs_shape))).view(b, t, -1)
         if memory is not None:
             h0, c0 = self._given_state(memory, b)
             hidden, _, _ = self.unroll(x, h0, c0, starts)

@@ -39,6 +39,8 @@ class MLPPolicy(Policy):
     and whose log-std is one parameter per dimension (`log_std`), the same in every state.
     """
 
+    observation_normalization = True
+
     def __init__(self, hidden_size: int = 64, num_layers: int = 2, shared_torso: bool = False) -> None:
         super().__init__()
         self.hidden_size = check_size("hidden_size", hidden_size, 1, MAX_WIDTH)
@@ -84,7 +86,7 @@ class MLPPolicy(Policy):
         """Score every step on its own: `starts`, `memory` and `rows` do not matter without memory."""
         self._require_initialized()
         b, t = observations.shape[:2]
-        x = flatten_steps(observations, self.obs_shape)
+        x = self.normalize_observations(flatten_steps(observations, self.obs_shape))
         actor_features = torso_features(self.actor_torso, x)
         critic_features = actor_features if self.critic_torso is None else torso_features(self.critic_torso, x)
         logits = dense((self.actor_head.weight, self.actor_head.bias), actor_features).view(b, t, -1)

@@ -5,11 +5,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
+
+from mettle.agent.normalizer import ObservationNormalizer
 
 if TYPE_CHECKING:
     from mettle.contracts import EnvBatch, PolicyEnvInfo
@@ -78,6 +80,33 @@ class PolicyOutput:
 
 class Policy(nn.Module, ABC):
     """An actor-critic over agent rows; recurrent policies keep one memory per row."""
+
+    observation_normalization: ClassVar[bool] = False
+    """Whether `forward` passes its input features through `normalize_observations`, so that a normaliser can be
+    attached (`env.normalize_observations=true`); a policy that does not is refused rather than left unnormalised."""
+    observation_normalizer: ObservationNormalizer | None
+    """Running observation statistics applied to the input (None: features as the environment gives them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.observation_normalizer = None
+
+    def attach_observation_normalizer(self, features: int) -> ObservationNormalizer:
+        """Standardise the `features` input features by running statistics from now on (the trainer updates them).
+
+        Attach before `initialize_to_environment`, which moves it to the policy's device, or after it."""
+        if not self.observation_normalization:
+            raise ValueError(f"{type(self).__name__} does not read its observations through normalize_observations, "
+                             "so it cannot normalise them; drop env.normalize_observations or use the mlp or lstm "
+                             "policy")
+        device = next(iter(self.parameters()), torch.zeros(())).device
+        self.observation_normalizer = ObservationNormalizer(features).to(device)
+        return self.observation_normalizer
+
+    def normalize_observations(self, features: torch.Tensor) -> torch.Tensor:
+        """[N, F] input features as the layers read them: standardised when a normaliser is attached."""
+        normalizer = self.observation_normalizer
+        return features if normalizer is None else normalizer(features)
 
     @abstractmethod
     def initialize_to_environment(self, env_info: PolicyEnvInfo, device: torch.device | str) -> None:

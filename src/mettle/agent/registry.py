@@ -12,11 +12,14 @@ import itertools
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
+from mettle.agent.layers import check_size
 from mettle.agent.lstm import LSTMPolicy
 from mettle.agent.mlp import MLPPolicy
+from mettle.agent.normalizer import MAX_FEATURES
 from mettle.agent.policy import Policy
 from mettle.agent.token import TokenPolicy
 
@@ -31,6 +34,8 @@ LEGACY_CLASS_PATHS = {
     "mettle.agent.lstm:LSTMPolicy": "lstm",
     "mettle.agent.token:TokenPolicy": "token",
 }
+NORMALIZER_KEY = "observation_normalizer"
+"""The policy spec's entry for an attached observation normaliser (absent when there is none)."""
 REGISTER_HINT = (f"register it with mettle.agent.register_policy(name, cls) before loading, "
                  f"or declare it as a {ENTRY_POINT_GROUP!r} entry point of an installed package")
 
@@ -95,8 +100,12 @@ def build_policy(kind: str, **kwargs: Any) -> Policy:
 
 
 def policy_spec(policy: Policy) -> dict[str, Any]:
-    """{"class": registered name, "kwargs": constructor arguments}: what a checkpoint stores to rebuild `policy`."""
-    return {"class": policy_name(type(policy)), "kwargs": policy.constructor_kwargs()}
+    """{"class": registered name, "kwargs": constructor arguments}: what a checkpoint stores to rebuild `policy`;
+    with an observation normaliser also {"observation_normalizer": {"features": F}} (its statistics are weights)."""
+    spec: dict[str, Any] = {"class": policy_name(type(policy)), "kwargs": policy.constructor_kwargs()}
+    if policy.observation_normalizer is not None:
+        spec[NORMALIZER_KEY] = {"features": policy.observation_normalizer.features}
+    return spec
 
 
 def policy_from_spec(spec: dict[str, Any]) -> Policy:
@@ -109,13 +118,32 @@ def policy_from_spec(spec: dict[str, Any]) -> Policy:
     if not isinstance(kwargs, dict):
         raise ValueError(f"policy spec 'kwargs' must be an object, got {kwargs!r}")
     try:
-        return cls(**kwargs)
+        policy = cls(**kwargs)
     except TypeError as error:
         raise ValueError(f"policy {name!r} rejects kwargs {kwargs!r}: {error}") from None
+    features = normalizer_features(spec)
+    if features is not None:
+        policy.attach_observation_normalizer(features)
+    return policy
+
+
+def normalizer_features(spec: dict[str, Any]) -> int | None:
+    """The feature count of the spec's observation normaliser (None: it has none), bounded before anything is built."""
+    described = spec.get(NORMALIZER_KEY) if isinstance(spec, dict) else None
+    if described is None:
+        return None
+    if not isinstance(described, dict) or set(described) != {"features"}:
+        raise ValueError(f"policy spec {NORMALIZER_KEY!r} must be {{\"features\": count}}, got {repr(described)[:60]}")
+    return check_size(f"{NORMALIZER_KEY} features", described["features"], 1, MAX_FEATURES)
 
 
 def policy_for_environment(spec: dict[str, Any], env_info: PolicyEnvInfo, device: torch.device | str) -> Policy:
     """A policy rebuilt from a spec (data from disk) and sized to `env_info`; one too large is refused unallocated."""
+    features = normalizer_features(spec)
+    observed = int(np.prod(env_info.observation_space.shape or (), dtype=np.int64))
+    if features is not None and features != observed:
+        raise ValueError(f"policy spec's {NORMALIZER_KEY} has {features} features, but its observations have "
+                         f"{observed}; the spec is damaged")
     count = parameter_count(spec, env_info)
     if count is not None and count > MAX_PARAMETERS:
         raise ValueError(f"policy spec {spec.get('class')!r} would build {count:,} parameters for these spaces, "

@@ -222,6 +222,9 @@ def max_pool_distinct(encoder: TokenEncoder, tokens: torch.Tensor, valid: torch.
 class TokenPolicy(LSTMPolicy):
     """Actor-critic over MettaGrid-style token lists; inherits the LSTM policy's per-row memory handling."""
 
+    observation_normalization = False
+    """Tokens are (location, feature, value) triples: each feature's values are scaled by the env's own figures."""
+
     def __init__(
         self,
         hidden_size: int = 128,

@@ -24,8 +24,8 @@ import numpy as np
 
 from mettle.errors import one_line
 
-__all__ = ["ActionConverter", "BoxActionConverter", "ObservationWriter", "action_converter", "feature_space",
-           "scalar_infos"]
+__all__ = ["ActionConverter", "BoxActionConverter", "ObservationWriter", "action_converter", "byte_box_part",
+           "feature_space", "scalar_infos"]
 
 UNSUPPORTED_ACTIONS = "mettle policies need Discrete, MultiDiscrete or float Box actions"
 FEATURE_PARTS = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
@@ -45,6 +45,13 @@ def observation_parts(space: gym.Space[Any], path: tuple[Key, ...] = ()) -> Iter
             yield from observation_parts(part, (*path, index))
     else:
         yield path, space
+
+
+def byte_box_part(space: gym.Space[Any]) -> tuple[tuple[Key, ...], gym.spaces.Box] | None:
+    """The first Box part of uint8 values (images, as Gymnasium and SB3 take them, or tokens) and its keys; None if
+    there is none."""
+    return next(((path, part) for path, part in observation_parts(space)
+                 if isinstance(part, gym.spaces.Box) and part.dtype == np.uint8), None)
 
 
 def unsupported_part(space: gym.Space[Any]) -> tuple[tuple[Key, ...], gym.Space[Any]] | None:
@@ -144,8 +151,10 @@ class ObservationWriter:
 
     @property
     def extras(self) -> dict[str, Any]:
-        """For PolicyEnvInfo.extras: the space before flattening (gymnasium.spaces.unflatten reads features back)."""
-        return {} if self._parts is None else {"observation_source": self.source}
+        """For PolicyEnvInfo.extras: the space before conversion, where it is not a float Box (a flattened space,
+        which gymnasium.spaces.unflatten reads features back with, or a Box of integers such as images)."""
+        kept = self._parts is None and np.issubdtype(self.source.dtype, np.floating)
+        return {} if kept else {"observation_source": self.source}
 
     def write(self, out: np.ndarray, obs: Any, rows: np.ndarray | None = None) -> None:
         """Copy a batch of observations into `out`: every row, or only where the boolean `rows` is True."""

@@ -25,7 +25,7 @@ from safetensors.torch import save as save_safetensors
 
 from mettle import errors
 from mettle.agent.layers import check_size
-from mettle.agent.registry import policy_for_environment, policy_spec
+from mettle.agent.registry import NORMALIZER_KEY, policy_for_environment, policy_spec
 from mettle.contracts import PolicyEnvInfo
 from mettle.files import FileTooLargeError, NotRegularFileError, atomic_write, is_plain_name, open_regular, read_limited
 
@@ -230,6 +230,16 @@ def check_weights_fit(policy: Policy, weights: dict[str, torch.Tensor], source: 
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         raise CheckpointError(f"{source} does not fit the policy: {'; '.join(problems[:3])}{more}; it was written "
                               "for another architecture or environment", "does-not-fit")
+    check_statistics(weights, source)
+
+
+def check_statistics(weights: dict[str, torch.Tensor], source: Path) -> None:
+    """An observation normaliser's count and M2 are never negative: such a file is damaged, and its variance would
+    turn every observation, and so every action, into NaN."""
+    for name in (f"{NORMALIZER_KEY}.count", f"{NORMALIZER_KEY}.m2"):
+        if name in weights and bool((weights[name] < 0).any()):
+            raise CheckpointError(f"{source}: {name} holds negative values, which running statistics never do (the "
+                                  "file was altered); use an earlier checkpoint", "bad-weights")
 
 
 def policy_candidates(path: Path) -> list[Path]:

@@ -158,17 +158,20 @@ class Trainer:
         self._invoke(TrainerCallback.STEP, ctx.stats.episodes)
         self._invoke(TrainerCallback.ROLLOUT_END)
         ctx.stats.losses = self._core.training_phase()
+        self._core.update_observation_statistics()
         ctx.state.epoch += 1
         elapsed = max(time.perf_counter() - started, 1e-9)
         ctx.stats.steps_per_second = (ctx.state.agent_step - first_step) / elapsed
         self._invoke_epoch_end(ctx.state.epoch - 1, ctx.state.epoch)
 
     def rollout_phase(self) -> list[dict[str, Any]]:
-        """Collect the next rollout into the Experience with the acting weights; the infos of episodes that ended."""
+        """Collect the next rollout into the Experience with the acting weights (its rewards scaled when rewards are
+        normalised); the infos of episodes that ended, with their returns as the environment gave them."""
         ctx = self._context
         set_optimizer_mode(ctx.optimizer, training=False)
         ctx.policy.eval()
         infos = self._rollouts.collect(ctx.experience, ctx.state.agent_step)
+        self._core.scale_rewards()
         if self._rollouts.lagged:
             self._core.score_lagged_rollout()
         ctx.state.agent_step += ctx.rollout_agent_steps

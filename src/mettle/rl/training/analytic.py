@@ -88,7 +88,7 @@ class AnalyticPPOGradient:
         """Set each parameter's `.grad` to the gradient of the summed losses; return (diagnostics, log-probs [n, T])."""
         policy, data = self.policy, minibatch.data
         n, t = data["observations"].shape[:2]
-        x = flatten_steps(data["observations"], policy.obs_shape)
+        x = policy.normalize_observations(flatten_steps(data["observations"], policy.obs_shape))
         actor_acts = tanh_torso_forward(self.actor_layers, x)
         critic_acts = actor_acts if self.critic_layers is None else tanh_torso_forward(self.critic_layers, x)
         logits = dense(self.actor_head, actor_acts[-1])

@@ -5,7 +5,9 @@ actor process owns one and fills a shared slot (overlap.py). Either way a rollou
 take the env's next batch of rows, store the outcome of their previous decision, decide, store and send.
 A row whose buffer is full keeps its decision (held) for the next rollout, which is what makes a resumed
 run continue exactly; `state_dict` carries the held decisions, the policy's memory, the env's own state
-and each loss's rollout state.
+and each loss's rollout state. The Collector stores observations and rewards as the env gives them and never
+changes normalisation statistics: the learner updates them from its copy of each rollout (`normalization.py`),
+so synchronous and overlapped training take one path.
 
 With a task family and a curriculum, the Collector also hands each env instance its next task: when a batch
 reports that an instance's episode ended, its `TaskSampler` draws the task the instance restarts with (from the

@@ -12,6 +12,7 @@ from mettle.rl import advantage as adv
 from mettle.rl.loss.base import Loss, load_loss_states
 from mettle.rl.training.analytic import AnalyticPPOGradient, analytic_problem, analytic_refusal
 from mettle.rl.training.context import ComponentContext
+from mettle.rl.training.normalization import RewardScaler, update_observation_statistics
 from mettle.rl.training.optimizer import (
     clip_gradients,
     flat_gradients,
@@ -34,6 +35,8 @@ class CoreTrainingLoop:
         self.train_policy = context.distributed.wrap_policy(context.policy)
         self.memory_fields = [k for k in context.policy.get_agent_experience_spec() if k not in NON_MEMORY_FIELDS]
         self._gradient_said = False
+        self.reward_scaler: RewardScaler | None = None
+        """Scales each rollout's rewards by the running spread of the discounted return (None: rewards as given)."""
 
     def add_loss(self, loss: Loss) -> None:
         """Add a term to the objective, allocating the experience fields it declares (before rollouts start)."""
@@ -44,13 +47,39 @@ class CoreTrainingLoop:
         self.context.experience.add_fields(loss.experience_spec())
         self.losses.append(loss)
 
+    def normalize_rewards(self) -> RewardScaler:
+        """Scale every rollout's rewards from now on (`env.normalize_rewards`; before restore, so it gets its state)."""
+        exp = self.context.experience
+        self.reward_scaler = RewardScaler(self.context.config.advantage.gamma, exp.num_rows, exp.device)
+        return self.reward_scaler
+
+    def scale_rewards(self) -> None:
+        """The rollout just collected, with its rewards scaled when rewards are normalised (once per rollout)."""
+        if self.reward_scaler is not None:
+            self.reward_scaler.scale(self.context.experience, self.context.distributed.all_reduce_sum)
+
+    def update_observation_statistics(self) -> None:
+        """After the update: fold the rollout's live observations (every rank's) into the policy's normaliser."""
+        normalizer = self.context.policy.observation_normalizer
+        if normalizer is not None:
+            update_observation_statistics(normalizer, self.context.experience, self.context.distributed.all_reduce_sum)
+
     def state_dict(self) -> dict[str, Any]:
-        """Each loss's update state (the rollout side's is the Collector's)."""
-        return {"losses": {loss.name: loss.state_dict() for loss in self.losses}}
+        """Each loss's update state and the reward scaler's (the rollout side's is the Collector's)."""
+        scaler = self.reward_scaler
+        return {"losses": {loss.name: loss.state_dict() for loss in self.losses},
+                "reward_scaler": scaler.state_dict() if scaler is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Give each loss its saved update state."""
+        """Give each loss its saved update state, and the reward scaler its statistics."""
         load_loss_states(self.losses, state.get("losses", {}), rollout=False)
+        saved = state.get("reward_scaler")
+        if self.reward_scaler is not None and saved is not None:
+            self.reward_scaler.load_state_dict(saved)
+        elif (self.reward_scaler is None) != (saved is None):
+            logger.warning("the checkpoint was written %s reward normalisation and this run has it %s: its "
+                           "statistics start afresh", "with" if saved is not None else "without",
+                           "on" if self.reward_scaler is not None else "off")
 
     # ---------------------------------------------------------------- training
     def training_phase(self) -> dict[str, float]:

@@ -4,7 +4,9 @@ Schedule (fixed, so a seed gives one run whatever the timing): when the learner 
 k, it publishes its weights (those from before update k) and commands rollout k+1 into the other of two
 shared-memory buffers. Rollouts 0 and 1 therefore both use the initial weights, and rollout k+1 the weights
 from before update k: a policy lag of exactly one update phase. With V-trace the learner recomputes the
-importance ratios (learner over behaviour policy) of each rollout before its update.
+importance ratios (learner over behaviour policy) of each rollout before its update. The published state dict
+holds the policy's buffers too, so an observation normaliser's statistics (which the learner updates after each
+update, `normalization.py`) reach the actor with the weights they were current with, on the same lag.
 
 The actor process owns the rollout side: a Collector (forked from this process's, so it inherits the env,
 its workers and the held decisions) that fills the shared slots. The learner talks to it only through the
