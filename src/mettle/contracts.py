@@ -13,6 +13,11 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+INVALID_ACTIONS_KEY = "invalid_actions"
+"""PolicyEnvInfo.extras key of an environment whose agents differ in action spaces: a bool array [types, sum(nvec)],
+True where a type's space lacks that choice; each row's type is the one-hot in its observation's last `types`
+columns (see mettle.envs.agent_types)."""
+
 
 @dataclass(frozen=True)
 class PolicyEnvInfo:

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from mettle.agent.policy import Policy
 from mettle.agent.registry import build_policy
 from mettle.config import ConfigError, RunConfig, fit_run_config, format_validation_error
-from mettle.contracts import PolicyEnvInfo, TrainingEnvironment
+from mettle.contracts import INVALID_ACTIONS_KEY, PolicyEnvInfo, TrainingEnvironment
 from mettle.envs.factory import check_trusted_env_name, make_environment
 from mettle.envs.spaces import byte_box_part
 from mettle.errors import one_line
@@ -112,6 +112,7 @@ def build_run(
             raise ConfigError(f"env.normalize_observations=true: policy.kind={cfg.policy.kind} "
                               f"({type(policy).__name__}) does not read its observations through a normaliser; "
                               "use policy.kind=mlp or lstm, or drop env.normalize_observations")
+        check_action_masking(cfg, policy, env.policy_env_info)
         if cfg.env.normalize_rewards:
             trainer.core_loop.normalize_rewards()
         for loss in losses:
@@ -144,6 +145,15 @@ def check_normalization_env(cfg: RunConfig) -> None:
         raise ConfigError(f"env.{chosen[0]}=true: observation and reward normalisation are for Gymnasium and "
                           f"PettingZoo feature envs, and {cfg.env.name} gives MettaGrid tokens (the token policy "
                           f"scales each feature itself; rewards are set in the game config); drop env.{chosen[0]}")
+
+
+def check_action_masking(cfg: RunConfig, policy: Policy, env_info: PolicyEnvInfo) -> None:
+    """Agents whose action spaces differ need a policy that masks the choices each type lacks."""
+    table = env_info.extras.get(INVALID_ACTIONS_KEY)
+    if table is not None and np.any(table) and not policy.action_masking:
+        raise ConfigError(f"{cfg.env.name}: agents differ in action spaces, and policy.kind={cfg.policy.kind} "
+                          f"({type(policy).__name__}) cannot mask the choices an agent lacks; use policy.kind=mlp "
+                          "or lstm")
 
 
 def attach_observation_normalizer(cfg: RunConfig, policy: Policy, env_info: PolicyEnvInfo) -> None:

@@ -333,13 +333,18 @@ def test_observation_parts_without_a_feature_form_are_refused_naming_the_env_and
 @pytest.mark.parametrize(
     "factory,problem",
     [
-        (partial(CountingEnv, {"b": 5}), r"share one observation space; got a: Discrete\(4, start=1\), b: Discrete"),
+        (lambda: _with_box_actions(CountingEnv({"b": 5})), r"counting_v0: agents differ in spaces and 'a' acts in Box"),
         (lambda: _with_multibinary_actions(parallel_env()), r"action space MultiBinary\(2\) is not supported"),
     ],
 )
 def test_unsupported_spaces_fail_naming_agents_and_spaces(factory: Any, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
         PettingZooEnvironment(factory, num_envs=2)
+
+
+def _with_box_actions(env: CountingEnv) -> CountingEnv:
+    env.act_space = spaces.Box(-1.0, 1.0, (2,))
+    return env
 
 
 def _with_multibinary_actions(env: TargetMatchParallelEnv) -> TargetMatchParallelEnv:

@@ -52,6 +52,7 @@ class LSTMPolicy(Policy):
     """
 
     observation_normalization = True
+    action_masking = True
 
     def __init__(self, hidden_size: int = 128, encoder_layers: int = 1) -> None:
         super().__init__()
@@ -82,6 +83,7 @@ class LSTMPolicy(Policy):
         self.actor_head = orthogonal_linear(self.hidden_size, sum(self.nvec) + self.action_dims, ACTOR_GAIN)
         self.critic_head = orthogonal_linear(self.hidden_size, 1, CRITIC_GAIN)
         self.log_std = gaussian_log_std(self.action_dims)
+        self.set_invalid_actions(env_info)
         self.reset_memory()
         self.to(device)
 
@@ -109,7 +111,8 @@ class LSTMPolicy(Policy):
         b, t = observations.shape[:2]
         if tuple(starts.shape) != (b, t):
             raise ValueError(f"starts shaped {tuple(starts.shape)}, expected [B, T] = [{b}, {t}]")
-        x = self.encoder(self.normalize_observations(flatten_steps(observations, self.obs_shape))).view(b, t, -1)
+        features = flatten_steps(observations, self.obs_shape)
+        x = self.encoder(self.normalize_observations(features)).view(b, t, -1)
         if memory is not None:
             h0, c0 = self._given_state(memory, b)
             hidden, _, _ = self.unroll(x, h0, c0, starts)
@@ -118,7 +121,7 @@ class LSTMPolicy(Policy):
             h0, c0 = self._row_state(rows, x)
             hidden, h_n, c_n = self.unroll(x, h0, c0, starts)
             self._write_rows(rows, h_n, c_n)
-        logits = self.actor_head(hidden)
+        logits = self.mask_invalid_actions(self.actor_head(hidden), features)
         values = self.critic_head(hidden).squeeze(-1)
         chosen, log_prob, entropy = act_with_head(logits, self.nvec, self.log_std, actions, deterministic)
         memory_out = {"lstm_h": h0, "lstm_c": c0}

@@ -40,6 +40,7 @@ class MLPPolicy(Policy):
     """
 
     observation_normalization = True
+    action_masking = True
 
     def __init__(self, hidden_size: int = 64, num_layers: int = 2, shared_torso: bool = False) -> None:
         super().__init__()
@@ -64,6 +65,7 @@ class MLPPolicy(Policy):
         self.actor_head = orthogonal_linear(out_features, sum(self.nvec) + self.action_dims, ACTOR_GAIN)
         self.critic_head = orthogonal_linear(out_features, 1, CRITIC_GAIN)
         self.log_std = gaussian_log_std(self.action_dims)
+        self.set_invalid_actions(env_info)
         self.to(device)
 
     def get_agent_experience_spec(self) -> dict[str, TensorSpec]:
@@ -86,10 +88,12 @@ class MLPPolicy(Policy):
         """Score every step on its own: `starts`, `memory` and `rows` do not matter without memory."""
         self._require_initialized()
         b, t = observations.shape[:2]
-        x = self.normalize_observations(flatten_steps(observations, self.obs_shape))
+        features = flatten_steps(observations, self.obs_shape)
+        x = self.normalize_observations(features)
         actor_features = torso_features(self.actor_torso, x)
         critic_features = actor_features if self.critic_torso is None else torso_features(self.critic_torso, x)
         logits = dense((self.actor_head.weight, self.actor_head.bias), actor_features).view(b, t, -1)
+        logits = self.mask_invalid_actions(logits, features)
         values = dense((self.critic_head.weight, self.critic_head.bias), critic_features).view(b, t)
         chosen, log_prob, entropy = act_with_head(logits, self.nvec, self.log_std, actions, deterministic)
         return PolicyOutput(chosen, log_prob, entropy, values, memory={}, logits=logits)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from mettle.agent.normalizer import ObservationNormalizer
+from mettle.contracts import INVALID_ACTIONS_KEY
 
 if TYPE_CHECKING:
     from mettle.contracts import EnvBatch, PolicyEnvInfo
@@ -86,10 +87,17 @@ class Policy(nn.Module, ABC):
     attached (`env.normalize_observations=true`); a policy that does not is refused rather than left unnormalised."""
     observation_normalizer: ObservationNormalizer | None
     """Running observation statistics applied to the input (None: features as the environment gives them)."""
+    action_masking: ClassVar[bool] = False
+    """Whether `forward` passes its logits through `mask_invalid_actions`, so agents that differ in action spaces
+    (`mettle.envs.agent_types`) can share it; a policy that does not is refused on such an environment."""
+    invalid_actions: torch.Tensor | None
+    """[types, sum(nvec)] 1.0 where an agent type's space lacks a choice (None: every row may take every choice).
+    A buffer rebuilt from the environment, not a weight: it is not saved."""
 
     def __init__(self) -> None:
         super().__init__()
         self.observation_normalizer = None
+        self.register_buffer("invalid_actions", None, persistent=False)
 
     def attach_observation_normalizer(self, features: int) -> ObservationNormalizer:
         """Standardise the `features` input features by running statistics from now on (the trainer updates them).
@@ -102,6 +110,23 @@ class Policy(nn.Module, ABC):
         device = next(iter(self.parameters()), torch.zeros(())).device
         self.observation_normalizer = ObservationNormalizer(features).to(device)
         return self.observation_normalizer
+
+    def set_invalid_actions(self, env_info: PolicyEnvInfo) -> None:
+        """Read the environment's per-type table of choices to mask (`invalid_actions` in its extras), if any."""
+        table = env_info.extras.get(INVALID_ACTIONS_KEY)
+        if table is not None and np.any(table):
+            self.invalid_actions = torch.as_tensor(np.asarray(table), dtype=torch.float32)
+
+    def mask_invalid_actions(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Logits [..., sum(nvec)] with each row's invalid choices at the dtype's lowest value, so they get no
+        probability (in acting and in the loss alike) and no gradient; the row's agent type is read from the last
+        `types` columns of its raw features [N, F], a one-hot (all zero on a dormant row: nothing masked)."""
+        invalid = self.invalid_actions
+        if invalid is None:
+            return logits
+        types = features[:, features.shape[1] - invalid.shape[0]:]
+        hidden = (types @ invalid) > 0.5
+        return logits.masked_fill(hidden.view(logits.shape), torch.finfo(logits.dtype).min)
 
     def normalize_observations(self, features: torch.Tensor) -> torch.Tensor:
         """[N, F] input features as the layers read them: standardised when a normaliser is attached."""

@@ -39,7 +39,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 
 try:
@@ -48,6 +47,7 @@ except ImportError as _error:  # an optional dependency: say how to get it
     raise ImportError(f"mettle.envs.pettingzoo needs PettingZoo (pip install pettingzoo): {_error}") from _error
 
 from mettle.contracts import BatchInfo, PolicyEnvInfo
+from mettle.envs.agent_types import AgentLayout
 from mettle.envs.rows import EpisodeLog, ReplayEnvironment, RowBuffers, generator_state, set_generator_state
 from mettle.envs.spaces import ObservationWriter, action_converter, scalar_infos
 from mettle.errors import one_line
@@ -56,6 +56,7 @@ __all__ = ["PettingZooEnvError", "PettingZooEnvironment", "PettingZooSpec", "par
 
 ParallelEnvFactory = Callable[..., ParallelEnv]
 SPEC_EXAMPLE = "mettle.envs.pettingzoo_testing:parallel_env"
+OBSERVATION_REMEDY = "wrap the env so that each agent observes one of them"
 
 
 class PettingZooEnvError(ValueError):
@@ -122,22 +123,19 @@ def _require_parallel(env: object, source: str) -> ParallelEnv:
 
 
 # ------------------------------------------------------------------------- space conversion
-def _shared_space(env: ParallelEnv, kind: str) -> gym.Space[Any]:
-    """The one space every possible agent has, or an error listing each agent's space."""
-    get = env.observation_space if kind == "observation" else env.action_space
-    by_agent: dict[Any, gym.Space[Any]] = {agent: get(agent) for agent in env.possible_agents}
-    first = next(iter(by_agent.values()))
-    if all(space == first for space in by_agent.values()):
-        return first
-    listed = ", ".join(f"{agent}: {space}" for agent, space in by_agent.items())
-    raise PettingZooEnvError(f"all agents must share one {kind} space; got {listed}")
+def _agent_layout(env: ParallelEnv, label: str) -> AgentLayout:
+    """Every possible agent's (observation, action) spaces, grouped into agent types."""
+    spaces = {agent: (env.observation_space(agent), env.action_space(agent)) for agent in env.possible_agents}
+    return AgentLayout(spaces, PettingZooEnvError, label, OBSERVATION_REMEDY)
 
 
 # ---------------------------------------------------------------------------------- adapter
 class PettingZooEnvironment(ReplayEnvironment):
     """`num_envs` in-process PettingZoo ParallelEnvs as one row per possible agent per instance.
 
-    `policy_env_info` holds one agent's spaces (observations always a float32 Box); its extras name the
+    `policy_env_info` holds one agent's spaces (observations always a float32 Box), or where agents differ in spaces
+    the common layout of `mettle.envs.agent_types` (padded, typed observations; the union of actions, with the
+    `invalid_actions` table in extras); its extras name the
     possible agents.
     """
 
@@ -186,14 +184,20 @@ class PettingZooEnvironment(ReplayEnvironment):
         self._index = {agent: k for k, agent in enumerate(self.possible_agents)}
         a, n = len(self.possible_agents), len(self._envs)
         label = getattr(first, "metadata", {}).get("name") or _name(first)
-        self._obs_writer = ObservationWriter(_shared_space(first, "observation"), PettingZooEnvError, f"{label}: ",
-                                             "wrap the env so that each agent observes one of them")
-        self._actions = action_converter(_shared_space(first, "action"), n * a, PettingZooEnvError)
-        extras = {"possible_agents": tuple(self.possible_agents), **self._obs_writer.extras}
-        self._info = PolicyEnvInfo(self._obs_writer.space, self._actions.space, num_agents=a, extras=extras)
+        self._layout = _agent_layout(first, f"{label}: ")
+        one = first.possible_agents[0]
+        self._obs_writer = ObservationWriter(first.observation_space(one), PettingZooEnvError, f"{label}: ",
+                                             OBSERVATION_REMEDY)
+        obs_space = self._obs_writer.space if self._layout.shared else self._layout.observation_space
+        act_space = first.action_space(one) if self._layout.shared else self._layout.action_space
+        self._actions = action_converter(act_space, n * a, PettingZooEnvError)
+        extras = {"possible_agents": tuple(self.possible_agents), **self._layout.extras()}
+        if self._layout.shared:
+            extras.update(self._obs_writer.extras)
+        self._info = PolicyEnvInfo(obs_space, self._actions.space, num_agents=a, extras=extras)
         self._batch_info = BatchInfo(num_envs=n, agents_per_env=a)
         self._seed = seed
-        self._buffers = RowBuffers.allocate(n * a, self._obs_writer.space.shape)  # mask: live rows, done/live unused
+        self._buffers = RowBuffers.allocate(n * a, obs_space.shape)  # mask: live rows, done/live unused
         self._needs_reset = np.zeros(n, dtype=bool)  # instances left with no live agent
         self._finished: list[set[str]] = [set() for _ in range(n)]  # agents whose episode ended, per instance
         self._rngs: list[np.random.Generator] = []  # per instance: draws the seeds of its later episodes
@@ -291,7 +295,7 @@ class PettingZooEnvironment(ReplayEnvironment):
         """One PettingZoo step for instance i with its rows' actions; updates rows and queues finished episodes."""
         env, block, buffers = self._envs[i], self._block(i), self._buffers
         acting = [agent for agent in self.possible_agents if buffers.mask[self._row(i, agent)]]
-        sent = {agent: self._actions.single(actions[self._index[agent]]) for agent in acting}
+        sent = {agent: self._single(agent, actions[self._index[agent]]) for agent in acting}
         obs, rewards, terminations, truncations, infos = env.step(sent)
         for array in (buffers.rewards, buffers.terminals, buffers.truncations, buffers.starts, buffers.mask):
             array[block] = 0
@@ -314,8 +318,21 @@ class PettingZooEnvironment(ReplayEnvironment):
         if agent not in obs:
             raise PettingZooEnvError(f"instance {i} lists {agent!r} in env.agents but gave it no observation")
         row = self._row(i, agent)
-        self._obs_writer.write_row(self._buffers.observations[row], obs[agent])
+        self._write_observation(row, agent, obs[agent])
         self._buffers.mask[row] = True
+
+    def _write_observation(self, row: int, agent: str, obs: Any) -> None:
+        """One agent's observation into its row: as it is, or padded and typed when agents differ in spaces."""
+        if self._layout.shared:
+            self._obs_writer.write_row(self._buffers.observations[row], obs)
+        else:
+            self._layout.write_row(self._buffers.observations[row], agent, obs)
+
+    def _single(self, agent: str, row: np.ndarray) -> Any:
+        """One agent's action in its own space, from its row of the common action layout."""
+        if self._layout.shared:
+            return self._actions.single(row)
+        return self._layout.single(agent, row, PettingZooEnvError)
 
     def _record(self, i: int, agent: str, obs: dict[str, Any], reward: float) -> None:
         """Reward, length and observation of an agent that acted (its final one if it just ended)."""
@@ -324,7 +341,7 @@ class PettingZooEnvironment(ReplayEnvironment):
         buffers.returns[row] += reward
         buffers.lengths[row] += 1
         if agent in obs:
-            self._obs_writer.write_row(buffers.observations[row], obs[agent])
+            self._write_observation(row, agent, obs[agent])
 
     def _end_episode(self, i: int, agent: str, terminal: bool, info: Any) -> None:
         """Flag the row (leaving it masked) and queue the agent's episode info."""

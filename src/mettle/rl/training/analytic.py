@@ -38,6 +38,8 @@ def analytic_problem(policy: nn.Module, losses: Sequence[Loss]) -> str | None:
         return f"it is written for MLPPolicy, and the policy is {type(policy).__name__}"
     if policy.log_std is not None:
         return "it is written for categorical action heads, and this policy's actions are a Box (a Gaussian head)"
+    if policy.invalid_actions is not None:
+        return "it is written for unmasked heads, and this environment masks the choices some agent types lack"
     if sorted(type(loss).__name__ for loss in losses) != ["PPOActorLoss", "PPOCriticLoss"] or not all(
         type(loss) in (PPOActorLoss, PPOCriticLoss) for loss in losses
     ):
