@@ -422,3 +422,15 @@ def test_ppo_beats_a_random_policy_on_the_test_env() -> None:
     random_mean, trained_mean = float(np.mean(random_returns)), float(np.mean(returns[-64:]))
     assert random_mean < 3.0, random_mean  # the optimum is (20 + 20 + 10) / 3 ~ 16.7
     assert trained_mean >= max(1.5 * random_mean, 0.6 * 50 / 3), (random_mean, trained_mean)
+
+
+def test_agents_that_differ_in_observations_get_padded_typed_rows_and_late_joiners_stay_masked() -> None:
+    with PettingZooEnvironment(partial(CountingEnv, {"b": 6}, join_at=2, length=5), num_envs=1) as env:
+        info = env.policy_env_info
+        assert info.observation_space.shape == (6 + 2,) and info.extras["agent_types"] == ("a", "b")
+        assert not info.extras["invalid_actions"].any(), "both share one action space"
+        rollout = collect_rollout(env, 4)
+    assert rollout.mask.tolist() == [[1, 0], [1, 0], [1, 1], [1, 1]]
+    assert not rollout.observations[:2, 1].any(), "an absent agent's row shows zeros, type included"
+    np.testing.assert_array_equal(rollout.observations[0, 0], [1, 0, 0, 0, 0, 0, 1, 0])  # a sees 1 of 4, padded
+    np.testing.assert_array_equal(rollout.observations[2, 1], [0, 0, 0, 1, 0, 0, 0, 1])  # b joins seeing 4 of 6

@@ -83,7 +83,7 @@ class LSTMPolicy(Policy):
         self.actor_head = orthogonal_linear(self.hidden_size, sum(self.nvec) + self.action_dims, ACTOR_GAIN)
         self.critic_head = orthogonal_linear(self.hidden_size, 1, CRITIC_GAIN)
         self.log_std = gaussian_log_std(self.action_dims)
-        self.set_invalid_actions(env_info)
+        self.fit_invalid_actions(env_info)
         self.reset_memory()
         self.to(device)
 

@@ -65,7 +65,7 @@ class MLPPolicy(Policy):
         self.actor_head = orthogonal_linear(out_features, sum(self.nvec) + self.action_dims, ACTOR_GAIN)
         self.critic_head = orthogonal_linear(out_features, 1, CRITIC_GAIN)
         self.log_std = gaussian_log_std(self.action_dims)
-        self.set_invalid_actions(env_info)
+        self.fit_invalid_actions(env_info)
         self.to(device)
 
     def get_agent_experience_spec(self) -> dict[str, TensorSpec]:

@@ -111,11 +111,26 @@ class Policy(nn.Module, ABC):
         self.observation_normalizer = ObservationNormalizer(features).to(device)
         return self.observation_normalizer
 
-    def set_invalid_actions(self, env_info: PolicyEnvInfo) -> None:
-        """Read the environment's per-type table of choices to mask (`invalid_actions` in its extras), if any."""
-        table = env_info.extras.get(INVALID_ACTIONS_KEY)
-        if table is not None and np.any(table):
+    def set_invalid_actions(self, table: np.ndarray) -> None:
+        """Mask, from now on, the choices each agent type lacks ([types, sum(nvec)], True: lacked); a table with
+        nothing to mask leaves every choice open."""
+        if np.any(table):
             self.invalid_actions = torch.as_tensor(np.asarray(table), dtype=torch.float32)
+
+    def fit_invalid_actions(self, env_info: PolicyEnvInfo) -> None:
+        """Take the environment's table of choices to mask (`invalid_actions` in its extras), or keep the one the
+        policy was saved with, and check that it fits the actions and observations."""
+        table = env_info.extras.get(INVALID_ACTIONS_KEY)
+        if table is not None:
+            self.set_invalid_actions(table)
+        if self.invalid_actions is None:
+            return
+        types, width = self.invalid_actions.shape
+        features = int(np.prod(env_info.observation_space.shape or (), dtype=np.int64))
+        choices = 0 if env_info.continuous_actions else sum(env_info.action_nvec)
+        if width != choices or features < types:
+            raise ValueError(f"{INVALID_ACTIONS_KEY} table [{types}, {width}] does not fit {choices} action choices "
+                             f"and {features} observation features; rebuild the policy for this environment")
 
     def mask_invalid_actions(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Logits [..., sum(nvec)] with each row's invalid choices at the dtype's lowest value, so they get no

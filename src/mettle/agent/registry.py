@@ -22,6 +22,7 @@ from mettle.agent.mlp import MLPPolicy
 from mettle.agent.normalizer import MAX_FEATURES
 from mettle.agent.policy import Policy
 from mettle.agent.token import TokenPolicy
+from mettle.contracts import INVALID_ACTIONS_KEY
 
 if TYPE_CHECKING:
     from mettle.contracts import PolicyEnvInfo
@@ -35,6 +36,8 @@ LEGACY_CLASS_PATHS = {
     "mettle.agent.token:TokenPolicy": "token",
 }
 NORMALIZER_KEY = "observation_normalizer"
+MAX_AGENT_TYPES = 1024
+"""Most agent types a policy spec's invalid-actions table may describe."""
 """The policy spec's entry for an attached observation normaliser (absent when there is none)."""
 REGISTER_HINT = (f"register it with mettle.agent.register_policy(name, cls) before loading, "
                  f"or declare it as a {ENTRY_POINT_GROUP!r} entry point of an installed package")
@@ -105,6 +108,8 @@ def policy_spec(policy: Policy) -> dict[str, Any]:
     spec: dict[str, Any] = {"class": policy_name(type(policy)), "kwargs": policy.constructor_kwargs()}
     if policy.observation_normalizer is not None:
         spec[NORMALIZER_KEY] = {"features": policy.observation_normalizer.features}
+    if policy.invalid_actions is not None:
+        spec[INVALID_ACTIONS_KEY] = (policy.invalid_actions > 0.5).tolist()
     return spec
 
 
@@ -124,7 +129,24 @@ def policy_from_spec(spec: dict[str, Any]) -> Policy:
     features = normalizer_features(spec)
     if features is not None:
         policy.attach_observation_normalizer(features)
+    table = invalid_actions_table(spec)
+    if table is not None:
+        policy.set_invalid_actions(table)
     return policy
+
+
+def invalid_actions_table(spec: dict[str, Any]) -> np.ndarray | None:
+    """The spec's per-agent-type table of masked choices (None: it has none), checked for shape before use."""
+    described = spec.get(INVALID_ACTIONS_KEY) if isinstance(spec, dict) else None
+    if described is None:
+        return None
+    rows = described if isinstance(described, list) and 0 < len(described) <= MAX_AGENT_TYPES else None
+    widths = {len(row) if isinstance(row, list) else -1 for row in rows or []}
+    if rows is None or len(widths) != 1 or not 0 < min(widths) <= MAX_FEATURES or not all(
+            isinstance(value, bool) for row in rows for value in row):
+        raise ValueError(f"policy spec {INVALID_ACTIONS_KEY!r} must be equal-length lists of true/false (one per "
+                         f"agent type, at most {MAX_AGENT_TYPES}), got {repr(described)[:60]}")
+    return np.array(rows, dtype=bool)
 
 
 def normalizer_features(spec: dict[str, Any]) -> int | None:
