@@ -77,7 +77,12 @@ def tensorboard_returns(run_dir: Path) -> list[tuple[int, float]]:
     # both normalisations with the overlapped actor, which acts with the statistics it receives with the weights
     ["--env", "gym:Pendulum-v1", "env.num_envs=4", "batch_size=256", "minibatch_size=128", "update_epochs=1",
      "total_timesteps=2048", "overlap=true", "env.normalize_observations=true", "env.normalize_rewards=true"],
-], ids=["cartpole", "mpe2-workers", "dict-observations", "pendulum", "pendulum-normalised-overlap"])
+    # agents that differ in spaces: padded, typed observations and masked choices, in worker processes
+    ["--env", "pettingzoo:mpe2.simple_speaker_listener_v4:parallel_env", "env.num_envs=8",
+     "env.vectorization=multiprocess", "env.num_workers=2", "batch_size=512", "minibatch_size=256", "bptt_horizon=16",
+     "total_timesteps=4096"],
+], ids=["cartpole", "mpe2-workers", "dict-observations", "pendulum", "pendulum-normalised-overlap",
+        "mpe2-heterogeneous-workers"])
 def test_killed_and_rerun_equals_never_killed(tmp_path: Path, env: list[str]) -> None:
     run_to_end("straight", tmp_path, *env)
     kill_after_logging("killed", tmp_path, 4, *env)
