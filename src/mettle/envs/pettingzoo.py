@@ -17,6 +17,10 @@ number of possible agents. Every row is in one of four states on each receive:
   agents absent at reset start dormant (zero observation, `mask` False); an agent that appears
   mid-episode starts live on the receive where it first shows up.
 
+Agents that differ in observation or action spaces share one row layout (`mettle.envs.agent_types`): observations
+zero-padded and typed, actions over the union of their spaces with the choices a type lacks masked by the policy;
+an action a row's agent lacks is refused when sent.
+
 Agents that end on the same step as their instance therefore behave exactly like the single-agent
 case. A dormant row shows `mask` False without an episode end and its next start does not follow a
 flag; `check_rollout` from `mettle.envs.testing` assumes single-agent episodes and rejects that, so
@@ -133,10 +137,9 @@ def _agent_layout(env: ParallelEnv, label: str) -> AgentLayout:
 class PettingZooEnvironment(ReplayEnvironment):
     """`num_envs` in-process PettingZoo ParallelEnvs as one row per possible agent per instance.
 
-    `policy_env_info` holds one agent's spaces (observations always a float32 Box), or where agents differ in spaces
-    the common layout of `mettle.envs.agent_types` (padded, typed observations; the union of actions, with the
-    `invalid_actions` table in extras); its extras name the
-    possible agents.
+    `policy_env_info` holds one agent's spaces (observations always a float32 Box) or, where agents differ in spaces,
+    the common layout of `mettle.envs.agent_types` (padded observations with a type one-hot; the union of the action
+    spaces, the choices each type lacks in `extras["invalid_actions"]`); its extras name the possible agents.
     """
 
     _log: EpisodeLog
