@@ -55,3 +55,18 @@ def test_bad_sizes_fail_before_anything_runs(tmp_path: Path) -> None:
     cfg = build_run_config(["env.name=gym:CartPole-v1", "env.num_envs=3", "batch_size=100"])
     with pytest.raises(ConfigError, match="batch_size 100"):
         build_run(cfg, tmp_path)
+
+
+def test_a_policy_that_cannot_mask_choices_is_refused_where_agents_differ_in_actions() -> None:
+    import numpy as np
+    from gymnasium.spaces import Box, Discrete
+
+    from mettle.agent.registry import build_policy
+    from mettle.contracts import INVALID_ACTIONS_KEY, PolicyEnvInfo
+    from mettle.run import check_action_masking
+
+    cfg = build_run_config(["env.name=pettingzoo:mpe2.simple_speaker_listener_v4:parallel_env", "policy.kind=token"])
+    info = PolicyEnvInfo(Box(0, 1, (5,)), Discrete(5), extras={INVALID_ACTIONS_KEY: np.eye(2, 5, 3, dtype=bool)})
+    with pytest.raises(ConfigError, match=r"agents differ in action spaces, and policy.kind=token \(TokenPolicy\)"):
+        check_action_masking(cfg, build_policy("token"), info)
+    check_action_masking(cfg, build_policy("mlp"), info)

@@ -434,3 +434,21 @@ def test_agents_that_differ_in_observations_get_padded_typed_rows_and_late_joine
     assert not rollout.observations[:2, 1].any(), "an absent agent's row shows zeros, type included"
     np.testing.assert_array_equal(rollout.observations[0, 0], [1, 0, 0, 0, 0, 0, 1, 0])  # a sees 1 of 4, padded
     np.testing.assert_array_equal(rollout.observations[2, 1], [0, 0, 0, 1, 0, 0, 0, 1])  # b joins seeing 4 of 6
+
+
+class MixedActionsEnv(CountingEnv):
+    """CountingEnv where a acts in Discrete(4, start=1) and b in MultiDiscrete([2, 3], start=[10, 20])."""
+
+    def action_space(self, agent: str) -> spaces.Space:
+        return spaces.Discrete(4, start=1) if agent == "a" else self.act_space
+
+
+def test_a_discrete_and_a_multidiscrete_agent_train_together_each_getting_only_its_own_choices() -> None:
+    env = PettingZooEnvironment(partial(MixedActionsEnv, {"b": 6}, length=20), num_envs=4)
+    assert env.policy_env_info.action_space == spaces.MultiDiscrete([4, 3])
+    cfg = TrainerConfig(total_timesteps=1024, batch_size=256, minibatch_size=128, bptt_horizon=8, seed=1)
+    Trainer(cfg, env, build_policy("mlp"), "cpu").train()
+    sent = [step for instance in env.envs for step in instance.received]
+    env.close()
+    assert {step["a"] for step in sent} == {1, 2, 3, 4}
+    assert {tuple(step["b"].tolist()) for step in sent} == {(x, y) for x in (10, 11) for y in (20, 21, 22)}

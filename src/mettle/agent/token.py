@@ -224,6 +224,8 @@ class TokenPolicy(LSTMPolicy):
 
     observation_normalization = False
     """Tokens are (location, feature, value) triples: each feature's values are scaled by the env's own figures."""
+    action_masking = False
+    """Token observations carry no agent-type columns to read a mask from."""
 
     def __init__(
         self,
