@@ -18,25 +18,20 @@ import argparse
 import json
 import sys
 import tempfile
-import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mettle.config import RunConfig, build_run_config
+from deadline import WINDOW, Deadline, run_config
+from mettle.config import RunConfig
 from mettle.contracts import INVALID_ACTIONS_KEY, TrainingEnvironment
 from mettle.envs.factory import make_environment
-from mettle.recipes import recipe_for
 from mettle.rl.evaluate import evaluate_policy, summarize_returns
-from mettle.rl.training import TrainerComponent
 from mettle.run import build_run
 
 ENV = "pettingzoo:mpe2.simple_speaker_listener_v4:parallel_env"
-WINDOW = 20
-"""Training agent-episodes the moving mean return averages."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,40 +47,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--check", action="store_true", help="exit 1 when the target is missed")
     parser.add_argument("--json", type=Path, default=None, help="output file (default: a temporary directory)")
     return parser.parse_args(argv)
-
-
-class Deadline(TrainerComponent):
-    """Records the moving mean return each epoch; stops training at the target or when the budget is spent."""
-
-    def __init__(self, target: float, budget_s: float) -> None:
-        super().__init__(epoch_interval=1)
-        self.target, self.budget_s = target, budget_s
-        self.returns: deque[float] = deque(maxlen=WINDOW)
-        self.start = time.monotonic()
-        self.curve: list[dict[str, float]] = []
-        self.reached: dict[str, float] | None = None
-
-    def on_step(self, infos: list[dict[str, Any]]) -> None:
-        """Keep the returns of the agent-episodes that ended."""
-        self.returns.extend(float(info["episode_return"]) for info in infos)
-
-    def on_epoch_end(self, epoch: int) -> None:
-        """Log the point on the curve; stop at the target (once a full window is seen) or at the deadline."""
-        seconds = time.monotonic() - self.start
-        mean = float(np.mean(self.returns)) if self.returns else float("nan")
-        point = {"seconds": seconds, "agent_steps": float(self.context.state.agent_step), "mean_return": mean}
-        self.curve.append(point)
-        print(f"{seconds:7.1f} s  {point['agent_steps']:>10,.0f} steps  mean return {mean:9.2f}", flush=True)
-        if len(self.returns) == WINDOW and mean >= self.target:
-            self.reached = point
-            self.context.stop_requested = True
-        elif seconds >= self.budget_s:
-            self.context.stop_requested = True
-
-
-def run_config(env: str, overrides: list[str], seed: int) -> RunConfig:
-    """What `mettle train --env ENV` resolves: the recipe, then the overrides."""
-    return build_run_config([f"env.name={env}", *overrides, f"seed={seed}"], defaults=recipe_for(env, None))
 
 
 def eval_env(cfg: RunConfig) -> TrainingEnvironment:
