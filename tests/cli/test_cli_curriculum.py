@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import mettle_in_process
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_cli_exact_resume import kill_after_logging, metrics, run_to_end, tensorboard_returns
 
 FAMILY = {
@@ -50,6 +51,11 @@ def test_killed_curriculum_run_equals_never_killed(tmp_path: Path, layout: list[
     assert sum(r.get("curriculum/tasks_drawn", 0) for r in records) > 4, "the curriculum drew tasks"
     assert sum(r.get("curriculum/evicted", 0) for r in records) > 0, "the pool evicted tasks"
     assert any("curriculum/max_steps/20/share" in r for r in records), "per-bucket shares are logged"
+    events = EventAccumulator(str(straight / "tensorboard"))
+    events.Reload()
+    logged = [(r["step"], r["curriculum/max_steps/20/share"]) for r in records if "curriculum/max_steps/20/share" in r]
+    shown = [(e.step, e.value) for e in events.Scalars("curriculum/max_steps/20/share")]
+    assert shown == [(step, pytest.approx(value)) for step, value in logged], "the same shares reach TensorBoard"
     assert (straight / "policy.safetensors").read_bytes() == (killed / "policy.safetensors").read_bytes()
     assert metrics(straight) == metrics(killed)
     assert tensorboard_returns(straight) == tensorboard_returns(killed)
