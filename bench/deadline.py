@@ -44,6 +44,13 @@ class Deadline(TrainerComponent):
         elif seconds >= self.budget_s:
             self.context.stop_requested = True
 
+    def outcome(self, digits: int) -> tuple[dict[str, float], str]:
+        """The last point of the curve, and whether (and when) the target was reached, for the closing line."""
+        last = self.curve[-1] if self.curve else {"seconds": 0.0, "agent_steps": 0.0, "mean_return": float("nan")}
+        if self.reached:
+            return last, f"reached at {self.reached['seconds']:.0f} s, {self.reached['agent_steps']:,.0f} steps"
+        return last, f"not reached; last mean {last['mean_return']:.{digits}f}"
+
 
 def run_config(env: str, overrides: list[str], seed: int) -> RunConfig:
     """What `mettle train --env ENV` resolves: the recipe, then the overrides."""

@@ -106,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
               "passed": passed}
     out = args.json or Path(tempfile.mkdtemp(prefix="heterogeneous-learning-")) / "heterogeneous_learning.json"
     out.write_text(json.dumps(result, indent=2))
-    last = deadline.curve[-1] if deadline.curve else {"seconds": 0.0, "agent_steps": 0.0, "mean_return": float("nan")}
-    when = (f"reached at {deadline.reached['seconds']:.0f} s, {deadline.reached['agent_steps']:,.0f} steps"
-            if deadline.reached else f"not reached; last mean {last['mean_return']:.2f}")
+    last, when = deadline.outcome(2)
     print(f"random {random['mean_return']:.2f} -> target {target:.2f}: {when} | greedy {greedy['mean_return']:.2f} "
           f"± {greedy['std_return']:.2f} | {last['agent_steps']:,.0f} steps in {last['seconds']:.0f} s")
     print(f"results in {out}")
