@@ -27,6 +27,11 @@ from cli_helpers import mettle_in_process, run_mettle
          "'note': Text(1, 8, charset="),
         (["--env", "gym:mettle.envs.testing:mettle/DictTarget-v0", "env.kwargs.note=true"],
          "is not supported: its part ['note'] is Text(1, 8, charset="),
+        (["--env", "gym:mettle.envs.testing:mettle/DictTarget-v0", "env.kwargs.mixed_actions=tuple"],
+         "mettle/DictTarget-v0: action space Tuple(Discrete(3), Box(-1.0, 1.0, (1,), float32)) is not supported; "
+         "mettle policies need Discrete, MultiDiscrete or float Box actions"),
+        (["--env", "gym:mettle.envs.testing:mettle/DictTarget-v0", "env.kwargs.mixed_actions=dict"],
+         "action space Dict('amount': Box(-1.0, 1.0, (1,), float32), 'choice': Discrete(3)) is not supported"),
         (["--env", "mettagrid:arena", "env.normalize_observations=true"],
          "env.normalize_observations=true: observation and reward normalisation are for Gymnasium and PettingZoo "
          "feature envs, and mettagrid:arena gives MettaGrid tokens"),

@@ -465,10 +465,12 @@ class DictTargetEnv(gym.Env[dict[str, Any], np.int64]):
 
     The target is Discrete(num_actions, start=1), the flags are noise and the clock is t / episode_length,
     so only the flattened target's one-hot columns matter; playing it pays 1. Episodes truncate after
-    `episode_length` steps. With `note=True` a Text part is added, which mettle refuses (a bad-input fixture).
+    `episode_length` steps. With `note=True` a Text part is added, and with `mixed_actions` "tuple" or "dict" the
+    action space mixes a Discrete and a Box: mettle refuses both (bad-input fixtures).
     """
 
-    def __init__(self, num_actions: int = 3, episode_length: int = 8, note: bool = False) -> None:
+    def __init__(self, num_actions: int = 3, episode_length: int = 8, note: bool = False,
+                 mixed_actions: str = "") -> None:
         if num_actions < 2 or episode_length < 1:
             raise ValueError(f"need num_actions >= 2 and episode_length >= 1, got {num_actions}, {episode_length}")
         parts: dict[str, gym.Space[Any]] = {
@@ -479,7 +481,7 @@ class DictTargetEnv(gym.Env[dict[str, Any], np.int64]):
         if note:
             parts["note"] = gym.spaces.Text(8)
         self.observation_space = gym.spaces.Dict(parts)
-        self.action_space = gym.spaces.Discrete(num_actions)
+        self.action_space = mixed_action_space(num_actions, mixed_actions)
         self.num_actions, self.episode_length, self.note = num_actions, episode_length, note
         self._t = 0
         self._target = 1
@@ -509,6 +511,18 @@ class DictTargetEnv(gym.Env[dict[str, Any], np.int64]):
         if self.note:
             observation["note"] = "a"
         return observation
+
+
+def mixed_action_space(num_actions: int, mixed: str) -> gym.Space[Any]:
+    """Discrete(num_actions), or it beside a Box in a Tuple ("tuple") or Dict ("dict")."""
+    choice, amount = gym.spaces.Discrete(num_actions), gym.spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
+    if mixed == "tuple":
+        return gym.spaces.Tuple([choice, amount])
+    if mixed == "dict":
+        return gym.spaces.Dict({"choice": choice, "amount": amount})
+    if mixed:
+        raise ValueError(f"mixed_actions must be '', 'tuple' or 'dict', got {mixed!r}")
+    return choice
 
 
 if DICT_TARGET_ID not in gym.registry:
