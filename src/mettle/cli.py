@@ -519,7 +519,8 @@ def announce(run: Run, run_name: str, distributed: DistributedHelper) -> None:
         print(f"resuming run {run_name} from {run.resumed_from} at agent step {state.agent_step:,} "
               f"(epoch {state.epoch})")
     ranks = f" on {distributed.get_world_size()} ranks" if distributed.is_distributed else ""
-    print(f"training {run.config.env.name} with {run.config.policy.kind} policy{ranks}; run dir {run.run_dir}",
+    policy = f"{run.config.policy.kind} policy" + ("" if run.config.policy.share else " per agent type")
+    print(f"training {run.config.env.name} with {policy}{ranks}; run dir {run.run_dir}",
           flush=True)
 
 

@@ -64,6 +64,9 @@ class PolicyConfig(_Config):
     """mlp: feed-forward; lstm: recurrent (BPTT over bptt_horizon); token: MettaGrid token encoder + LSTM."""
     hidden_size: int = Field(64, gt=0, le=MAX_WIDTH)
     """Width of hidden layers (and of the LSTM state)."""
+    share: bool = True
+    """false: one policy of `kind` per agent type (agents that differ in spaces), each trained only on its own
+    type's rows, all in one update."""
 
 
 class RunConfig(_Config):

@@ -20,6 +20,7 @@ from mettle.agent.layers import check_size
 from mettle.agent.lstm import LSTMPolicy
 from mettle.agent.mlp import MLPPolicy
 from mettle.agent.normalizer import MAX_FEATURES
+from mettle.agent.per_type import PerTypePolicy
 from mettle.agent.policy import Policy
 from mettle.agent.token import TokenPolicy
 from mettle.contracts import INVALID_ACTIONS_KEY
@@ -28,7 +29,8 @@ if TYPE_CHECKING:
     from mettle.contracts import PolicyEnvInfo
 
 ENTRY_POINT_GROUP = "mettle.policies"
-POLICY_KINDS: dict[str, type[Policy]] = {"mlp": MLPPolicy, "lstm": LSTMPolicy, "token": TokenPolicy}
+POLICY_KINDS: dict[str, type[Policy]] = {"mlp": MLPPolicy, "lstm": LSTMPolicy, "token": TokenPolicy,
+                                         "per_type": PerTypePolicy}
 # Specs written before the registry named built-ins by import path; these exact strings map to names.
 LEGACY_CLASS_PATHS = {
     "mettle.agent.mlp:MLPPolicy": "mlp",
@@ -93,7 +95,7 @@ def _load_entry_point(name: str) -> None:
             return
 
 
-def build_policy(kind: str, **kwargs: Any) -> Policy:
+def build_policy(kind: str, /, **kwargs: Any) -> Policy:
     """A policy of a named kind, so configs need not spell out class paths."""
     if kind not in _registry:
         _load_entry_point(kind)
