@@ -99,6 +99,7 @@ def build_run(
     family = task_family_of(cfg)
     env = make_environment(cfg.env, seed=cfg.trainer.seed)
     try:
+        check_policy_share(cfg, env.policy_env_info)
         cfg = fit_run_config(cfg, env.batch_info.num_rows)
         policy = policy_for_config(cfg, env.policy_env_info)
         if cfg.env.normalize_observations:
@@ -137,19 +138,24 @@ def build_run(
     return Run(cfg, env, policy, trainer, run_dir, shutdown, resumed)
 
 
-def policy_for_config(cfg: RunConfig, env_info: PolicyEnvInfo) -> Policy:
-    """The policy `cfg.policy` asks for: one of `kind`, or with `share=false` one per agent type (refused in one
-    line where the env has a single type or the kind is MettaGrid's token policy)."""
+def check_policy_share(cfg: RunConfig, env_info: PolicyEnvInfo) -> None:
+    """`policy.share=false` needs agent types to split by, and a kind that masks each type's choices."""
     if cfg.policy.share:
-        return build_policy(cfg.policy.kind, hidden_size=cfg.policy.hidden_size)
+        return
     if cfg.policy.kind == "token":
         raise ConfigError("policy.share=false: policy.kind=token is MettaGrid's policy, whose agents share one type; "
                           "use policy.kind=mlp or lstm, or drop policy.share=false")
-    types = env_info.extras.get("agent_types")
-    if not types:
+    if not env_info.extras.get("agent_types"):
         raise ConfigError(f"policy.share=false needs agents that differ in spaces, and {cfg.env.name} has one agent "
                           "type: drop policy.share=false")
-    return build_policy("per_type", kind=cfg.policy.kind, types=len(types), hidden_size=cfg.policy.hidden_size)
+
+
+def policy_for_config(cfg: RunConfig, env_info: PolicyEnvInfo) -> Policy:
+    """The policy `cfg.policy` asks for: one of `kind`, or with `share=false` one per agent type."""
+    if cfg.policy.share:
+        return build_policy(cfg.policy.kind, hidden_size=cfg.policy.hidden_size)
+    types = len(env_info.extras["agent_types"])
+    return build_policy("per_type", kind=cfg.policy.kind, types=types, hidden_size=cfg.policy.hidden_size)
 
 
 def check_normalization_env(cfg: RunConfig) -> None:
