@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("mpe2")
 
-from cli_helpers import mettle_in_process  # noqa: E402
-from test_cli_exact_resume import kill_after_logging, metrics, run_to_end  # noqa: E402
+from cli_helpers import mettle_in_process
+from test_cli_exact_resume import kill_after_logging, metrics, run_to_end
 
 SPEAKER_LISTENER = "pettingzoo:mpe2.simple_speaker_listener_v4:parallel_env"
 
