@@ -17,7 +17,7 @@ from torch import nn
 from mettle.agent.layers import box_shape, check_size, flatten_steps
 from mettle.agent.lstm import LSTMPolicy
 from mettle.agent.mlp import MLPPolicy
-from mettle.agent.policy import Policy, PolicyOutput, TensorSpec
+from mettle.agent.policy import NON_MEMORY_FIELDS, Policy, PolicyOutput, TensorSpec
 
 if TYPE_CHECKING:
     from mettle.contracts import PolicyEnvInfo
@@ -26,7 +26,6 @@ SUB_KINDS: dict[str, type[Policy]] = {"mlp": MLPPolicy, "lstm": LSTMPolicy}
 """The kinds a per-type policy may hold: those that read a normaliser's output and mask each type's choices."""
 MAX_TYPES = 1024
 """Most agent types (sub-policies) a spec may ask for; more is a damaged spec."""
-NON_MEMORY_FIELDS = ("observations", "actions")
 
 
 def memory_key(index: int, key: str) -> str:

@@ -18,6 +18,10 @@ if TYPE_CHECKING:
     from mettle.contracts import EnvBatch, PolicyEnvInfo
 
 
+NON_MEMORY_FIELDS = ("observations", "actions")
+"""Experience fields every policy stores that are not recurrent memory (the rest of its spec is memory)."""
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """Shape (without batch dimensions) and dtype of one per-step experience field."""

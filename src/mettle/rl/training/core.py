@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from mettle.agent.policy import NON_MEMORY_FIELDS
 from mettle.rl import advantage as adv
 from mettle.rl.loss.base import Loss, load_loss_states
 from mettle.rl.training.analytic import AnalyticPPOGradient, analytic_problem, analytic_refusal
@@ -22,8 +23,6 @@ from mettle.rl.training.optimizer import (
 )
 
 logger = logging.getLogger(__name__)
-
-NON_MEMORY_FIELDS = frozenset({"observations", "actions"})
 
 
 class CoreTrainingLoop:
