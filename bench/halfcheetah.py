@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/halfcheetah.py --out DIR [--steps 1000000] [--seeds 1] [--systems mettle,cleanrl,sb3_zoo]
     .venv/bin/python bench/halfcheetah.py --quick        # 20k steps each: a smoke run, not a measurement
+    .venv/bin/python bench/halfcheetah.py --systems mettle --mettle-set policy.log_std_init=-1   # a variant
 
 Each system trains with the settings its users would start from, on one torch thread, in its own process, one
 after another:
@@ -53,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=1, help="runs per system (seeds 0..N-1, interleaved)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps per run (a smoke run)")
+    parser.add_argument("--mettle-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a `mettle train` override for the mettle runs (repeatable)")
     parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -60,16 +63,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------- the runs
-def run_mettle(steps: int, seed: int) -> dict[str, Any]:
-    """`mettle train --env gym:HalfCheetah-v5` as resolved with no override, for `steps`."""
+def run_mettle(steps: int, seed: int, overrides: list[str]) -> dict[str, Any]:
+    """`mettle train --env gym:HalfCheetah-v5` as resolved (then `overrides`), for `steps`."""
     from compare_workers import run_mettle as train
 
-    result = train({"task": {"env": f"gym:{ENV}", "num_envs": 8, "overrides": []}, "steps": steps, "seed": seed})
+    task = {"env": f"gym:{ENV}", "num_envs": 8, "overrides": overrides}
+    result = train({"task": task, "steps": steps, "seed": seed})
     result.pop("config")
-    return result
+    return {**result, "overrides": overrides}
 
 
-def run_cleanrl(steps: int, seed: int) -> dict[str, Any]:
+def run_cleanrl(steps: int, seed: int, overrides: list[str]) -> dict[str, Any]:
     """bench/plain_ppo.py with CleanRL's continuous-control settings."""
     from plain_ppo import Settings, train
 
@@ -89,7 +93,7 @@ def sb3_policy_kwargs() -> dict[str, Any]:
             "net_arch": {"pi": [256, 256], "vf": [256, 256]}}
 
 
-def run_sb3_zoo(steps: int, seed: int) -> dict[str, Any]:
+def run_sb3_zoo(steps: int, seed: int, overrides: list[str]) -> dict[str, Any]:
     """SB3 PPO with rl-zoo's tuned HalfCheetah settings; Monitor (inside VecNormalize) records raw returns."""
     from stable_baselines3 import PPO
     from stable_baselines3.common.env_util import make_vec_env
@@ -109,6 +113,7 @@ def run_sb3_zoo(steps: int, seed: int) -> dict[str, Any]:
 
 
 RUNNERS = {"mettle": run_mettle, "cleanrl": run_cleanrl, "sb3_zoo": run_sb3_zoo}
+"""Each takes (steps, seed, the --mettle-set overrides); only Mettle's run reads the overrides."""
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -116,19 +121,19 @@ def worker(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(1)
-    result = RUNNERS[args.worker](args.steps, args.seed)
+    result = RUNNERS[args.worker](args.steps, args.seed, args.mettle_set)
     args.result.write_text(json.dumps(result, default=str))
     return 0
 
 
 # ------------------------------------------------------------------------------------------- the driver
-def measure(system: str, steps: int, seed: int, out: Path) -> dict[str, Any]:
+def measure(system: str, steps: int, seed: int, out: Path, overrides: list[str]) -> dict[str, Any]:
     """Run one system in a child process; add wall time and the CPU time it (and its children) used."""
     result_file = out / f"{system}-s{seed}.json"
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     command = [sys.executable, __file__, "--worker", system, "--seed", str(seed), "--steps", str(steps),
-               "--result", str(result_file)]
+               "--result", str(result_file), *(f"--mettle-set={o}" for o in overrides)]
     subprocess.run(command, check=True, cwd=Path(__file__).parent)
     process_wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -152,9 +157,10 @@ def summarize(runs: list[dict[str, Any]], systems: list[str]) -> dict[str, dict[
     return table
 
 
-def render(summary: dict[str, dict[str, Any]], machine: dict[str, Any], steps: int) -> str:
+def render(summary: dict[str, dict[str, Any]], machine: dict[str, Any], steps: int, overrides: list[str]) -> str:
     """results.md: the table and Mettle's ratios against each peer."""
-    lines = [f"# HalfCheetah-v5, {steps:,} agent steps per run", "",
+    shown = f" (Mettle with {' '.join(overrides)})" if overrides else ""
+    lines = [f"# HalfCheetah-v5, {steps:,} agent steps per run{shown}", "",
              f"Machine: {machine['cpus']} CPUs ({machine['cpu_model']}), torch {machine['torch']}, one torch thread "
              f"per run; load average {machine['load_avg']} at start, {machine.get('load_avg_end')} at end; "
              f"{machine['date']}.", "",
@@ -201,15 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     for seed in range(args.seeds):
         for system in systems:
             print(f"{system} seed {seed}: {steps:,} steps", flush=True)
-            runs.append(measure(system, steps, seed, out))
+            runs.append(measure(system, steps, seed, out, args.mettle_set))
             print(f"  final return {runs[-1]['recent_mean_return']:.1f} | {runs[-1]['sps']:,.0f} steps/s "
                   f"| {runs[-1]['sps_per_cpu_s']:,.0f} per CPU s", flush=True)
     machine["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     summary = summarize(runs, systems)
-    (out / "results.json").write_text(json.dumps({"machine": machine, "steps": steps, "summary": summary,
+    (out / "results.json").write_text(json.dumps({"machine": machine, "steps": steps, "mettle_set": args.mettle_set,
+                                                  "summary": summary,
                                                   "runs": runs}, indent=2, default=str))
-    (out / "results.md").write_text(render(summary, machine, steps))
-    print(render(summary, machine, steps))
+    (out / "results.md").write_text(render(summary, machine, steps, args.mettle_set))
+    print(render(summary, machine, steps, args.mettle_set))
     print(f"results in {out}")
     return 0
 

@@ -64,6 +64,8 @@ class PolicyConfig(_Config):
     """mlp: feed-forward; lstm: recurrent (BPTT over bptt_horizon); token: MettaGrid token encoder + LSTM."""
     hidden_size: int = Field(64, gt=0, le=MAX_WIDTH)
     """Width of hidden layers (and of the LSTM state)."""
+    log_std_init: float = Field(0.0, ge=-20.0, le=20.0)
+    """Initial log standard deviation of the Gaussian head of Box actions (0: std 1); mlp and lstm policies only."""
     share: bool = True
     """false: one policy of `kind` per agent type (agents that differ in spaces), each trained only on its own
     type's rows, all in one update."""

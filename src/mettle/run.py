@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -100,6 +100,7 @@ def build_run(
     env = make_environment(cfg.env, seed=cfg.trainer.seed)
     try:
         check_policy_share(cfg, env.policy_env_info)
+        check_log_std_init(cfg, env.policy_env_info)
         cfg = fit_run_config(cfg, env.batch_info.num_rows)
         policy = policy_for_config(cfg, env.policy_env_info)
         if cfg.env.normalize_observations:
@@ -150,12 +151,28 @@ def check_policy_share(cfg: RunConfig, env_info: PolicyEnvInfo) -> None:
                           "type: drop policy.share=false")
 
 
+def check_log_std_init(cfg: RunConfig, env_info: PolicyEnvInfo) -> None:
+    """`policy.log_std_init` sets a Gaussian head: on discrete actions, or for the token policy, it is refused."""
+    value = cfg.policy.log_std_init
+    if not value:
+        return
+    if not env_info.continuous_actions:
+        raise ConfigError(f"policy.log_std_init={value:g} sets the Gaussian head of Box actions, and {cfg.env.name} "
+                          "has discrete actions: drop policy.log_std_init")
+    if cfg.policy.kind == "token":
+        raise ConfigError(f"policy.log_std_init={value:g}: policy.kind=token has no Gaussian head; use policy.kind=mlp "
+                          "or lstm")
+
+
 def policy_for_config(cfg: RunConfig, env_info: PolicyEnvInfo) -> Policy:
     """The policy `cfg.policy` asks for: one of `kind`, or with `share=false` one per agent type."""
+    options: dict[str, Any] = {"hidden_size": cfg.policy.hidden_size}
+    if cfg.policy.log_std_init:
+        options["log_std_init"] = cfg.policy.log_std_init
     if cfg.policy.share:
-        return build_policy(cfg.policy.kind, hidden_size=cfg.policy.hidden_size)
+        return build_policy(cfg.policy.kind, **options)
     types = len(env_info.extras["agent_types"])
-    return build_policy("per_type", kind=cfg.policy.kind, types=types, hidden_size=cfg.policy.hidden_size)
+    return build_policy("per_type", kind=cfg.policy.kind, types=types, **options)
 
 
 def check_normalization_env(cfg: RunConfig) -> None:

@@ -153,3 +153,26 @@ def test_box_action_facts_of_the_contract() -> None:
     assert PolicyEnvInfo(OBS, gym.spaces.MultiDiscrete([3, 2])).action_layout == ("choices", (3, 2))
     with pytest.raises(ValueError, match=r"has no choices per head; read PolicyEnvInfo\.action_width"):
         _ = INFO.action_nvec
+
+
+@pytest.mark.parametrize("kind", ["mlp", "lstm"])
+def test_log_std_init_sets_the_first_std_and_survives_a_rebuild_from_the_spec(kind: str) -> None:
+    policy = build_policy(kind, log_std_init=-1.5)
+    policy.initialize_to_environment(INFO, "cpu")
+    assert policy.log_std is not None
+    assert policy.log_std.tolist() == [-1.5, -1.5, -1.5]
+    obs = torch.zeros(2000, 1, 4)
+    spread = policy(obs, torch.ones(2000, 1, dtype=torch.bool)).actions.std(dim=(0, 1))
+    torch.testing.assert_close(spread, torch.full((3,), math.exp(-1.5)), rtol=0.1, atol=0.0)
+    kwargs = policy.constructor_kwargs()
+    assert kwargs["log_std_init"] == -1.5
+    rebuilt = build_policy(kind, **kwargs)
+    rebuilt.initialize_to_environment(INFO, "cpu")
+    assert rebuilt.log_std is not None and rebuilt.log_std.tolist() == [-1.5, -1.5, -1.5]
+    assert "log_std_init" not in build_policy(kind).constructor_kwargs(), "specs saved before it stay alike"
+
+
+@pytest.mark.parametrize("value", [-25.0, 21, True, "low"])
+def test_a_log_std_init_out_of_range_is_refused_naming_it(value: object) -> None:
+    with pytest.raises(ValueError, match=r"^log_std_init must be a number in \[-20, 20\]"):
+        MLPPolicy(log_std_init=value)  # type: ignore[arg-type]

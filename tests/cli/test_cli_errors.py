@@ -32,6 +32,10 @@ from cli_helpers import mettle_in_process, run_mettle
          "mettle policies need Discrete, MultiDiscrete or float Box actions"),
         (["--env", "gym:mettle.envs.testing:mettle/DictTarget-v0", "env.kwargs.mixed_actions=dict"],
          "action space Dict('amount': Box(-1.0, 1.0, (1,), float32), 'choice': Discrete(3)) is not supported"),
+        (["--env", "gym:CartPole-v1", "policy.log_std_init=-1"],
+         "policy.log_std_init=-1 sets the Gaussian head of Box actions, and gym:CartPole-v1 has discrete actions: "
+         "drop policy.log_std_init"),
+        (["--env", "gym:Pendulum-v1", "policy.log_std_init=-30"], "policy.log_std_init"),
         (["--env", "mettagrid:arena", "env.normalize_observations=true"],
          "env.normalize_observations=true: observation and reward normalisation are for Gymnasium and PettingZoo "
          "feature envs, and mettagrid:arena gives MettaGrid tokens"),

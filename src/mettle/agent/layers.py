@@ -97,9 +97,27 @@ def action_layout(env_info: PolicyEnvInfo) -> tuple[tuple[int, ...], int]:
     return (), env_info.action_width
 
 
-def gaussian_log_std(dims: int) -> nn.Parameter | None:
-    """The state-independent log-std [dims] of a Gaussian head, 0 at first (std 1); None without Box actions."""
-    return nn.Parameter(torch.zeros(dims)) if dims else None
+MAX_ABS_LOG_STD = 20.0
+"""Widest initial log-std a Gaussian head takes (std from 2e-9 to 5e8): beyond it is a damaged spec."""
+
+
+def check_log_std(value: object) -> float:
+    """`value` as a float in [-MAX_ABS_LOG_STD, MAX_ABS_LOG_STD], else a ValueError naming `log_std_init`."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not abs(value) <= MAX_ABS_LOG_STD:
+        raise ValueError(f"log_std_init must be a number in [-{MAX_ABS_LOG_STD:g}, {MAX_ABS_LOG_STD:g}], "
+                         f"got {repr(value)[:40]}")
+    return float(value)
+
+
+def gaussian_log_std(dims: int, init: float = 0.0) -> nn.Parameter | None:
+    """The state-independent log-std [dims] of a Gaussian head, `init` at first (0: std 1); None without Box
+    actions."""
+    return nn.Parameter(torch.full((dims,), init)) if dims else None
+
+
+def log_std_kwargs(init: float) -> dict[str, float]:
+    """`log_std_init` for constructor_kwargs when it is not the default 0 (so specs saved before it stay alike)."""
+    return {"log_std_init": init} if init else {}
 
 
 def actions_spec(nvec: tuple[int, ...], dims: int) -> TensorSpec:

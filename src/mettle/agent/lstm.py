@@ -19,10 +19,12 @@ from mettle.agent.layers import (
     actions_spec,
     box_shape,
     build_torso,
+    check_log_std,
     check_size,
     flatten_steps,
     gaussian_log_std,
     init_lstm,
+    log_std_kwargs,
     normalize_rows,
     orthogonal_linear,
 )
@@ -54,8 +56,9 @@ class LSTMPolicy(Policy):
     observation_normalization = True
     action_masking = True
 
-    def __init__(self, hidden_size: int = 128, encoder_layers: int = 1) -> None:
+    def __init__(self, hidden_size: int = 128, encoder_layers: int = 1, log_std_init: float = 0.0) -> None:
         super().__init__()
+        self.log_std_init = check_log_std(log_std_init)
         self.hidden_size = check_size("hidden_size", hidden_size, 1, MAX_WIDTH)
         self.encoder_layers = check_size("encoder_layers", encoder_layers, 0, MAX_DEPTH)
         self.obs_shape: tuple[int, ...] = ()
@@ -82,7 +85,7 @@ class LSTMPolicy(Policy):
         init_lstm(self.lstm)
         self.actor_head = orthogonal_linear(self.hidden_size, sum(self.nvec) + self.action_dims, ACTOR_GAIN)
         self.critic_head = orthogonal_linear(self.hidden_size, 1, CRITIC_GAIN)
-        self.log_std = gaussian_log_std(self.action_dims)
+        self.log_std = gaussian_log_std(self.action_dims, self.log_std_init)
         self.fit_invalid_actions(env_info)
         self.reset_memory()
         self.to(device)
@@ -166,7 +169,8 @@ class LSTMPolicy(Policy):
 
     def constructor_kwargs(self) -> dict[str, Any]:
         """Constructor arguments that build an identically shaped policy; the registry names its class."""
-        return {"hidden_size": self.hidden_size, "encoder_layers": self.encoder_layers}
+        kwargs = {"hidden_size": self.hidden_size, "encoder_layers": self.encoder_layers}
+        return kwargs | log_std_kwargs(self.log_std_init)
 
     def _given_state(self, memory: dict[str, torch.Tensor], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate and return the stored (h, c) a training window starts from."""

@@ -18,10 +18,12 @@ from mettle.agent.layers import (
     actions_spec,
     box_shape,
     build_torso,
+    check_log_std,
     check_size,
     dense,
     flatten_steps,
     gaussian_log_std,
+    log_std_kwargs,
     orthogonal_linear,
     tanh_torso_forward,
     tanh_torso_layers,
@@ -42,8 +44,10 @@ class MLPPolicy(Policy):
     observation_normalization = True
     action_masking = True
 
-    def __init__(self, hidden_size: int = 64, num_layers: int = 2, shared_torso: bool = False) -> None:
+    def __init__(self, hidden_size: int = 64, num_layers: int = 2, shared_torso: bool = False,
+                 log_std_init: float = 0.0) -> None:
         super().__init__()
+        self.log_std_init = check_log_std(log_std_init)
         self.hidden_size = check_size("hidden_size", hidden_size, 1, MAX_WIDTH)
         self.num_layers = check_size("num_layers", num_layers, 0, MAX_DEPTH)
         self.shared_torso = shared_torso
@@ -64,7 +68,7 @@ class MLPPolicy(Policy):
         self.critic_torso = None if self.shared_torso else build_torso(*torso_args)
         self.actor_head = orthogonal_linear(out_features, sum(self.nvec) + self.action_dims, ACTOR_GAIN)
         self.critic_head = orthogonal_linear(out_features, 1, CRITIC_GAIN)
-        self.log_std = gaussian_log_std(self.action_dims)
+        self.log_std = gaussian_log_std(self.action_dims, self.log_std_init)
         self.fit_invalid_actions(env_info)
         self.to(device)
 
@@ -100,7 +104,8 @@ class MLPPolicy(Policy):
 
     def constructor_kwargs(self) -> dict[str, Any]:
         """Constructor arguments that build an identically shaped policy; the registry names its class."""
-        return {"hidden_size": self.hidden_size, "num_layers": self.num_layers, "shared_torso": self.shared_torso}
+        kwargs = {"hidden_size": self.hidden_size, "num_layers": self.num_layers, "shared_torso": self.shared_torso}
+        return kwargs | log_std_kwargs(self.log_std_init)
 
     def _require_initialized(self) -> None:
         """Fail clearly when used before its layers exist."""
