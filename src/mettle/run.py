@@ -152,22 +152,18 @@ def check_policy_share(cfg: RunConfig, env_info: PolicyEnvInfo) -> None:
 
 
 def check_log_std_init(cfg: RunConfig, env_info: PolicyEnvInfo) -> None:
-    """`policy.log_std_init` sets a Gaussian head: on discrete actions, or for the token policy, it is refused."""
+    """`policy.log_std_init` sets a Gaussian head, so on discrete actions it is refused (the token policy refuses
+    Box actions itself)."""
     value = cfg.policy.log_std_init
-    if not value:
-        return
-    if not env_info.continuous_actions:
+    if value and not env_info.continuous_actions:
         raise ConfigError(f"policy.log_std_init={value:g} sets the Gaussian head of Box actions, and {cfg.env.name} "
                           "has discrete actions: drop policy.log_std_init")
-    if cfg.policy.kind == "token":
-        raise ConfigError(f"policy.log_std_init={value:g}: policy.kind=token has no Gaussian head; use policy.kind=mlp "
-                          "or lstm")
 
 
 def policy_for_config(cfg: RunConfig, env_info: PolicyEnvInfo) -> Policy:
     """The policy `cfg.policy` asks for: one of `kind`, or with `share=false` one per agent type."""
     options: dict[str, Any] = {"hidden_size": cfg.policy.hidden_size}
-    if cfg.policy.log_std_init:
+    if cfg.policy.log_std_init and cfg.policy.kind != "token":  # token has no Gaussian head: it refuses a Box
         options["log_std_init"] = cfg.policy.log_std_init
     if cfg.policy.share:
         return build_policy(cfg.policy.kind, **options)
