@@ -114,8 +114,7 @@ class LSTMPolicy(Policy):
         b, t = observations.shape[:2]
         if tuple(starts.shape) != (b, t):
             raise ValueError(f"starts shaped {tuple(starts.shape)}, expected [B, T] = [{b}, {t}]")
-        features = flatten_steps(observations, self.obs_shape)
-        x = self.encoder(self.normalize_observations(features)).view(b, t, -1)
+        x, features = self.encode(observations)
         if memory is not None:
             h0, c0 = self._given_state(memory, b)
             hidden, _, _ = self.unroll(x, h0, c0, starts)
@@ -124,11 +123,35 @@ class LSTMPolicy(Policy):
             h0, c0 = self._row_state(rows, x)
             hidden, h_n, c_n = self.unroll(x, h0, c0, starts)
             self._write_rows(rows, h_n, c_n)
-        logits = self.mask_invalid_actions(self.actor_head(hidden), features)
-        values = self.critic_head(hidden).squeeze(-1)
+        logits, values = self.heads(hidden, features)
         chosen, log_prob, entropy = act_with_head(logits, self.nvec, self.log_std, actions, deterministic)
         memory_out = {"lstm_h": h0, "lstm_c": c0}
         return PolicyOutput(chosen, log_prob, entropy, values, memory_out, logits)
+
+    def encode(self, observations: torch.Tensor, static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The core's input [B, T, hidden] and the raw features [B*T, F] that masks are read from.
+
+        `static`: only shapes known before the data is seen (an exported graph); a dense encoder has no other."""
+        b, t = observations.shape[:2]
+        features = flatten_steps(observations, self.obs_shape)
+        return self.encoder(self.normalize_observations(features)).view(b, t, -1), features
+
+    def heads(self, hidden: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked logits (a Box: the Gaussian's means) [B, T, width] and values [B, T] of the core's output."""
+        return self.mask_invalid_actions(self.actor_head(hidden), features), self.critic_head(hidden).squeeze(-1)
+
+    def export_step(self, observations: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(logits or means [B, width], values [B], h' [B, hidden], c' [B, hidden]) of one step of observations
+        [B, ...] from the state (h, c) given; the caller zeroes the state where an episode starts, as `starts` does."""
+        self._require_initialized()
+        x, features = self.encode(observations.unsqueeze(1), static=True)
+        if not self.is_recurrent:
+            logits, values = self.heads(x, features)
+            return logits[:, 0], values[:, 0]
+        h, c = state
+        hidden, (h_n, c_n) = self.lstm(x, (h.unsqueeze(0), c.unsqueeze(0)))
+        logits, values = self.heads(hidden, features)
+        return logits[:, 0], values[:, 0], h_n[0], c_n[0]
 
     def compile_hot_path(self) -> None:
         """Compile the encoder only: the unroll's chunking depends on where episodes start in the data."""

@@ -92,15 +92,26 @@ class MLPPolicy(Policy):
         """Score every step on its own: `starts`, `memory` and `rows` do not matter without memory."""
         self._require_initialized()
         b, t = observations.shape[:2]
-        features = flatten_steps(observations, self.obs_shape)
+        logits, values = self.heads(flatten_steps(observations, self.obs_shape))
+        logits, values = logits.view(b, t, -1), values.view(b, t)
+        chosen, log_prob, entropy = act_with_head(logits, self.nvec, self.log_std, actions, deterministic)
+        return PolicyOutput(chosen, log_prob, entropy, values, memory={}, logits=logits)
+
+    def heads(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked logits (a Box: the Gaussian's means) [N, width] and values [N, 1] of raw features [N, F]: the
+        arithmetic that forward and an exported graph (`export_step`) share."""
         x = self.normalize_observations(features)
         actor_features = torso_features(self.actor_torso, x)
         critic_features = actor_features if self.critic_torso is None else torso_features(self.critic_torso, x)
-        logits = dense((self.actor_head.weight, self.actor_head.bias), actor_features).view(b, t, -1)
+        logits = dense((self.actor_head.weight, self.actor_head.bias), actor_features)
         logits = self.mask_invalid_actions(logits, features)
-        values = dense((self.critic_head.weight, self.critic_head.bias), critic_features).view(b, t)
-        chosen, log_prob, entropy = act_with_head(logits, self.nvec, self.log_std, actions, deterministic)
-        return PolicyOutput(chosen, log_prob, entropy, values, memory={}, logits=logits)
+        return logits, dense((self.critic_head.weight, self.critic_head.bias), critic_features)
+
+    def export_step(self, observations: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(logits or means [B, width], values [B]) of one step of observations [B, *obs_shape], without sampling."""
+        self._require_initialized()
+        logits, values = self.heads(flatten_steps(observations.unsqueeze(1), self.obs_shape))
+        return logits, values.squeeze(-1)
 
     def constructor_kwargs(self) -> dict[str, Any]:
         """Constructor arguments that build an identically shaped policy; the registry names its class."""

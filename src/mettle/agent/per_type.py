@@ -131,6 +131,22 @@ class PerTypePolicy(Policy):
             None if any(x is None for x in logits) else by_type(kinds, [x for x in logits if x is not None]),
         )
 
+    def export_step(self, observations: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each row's logits and values from its type's sub-policy, as forward picks them; the state is every
+        sub-policy's in turn (type 0's fields first), and each sub-policy advances its own over all rows."""
+        features = flatten_steps(observations.unsqueeze(1), self.obs_shape)
+        one_hot = features[:, features.shape[1] - self.types:]
+        kinds = one_hot.argmax(dim=1)
+        if self.observation_normalizer is not None:
+            scaled = self.normalize_observations(features)[:, :features.shape[1] - self.types]
+            observations = torch.cat([scaled, one_hot], dim=1).view(observations.shape)
+        share = len(state) // self.types
+        outputs = [policy.export_step(observations, *state[index * share:(index + 1) * share])
+                   for index, policy in enumerate(self.subpolicies)]
+        logits = by_type(kinds, [output[0] for output in outputs])
+        values = by_type(kinds, [output[1] for output in outputs])
+        return logits, values, *(tensor for output in outputs for tensor in output[2:])
+
     def _memory_of(self, index: int, memory: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
         """Sub-policy `index`'s fields of a training window's memory, unprefixed (None: rollout, its own state)."""
         if memory is None:

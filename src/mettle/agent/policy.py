@@ -178,6 +178,12 @@ class Policy(nn.Module, ABC):
         from their own memory of `rows` (rollout), which they then advance.
         """
 
+    def export_step(self, observations: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One acting step for an exported graph, without sampling and without memory of its own: observations
+        [B, ...] and the recurrent state (the memory fields of the experience spec, in its order) in; logits (a
+        Box: the Gaussian's means) [B, width], values [B] and the new state out."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be exported: it defines no export_step")
+
     def compile_hot_path(self) -> None:
         """Compile, with torch.compile, the part of the policy that dominates its compute (here: all of it).
 

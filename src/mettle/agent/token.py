@@ -154,10 +154,15 @@ class TokenEncoder(nn.Module):
             return
         self.value_scale.copy_(1.0 / norms.to(self.value_scale))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[N, num_tokens, 3] tokens (any dtype holding bytes) to [N, out_size] ReLU features."""
+    def forward(self, tokens: torch.Tensor, static: bool = False) -> torch.Tensor:
+        """[N, num_tokens, 3] tokens (any dtype holding bytes) to [N, out_size] ReLU features.
+
+        `static`: every token slot embedded and pooled, padding included (it pools to nothing), so no shape depends
+        on the data (an exported graph); the same features as the default path, which skips padding."""
         valid = padding_mask(tokens)
-        if self.pooling == "max" and not len(self.token_mlp):
+        if static:
+            pooled = self.pool(self.embed(tokens.long(), valid), valid)
+        elif self.pooling == "max" and not len(self.token_mlp):
             pooled = self.pool_distinct(self, tokens, valid)
         else:
             tokens, valid = trim_padding(tokens, valid)
@@ -295,12 +300,18 @@ class TokenPolicy(LSTMPolicy):
             raise ValueError(f"observations shaped {tuple(observations.shape)}, expected [B, T, num_tokens, 3]")
         if tuple(starts.shape) != (b, t):
             raise ValueError(f"starts shaped {tuple(starts.shape)}, expected [B, T] = [{b}, {t}]")
-        x = self.encoder(observations.reshape(b * t, *observations.shape[2:])).view(b, t, -1)
+        x, _ = self.encode(observations)
         hidden, memory_out = self._recur(x, starts, memory, rows) if self.core == "lstm" else (x, {})
         logits = self.actor_head(hidden)
         values = self.critic_head(hidden).squeeze(-1)
         chosen, log_prob, entropy = act(logits, self.nvec, actions, deterministic)
         return PolicyOutput(chosen, log_prob, entropy, values, memory_out, logits)
+
+    def encode(self, observations: torch.Tensor, static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The core's input [B, T, hidden] from tokens [B, T, num_tokens, 3], and the tokens as rows [B*T, F]."""
+        b, t = observations.shape[:2]
+        rows = observations.reshape(b * t, *observations.shape[2:])
+        return self.encoder(rows, static).view(b, t, -1), rows.reshape(b * t, -1)
 
     def _recur(
         self, x: torch.Tensor, starts: torch.Tensor, memory: dict[str, torch.Tensor] | None, rows: slice | None
