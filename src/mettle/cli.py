@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="plots and a text summary of a run")
     report.add_argument("run_dir", help="a run directory made by `mettle train`")
     report.add_argument("--out", default=None, metavar="DIR", help="where to write the plots (default RUN_DIR/report)")
+    export = sub.add_parser("export", help="write a run's acting policy as an ONNX or TorchScript file")
+    export.add_argument("run_dir", help="a run directory (or one checkpoint directory)")
+    export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="graph format (default onnx)")
+    export.add_argument("--out", type=Path, default=None, metavar="FILE",
+                        help="file to write (default RUN_DIR/policy.onnx or .pt); FILE.json describes it")
     return parser
 
 
@@ -110,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mettle.report import report_command
 
             return report_command(args.run_dir, args.out)
+        if args.command == "export":
+            from mettle.export import export_command
+
+            return export_command(Path(args.run_dir), args.format, args.out)
         return eval_command(args)
     except ConfigError as error:
         print(f"mettle: error: {error}", file=sys.stderr)
