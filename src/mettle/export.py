@@ -30,7 +30,7 @@ from mettle.agent.registry import policy_spec
 from mettle.config import ConfigError
 from mettle.contracts import PolicyEnvInfo
 from mettle.files import atomic_write
-from mettle.rl.policy_files import space_to_json
+from mettle.rl.policy_files import POLICY_WEIGHTS, file_digest, space_to_json
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 """Export formats and the suffix of their default file name."""
@@ -86,7 +86,7 @@ def export_command(run_dir: Path, fmt: str, out: Path | None) -> int:
     inputs, outputs = ports(policy, env_info)
     with quiet():
         write_graph(graph, fmt, example_inputs(inputs, env_info, EXAMPLE_ROWS, seed=0), (inputs, outputs), target)
-    difference = check_file(graph, fmt, inputs, target, env_info)
+        difference = check_file(graph, fmt, inputs, target, env_info)
     sidecar = describe(policy, env_info, fmt, inputs, outputs, target, run_dir, used)
     sidecar["checked_max_abs_difference"] = difference
     atomic_write(sidecar_path(target), lambda f: f.write(json.dumps(sidecar, indent=2).encode()))
@@ -252,7 +252,8 @@ def describe(policy: Policy, env_info: PolicyEnvInfo, fmt: str, inputs: list[Por
     return {
         "format": fmt,
         "file": target.name,
-        "source": {"run_dir": str(run_dir.resolve()), "checkpoint": str(checkpoint.resolve())},
+        "source": {"run_dir": str(run_dir.resolve()), "checkpoint": str(checkpoint.resolve()),
+                   "weights_sha256": file_digest(checkpoint / POLICY_WEIGHTS)["sha256"]},
         "policy": policy_spec(policy),
         "inputs": [asdict(port) for port in inputs],
         "outputs": [asdict(port) for port in outputs],

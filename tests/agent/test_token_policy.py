@@ -13,7 +13,7 @@ import torch
 import torch._dynamo
 
 from mettle.agent import TensorSpec, build_policy, policy_from_spec, policy_spec
-from mettle.agent.token import TokenPolicy, feature_normalizations, max_pool_distinct
+from mettle.agent.token import TokenEncoder, TokenPolicy, feature_normalizations, max_pool_distinct
 from mettle.rl.training.environment import PolicyEnvInfo
 
 NUM_TOKENS = 12
@@ -310,3 +310,15 @@ def test_token_policy_compiles_its_encoder_and_keeps_values_and_gradients() -> N
         assert got_grads.keys() == want_grads.keys()
         for name, grad in want_grads.items():
             torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-4, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+@pytest.mark.parametrize("token_layers", [0, 1])
+def test_static_encoder_path_gives_the_same_features(pooling: str, token_layers: int) -> None:
+    """The export's path (every slot embedded, no shape from the data) pools as the default path does."""
+    torch.manual_seed(0)
+    encoder = TokenEncoder(16, 32, pooling, 4, token_layers)  # type: ignore[arg-type]
+    tokens = random_tokens(6, 1, num_valid=9)[:, 0]
+    tokens[0] = 255  # a row with no real token
+    tokens[1, 3] = 255  # padding between real tokens
+    torch.testing.assert_close(encoder(tokens, static=True), encoder(tokens), rtol=1e-6, atol=1e-6)

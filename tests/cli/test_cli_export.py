@@ -31,7 +31,8 @@ FORMATS = ("onnx", "torchscript")
 ROWS = 100
 TOLERANCE = 1e-5
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")]
 
 
 def collect(env: TrainingEnvironment, policy: Policy, rows: int, seed: int = 3) -> np.ndarray:
@@ -246,3 +247,19 @@ def test_missing_onnx_says_how_to_install(runs: dict[str, tuple[Path, np.ndarray
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == ("mettle: error: --format onnx needs onnxscript, not installed; install with: "
                                      'pip install -e ".[export]" (or: pip install onnx onnxscript onnxruntime)')
+
+
+def test_a_per_type_gaussian_policy_is_refused_in_one_line() -> None:
+    import gymnasium as gym
+
+    from mettle.agent.registry import build_policy
+    from mettle.config import ConfigError
+    from mettle.contracts import PolicyEnvInfo
+    from mettle.export import exportable
+
+    info = PolicyEnvInfo(gym.spaces.Box(-1, 1, (5,), np.float32), gym.spaces.Box(-1, 1, (2,), np.float32), 2,
+                         extras={"agent_types": ["a", "b"]})
+    policy = build_policy("per_type", kind="mlp", types=2, hidden_size=8)
+    policy.initialize_to_environment(info, "cpu")
+    with pytest.raises(ConfigError, match="per-type Gaussian heads are not exported"):
+        exportable(policy, info)
