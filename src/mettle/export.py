@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -29,6 +30,7 @@ from mettle.agent.policy import NON_MEMORY_FIELDS, Policy
 from mettle.agent.registry import policy_spec
 from mettle.config import ConfigError
 from mettle.contracts import PolicyEnvInfo
+from mettle.errors import one_line
 from mettle.files import atomic_write
 from mettle.rl.policy_files import POLICY_WEIGHTS, file_digest, space_to_json
 
@@ -84,12 +86,15 @@ def export_command(run_dir: Path, fmt: str, out: Path | None) -> int:
     policy.eval()
     graph = exportable(policy, env_info)
     inputs, outputs = ports(policy, env_info)
-    with quiet():
-        write_graph(graph, fmt, example_inputs(inputs, env_info, EXAMPLE_ROWS, seed=0), (inputs, outputs), target)
-        difference = check_file(graph, fmt, inputs, target, env_info)
-    sidecar = describe(policy, env_info, fmt, inputs, outputs, target, run_dir, used)
-    sidecar["checked_max_abs_difference"] = difference
-    atomic_write(sidecar_path(target), lambda f: f.write(json.dumps(sidecar, indent=2).encode()))
+    try:
+        with quiet():
+            write_graph(graph, fmt, example_inputs(inputs, env_info, EXAMPLE_ROWS, seed=0), (inputs, outputs), target)
+            difference = check_file(graph, fmt, inputs, target, env_info)
+        sidecar = describe(policy, env_info, fmt, inputs, outputs, target, run_dir, used)
+        sidecar["checked_max_abs_difference"] = difference
+        atomic_write(sidecar_path(target), lambda f: f.write(json.dumps(sidecar, indent=2).encode()))
+    except OSError as error:  # a read-only or full disk: one line, not a traceback
+        raise ConfigError(f"cannot write {target}: {one_line(error)}; choose another --out") from None
     print(f"exported {sidecar['policy']['class']} policy from {used} to {target} and {sidecar_path(target)} "
           f"(inputs {', '.join(p.name for p in inputs)}; outputs {', '.join(p.name for p in outputs)}; "
           f"max abs difference from the eager policy {difference:.1e})")
@@ -109,6 +114,12 @@ def check_target(target: Path) -> None:
         raise ConfigError(f"--out {target} is a directory; name a file, e.g. {target / 'policy.onnx'}")
     if not target.parent.is_dir():
         raise ConfigError(f"--out {target}: directory {target.parent} does not exist; create it or choose another")
+    try:  # the exporters report a file they cannot open as a RuntimeError deep inside: find out before
+        with tempfile.TemporaryFile(dir=target.parent):
+            pass
+    except OSError as error:
+        raise ConfigError(f"--out {target}: cannot write in {target.parent} ({one_line(error)}); choose another") \
+            from None
 
 
 def sidecar_path(target: Path) -> Path:

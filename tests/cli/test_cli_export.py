@@ -263,3 +263,12 @@ def test_a_per_type_gaussian_policy_is_refused_in_one_line() -> None:
     policy.initialize_to_environment(info, "cpu")
     with pytest.raises(ConfigError, match="per-type Gaussian heads are not exported"):
         exportable(policy, info)
+
+
+def test_an_out_that_cannot_be_written_is_one_line(runs: dict[str, tuple[Path, np.ndarray]], tmp_path: Path) -> None:
+    run = runs["mlp"][0]
+    for out, expected in ((tmp_path, "is a directory"), (tmp_path / "no" / "p.onnx", "does not exist"),
+                          (Path("/proc/p.onnx"), "cannot write in /proc")):
+        result = mettle_in_process("export", str(run), "--out", str(out), cwd=tmp_path)
+        assert result.returncode == 2 and result.stderr.startswith("mettle: error:"), result.stderr
+        assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
