@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="results directory (default: a temporary one)")
     parser.add_argument("--steps", type=int, default=1_000_000, help="agent steps per run (default 1M)")
-    parser.add_argument("--seeds", type=int, default=1, help="runs per system (seeds 0..N-1, interleaved)")
+    parser.add_argument("--seeds", type=int, default=1, help="runs per system (interleaved by seed)")
+    parser.add_argument("--first-seed", type=int, default=0, help="the first seed (default 0)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps per run (a smoke run)")
     parser.add_argument("--mettle-set", action="append", default=[], metavar="KEY=VALUE",
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     machine = machine_facts()
     runs = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for system in systems:
             print(f"{system} seed {seed}: {steps:,} steps", flush=True)
             runs.append(measure(system, steps, seed, out, args.mettle_set))
