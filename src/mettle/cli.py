@@ -1,4 +1,4 @@
-"""`mettle train | eval`: the command line over the Trainer."""
+"""`mettle train | eval | play | report | sweep`: the command line over the Trainer."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from mettle.agent.policy import Policy
     from mettle.contracts import PolicyEnvInfo, TrainingEnvironment
     from mettle.envs.mettagrid_families import Suite
-    from mettle.rl.training import DistributedHelper
+    from mettle.rl.training import DistributedHelper, TrainerComponent
     from mettle.run import Run
     from mettle.runlock import RunLock
 
@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="graph format (default onnx)")
     export.add_argument("--out", type=Path, default=None, metavar="FILE",
                         help="file to write (default RUN_DIR/policy.onnx or .pt); FILE.json describes it")
+    from mettle.sweep import add_sweep_parser
+
+    add_sweep_parser(sub)
     return parser
 
 
@@ -119,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mettle.export import export_command
 
             return export_command(Path(args.run_dir), args.format, args.out)
+        if args.command == "sweep":
+            from mettle.sweep import sweep_command
+
+            return sweep_command(args, argv)
         return eval_command(args)
     except ConfigError as error:
         print(f"mettle: error: {error}", file=sys.stderr)
@@ -130,10 +137,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """argparse, with train's key=value overrides accepted before, between and after its options."""
+    """argparse, with key=value overrides accepted before, between and after the options of every subcommand that
+    takes them (train, sweep)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command == "train":
+    if hasattr(args, "overrides"):
         args.overrides += [item for item in extra if "=" in item and not item.startswith("-")]
         extra = [item for item in extra if "=" not in item or item.startswith("-")]
     if extra:
@@ -182,8 +190,9 @@ def resolve_train_config(args: argparse.Namespace, saved: RunConfig | None = Non
                             defaults=recipe_for(env_name, args.policy))
 
 
-def train_command(args: argparse.Namespace, argv: list[str]) -> int:
-    """Launch torchrun for --nproc, else train in this process (one rank of many under torchrun)."""
+def train_command(args: argparse.Namespace, argv: list[str], components: Sequence[TrainerComponent] = ()) -> int:
+    """Launch torchrun for --nproc, else train in this process (one rank of many under torchrun), with `components`
+    (a sweep's trial reporter) after the config's."""
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc} must be at least 1 (the number of ranks on this machine)")
     command = os.environ.get(COMMAND_ENV) or user_command(argv)
@@ -197,7 +206,7 @@ def train_command(args: argparse.Namespace, argv: list[str]) -> int:
     distributed = DistributedHelper("cuda" if torch.cuda.is_available() else "cpu")
     master = distributed.is_master()
     try:
-        code = train_in_process(args, distributed, command)
+        code = train_in_process(args, distributed, command, components)
     except BaseException as error:
         distributed.cleanup()
         if isinstance(error, ConfigError) and not master:
@@ -268,7 +277,8 @@ def resume_command(command: str, run_name: str) -> str:
     return shlex.join([*words[: at + 1], "--run", run_name, *rest])
 
 
-def train_in_process(args: argparse.Namespace, distributed: DistributedHelper, command: str) -> int:
+def train_in_process(args: argparse.Namespace, distributed: DistributedHelper, command: str,
+                     components: Sequence[TrainerComponent] = ()) -> int:
     """Lock the run (rank 0), validate everything on every rank, then train (resuming a run with checkpoints)."""
     from mettle.runlock import RunLock
 
@@ -279,7 +289,7 @@ def train_in_process(args: argparse.Namespace, distributed: DistributedHelper, c
         try:
             lock_run(lock, run_name, distributed)
             cfg = prepare_config(args, run_name, run_dir, distributed)
-            return run_training(cfg, run_name, run_dir, distributed, resume)
+            return run_training(cfg, run_name, run_dir, distributed, resume, components)
         except KeyboardInterrupt:
             print(f"mettle: stopped at once by a second SIGINT, without a final checkpoint; "
                   f"{resume_hint(resume, run_dir)}", file=sys.stderr, flush=True)
@@ -488,7 +498,8 @@ def intact(run_dir: Path) -> str:
     return f"the newest intact checkpoint is {newest} (newer ones are damaged)"
 
 
-def run_training(cfg: RunConfig, run_name: str, run_dir: Path, distributed: DistributedHelper, resume: str) -> int:
+def run_training(cfg: RunConfig, run_name: str, run_dir: Path, distributed: DistributedHelper, resume: str,
+                 components: Sequence[TrainerComponent] = ()) -> int:
     """Build and restore the run, save its config, train, write the final policy (rank 0) and say what happened.
 
     Returns 0 when done, 128+N when signal N stopped the run (after its checkpoint).
@@ -498,7 +509,7 @@ def run_training(cfg: RunConfig, run_name: str, run_dir: Path, distributed: Dist
     from mettle.run import build_run
 
     master = distributed.is_master()
-    with build_run(cfg, run_dir, distributed, run_name) as run:
+    with build_run(cfg, run_dir, distributed, run_name, components) as run:
         shutdown, state = run.shutdown, run.trainer.context.state
         assert shutdown is not None  # a run with a directory has its signal handler
         if distributed.any_rank(shutdown.received is not None):
