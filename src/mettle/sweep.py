@@ -190,10 +190,17 @@ def open_storage(sweep: Sweep) -> RDBStorage:
                                               heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
     except (ImportError, ModuleNotFoundError) as error:
         raise ConfigError(f"--storage {shown_url(url)}: its database driver is not installed ({one_line(error)}); "
-                          "install it (e.g. pip install psycopg2-binary or pymysql)") from None
+                          f"install it ({driver_hint(url)})") from None
     except Exception as error:  # sqlalchemy's and the drivers' errors differ by database
         raise ConfigError(f"--storage {shown_url(url)}: cannot open the study storage: "
                           f"{one_line(error, first_line=True)}") from None
+
+
+def driver_hint(url: str) -> str:
+    """Which package gives the driver a storage URL needs."""
+    if url.startswith("postgres"):
+        return "pip install psycopg2-binary"
+    return "pip install pymysql" if url.startswith("mysql") else "the driver the URL names"
 
 
 def open_study(sweep: Sweep, storage: RDBStorage) -> optuna.Study:
@@ -512,7 +519,7 @@ def write_plots(study: optuna.Study, directory: Path) -> list[str]:
             continue
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                warnings.simplefilter("ignore")  # experimental-feature and "importances are equal" notes
                 axes = plot(study)
             axes.figure.savefig(directory / name, dpi=100, bbox_inches="tight")
             plt.close(axes.figure)
