@@ -503,7 +503,6 @@ def write_plots(study: optuna.Study, directory: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import optuna
     from optuna.trial import TrialState
     from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances
 
