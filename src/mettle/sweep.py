@@ -2,7 +2,7 @@
 
 The study lives in an RDB storage (sqlite in the sweep directory by default; PostgreSQL or MySQL so that
 machines running the same command join one study) and is maximised: the Evaluator's score (its suite's mean
-where it has one) when the evaluator is on, else the mean return of the last episodes of training. A median
+where it has one) when the evaluator is on, else the mean return of the last 20 episodes of training. A median
 pruner reads each evaluation (or each epoch's mean return) and stops a poor trial cleanly. Each trial is trained
 by `mettle train`'s own code path into `<sweep dir>/trial-NNNN/`, so it is resumable like any run. A trial left
 RUNNING by a process that is gone (kill -9, a crash) is marked FAIL when the command starts again; on other
@@ -50,8 +50,11 @@ CONNECT_TIMEOUT_S = 10
 """How long opening a PostgreSQL or MySQL storage may wait for the server."""
 FAILURES_IN_A_ROW = 3
 """Trials failing one after another in one process stop it: the next would most likely fail alike."""
-RETURN_WINDOW = 100
-"""Episodes whose mean return is a trial's score when the evaluator is off (the progress line's window)."""
+RETURN_WINDOW = 20
+"""Episodes whose mean return is a trial's score when the evaluator is off: the last ones of training (few, so that
+they are recent: 20 CartPole episodes of 500 steps are the last 10k steps; bench/kickstart.py's window too)."""
+PRUNE_AFTER = 5
+"""Epochs before the median pruner may stop a trial: the first epochs' returns are mostly chance."""
 WORKER_OPTION = "--worker"
 
 
@@ -72,6 +75,9 @@ def add_sweep_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     sweep.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                        help="start no trial after this many seconds (a running one finishes)")
     sweep.add_argument("--jobs", type=int, default=1, help="trials at once on this machine, one process each")
+    sweep.add_argument("--prune-after", type=int, default=PRUNE_AFTER, metavar="EPOCHS",
+                       help="the median pruner stops a trial below the median only from this epoch on (default "
+                            f"{PRUNE_AFTER}); it waits for 5 trials")
     sweep.add_argument(WORKER_OPTION, action="store_true", help=argparse.SUPPRESS)
     sweep.add_argument("overrides", nargs="*", metavar="key=value|key=dist(...)",
                        help="every trial's overrides, and the space: log(lo,hi), float(lo,hi), int(lo,hi), "
@@ -91,6 +97,7 @@ class Sweep:
     storage_url: str
     trials: int
     deadline: float | None
+    prune_after: int
     started: float = field(default_factory=time.monotonic)
 
 
@@ -119,7 +126,8 @@ def resolve_sweep(args: argparse.Namespace) -> Sweep:
 
     if not is_plain_name(args.sweep):
         raise ConfigError(f"--sweep {args.sweep!r} must be a name, not a path; choose where with --sweep-dir")
-    for option, value, least in (("--trials", args.trials, 1), ("--jobs", args.jobs, 1)):
+    for option, value, least in (("--trials", args.trials, 1), ("--jobs", args.jobs, 1),
+                                 ("--prune-after", args.prune_after, 0)):
         if value < least:
             raise ConfigError(f"{option} {value} must be at least {least}")
     if args.timeout is not None and not (args.timeout > 0 and math.isfinite(args.timeout)):
@@ -139,7 +147,7 @@ def resolve_sweep(args: argparse.Namespace) -> Sweep:
     options = [*(["--env", args.env] if args.env else []), *(["--policy", args.policy] if args.policy else [])]
     url = args.storage or f"sqlite:///{(directory / 'study.db').resolve()}"
     deadline = time.monotonic() + args.timeout if args.timeout is not None else None
-    return Sweep(args.sweep, directory, options, fixed, space, url, args.trials, deadline)
+    return Sweep(args.sweep, directory, options, fixed, space, url, args.trials, deadline, args.prune_after)
 
 
 def check_space(args: argparse.Namespace, fixed: list[str], space: dict[str, Distribution]) -> None:
@@ -208,7 +216,7 @@ def open_study(sweep: Sweep, storage: RDBStorage) -> optuna.Study:
     import optuna
 
     study = optuna.create_study(study_name=sweep.name, storage=storage, direction="maximize", load_if_exists=True,
-                                pruner=optuna.pruners.MedianPruner())
+                                pruner=optuna.pruners.MedianPruner(n_warmup_steps=sweep.prune_after))
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise ConfigError(f"study {sweep.name!r} in {shown_url(sweep.storage_url)} minimises; mettle sweep "
                           "maximises the score: choose another --sweep name")

@@ -103,7 +103,8 @@ def test_jobs_2_trains_two_trials_at_once_in_separate_processes(tmp_path: Path) 
 
 def test_with_the_evaluator_on_the_score_is_its_final_evaluation_and_each_evaluation_is_reported(
         tmp_path: Path) -> None:
-    result = mettle_in_process("sweep", "--sweep", "e", "--trials", "1", *TINY, "update_epochs=int(2,3)",
+    (tmp_path / "space.yaml").write_text("update_epochs: int(2,3)\nadvantage.method: [gae, vtrace]\n")
+    result = mettle_in_process("sweep", "--sweep", "e", "--trials", "1", *TINY, "--space", "space.yaml",
                                "evaluator.enabled=true", "evaluator.interval=2", "evaluator.episodes=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     trial = study(tmp_path, "e").trials[0]
@@ -112,6 +113,7 @@ def test_with_the_evaluator_on_the_score_is_its_final_evaluation_and_each_evalua
     evaluations = [r["eval/gym:CartPole-v1/mean_return"] for r in records if "eval/gym:CartPole-v1/mean_return" in r]
     assert trial.value == pytest.approx(evaluations[-1])
     assert sorted(trial.intermediate_values) == [2, 4]
+    assert sorted(trial.params) == ["advantage.method", "update_epochs"]
     assert "importances.png skipped: it needs 2 complete trials, the study has 1" in result.stdout
 
 
@@ -139,3 +141,11 @@ def test_bad_input_is_one_line_exit_2_and_nothing_trains(tmp_path: Path, args: l
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith("mettle: error: ") and expected in lines[0], lines[0]
     assert not (tmp_path / "sweeps").exists(), "nothing was written"
+
+
+def test_past_its_timeout_a_sweep_starts_no_trial_and_still_writes_its_table(tmp_path: Path) -> None:
+    result = mettle_in_process("sweep", "--sweep", "t", "--trials", "5", "--timeout", "1e-9", *TINY,
+                               "update_epochs=int(2,3)", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert states(tmp_path, "t") == []
+    assert "no trial completed yet" in result.stdout and (tmp_path / "sweeps" / "t" / "trials.txt").is_file()
