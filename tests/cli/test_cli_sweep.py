@@ -60,7 +60,7 @@ def test_a_two_trial_sweep_writes_runs_table_and_plots_and_a_rerun_continues_it(
 
     again = mettle_in_process("sweep", "--sweep", "s1", "--trials", "3", *TINY, *SPACE, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
-    assert "2 of 3 trials finished or running" in again.stdout
+    assert "2 of 3 trials finished or running" in again.stdout and "note:" not in again.stdout
     assert states(tmp_path, "s1") == ["COMPLETE"] * 3
     assert (sweep / "trial-0002" / "policy.safetensors").is_file()
     assert (sweep / "trials.txt").read_text().count("COMPLETE") == 3
@@ -132,9 +132,11 @@ def test_with_the_evaluator_on_the_score_is_its_final_evaluation_and_each_evalua
     (["update_epochs=int(2,3)", "--storage", "postgresql://nobody:secret@127.0.0.1:1/x"],
      "--storage postgresql://nobody:***@127.0.0.1:1/x: "),
     (["update_epochs=int(2,3)", "--trials", "0"], "--trials 0 must be at least 1"),
+    (["update_epochs=int(2,3)", "--prune-after", "1.5"], "--prune-after 1.5 must be a fraction"),
     (["update_epochs=int(2,3)", "--sweep", "a/b"], "must be a name"),
 ], ids=["unknown-key", "bad-choice", "low-invalid", "low-above-high", "log-one-bound", "int-letters", "foo",
-        "no-space", "unknown-fixed-key", "sqlite-dir-missing", "postgres-unreachable", "no-trials", "path-name"])
+        "no-space", "unknown-fixed-key", "sqlite-dir-missing", "postgres-unreachable", "no-trials", "prune-after",
+        "path-name"])
 def test_bad_input_is_one_line_exit_2_and_nothing_trains(tmp_path: Path, args: list[str], expected: str) -> None:
     result = mettle_in_process("sweep", "--sweep", "bad", "--env", "gym:CartPole-v1", *args, cwd=tmp_path)
     lines = result.stderr.strip().splitlines()
@@ -149,3 +151,8 @@ def test_past_its_timeout_a_sweep_starts_no_trial_and_still_writes_its_table(tmp
     assert result.returncode == 0, result.stderr
     assert states(tmp_path, "t") == []
     assert "no trial completed yet" in result.stdout and (tmp_path / "sweeps" / "t" / "trials.txt").is_file()
+    changed = mettle_in_process("sweep", "--sweep", "t", "--trials", "5", "--timeout", "1e-9", *TINY,
+                                "update_epochs=int(2,5)", cwd=tmp_path)
+    assert changed.returncode == 0, changed.stderr
+    assert ("note: this command's space differs from the study's first run "
+            '({"space": {"update_epochs": "int(2,3)"}}); the study goes on with them') in changed.stdout
