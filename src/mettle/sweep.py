@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 import warnings
 from collections import deque
 from collections.abc import Callable
@@ -360,7 +361,9 @@ def objective(sweep: Sweep, trial: optuna.Trial, outcome: dict[str, Any]) -> flo
         args = parse_args(argv)
         check_run_location(args.run, args.run_dir)
         code = train_command(args, argv, [reporter])
-    except Exception as error:  # the trial fails; the traceback is not the sweep's to print
+    except Exception as error:  # the trial fails, the sweep goes on; a bug still shows its traceback
+        if not isinstance(error, ConfigError):
+            traceback.print_exc()
         return failed(outcome, one_line(error, with_type=not isinstance(error, ConfigError), first_line=True))
     if code > EXIT_SIGNAL_BASE:
         raise SweepStoppedError(code)
