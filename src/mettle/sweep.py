@@ -106,6 +106,12 @@ class Sweep:
 def sweep_command(args: argparse.Namespace, argv: list[str]) -> int:
     """Check everything, open the study, mark dead trials failed, run the trials (here or in --jobs workers), then
     print and write the trial table, the plots and the best trial's `mettle train` command."""
+    try:
+        import optuna  # noqa: F401  (an optional extra)
+        import sqlalchemy  # noqa: F401
+    except ImportError as error:
+        raise ConfigError(f"mettle sweep needs Optuna and SQLAlchemy ({one_line(error)}); install them with "
+                          "pip install 'mettle[sweep]'") from None
     sweep = resolve_sweep(args)
     storage = open_storage(sweep)
     study = open_study(sweep, storage)
