@@ -1,4 +1,5 @@
-"""`mettle play` draws a policy's MettaGrid episode as text, records it, and replays exactly what was shown."""
+"""`mettle play` draws a policy's MettaGrid episode, saves it as a MettaScope replay (mettagrid's own writer), and
+plays replays back; the replay files hold what the episode did."""
 
 from __future__ import annotations
 
@@ -8,35 +9,31 @@ import os
 import re
 import threading
 import time
+import zlib
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from mettle.config import EnvConfig, PolicyConfig, RunConfig
-from mettle.play import (
-    CLEAR,
-    HOME,
-    AgentState,
-    FrameData,
-    legend_for,
-    object_symbols,
-    play_run,
-    read_recording,
-    render_frame,
-    replay_file,
-    snapshot,
-)
+from mettle.envs.mettagrid import make_mettagrid_environment
+from mettle.envs.mettagrid_replays import read_replay, replay_frames
+from mettle.play import CLEAR, HOME, default_replay_dir, object_symbols, play_run, replay_file
 from mettle.rl.evaluate import ActionChoice
 
 ARENA = {"num_agents": 3, "width": 8, "height": 7, "mines": 3, "altars": 2, "max_steps": 6}
-STATUS = re.compile(r"^mettagrid:arena  step (\d+)/6  return ", re.MULTILINE)
+STATUS = re.compile(r"^(?:mettagrid:arena|[0-9a-f-]+\.json\.z)  step (\d+)/6  return ", re.MULTILINE)
+DENSE = {"num_agents": 2, "width": 6, "height": 6, "mines": 3, "altars": 3, "max_steps": 30}
+"""Mines and altars close together: random moves earn rewards within the episode (seed 5, actions from rng 0)."""
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run directory as `mettle train` leaves it, holding an untrained token policy for a tiny arena."""
     from mettle.agent.registry import build_policy
-    from mettle.envs.mettagrid import make_mettagrid_environment
     from mettle.rl.policy_files import save_policy
 
     run = tmp_path_factory.mktemp("run")
@@ -58,55 +55,85 @@ def frames_of(text: str) -> list[str]:
     return [frame for frame in text.split("\n\n") if frame.strip() and not frame.startswith("actions: ")]
 
 
-def test_render_frame_from_structured_data() -> None:
-    frame = FrameData(step=3, max_steps=10, grid=("#####", "#0.m#", "#.1a#", "#####"),
-                      agents=(AgentState(0, 1, 1, 1.5, {"ore": 2}), AgentState(1, 2, 2, 0.5, {"ore": 1, "heart": 1})))
-    text = render_frame(frame, "mettagrid:arena", [("#", "wall"), ("m", "mine")])
-    lines = text.split("\n")
-    assert lines[0] == "mettagrid:arena  step 3/10  return 2.00  inventory: ore=3 heart=1"
-    assert lines[1:5] == list(frame.grid)
-    assert lines[5] == "0: 1.50 ore=2   1: 0.50 ore=1 heart=1"
-    assert lines[6] == "legend: # wall  m mine"
+def decode(path: Path) -> dict[str, Any]:
+    """A replay file as MettaScope reads it: zlib, then JSON (independent of mettle's reader)."""
+    data = json.loads(zlib.decompress(path.read_bytes()))
+    assert isinstance(data, dict)
+    return data
 
 
-def test_snapshot_of_a_real_game_has_a_wall_border_and_every_agent() -> None:
-    from mettle.envs.mettagrid import make_mettagrid_environment
+def at(field: Any, step: int) -> Any:
+    """A replay field at a replay step: the last `[step, value]` change at or before it, or the constant."""
+    if isinstance(field, list) and field and all(isinstance(c, list) and len(c) == 2 and isinstance(c[0], int)
+                                                 for c in field):
+        return [value for when, value in field if when <= step][-1]
+    return field
 
-    env = make_mettagrid_environment("arena", num_envs=1, seed=7, **ARENA)
+
+# ---------------------------------------------------------------------------------- the replay files
+def test_a_written_replay_holds_what_the_episode_did(tmp_path: Path) -> None:
+    env = make_mettagrid_environment("arena", num_envs=1, seed=5, **DENSE)
+    env.record_replays(tmp_path, episodes=1)
+    env.reset(5)
+    rng, returns = np.random.default_rng(0), np.zeros(2)
+    positions: list[dict[int, list[int]]] = []
+    totals: list[list[float]] = []
     try:
-        sim = env.simulations[0]
-        assert sim is not None
-        symbols = object_symbols(sim.object_type_names)
-        frame = snapshot(sim, symbols, [0.0, 1.0, 2.0], max_steps=6)
+        for _ in range(DENSE["max_steps"]):
+            env.send_actions(rng.integers(0, 5, size=(2, 1)))
+            returns += env.get_observations().rewards
+            sim = env.simulations[0]
+            assert sim is not None
+            positions.append({o["agent_id"]: [o["c"], o["r"]] for o in sim.grid_objects().values() if "agent_id" in o})
+            totals.append(returns.tolist())
+        written = env.finish_replays()
     finally:
         env.close()
-    grid = frame.grid
-    assert len(grid) == 7 and all(len(row) == 8 for row in grid)
-    assert grid[0] == grid[-1] == "#" * 8 and all(row[0] == row[-1] == "#" for row in grid)
-    body = "".join(grid)
-    assert sorted(c for c in body if c.isdigit()) == ["0", "1", "2"]
-    assert body.count(symbols["mine"]) == 3 and body.count(symbols["altar"]) == 2
-    assert [a.id for a in frame.agents] == [0, 1, 2] and [a.total_return for a in frame.agents] == [0.0, 1.0, 2.0]
-    for agent in frame.agents:
-        assert grid[agent.row][agent.col] == str(agent.id)
-    assert ("m", "mine") in legend_for(symbols)
+    assert written == list(tmp_path.glob("*.json.z")) and len(written) == 1, "one episode recorded, at its end"
+    data = decode(written[0])
+    assert data["version"] == 4 and data["num_agents"] == 2 and data["map_size"] == [6, 6]
+    assert data["max_steps"] == DENSE["max_steps"] == data["infos"]["attributes"]["steps"], "one entry per step"
+    assert data["infos"]["episode_rewards"] == totals[-1] and sum(totals[-1]) > 0, "the episode earned rewards"
+    agents = {obj["agent_id"]: obj for obj in data["objects"] if "agent_id" in obj}
+    assert sorted(agents) == [0, 1]
+    for step in (0, 7, 15, 29):  # replay step i is the state after the game's step i + 1
+        for agent, obj in agents.items():
+            assert at(obj["location"], step) == positions[step][agent], (step, agent)
+            assert at(obj["total_reward"], step) == pytest.approx(totals[step][agent]), (step, agent)
+    assert len({tuple(p[0]) for p in positions}) > 1, "the agents moved"
+    frames = replay_frames(read_replay(written[0]))
+    assert [f.step for f in frames] == list(range(1, 31))
+    assert [list(f.returns) for f in frames] == totals
+    seen = [{o["agent_id"]: [o["c"], o["r"]] for o in f.objects.values() if "agent_id" in o} for f in frames]
+    assert seen == positions, "mettle's reader agrees"
 
 
-def test_object_symbols_are_distinct_lowercase_letters() -> None:
-    symbols = object_symbols(["agent", "wall", "mine", "mine_red", "altar", "", "generator"])
-    assert symbols["wall"] == "#" and "agent" not in symbols and "" not in symbols
-    letters = [symbols[name] for name in ("mine", "mine_red", "altar", "generator")]
-    assert len(set(letters)) == 4 and all(c.islower() for c in letters)
+def test_only_the_first_episodes_to_start_are_recorded(tmp_path: Path) -> None:
+    env = make_mettagrid_environment("arena", num_envs=3, seed=1, **ARENA)
+    env.record_replays(tmp_path, episodes=2)
+    env.reset(1)
+    try:
+        for _ in range(3 * ARENA["max_steps"] + 2):  # three episodes per game
+            env.send_actions(np.zeros((9, 1), dtype=np.int64))
+        written = env.finish_replays()
+    finally:
+        env.close()
+    assert len(written) == 2 and sorted(written) == sorted(tmp_path.glob("*.json.z"))
+    assert all(decode(path)["max_steps"] == ARENA["max_steps"] for path in written)
 
 
-def test_play_to_a_plain_stream_prints_one_frame_per_step(run_dir: Path) -> None:
+# ---------------------------------------------------------------------------------- watching
+def test_play_to_a_plain_stream_prints_one_ascii_frame_per_step(run_dir: Path) -> None:
     out = io.StringIO()
     assert play_run(run_dir, steps=4, fps=0, save=None, stream=out, seed=1, actions="greedy") == 0
     frames = frames_of(out.getvalue())
     assert len(frames) == 4
     assert [int(m) for m in STATUS.findall(out.getvalue())] == [1, 2, 3, 4]
     assert "\x1b" not in out.getvalue()
-    assert all(frame.split("\n")[1] == "#" * 8 for frame in frames)
+    for frame in frames:
+        grid = frame.split("\n")[1:8]
+        assert grid[0] == grid[-1] == "#" * 8 and sorted(c for c in "".join(grid) if c.isdigit()) == ["0", "1", "2"]
+    assert not (run_dir / "replays").exists(), "nothing is saved without --save"
 
 
 def test_play_without_steps_runs_one_whole_episode(run_dir: Path) -> None:
@@ -118,7 +145,9 @@ def test_play_without_steps_runs_one_whole_episode(run_dir: Path) -> None:
     assert len(frames_of(longer.getvalue())) == 6, "play stops at the end of the episode"
 
 
-def test_play_on_a_terminal_redraws_in_place(run_dir: Path) -> None:
+def test_play_on_a_terminal_redraws_mettagrids_map_in_place(run_dir: Path) -> None:
+    from mettagrid.renderer.miniscope.symbol import AGENT_SQUARES, DEFAULT_SYMBOL_MAP
+
     master, slave = os.openpty()
     chunks: list[bytes] = []
     reader = threading.Thread(target=_drain, args=(master, chunks), daemon=True)
@@ -132,9 +161,11 @@ def test_play_on_a_terminal_redraws_in_place(run_dir: Path) -> None:
     assert shown.count(CLEAR) == 1 and shown.count(HOME) == 3
     drawn = [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", frame) for frame in shown.split(HOME)[1:]]
     assert [int(m) for frame in drawn for m in STATUS.findall(frame)] == [1, 2, 3]
+    wall, mine = DEFAULT_SYMBOL_MAP["wall"], chr(0xFF4D)  # a type mettagrid has no symbol for: full-width "ｍ"
     for frame in drawn:
         grid = frame.split("\n")[1:8]
-        assert grid[0] == grid[-1] == "#" * 8 and sorted(c for c in "".join(grid) if c.isdigit()) == ["0", "1", "2"]
+        assert grid[0] == grid[-1] == wall * 8, grid
+        assert all(square in "".join(grid) for square in AGENT_SQUARES[:3]) and "".join(grid).count(mine) == 3
 
 
 def _drain(fd: int, chunks: list[bytes]) -> None:
@@ -149,18 +180,39 @@ def _drain(fd: int, chunks: list[bytes]) -> None:
         chunks.append(data)
 
 
-def test_save_then_replay_shows_the_same_frames(run_dir: Path, tmp_path: Path) -> None:
-    live, recording = io.StringIO(), tmp_path / "episode.jsonl"
-    play_run(run_dir, steps=5, fps=0, save=recording, stream=live, seed=3, actions="greedy")
-    header = json.loads(recording.read_text().splitlines()[0])
-    assert header["format"] == "mettle-play" and header["env"] == "mettagrid:arena" and header["frames"] == 5
-    assert (header["width"], header["height"], header["num_agents"]) == (8, 7, 3)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temp file is left behind"
-    _, frames = read_recording(recording)
-    assert [f.step for f in frames] == [1, 2, 3, 4, 5]
+def test_object_symbols_are_distinct_lowercase_letters() -> None:
+    symbols = object_symbols(["agent", "wall", "mine", "mine_red", "altar", "", "generator"])
+    assert symbols["wall"] == "#" and "agent" not in symbols and "" not in symbols
+    letters = [symbols[name] for name in ("mine", "mine_red", "altar", "generator")]
+    assert len(set(letters)) == 4 and all(c.islower() for c in letters)
+
+
+# ---------------------------------------------------------------------------------- saving and playing back
+def test_save_writes_a_replay_that_plays_back_as_it_was_shown(run_dir: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    live = io.StringIO()
+    assert play_run(run_dir, steps=None, fps=0, save=tmp_path / "out", stream=live, seed=3, actions="sampled") == 0
+    (replay,) = (tmp_path / "out").glob("*.json.z")
+    assert f"replay {replay}" in capsys.readouterr().err
+    data = decode(replay)
+    assert data["version"] == 4 and data["max_steps"] == 6 and data["num_agents"] == 3
     replayed = io.StringIO()
-    assert replay_file(recording, fps=0, stream=replayed) == 0
-    assert frames_of(replayed.getvalue()) == frames_of(live.getvalue())
+    assert replay_file(replay, fps=0, stream=replayed) == 0
+    body = [frame.split("\n", 1)[1] for frame in frames_of(replayed.getvalue())]
+    assert body == [frame.split("\n", 1)[1] for frame in frames_of(live.getvalue())], "same maps and returns"
+    assert [int(m) for m in STATUS.findall(replayed.getvalue())] == [1, 2, 3, 4, 5, 6]
+
+
+def test_save_does_not_change_the_episode(run_dir: Path, tmp_path: Path) -> None:
+    plain, saved = io.StringIO(), io.StringIO()
+    play_run(run_dir, steps=None, fps=0, save=None, stream=plain, seed=4, actions="sampled")
+    play_run(run_dir, steps=None, fps=0, save=tmp_path, stream=saved, seed=4, actions="sampled")
+    assert frames_of(plain.getvalue()) == frames_of(saved.getvalue())
+
+
+def test_default_replay_dir_is_the_runs(run_dir: Path) -> None:
+    assert default_replay_dir(run_dir) == run_dir / "replays"
+    assert default_replay_dir(run_dir / "checkpoints" / "3") == run_dir / "replays"
 
 
 class InterruptedStream(io.StringIO):
@@ -174,39 +226,60 @@ class InterruptedStream(io.StringIO):
             raise KeyboardInterrupt
 
 
-def test_ctrl_c_stops_play_and_still_saves(run_dir: Path, tmp_path: Path) -> None:
-    recording = tmp_path / "episode.jsonl"
-    code = play_run(run_dir, steps=5, fps=0, save=recording, stream=InterruptedStream(), seed=3, actions="greedy")
+def test_ctrl_c_stops_play_and_still_saves_what_was_played(run_dir: Path, tmp_path: Path) -> None:
+    code = play_run(run_dir, steps=5, fps=0, save=tmp_path, stream=InterruptedStream(), seed=3, actions="greedy")
     assert code == 130
-    assert [f.step for f in read_recording(recording)[1]] == [1, 2]
+    (replay,) = tmp_path.glob("*.json.z")
+    assert decode(replay)["max_steps"] == 2
+
+
+def test_steps_cut_the_saved_episode_short(run_dir: Path, tmp_path: Path) -> None:
+    play_run(run_dir, steps=4, fps=0, save=tmp_path, stream=io.StringIO(), seed=3, actions="greedy")
+    (replay,) = tmp_path.glob("*.json.z")
+    assert decode(replay)["max_steps"] == 4
 
 
 def test_replay_is_paced_by_fps(run_dir: Path, tmp_path: Path) -> None:
-    recording = tmp_path / "episode.jsonl"
-    play_run(run_dir, steps=4, fps=0, save=recording, stream=io.StringIO(), seed=3, actions="greedy")
+    play_run(run_dir, steps=4, fps=0, save=tmp_path, stream=io.StringIO(), seed=3, actions="greedy")
+    (replay,) = tmp_path.glob("*.json.z")
     start = time.monotonic()
-    replay_file(recording, fps=40, stream=io.StringIO())
+    replay_file(replay, fps=40, stream=io.StringIO())
     assert time.monotonic() - start >= 3 / 40 * 0.9
+
+
+def z(document: Any) -> bytes:
+    """A JSON document compressed as a replay is."""
+    return zlib.compress(json.dumps(document).encode())
 
 
 @pytest.mark.parametrize(
     ("content", "problem"),
     [
         (None, "does not exist"),
-        ("", "is empty"),
-        ("not json at all\n", "line 1 is not valid JSON"),
-        ('{"hello": 1}\n', "is not a mettle play recording"),
-        ('{"format": "mettle-play", "version": 99}\n', "format version 99"),
-        ('{"format": "mettle-play", "version": 1}\n', "holds no frames"),
-        ('{"format": "mettle-play", "version": 1}\n{"step": 1}\n', "line 2 is not a valid frame"),
-        ('{"format": "mettle-play", "version": 1}\n{"step": 1, "max_steps": 2, "grid": [1], "agents": []}\n',
-         "line 2 is not a valid frame"),
+        (b"", "is empty"),
+        (b'{"version": 4}', "not zlib-compressed"),
+        (zlib.compress(b"import os; os.system('x')"), "its content is not JSON"),
+        (zlib.compress(b"\xff\xfe"), "its content is not JSON"),
+        (zlib.compress(b"x" * 100)[:-4], "cut short"),
+        (z([1, 2]), "its JSON is not an object"),
+        (z({"version": 3}), "replay format version 3; this mettle reads version 4"),
+        (z({"format": "mettle-play", "version": 1}), "replay format version 1"),
+        (z({"version": 4, "num_agents": 1, "max_steps": 1, "type_names": [], "map_size": [2, 2]}),
+         "field 'objects' must be a list"),
+        (z({"version": 4, "num_agents": 1, "max_steps": 1, "objects": [], "type_names": [], "map_size": [2]}),
+         "'map_size' must be [width, height]"),
+        (z({"version": 4, "num_agents": 1, "max_steps": 10**9, "objects": [], "type_names": [], "map_size": [2, 2]}),
+         "'max_steps' 1000000000 is not in"),
+        (z({"version": 4, "num_agents": 1, "max_steps": 1, "objects": [{"id": 1}], "type_names": [],
+            "map_size": [2, 2]}), "an object is malformed"),
+        (z({"version": 4, "num_agents": 1, "max_steps": 0, "objects": [], "type_names": [], "map_size": [2, 2]}),
+         "holds no steps"),
     ],
 )
-def test_replay_of_a_bad_file_is_one_line_naming_it(tmp_path: Path, content: str | None, problem: str) -> None:
-    path = tmp_path / "episode.jsonl"
+def test_replay_of_a_bad_file_is_one_line_naming_it(tmp_path: Path, content: bytes | None, problem: str) -> None:
+    path = tmp_path / "episode.json.z"
     if content is not None:
-        path.write_text(content)
+        path.write_bytes(content)
     with pytest.raises(ValueError, match=re.escape(problem)) as caught:
         replay_file(path, fps=0, stream=io.StringIO())
     assert str(path) in str(caught.value) and "\n" not in str(caught.value)
@@ -214,28 +287,29 @@ def test_replay_of_a_bad_file_is_one_line_naming_it(tmp_path: Path, content: str
 
 def test_play_refuses_other_environments_and_bad_options(tmp_path: Path, run_dir: Path) -> None:
     (tmp_path / "config.json").write_text(RunConfig(env=EnvConfig(name="gym:CartPole-v1")).model_dump_json())
-    with pytest.raises(ValueError, match="mettle play shows MettaGrid environments; gym:CartPole-v1 is not one"):
-        play_run(tmp_path, steps=1, fps=0, save=None, stream=io.StringIO(), seed=0, actions="greedy")
+    with pytest.raises(ValueError, match="mettle play shows and saves MettaGrid environments; gym:CartPole-v1 is not"):
+        play_run(tmp_path, steps=1, fps=0, save=tmp_path / "replays", stream=io.StringIO(), seed=0, actions="greedy")
+    assert not (tmp_path / "replays").exists()
     with pytest.raises(ValueError, match="does not exist"):
         play_run(tmp_path / "nope", steps=1, fps=0, save=None, stream=io.StringIO(), seed=0, actions="greedy")
     with pytest.raises(ValueError, match="--steps 0"):
         play_run(run_dir, steps=0, fps=0, save=None, stream=io.StringIO(), seed=0, actions="greedy")
     with pytest.raises(ValueError, match="--fps -1"):
         play_run(run_dir, steps=1, fps=-1, save=None, stream=io.StringIO(), seed=0, actions="greedy")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="cannot create the replay directory"):
+        play_run(run_dir, steps=1, fps=0, save=tmp_path / "file", stream=io.StringIO(), seed=0, actions="greedy")
 
 
-@pytest.mark.parametrize(("actions", "mode", "line"), [
-    ("auto", "sampled", "actions: sampled (MettaGrid default; --greedy for argmax)"),
-    ("greedy", "greedy", "actions: greedy (--greedy; MettaGrid default: sampled)"),
-    ("sampled", "sampled", "actions: sampled (--sample; MettaGrid default: sampled)"),
+@pytest.mark.parametrize(("actions", "line"), [
+    ("auto", "actions: sampled (MettaGrid default; --greedy for argmax)"),
+    ("greedy", "actions: greedy (--greedy; MettaGrid default: sampled)"),
+    ("sampled", "actions: sampled (--sample; MettaGrid default: sampled)"),
 ])
-def test_play_samples_by_default_says_so_and_records_it(run_dir: Path, tmp_path: Path, actions: str, mode: str,
-                                                        line: str) -> None:
-    out, recording = io.StringIO(), tmp_path / "episode.jsonl"
-    assert play_run(run_dir, steps=3, fps=0, save=recording, stream=out, seed=4, actions=actions) == 0  # type: ignore[arg-type]
+def test_play_samples_by_default_and_says_so(run_dir: Path, actions: str, line: str) -> None:
+    out = io.StringIO()
+    assert play_run(run_dir, steps=3, fps=0, save=None, stream=out, seed=4, actions=actions) == 0  # type: ignore[arg-type]
     assert out.getvalue().splitlines()[-1] == line
-    header = json.loads(recording.read_text().splitlines()[0])
-    assert (header["actions"], header["deterministic"]) == (mode, mode == "greedy")
 
 
 def test_play_by_default_moves_as_sampled_play_does_and_repeats_for_a_seed(run_dir: Path) -> None:

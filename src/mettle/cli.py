@@ -63,10 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--suite", default=None, metavar="NAME|FILE", help="score held-out MettaGrid variants "
                           "instead: a shipped suite (arena-heldout, navigation-heldout) or a suite .yaml/.json; "
                           "--episodes agent-episodes on each")
-    play = sub.add_parser("play", help="watch a trained MettaGrid policy act, or replay a saved episode")
+    play = sub.add_parser("play", help="watch a trained MettaGrid policy act, or play back a MettaScope replay")
     play.add_argument("run_dir", nargs="?", help="a run directory (or one checkpoint directory)")
-    play.add_argument("--replay", type=Path, default=None, metavar="FILE", help="show a saved episode again")
-    play.add_argument("--save", type=Path, default=None, metavar="FILE", help="also save the episode to FILE")
+    play.add_argument("--replay", type=Path, default=None, metavar="FILE", help="play back a replay (.json.z)")
+    play.add_argument("--save", type=Path, nargs="?", const="", default=None, metavar="DIR",
+                      help="also save the episode as a MettaScope replay in DIR (default RUN_DIR/replays)")
     play.add_argument("--steps", type=int, default=None, help="stop after this many steps (default: one episode)")
     play.add_argument("--fps", type=float, default=8.0, help="frames per second (0: as fast as possible)")
     play.add_argument("--seed", type=int, default=0, help="environment seed (default 0)")
@@ -636,8 +637,8 @@ def eval_suite(args: argparse.Namespace, suite: Suite, policy: Policy, trained_o
 
 
 def play_command(args: argparse.Namespace) -> int:
-    """`mettle play RUN_DIR [--save FILE]` or `mettle play --replay FILE`."""
-    from mettle.play import play_run, replay_file
+    """`mettle play RUN_DIR [--save [DIR]]` or `mettle play --replay FILE`."""
+    from mettle.play import default_replay_dir, play_run, replay_file
 
     if args.replay is not None:
         if args.run_dir is not None:
@@ -645,7 +646,8 @@ def play_command(args: argparse.Namespace) -> int:
         return replay_file(args.replay, args.fps, sys.stdout)
     if args.run_dir is None:
         raise ConfigError("mettle play needs a RUN_DIR (or --replay FILE)")
-    return play_run(Path(args.run_dir), args.steps, args.fps, args.save, sys.stdout, args.seed, args.actions)
+    save = default_replay_dir(Path(args.run_dir)) if args.save == "" else args.save
+    return play_run(Path(args.run_dir), args.steps, args.fps, save, sys.stdout, args.seed, args.actions)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import gymnasium as gym
 import numpy as np
@@ -181,3 +182,14 @@ def random_actions(info: PolicyEnvInfo, rows: int, rng: np.random.Generator) -> 
     nvec = np.asarray(info.action_nvec)
     actions: np.ndarray = (rng.random((rows, len(nvec))) * nvec).astype(np.int64)
     return actions
+
+
+@runtime_checkable
+class RecordsReplays(Protocol):
+    """An environment that can save episodes as replay files (MettaGrid: MettaScope `.json.z`), for the evaluator."""
+
+    def record_replays(self, directory: Path | None, episodes: int | None = None) -> None:
+        """Save the next `episodes` episodes to start (None: all) under `directory`; None stops."""
+
+    def finish_replays(self) -> list[Path]:
+        """Save the episodes still being recorded; every replay file written since `record_replays`."""

@@ -260,7 +260,8 @@ def config_components(cfg: RunConfig, trainer: Trainer, run_dir: Path | None) ->
         cfg.autotuner.build(),
         Monitor(cfg.monitor.interval) if cfg.monitor.enabled else None,
         GradientReporter(cfg.gradients.interval, cfg.gradients.per_layer) if cfg.gradients.enabled else None,
-        cfg.evaluator.build(evaluation_envs(cfg), seed=cfg.trainer.seed + 12345, suites=evaluation_suites(cfg)),
+        cfg.evaluator.build(evaluation_envs(cfg), seed=cfg.trainer.seed + 12345, suites=evaluation_suites(cfg),
+                            replay_dir=run_dir / "replays" if run_dir is not None else None),
     ]
     if run_dir is not None:
         optional += [

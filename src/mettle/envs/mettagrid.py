@@ -34,6 +34,11 @@ that keep them; `extras["max_steps"]` is the base's). Without a family none of t
 [1, max_steps], so the games stop restarting in lockstep. It is off by default, and the config's own
 `desync_episodes` field is not read, because cut episodes would bias an evaluation's returns.
 
+Replays: `record_replays(directory, episodes)` attaches mettagrid's own `ReplayLogWriter` (see
+mettagrid_replays) to each game from its next episode start, so the first `episodes` episodes to start are
+written as MettaScope `.json.z` files; `finish_replays()` writes any still running and lists the files. Meant
+for evaluation and `mettle play` (in-process, serial); a recording game takes the slower `Simulation.step`.
+
 Speed: a step is a loop over games calling the C++ step (directly when the game has no talk and no
 stat-triggered ending: `Simulation.step` then only adds stopwatch timers and hooks) plus a few
 vectorised numpy operations over all rows. Starting an episode builds a new Simulation (map and C++
@@ -43,6 +48,7 @@ config conversion, a few milliseconds).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -56,6 +62,7 @@ from mettagrid.simulator.simulator import Buffers
 
 from mettle.contracts import BatchInfo, EnvStateError, PolicyEnvInfo
 from mettle.envs.mettagrid_families import BASE_TASK, TaskFamily, load_config_or_family
+from mettle.envs.mettagrid_replays import GameReplayWriter, ReplayBudget
 from mettle.envs.mettagrid_tasks import CONFIG_SUFFIXES, MettaGridEnvError, load_mettagrid_config
 from mettle.envs.rows import EpisodeLog, ReplayEnvironment, RowBuffers, generator_state, set_generator_state
 from mettle.envs.spaces import ActionConverter, scalar_infos
@@ -119,6 +126,8 @@ class MettaGridEnvironment(ReplayEnvironment):
         self._steppers: list[Callable[[], None]] = [_not_started] * num_envs
         """Each game's step call, bound once per simulation (the C++ step directly when that is all a step does)."""
         self._rngs: list[np.random.Generator] = []
+        self._replays: ReplayBudget | None = None
+        self._writers: list[GameReplayWriter | None] = [None] * num_envs
         self._log = EpisodeLog(num_envs, self._agents)
         self._closed = False
         self._started = False
@@ -246,6 +255,19 @@ class MettaGridEnvironment(ReplayEnvironment):
         """The live simulation of each game (a finished one stays until its game restarts)."""
         return tuple(self._sims)
 
+    def record_replays(self, directory: Path | None, episodes: int | None = None) -> None:
+        """Write MettaScope replays (`<uuid>.json.z`) of the next `episodes` episodes to start (None: all) to
+        `directory`; None stops recording. Games pick this up at their next episode start (`reset` or a restart).
+        """
+        self._replays = None if directory is None else ReplayBudget(Path(directory), episodes)
+
+    def finish_replays(self) -> list[Path]:
+        """Write the episodes still being recorded as they stand; every replay written since `record_replays`."""
+        for writer in self._writers:
+            if writer is not None:
+                writer.finish()
+        return list(self._replays.written) if self._replays is not None else []
+
     def reset(self, seed: int | None = None) -> None:
         """Start fresh episodes everywhere; game i gets `seed + i`, or its next drawn seed when `seed` is None."""
         self._require_open()
@@ -358,9 +380,11 @@ class MettaGridEnvironment(ReplayEnvironment):
         old, self._sims[env] = self._sims[env], None
         if old is not None:
             old.close()
-        sim = self._sims[env] = Simulation(config, seed=seed, buffers=self._sim_buffers[env])
-        # without talk or stat-based endings, Simulation.step only adds timers and hooks around the C++ step
-        fast = not config.game.talk.enabled and not config.game.end_episode_on_game_stats
+        writer = self._writers[env] = GameReplayWriter(self._replays) if self._replays is not None else None
+        handlers = [writer] if writer is not None else []
+        sim = self._sims[env] = Simulation(config, seed=seed, buffers=self._sim_buffers[env], event_handlers=handlers)
+        # without talk, stat-based endings or a replay writer, Simulation.step only adds timers around the C++ step
+        fast = not config.game.talk.enabled and not config.game.end_episode_on_game_stats and writer is None
         self._steppers[env] = sim._c_sim.step if fast else sim.step
 
     def _replay_instance(self, instance: int, start: dict[str, Any], actions: np.ndarray) -> None:

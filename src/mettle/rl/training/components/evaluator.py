@@ -13,6 +13,10 @@ How it acts is `actions`: "auto" (the default) samples on MettaGrid, where greed
 stand still, and takes the argmax elsewhere; "sampled" or "greedy" force one. The mode used is logged once per
 environment and recorded with every result as "eval/<name>/greedy" (1.0 argmax, 0.0 sampled).
 
+With `replays` N > 0 and a `replay_dir`, the first N episodes to start in each evaluation of each environment
+that can record them (MettaGrid: mettagrid's own writer) are saved as MettaScope replays under
+`replay_dir/<env name>/epoch_<epoch>/<uuid>.json.z`, and each path is logged.
+
 Results go to `Evaluator.latest` ({"eval/<name>/mean_return": ..., ...}), to `Evaluator.history`
 (checkpointed), and into `ctx.stats.metrics` for the reporters.
 """
@@ -21,15 +25,18 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from numbers import Real
+from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mettle.agent.policy import Policy
+from mettle.contracts import RecordsReplays
 from mettle.rl.evaluate import (
     ActionChoice,
     ActionMode,
@@ -78,6 +85,9 @@ class EvaluatorConfig(BaseModel):
     suite: str | None = None
     """Held-out MettaGrid variants to evaluate on too (arena-heldout, navigation-heldout or a suite file): each
     variant's results, and the mean of their mean returns as eval/<suite>/mean_return."""
+    replays: int = Field(0, ge=0)
+    """Save the first this many episodes of each evaluation of each MettaGrid environment as MettaScope replays
+    (RUN_DIR/replays/<env>/epoch_<epoch>/*.json.z, paths logged); 0: none."""
 
     @model_validator(mode="before")
     @classmethod
@@ -97,11 +107,12 @@ class EvaluatorConfig(BaseModel):
         return data
 
     def build(self, envs: Mapping[str, EnvFactory], seed: int = 12345,
-              suites: Mapping[str, list[str]] | None = None) -> Evaluator | None:
-        """The component when enabled (the factories should honour `num_envs`), else None."""
+              suites: Mapping[str, list[str]] | None = None, replay_dir: Path | None = None) -> Evaluator | None:
+        """The component when enabled (the factories should honour `num_envs`), else None; replays need a dir."""
         if not self.enabled:
             return None
-        return Evaluator(envs, self.episodes, self.interval, self.actions, seed, suites=suites)
+        return Evaluator(envs, self.episodes, self.interval, self.actions, seed, suites=suites,
+                         replays=self.replays if replay_dir is not None else 0, replay_dir=replay_dir)
 
 
 # ---------------------------------------------------------------------- isolation helpers
@@ -150,6 +161,8 @@ class Evaluator(TrainerComponent):
         seed: int = 12345,
         on_complete: bool = True,
         suites: Mapping[str, list[str]] | None = None,
+        replays: int = 0,
+        replay_dir: Path | None = None,
     ) -> None:
         super().__init__(epoch_interval)
         if not envs:
@@ -170,6 +183,10 @@ class Evaluator(TrainerComponent):
         unknown = sorted({env for members in self.suites.values() for env in members} - set(self.factories))
         if unknown:
             raise ValueError(f"suite variants {unknown} have no evaluation environment factory")
+        if replays < 0 or (replays and replay_dir is None):
+            raise ValueError(f"replays {replays} must be >= 0, and a replay_dir is needed to save any")
+        self.replays = replays
+        self.replay_dir = replay_dir
         self.latest: dict[str, float] = {}
         """Results of the most recent evaluation, keyed "eval/<env name>/<metric>"."""
         self.history: list[dict[str, float]] = []
@@ -215,7 +232,10 @@ class Evaluator(TrainerComponent):
         with isolated_evaluation(ctx.policy, self.seed, ctx.device):
             env = self._env(name)
             greedy = self.modes[name] == "greedy"
+            recording = self._start_replays(name, env)
             infos = evaluate_policy(ctx.policy, env, self.episodes, ctx.device, greedy, self.seed)
+            if recording is not None:
+                self._log_replays(name, recording)
         summary = {**summarize_returns(infos), **env_stat_means(infos), "greedy": float(greedy)}
         return {f"eval/{name}/{key}": float(value) for key, value in summary.items()}
 
@@ -224,7 +244,25 @@ class Evaluator(TrainerComponent):
         if name not in self._envs:
             logger.info("evaluator on %s: %s", name, actions_line(self.actions, name, CONFIG_SWITCHES))
             self._envs[name] = self.factories[name]()
+            if self.replays and not isinstance(self._envs[name], RecordsReplays):
+                logger.warning("evaluator on %s: evaluator.replays=%d, but this environment writes no replays "
+                               "(MettaGrid environments do)", name, self.replays)
         return self._envs[name]
+
+    def _start_replays(self, name: str, env: TrainingEnvironment) -> RecordsReplays | None:
+        """Have the env record this evaluation's first `replays` episodes, when asked and it can."""
+        if not self.replays or self.replay_dir is None or not isinstance(env, RecordsReplays):
+            return None
+        folder = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+        env.record_replays(self.replay_dir / folder / f"epoch_{self.context.state.epoch}", self.replays)
+        return env
+
+    def _log_replays(self, name: str, env: RecordsReplays) -> None:
+        """Write what is still being recorded, stop recording, and log every replay's path."""
+        written = env.finish_replays()
+        env.record_replays(None)
+        for path in written:
+            logger.info("evaluator on %s: replay %s", name, path)
 
     def _publish(self, results: dict[str, float]) -> None:
         """Hand the results to the reporters through the epoch stats."""
