@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     play = sub.add_parser("play", help="watch a trained MettaGrid policy act, or play back a MettaScope replay")
     play.add_argument("run_dir", nargs="?", help="a run directory (or one checkpoint directory)")
     play.add_argument("--replay", type=Path, default=None, metavar="FILE", help="play back a replay (.json.z)")
-    play.add_argument("--save", type=Path, nargs="?", const="", default=None, metavar="DIR",
+    play.add_argument("--save", nargs="?", const="", default=None, metavar="DIR",
                       help="also save the episode as a MettaScope replay in DIR (default RUN_DIR/replays)")
     play.add_argument("--steps", type=int, default=None, help="stop after this many steps (default: one episode)")
     play.add_argument("--fps", type=float, default=8.0, help="frames per second (0: as fast as possible)")
@@ -646,7 +646,7 @@ def play_command(args: argparse.Namespace) -> int:
         return replay_file(args.replay, args.fps, sys.stdout)
     if args.run_dir is None:
         raise ConfigError("mettle play needs a RUN_DIR (or --replay FILE)")
-    save = default_replay_dir(Path(args.run_dir)) if args.save == "" else args.save
+    save = None if args.save is None else Path(args.save) if args.save else default_replay_dir(Path(args.run_dir))
     return play_run(Path(args.run_dir), args.steps, args.fps, save, sys.stdout, args.seed, args.actions)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -90,18 +91,18 @@ def test_sample_and_greedy_together_are_refused(runs: dict[str, Path], command: 
     assert result.returncode == 2 and "not allowed with argument" in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize(("options", "mode", "line"), [
-    ((), "sampled", "actions: sampled (MettaGrid default; --greedy for argmax)"),
-    (("--greedy",), "greedy", "actions: greedy (--greedy; MettaGrid default: sampled)"),
+@pytest.mark.parametrize(("options", "line"), [
+    ((), "actions: sampled (MettaGrid default; --greedy for argmax)"),
+    (("--greedy",), "actions: greedy (--greedy; MettaGrid default: sampled)"),
 ])
-def test_play_samples_by_default_and_says_so(runs: dict[str, Path], tmp_path: Path, options: tuple[str, ...],
-                                             mode: str, line: str) -> None:
-    recording = tmp_path / "episode.jsonl"
-    result = mettle_in_process("play", str(runs["mettagrid"]), "--steps", "2", "--fps", "0", "--save",
-                               str(recording), *options, cwd=tmp_path)
+def test_play_samples_by_default_says_so_and_saves_under_the_run(runs: dict[str, Path], tmp_path: Path,
+                                                                 options: tuple[str, ...], line: str) -> None:
+    result = mettle_in_process("play", str(runs["mettagrid"]), "--steps", "2", "--fps", "0", "--save", *options,
+                               cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == line
-    assert json.loads(recording.read_text().splitlines()[0])["actions"] == mode
+    (replay,) = re.findall(r"^replay (\S+) \(open it in MettaScope", result.stderr, re.MULTILINE)
+    assert Path(replay).parent == runs["mettagrid"] / "replays" and Path(replay).name.endswith(".json.z")
 
 
 def test_training_evaluator_says_and_records_its_mode_and_resumes_an_old_config(tmp_path: Path) -> None:
