@@ -272,3 +272,22 @@ def test_a_config_json_saved_with_deterministic_still_loads(tmp_path: Path, dete
     loaded = load_run_config(tmp_path)
     assert loaded.evaluator.actions == actions
     assert "deterministic" not in loaded.model_dump(mode="json")["evaluator"], "it is saved again as `actions`"
+
+
+def test_replays_on_an_env_that_cannot_record_them_are_a_warning(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    evaluator = Evaluator({"bandit": CountingFactory()}, episodes=3, seed=EVAL_SEED, replays=1, replay_dir=tmp_path)
+    evaluator.register(bare_context(CopyPolicy(), EpochStats()))
+    with caplog.at_level(logging.WARNING):
+        assert evaluator.evaluate()["eval/bandit/mean_return"] == 8.0
+    assert "evaluator.replays=1, but this environment writes no replays" in caplog.text
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="replay_dir"):
+        Evaluator({"bandit": CountingFactory()}, replays=1)
+
+
+def test_the_config_passes_replays_only_with_a_run_dir(tmp_path: Path) -> None:
+    cfg = EvaluatorConfig(enabled=True, replays=2)
+    with_dir, without = cfg.build({"a": CountingFactory()}, replay_dir=tmp_path), cfg.build({"a": CountingFactory()})
+    assert with_dir is not None and (with_dir.replays, with_dir.replay_dir) == (2, tmp_path)
+    assert without is not None and without.replays == 0
