@@ -122,6 +122,26 @@ def test_only_the_first_episodes_to_start_are_recorded(tmp_path: Path) -> None:
     assert all(decode(path)["max_steps"] == ARENA["max_steps"] for path in written)
 
 
+def test_recording_leaves_the_games_as_they_were(tmp_path: Path) -> None:
+    batches = []
+    for directory in (None, tmp_path):
+        env = make_mettagrid_environment("arena", num_envs=2, seed=5, **DENSE)
+        env.record_replays(directory)
+        env.reset(5)
+        rng, seen = np.random.default_rng(0), []
+        try:
+            for _ in range(DENSE["max_steps"] + 3):
+                env.send_actions(rng.integers(0, 5, size=(4, 1)))
+                batch = env.get_observations()
+                seen.append((batch.observations.copy(), batch.rewards.copy(), batch.terminals.copy()))
+        finally:
+            env.close()
+        batches.append(seen)
+    for plain, recorded in zip(*batches, strict=True):
+        assert all(np.array_equal(a, b) for a, b in zip(plain, recorded, strict=True))
+    assert len(list(tmp_path.glob("*.json.z"))) == 2, "episodes=None records every game's episodes"
+
+
 # ---------------------------------------------------------------------------------- watching
 def test_play_to_a_plain_stream_prints_one_ascii_frame_per_step(run_dir: Path) -> None:
     out = io.StringIO()
