@@ -6,6 +6,9 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +37,25 @@ def run_shortened(code: str, steps: str) -> dict[str, Any]:
     return namespace
 
 
-def test_readme_has_the_api_and_the_custom_loss_examples() -> None:
-    assert len(python_blocks()) == 2
+def test_readme_has_the_api_the_custom_loss_and_the_onnxruntime_examples() -> None:
+    assert len(python_blocks()) == 3
+
+
+def test_the_onnxruntime_example_acts_in_cartpole_without_torch_or_mettle(tmp_path: Path) -> None:
+    """Train a small lstm run, export it, then run the README's block as written in a fresh interpreter."""
+    code = textwrap.dedent(block_with("onnxruntime"))
+    mettle = [sys.executable, "-m", "mettle"]
+    for command in (["train", "--env", "gym:CartPole-v1", "--policy", "lstm", "--run-dir", str(tmp_path), "--run",
+                     "r", "total_timesteps=2048"], ["export", str(tmp_path / "r"), "--out", "policy.onnx"]):
+        done = subprocess.run([*mettle, *command], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    check = "\nimport sys\nprint(sorted(m for m in ('torch', 'mettle') if m in sys.modules))\n"
+    acted = subprocess.run([sys.executable, "-c", code + check], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=120)
+    assert acted.returncode == 0, acted.stderr
+    episode, imported = acted.stdout.strip().splitlines()
+    assert re.fullmatch(r"return \d+\.0", episode), episode
+    assert imported == "[]", "the example needs neither torch nor mettle"
 
 
 def test_readme_python_example_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
