@@ -84,8 +84,12 @@ def tensorboard_returns(run_dir: Path) -> list[tuple[int, float]]:
     # MuJoCo with the continuous-control recipe's normalisations, 100-step episodes so that several end
     ["--env", "gym:HalfCheetah-v5", "env.kwargs.max_episode_steps=100", "env.num_envs=4", "batch_size=256",
      "minibatch_size=64", "update_epochs=1", "total_timesteps=2048"],
+    # one recurrent policy per agent type (policy.share=false), observations normalised: per-type memory resumes
+    ["--env", "pettingzoo:mpe2.simple_speaker_listener_v4:parallel_env", "env.num_envs=8", "batch_size=512",
+     "minibatch_size=256", "bptt_horizon=16", "total_timesteps=4096", "policy.share=false", "policy.kind=lstm",
+     "policy.hidden_size=16", "env.normalize_observations=true"],
 ], ids=["cartpole", "mpe2-workers", "dict-observations", "pendulum", "pendulum-normalised-overlap",
-        "mpe2-heterogeneous-workers", "mujoco-halfcheetah"])
+        "mpe2-heterogeneous-workers", "mujoco-halfcheetah", "mpe2-per-type-lstm-normalised"])
 def test_killed_and_rerun_equals_never_killed(tmp_path: Path, env: list[str]) -> None:
     run_to_end("straight", tmp_path, *env)
     kill_after_logging("killed", tmp_path, 4, *env)

@@ -1,5 +1,6 @@
-"""`policy.share=false` from the command line: one policy per agent type trains, evaluates and resumes exactly; where
-there are no types to split by, or the token policy is asked for, it stops in one line before anything is written."""
+"""`policy.share=false` from the command line: one policy per agent type trains and evaluates (its exact resume is in
+test_cli_exact_resume.py); where there are no types to split by, or the token policy is asked for, it stops in one
+line before anything is written."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import pytest
 pytest.importorskip("mpe2")
 
 from cli_helpers import mettle_in_process
-from test_cli_exact_resume import kill_after_logging, metrics, run_to_end
 
 SPEAKER_LISTENER = "pettingzoo:mpe2.simple_speaker_listener_v4:parallel_env"
 
@@ -45,16 +45,3 @@ def test_share_false_without_types_to_split_or_with_the_token_policy_exits_2(
     assert len(lines) == 1, result.stderr
     assert expected in lines[0]
     assert not any((tmp_path / "runs").iterdir()), "nothing is written for a config that fails"
-
-
-def test_a_killed_recurrent_normalised_per_type_run_resumes_exactly(tmp_path: Path) -> None:
-    env = ["--env", SPEAKER_LISTENER, "env.num_envs=8", "batch_size=512", "minibatch_size=256", "bptt_horizon=16",
-           "total_timesteps=4096", "policy.share=false", "policy.kind=lstm", "policy.hidden_size=16",
-           "env.normalize_observations=true"]
-    run_to_end("straight", tmp_path, *env)
-    kill_after_logging("killed", tmp_path, 4, *env)
-    run_to_end("killed", tmp_path, *env)
-
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert (straight / "policy.safetensors").read_bytes() == (killed / "policy.safetensors").read_bytes()
-    assert metrics(straight) == metrics(killed)
