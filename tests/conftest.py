@@ -38,6 +38,8 @@ LONGEST_FIRST = (
     "tests/cli/test_cli_exact_resume.py",
     "tests/cli/test_cli_resume.py",
     "tests/cli/test_cli_process_deaths.py",
+    "tests/cli/test_cli_sweep.py",
+    "tests/cli/test_cli_export.py",
     "tests/rl/test_exact_resume.py",
     "tests/rl/test_trainer.py",
     "tests/test_layering.py",
