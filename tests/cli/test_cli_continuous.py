@@ -72,8 +72,8 @@ def test_pendulum_trains_sending_clipped_actions_and_logging_the_drawn_ones(tmp_
 
 @pytest.mark.parametrize("extra,message", [
     (["--policy", "token"], "mettle: error: TokenPolicy acts with categorical heads, and the action space is Box("),
-    (["gradient=analytic"], "mettle: error: gradient=analytic cannot be used: it is written for categorical "
-                            "action heads, and this policy's actions are a Box (a Gaussian head)"),
+    (["--policy", "lstm", "gradient=analytic"], "mettle: error: gradient=analytic cannot be used: it is written for "
+                                                "MLPPolicy, and the policy is LSTMPolicy"),
     (["losses.kickstarter.enabled=true", "losses.kickstarter.teacher=runs/teacher"],
      "mettle: error: losses.kickstarter: this environment's actions are Box(1,) (a Gaussian head)"),
 ], ids=["token", "analytic", "kickstarter"])

@@ -36,11 +36,26 @@ def make_policy(nvec: tuple[int, ...], num_layers: int, shared_torso: bool) -> M
     return policy
 
 
+def make_gaussian_policy(dims: int, num_layers: int, shared_torso: bool, log_std_init: float) -> MLPPolicy:
+    """A seeded MLPPolicy over a 7-feature Box with Box(dims) actions: a diagonal Gaussian head."""
+    torch.manual_seed(0)
+    policy = MLPPolicy(hidden_size=16, num_layers=num_layers, shared_torso=shared_torso, log_std_init=log_std_init)
+    action = gym.spaces.Box(-1.0, 1.0, (dims,), np.float32)
+    policy.initialize_to_environment(PolicyEnvInfo(gym.spaces.Box(-1.0, 1.0, (OBS,), np.float32), action), "cpu")
+    with torch.no_grad():  # per-dimension stds that differ, so a mixed-up dimension would show
+        policy.actor_head.weight.normal_(0.0, 0.5)
+        policy.log_std.add_(torch.linspace(-0.3, 0.3, dims))
+    return policy
+
+
 def make_minibatch(policy: MLPPolicy, weighted: bool) -> Minibatch:
     """Stored log-probs and values that put ratios and values on both sides of their clip ranges."""
     gen = torch.Generator().manual_seed(1)
     obs = torch.randn(SEGMENTS, HORIZON, OBS, generator=gen)
-    actions = torch.stack([torch.randint(0, n, (SEGMENTS, HORIZON), generator=gen) for n in policy.nvec], dim=-1)
+    if policy.log_std is not None:  # Box actions: anywhere around the means, some well outside the bounds
+        actions = 1.5 * torch.randn(SEGMENTS, HORIZON, policy.action_dims, generator=gen)
+    else:
+        actions = torch.stack([torch.randint(0, n, (SEGMENTS, HORIZON), generator=gen) for n in policy.nvec], -1)
     with torch.no_grad():
         out = policy(obs, torch.zeros(SEGMENTS, HORIZON, dtype=torch.bool), actions=actions)
     mask = torch.rand(SEGMENTS, HORIZON, generator=gen) > 0.2
@@ -85,7 +100,30 @@ CASES = [
 def test_analytic_gradient_equals_autograd(
     nvec: tuple[int, ...], num_layers: int, shared: bool, clip_value: bool, entropy_coef: float, weighted: bool
 ) -> None:
-    policy = make_policy(nvec, num_layers, shared)
+    check_against_autograd(make_policy(nvec, num_layers, shared), clip_value, entropy_coef, weighted)
+
+
+GAUSSIAN_CASES = [
+    pytest.param(1, 2, False, True, 0.0, False, 0.0, id="pendulum-shape"),
+    pytest.param(6, 2, False, False, 0.0, True, -1.0, id="halfcheetah-recipe-weighted"),
+    pytest.param(3, 3, True, True, 0.05, False, -2.0, id="shared-torso-entropy-bonus"),
+    pytest.param(2, 0, False, True, 0.01, True, 0.5, id="no-hidden-layers"),
+]
+
+
+@pytest.mark.parametrize(("dims", "num_layers", "shared", "clip_value", "entropy_coef", "weighted", "log_std_init"),
+                         GAUSSIAN_CASES)
+def test_analytic_gaussian_gradient_equals_autograd(
+    dims: int, num_layers: int, shared: bool, clip_value: bool, entropy_coef: float, weighted: bool,
+    log_std_init: float,
+) -> None:
+    """Box actions: the means' and the log-std's gradients, log-probs and diagnostics as autograd takes them."""
+    check_against_autograd(make_gaussian_policy(dims, num_layers, shared, log_std_init), clip_value, entropy_coef,
+                           weighted)
+
+
+def check_against_autograd(policy: MLPPolicy, clip_value: bool, entropy_coef: float, weighted: bool) -> None:
+    """Every gradient (stale ones overwritten), diagnostic and log-prob of the analytic step equals autograd's."""
     cfg = PPOConfig(clip_coef=0.2, clip_value_loss=clip_value, value_clip_coef=0.1, entropy_coef=entropy_coef,
                     value_coef=0.7)
     losses: list[Loss] = [PPOActorLoss(cfg), PPOCriticLoss(cfg)]
@@ -139,24 +177,28 @@ def small_config(**overrides: object) -> TrainerConfig:
                          update_epochs=3, seed=5, **overrides)  # type: ignore[arg-type]
 
 
-def train_cartpole(gradient: str) -> tuple[Trainer, MLPPolicy]:
-    """Four epochs of CartPole from one seed with the given gradient path."""
-    policy = MLPPolicy(hidden_size=32)
-    with GymnasiumEnvironment("CartPole-v1", 8) as env:
+def train_gym(gradient: str, env_id: str = "CartPole-v1", log_std_init: float = 0.0) -> tuple[Trainer, MLPPolicy]:
+    """Four epochs of a Gymnasium env from one seed with the given gradient path."""
+    policy = MLPPolicy(hidden_size=32, log_std_init=log_std_init)
+    with GymnasiumEnvironment(env_id, 8) as env:
         trainer = Trainer(small_config(gradient=gradient), env, policy, "cpu")
         trainer.train()
     return trainer, policy
 
 
-def test_cartpole_training_is_the_same_with_either_gradient_path() -> None:
-    analytic_trainer, analytic = train_cartpole("analytic")
-    autograd_trainer, autograd = train_cartpole("autograd")
+@pytest.mark.parametrize(("env_id", "log_std_init"), [("CartPole-v1", 0.0), ("Pendulum-v1", -1.0)])
+def test_training_is_the_same_with_either_gradient_path(env_id: str, log_std_init: float) -> None:
+    analytic_trainer, analytic = train_gym("analytic", env_id, log_std_init)
+    autograd_trainer, autograd = train_gym("autograd", env_id, log_std_init)
     assert analytic_trainer.core_loop.gradient_path() is not None
     assert autograd_trainer.core_loop.gradient_path() is None
     for (name, a), (_, b) in zip(autograd.state_dict().items(), analytic.state_dict().items(), strict=True):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3, msg=f"{name} after four epochs")
-    assert torch.equal(analytic_trainer.context.experience.buffers["actions"],
-                       autograd_trainer.context.experience.buffers["actions"])
+    actions = [t.context.experience.buffers["actions"] for t in (analytic_trainer, autograd_trainer)]
+    if env_id == "CartPole-v1":  # the same choices, step for step
+        assert torch.equal(*actions)
+    else:  # the same noise around means that differ by float rounding
+        torch.testing.assert_close(*actions, atol=1e-4, rtol=1e-3)
     a_stats, b_stats = autograd_trainer.context.stats.losses, analytic_trainer.context.stats.losses
     assert a_stats.keys() == b_stats.keys()
     for name, value in a_stats.items():

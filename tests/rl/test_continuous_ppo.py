@@ -25,7 +25,7 @@ from mettle.config import ConfigError, build_run_config
 from mettle.contracts import PolicyEnvInfo
 from mettle.envs.gymnasium import GymnasiumEnvironment
 from mettle.recipes import CONTINUOUS_CONTROL, PENDULUM, recipe_for
-from mettle.rl.loss import PPOActorLoss
+from mettle.rl.loss import PPOActorLoss, PPOCriticLoss
 from mettle.rl.minibatch import Minibatch
 from mettle.rl.policy_files import CheckpointError, load_policy, read_policy_spec, save_policy
 from mettle.rl.trainer import Trainer
@@ -114,26 +114,28 @@ def test_rollouts_store_the_unclipped_sample_and_the_simulator_gets_it_clipped(k
         np.testing.assert_array_equal(np.sort(np.clip(stored, -2.0, 2.0), axis=0), np.sort(given, axis=0))
 
 
-def test_auto_falls_back_to_autograd_for_a_gaussian_head_and_says_so_at_debug_level(
+def test_auto_takes_the_analytic_gradient_for_a_gaussian_mlp_and_autograd_for_an_lstm_saying_which(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    problem = analytic_problem(policy_with_mean(0.0), [])
-    assert problem == ("it is written for categorical action heads, and this policy's actions are a Box "
-                       "(a Gaussian head)")
-    cfg = build_run_config(["env.name=gym:Pendulum-v1", "env.num_envs=2", "batch_size=64", "minibatch_size=32",
-                            "total_timesteps=64", "update_epochs=1"])
-    with caplog.at_level(logging.DEBUG, logger="mettle.rl.training.core"), build_run(cfg) as run:
-        run.trainer.train()
-    assert f"gradient steps: autograd ({problem})" in caplog.text
+    assert analytic_problem(policy_with_mean(0.0), [PPOActorLoss(PPOConfig()), PPOCriticLoss(PPOConfig())]) is None
+    small = ["env.name=gym:Pendulum-v1", "env.num_envs=2", "batch_size=64", "minibatch_size=32", "total_timesteps=64",
+             "update_epochs=1"]
+    lstm_said = "gradient steps: autograd (it is written for MLPPolicy, and the policy is LSTMPolicy)"
+    for kind, said in [("mlp", "gradient steps: analytic"), ("lstm", lstm_said)]:
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="mettle.rl.training.core"), \
+                build_run(build_run_config([*small, f"policy.kind={kind}"])) as run:
+            run.trainer.train()
+        assert said in caplog.text, kind
 
 
 @pytest.mark.parametrize("override,message", [
-    ("gradient=analytic", "gradient=analytic cannot be used: it is written for categorical action heads"),
+    ("gradient=analytic policy.kind=lstm", "gradient=analytic cannot be used: it is written for MLPPolicy"),
     ("losses.kickstarter.enabled=true", "losses.kickstarter: this environment's actions are Box(1,) (a Gaussian head)"),
 ])
 def test_what_cannot_serve_a_gaussian_head_is_refused_in_one_line(override: str, message: str) -> None:
     cfg = build_run_config(["env.name=gym:Pendulum-v1", "env.num_envs=2", "batch_size=64", "minibatch_size=32",
-                            "total_timesteps=64", override, "losses.kickstarter.teacher=runs/nowhere"])
+                            "total_timesteps=64", *override.split(), "losses.kickstarter.teacher=runs/nowhere"])
     with pytest.raises(ConfigError) as error:
         build_run(cfg)
     assert message in str(error.value) and "\n" not in str(error.value)

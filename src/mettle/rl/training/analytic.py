@@ -3,8 +3,10 @@
 At small sizes (CartPole's 64x64 torsos, 256-row minibatches) a gradient step is bound by per-op overhead,
 not arithmetic: autograd records and replays some sixty small ops, `clip_grad_norm_` and the loss add more.
 Here the forward keeps only what the backward needs and the backward is the chain rule in a dozen matmuls,
-written straight into the parameters' `.grad`. `bench/update_floor.py` measures it against a plain PyTorch
-step; `tests/rl/test_analytic_gradient.py` checks every gradient and diagnostic against autograd.
+written straight into the parameters' `.grad`. It covers categorical heads (Discrete, MultiDiscrete) and the
+diagonal Gaussian of Box actions (means from the actor head, one state-independent log-std per dimension).
+`bench/update_floor.py` and `bench/gradient_paths.py` measure it against plain PyTorch and autograd steps;
+`tests/rl/test_analytic_gradient.py` checks every gradient and diagnostic against autograd.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from mettle.agent.distributions import MultiCategorical
+from mettle.agent.distributions import DiagonalGaussian, MultiCategorical
 from mettle.agent.layers import Dense, dense, flatten_steps, tanh_torso_forward, tanh_torso_layers
 from mettle.agent.mlp import MLPPolicy
 from mettle.rl.loss.ppo_actor import PPOActorLoss
@@ -36,8 +38,6 @@ def analytic_problem(policy: nn.Module, losses: Sequence[Loss]) -> str | None:
     """Why the hand-written gradient cannot stand in for autograd here, or None when it can."""
     if type(policy) is not MLPPolicy:
         return f"it is written for MLPPolicy, and the policy is {type(policy).__name__}"
-    if policy.log_std is not None:
-        return "it is written for categorical action heads, and this policy's actions are a Box (a Gaussian head)"
     if policy.invalid_actions is not None:
         return "it is written for unmasked heads, and this environment masks the choices some agent types lack"
     if sorted(type(loss).__name__ for loss in losses) != ["PPOActorLoss", "PPOCriticLoss"] or not all(
@@ -56,6 +56,8 @@ def analytic_problem(policy: nn.Module, losses: Sequence[Loss]) -> str | None:
         return str(error)
     read = {id(t) for layer in layers for t in layer} | {id(t) for head in (policy.actor_head, policy.critic_head)
                                                          for t in (head.weight, head.bias)}
+    if policy.log_std is not None:
+        read.add(id(policy.log_std))
     if read != {id(p) for p in policy.parameters()}:
         return "the policy has parameters beyond its torsos' and heads' Linear layers"
     return None
@@ -93,32 +95,45 @@ class AnalyticPPOGradient:
         x = policy.normalize_observations(flatten_steps(data["observations"], policy.obs_shape))
         actor_acts = tanh_torso_forward(self.actor_layers, x)
         critic_acts = actor_acts if self.critic_layers is None else tanh_torso_forward(self.critic_layers, x)
-        logits = dense(self.actor_head, actor_acts[-1])
+        head_out = dense(self.actor_head, actor_acts[-1])
         values = dense(self.critic_head, critic_acts[-1]).view(n * t)
         weights = minibatch.loss_weights.reshape(n * t)
-        dist = MultiCategorical(logits, policy.nvec)
         actions = data["actions"].reshape(n * t, -1)
-        log_prob = dist.log_prob(actions)
-        grad_logits, actor_rows = self._actor(dist, actions, log_prob, minibatch, weights)
+        if policy.log_std is None:
+            grad_head, log_prob, actor_rows = self._categorical(head_out, actions, minibatch, weights)
+        else:
+            grad_head, log_prob, actor_rows = self._gaussian(head_out, policy.log_std, actions, minibatch, weights)
         grad_values, value_rows = self._critic(values, minibatch, weights)
-        self._backward(actor_acts, critic_acts, grad_logits, grad_values.unsqueeze(1))
+        self._backward(actor_acts, critic_acts, grad_head, grad_values.unsqueeze(1))
         # Every diagnostic is a weighted mean over steps: one matmul for all five.
         means = torch.stack([*actor_rows, value_rows]) @ weights
         return dict(zip(DIAGNOSTICS, means.unbind(), strict=True)), log_prob.view(n, t)
 
-    def _actor(
-        self, dist: MultiCategorical, actions: torch.Tensor, log_prob: torch.Tensor, minibatch: Minibatch,
-        weights: torch.Tensor,
+    def _surrogate(
+        self, log_prob: torch.Tensor, minibatch: Minibatch, weights: torch.Tensor
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """d(policy loss - entropy_coef * entropy)/d logits [N, sum(nvec)], and the actor's per-step diagnostics."""
-        clip, entropy_coef = self.actor_loss.clip_coef, self.actor_loss.entropy_coef
+        """d(clipped policy loss)/d log-prob [N], weighted, and the per-step (policy loss, approx-KL, clipfrac)."""
+        clip = self.actor_loss.clip_coef
         log_ratio = log_prob - minibatch.data["log_probs"].reshape(-1)
         ratio = log_ratio.exp()
         neg_advantages = minibatch.advantages.reshape(-1).neg()
         unclipped, clipped = ratio * neg_advantages, ratio.clamp(1.0 - clip, 1.0 + clip).mul_(neg_advantages)
         # The pessimistic term's slope in log_prob: -A * ratio where the unclipped term is the larger, else 0 (a tie
         # outside the clip range needs A = 0, so its slope is 0 either way). NaN fails `<` and so still propagates.
-        grad_log_prob = torch.where(unclipped < clipped, 0.0, unclipped).mul_(weights).view(-1, 1, 1)
+        grad_log_prob = torch.where(unclipped < clipped, 0.0, unclipped).mul_(weights)
+        ratio_change = ratio - 1.0
+        clipped_steps = (ratio_change.abs() > clip).to(weights.dtype)
+        return grad_log_prob, [torch.maximum(unclipped, clipped), ratio_change - log_ratio, clipped_steps]
+
+    def _categorical(
+        self, logits: torch.Tensor, actions: torch.Tensor, minibatch: Minibatch, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """d(policy loss - entropy_coef * entropy)/d logits [N, sum(nvec)], log-probs [N], per-step diagnostics."""
+        entropy_coef = self.actor_loss.entropy_coef
+        dist = MultiCategorical(logits, self.policy.nvec)
+        log_prob = dist.log_prob(actions)
+        grad_log_prob, (policy_loss, approx_kl, clipfrac) = self._surrogate(log_prob, minibatch, weights)
+        grad_log_prob = grad_log_prob.view(-1, 1, 1)
         # d log p(a)/dz = onehot(a) - p, per head.
         grad = dist.probs * grad_log_prob.neg()
         grad.scatter_add_(-1, actions.unsqueeze(-1), grad_log_prob.expand(-1, dist.num_heads, 1))
@@ -129,14 +144,25 @@ class AnalyticPPOGradient:
         neg_head_entropy = p_log_p.sum(-1, keepdim=True)
         if entropy_coef:  # d entropy/dz = -p (log p + H), per head
             grad.addcmul_(p_log_p - dist.probs * neg_head_entropy, weights.view(-1, 1, 1), value=entropy_coef)
-        ratio_change = ratio - 1.0
-        rows = [
-            torch.maximum(unclipped, clipped),
-            neg_head_entropy.sum((-2, -1)).neg_(),
-            ratio_change - log_ratio,
-            (ratio_change.abs() > clip).to(weights.dtype),
-        ]
-        return _flat_logits(grad, dist.nvec), rows
+        entropy = neg_head_entropy.sum((-2, -1)).neg_()
+        return _flat_logits(grad, dist.nvec), log_prob, [policy_loss, entropy, approx_kl, clipfrac]
+
+    def _gaussian(
+        self, means: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor, minibatch: Minibatch,
+        weights: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """d(policy loss - entropy_coef * entropy)/d means [N, dims], log-probs [N], per-step diagnostics; the
+        log-std's gradient (summed over steps) is written to its `.grad` here."""
+        dist = DiagonalGaussian(means, log_std)
+        log_prob = dist.log_prob(actions)
+        grad_log_prob, (policy_loss, approx_kl, clipfrac) = self._surrogate(log_prob, minibatch, weights)
+        inv_std = log_std.neg().exp()
+        z = (actions - means).mul_(inv_std)
+        # d log p/d mean = z / std; d log p/d log_std = z^2 - 1; d entropy/d log_std = 1 in every state.
+        grad_log_std = torch.mm(grad_log_prob.unsqueeze(0), z.square().sub_(1.0)).squeeze(0)
+        _grad(log_std).copy_(grad_log_std.sub_(self.actor_loss.entropy_coef * weights.sum()))
+        grad_means = z.mul_(inv_std).mul_(grad_log_prob.unsqueeze(1))
+        return grad_means, log_prob, [policy_loss, dist.entropy(), approx_kl, clipfrac]
 
     def _critic(
         self, values: torch.Tensor, minibatch: Minibatch, weights: torch.Tensor
