@@ -3,6 +3,7 @@
     .venv/bin/python bench/halfcheetah.py --out DIR [--steps 1000000] [--seeds 1] [--systems mettle,cleanrl,sb3_zoo]
     .venv/bin/python bench/halfcheetah.py --quick        # 20k steps each: a smoke run, not a measurement
     .venv/bin/python bench/halfcheetah.py --systems mettle --mettle-set policy.log_std_init=-1   # a variant
+    .venv/bin/python bench/halfcheetah.py --collect DIR [DIR ...] --out DIR   # one table from runs made apart
 
 Each system trains with the settings its users would start from, on one torch thread, in its own process, one
 after another:
@@ -57,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps per run (a smoke run)")
     parser.add_argument("--mettle-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a `mettle train` override for the mettle runs (repeatable)")
+    parser.add_argument("--collect", type=Path, nargs="+", metavar="DIR",
+                        help="run nothing: summarise the per-run files (SYSTEM-sSEED.json) earlier runs left in DIRs")
     parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -146,6 +149,36 @@ def measure(system: str, steps: int, seed: int, out: Path, overrides: list[str])
     return result
 
 
+def run_and_print(system: str, steps: int, seed: int, out: Path, overrides: list[str]) -> dict[str, Any]:
+    """`measure`, announced and its figures printed."""
+    print(f"{system} seed {seed}: {steps:,} steps", flush=True)
+    result = measure(system, steps, seed, out, overrides)
+    print(f"  final return {result['recent_mean_return']:.1f} | {result['sps']:,.0f} steps/s "
+          f"| {result['sps_per_cpu_s']:,.0f} per CPU s", flush=True)
+    return result
+
+
+def collect(directories: list[Path], systems: list[str], steps: int) -> list[dict[str, Any]]:
+    """The per-run results `measure` wrote in `directories`, for `systems`; a run of another length, or a seed
+    found twice for one system, is refused."""
+    runs: dict[tuple[str, int], dict[str, Any]] = {}
+    for directory in directories:
+        for path in sorted(directory.glob("*-s*.json")):
+            run = json.loads(path.read_text())
+            if run.get("system") not in systems:
+                continue
+            key = (run["system"], run["seed"])
+            if key in runs:
+                sys.exit(f"--collect: {key[0]} seed {key[1]} is in two places; keep one ({path})")
+            if run["agent_steps"] < steps:
+                sys.exit(f"--collect: {path} ran {run['agent_steps']:,} steps, not {steps:,}")
+            runs[key] = {**run, "file": str(path)}
+    missing = [s for s in systems if not any(k[0] == s for k in runs)]
+    if missing:
+        sys.exit(f"--collect: no runs of {missing} in {[str(d) for d in directories]}")
+    return [runs[k] for k in sorted(runs, key=lambda k: (k[1], systems.index(k[0])))]
+
+
 def summarize(runs: list[dict[str, Any]], systems: list[str]) -> dict[str, dict[str, float]]:
     """Per system: mean final return, SPS (wall) and SPS per CPU second over its seeds."""
     table = {}
@@ -204,13 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="halfcheetah-"))
     out.mkdir(parents=True, exist_ok=True)
     machine = machine_facts()
-    runs = []
-    for seed in range(args.first_seed, args.first_seed + args.seeds):
-        for system in systems:
-            print(f"{system} seed {seed}: {steps:,} steps", flush=True)
-            runs.append(measure(system, steps, seed, out, args.mettle_set))
-            print(f"  final return {runs[-1]['recent_mean_return']:.1f} | {runs[-1]['sps']:,.0f} steps/s "
-                  f"| {runs[-1]['sps_per_cpu_s']:,.0f} per CPU s", flush=True)
+    if args.collect:
+        runs = collect(args.collect, systems, steps)
+        machine["collected_from"] = [str(d) for d in args.collect]
+    else:
+        runs = [run_and_print(system, steps, seed, out, args.mettle_set)
+                for seed in range(args.first_seed, args.first_seed + args.seeds) for system in systems]
     machine["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     summary = summarize(runs, systems)
     (out / "results.json").write_text(json.dumps({"machine": machine, "steps": steps, "mettle_set": args.mettle_set,
