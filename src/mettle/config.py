@@ -66,6 +66,8 @@ class PolicyConfig(_Config):
     """Width of hidden layers (and of the LSTM state)."""
     log_std_init: float = Field(0.0, ge=-20.0, le=20.0)
     """Initial log standard deviation of the Gaussian head of Box actions (0: std 1); mlp and lstm policies only."""
+    activation: Literal["tanh", "relu"] = "tanh"
+    """Hidden-layer activation of the mlp policy (and of per-type mlp policies)."""
     share: bool = True
     """false: one policy of `kind` per agent type (agents that differ in spaces), each trained only on its own
     type's rows, all in one update."""

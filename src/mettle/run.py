@@ -96,6 +96,7 @@ def build_run(
     restored; bad input: ConfigError."""
     check_devices_present(cfg)
     check_normalization_env(cfg)
+    check_activation_kind(cfg)
     family = task_family_of(cfg)
     env = make_environment(cfg.env, seed=cfg.trainer.seed)
     try:
@@ -160,11 +161,20 @@ def check_log_std_init(cfg: RunConfig, env_info: PolicyEnvInfo) -> None:
                           "has discrete actions: drop policy.log_std_init")
 
 
+def check_activation_kind(cfg: RunConfig) -> None:
+    """`policy.activation` chooses the mlp's hidden layers; the lstm and token policies have their own."""
+    if cfg.policy.activation != "tanh" and cfg.policy.kind != "mlp":
+        raise ConfigError(f"policy.activation={cfg.policy.activation} applies to policy.kind=mlp, and the policy is "
+                          f"{cfg.policy.kind}: drop policy.activation or use policy.kind=mlp")
+
+
 def policy_for_config(cfg: RunConfig, env_info: PolicyEnvInfo) -> Policy:
     """The policy `cfg.policy` asks for: one of `kind`, or with `share=false` one per agent type."""
     options: dict[str, Any] = {"hidden_size": cfg.policy.hidden_size}
     if cfg.policy.log_std_init and cfg.policy.kind != "token":  # token has no Gaussian head: it refuses a Box
         options["log_std_init"] = cfg.policy.log_std_init
+    if cfg.policy.activation != "tanh":
+        options["activation"] = cfg.policy.activation
     if cfg.policy.share:
         return build_policy(cfg.policy.kind, **options)
     types = len(env_info.extras["agent_types"])

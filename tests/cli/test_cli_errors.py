@@ -36,6 +36,10 @@ from cli_helpers import mettle_in_process, run_mettle
          "policy.log_std_init=-1 sets the Gaussian head of Box actions, and gym:CartPole-v1 has discrete actions: "
          "drop policy.log_std_init"),
         (["--env", "gym:Pendulum-v1", "policy.log_std_init=-30"], "policy.log_std_init"),
+        (["--env", "gym:Pendulum-v1", "--policy", "lstm", "policy.activation=relu"],
+         "policy.activation=relu applies to policy.kind=mlp, and the policy is lstm: drop policy.activation or use "
+         "policy.kind=mlp"),
+        (["--env", "gym:Pendulum-v1", "policy.activation=gelu"], "policy.activation"),
         (["--env", "mettagrid:arena", "env.normalize_observations=true"],
          "env.normalize_observations=true: observation and reward normalisation are for Gymnasium and PettingZoo "
          "feature envs, and mettagrid:arena gives MettaGrid tokens"),

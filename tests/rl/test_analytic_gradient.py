@@ -25,21 +25,24 @@ from mettle.rl.training.analytic import AnalyticPPOGradient, analytic_problem
 SEGMENTS, HORIZON, OBS = 6, 5, 7
 
 
-def make_policy(nvec: tuple[int, ...], num_layers: int, shared_torso: bool) -> MLPPolicy:
+def make_policy(nvec: tuple[int, ...], num_layers: int, shared_torso: bool, activation: str = "tanh") -> MLPPolicy:
     """A seeded MLPPolicy over a 7-feature Box and a MultiDiscrete(nvec) (Discrete for one head)."""
     torch.manual_seed(0)
     action = gym.spaces.Discrete(nvec[0]) if len(nvec) == 1 else gym.spaces.MultiDiscrete(list(nvec))
-    policy = MLPPolicy(hidden_size=16, num_layers=num_layers, shared_torso=shared_torso)
+    policy = MLPPolicy(hidden_size=16, num_layers=num_layers, shared_torso=shared_torso, activation=activation)
     policy.initialize_to_environment(PolicyEnvInfo(gym.spaces.Box(-1.0, 1.0, (OBS,), np.float32), action), "cpu")
     with torch.no_grad():  # heads as large as the torsos, so logits move and every term has a gradient to compare
         policy.actor_head.weight.normal_(0.0, 0.5)
     return policy
 
 
-def make_gaussian_policy(dims: int, num_layers: int, shared_torso: bool, log_std_init: float) -> MLPPolicy:
+def make_gaussian_policy(
+    dims: int, num_layers: int, shared_torso: bool, log_std_init: float, activation: str = "tanh"
+) -> MLPPolicy:
     """A seeded MLPPolicy over a 7-feature Box with Box(dims) actions: a diagonal Gaussian head."""
     torch.manual_seed(0)
-    policy = MLPPolicy(hidden_size=16, num_layers=num_layers, shared_torso=shared_torso, log_std_init=log_std_init)
+    policy = MLPPolicy(hidden_size=16, num_layers=num_layers, shared_torso=shared_torso, log_std_init=log_std_init,
+                       activation=activation)
     action = gym.spaces.Box(-1.0, 1.0, (dims,), np.float32)
     policy.initialize_to_environment(PolicyEnvInfo(gym.spaces.Box(-1.0, 1.0, (OBS,), np.float32), action), "cpu")
     with torch.no_grad():  # per-dimension stds that differ, so a mixed-up dimension would show
@@ -120,6 +123,18 @@ def test_analytic_gaussian_gradient_equals_autograd(
     """Box actions: the means' and the log-std's gradients, log-probs and diagnostics as autograd takes them."""
     check_against_autograd(make_gaussian_policy(dims, num_layers, shared, log_std_init), clip_value, entropy_coef,
                            weighted)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["separate", "shared"])
+@pytest.mark.parametrize("head", ["categorical", "gaussian"])
+def test_relu_torsos_take_the_same_gradient_as_autograd(head: str, shared: bool) -> None:
+    """policy.activation=relu: the backward masks where a unit was off (some are, at these sizes)."""
+    policy = (make_policy((3, 2), 2, shared, activation="relu") if head == "categorical"
+              else make_gaussian_policy(4, 2, shared, -1.0, activation="relu"))
+    x = make_minibatch(policy, weighted=False).data["observations"].reshape(-1, OBS)
+    off = (policy.actor_torso[0](x) <= 0).float().mean()
+    assert 0.1 < float(off) < 0.9, "both sides of the kink are exercised"
+    check_against_autograd(policy, clip_value=True, entropy_coef=0.01, weighted=True)
 
 
 def check_against_autograd(policy: MLPPolicy, clip_value: bool, entropy_coef: float, weighted: bool) -> None:

@@ -55,13 +55,26 @@ Dense = tuple[torch.Tensor, torch.Tensor]
 """A Linear layer's (weight, bias)."""
 
 
-def tanh_torso_layers(torso: nn.Sequential) -> list[Dense]:
-    """The (weight, bias) of each Linear in a (Linear, Tanh)* torso, checked to be just that."""
+ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
+"""Hidden-layer activations an MLP torso may use, by the name configs give."""
+
+
+def check_activation(value: object) -> str:
+    """`value` if it names one of ACTIVATIONS, else a ValueError naming `activation` and the choices."""
+    if value not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {value!r}")
+    return str(value)
+
+
+def torso_layers(torso: nn.Sequential) -> tuple[list[Dense], str]:
+    """The (weight, bias) of each Linear in a (Linear, activation)* torso, checked to be just that, and the
+    activation's name (one for every layer)."""
     modules = list(torso)
     linears = [m for m in modules[0::2] if isinstance(m, nn.Linear)]
-    if len(linears) * 2 != len(modules) or not all(isinstance(m, nn.Tanh) for m in modules[1::2]):
-        raise ValueError(f"expected a torso of (Linear, Tanh) pairs, got {torso}")
-    return [(m.weight, m.bias) for m in linears]
+    names = [next((name for name, cls in ACTIVATIONS.items() if type(m) is cls), None) for m in modules[1::2]]
+    if len(linears) * 2 != len(modules) or None in names or len(set(names)) > 1:
+        raise ValueError(f"expected a torso of (Linear, Tanh) or (Linear, ReLU) pairs, one kind, got {torso}")
+    return [(m.weight, m.bias) for m in linears], str(names[0]) if names else "tanh"
 
 
 def dense(layer: Dense, x: torch.Tensor) -> torch.Tensor:
@@ -69,11 +82,12 @@ def dense(layer: Dense, x: torch.Tensor) -> torch.Tensor:
     return torch.addmm(layer[1], x, layer[0].t())
 
 
-def tanh_torso_forward(layers: list[Dense], x: torch.Tensor) -> list[torch.Tensor]:
-    """The torso's input and each layer's tanh output (the hand-written backward needs them all)."""
+def torso_forward(layers: list[Dense], activation: str, x: torch.Tensor) -> list[torch.Tensor]:
+    """The torso's input and each layer's activated output (the hand-written backward needs them all)."""
     acts = [x]
     for layer in layers:
-        acts.append(dense(layer, acts[-1]).tanh_())
+        out = dense(layer, acts[-1])
+        acts.append(out.tanh_() if activation == "tanh" else out.relu_())
     return acts
 
 

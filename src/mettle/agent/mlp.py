@@ -10,6 +10,7 @@ from torch import nn
 
 from mettle.agent.distributions import act_with_head
 from mettle.agent.layers import (
+    ACTIVATIONS,
     ACTOR_GAIN,
     CRITIC_GAIN,
     MAX_DEPTH,
@@ -18,6 +19,7 @@ from mettle.agent.layers import (
     actions_spec,
     box_shape,
     build_torso,
+    check_activation,
     check_log_std,
     check_size,
     dense,
@@ -25,8 +27,8 @@ from mettle.agent.layers import (
     gaussian_log_std,
     log_std_kwargs,
     orthogonal_linear,
-    tanh_torso_forward,
-    tanh_torso_layers,
+    torso_forward,
+    torso_layers,
 )
 from mettle.agent.policy import Policy, PolicyOutput, TensorSpec
 
@@ -45,9 +47,10 @@ class MLPPolicy(Policy):
     action_masking = True
 
     def __init__(self, hidden_size: int = 64, num_layers: int = 2, shared_torso: bool = False,
-                 log_std_init: float = 0.0) -> None:
+                 log_std_init: float = 0.0, activation: str = "tanh") -> None:
         super().__init__()
         self.log_std_init = check_log_std(log_std_init)
+        self.activation = check_activation(activation)
         self.hidden_size = check_size("hidden_size", hidden_size, 1, MAX_WIDTH)
         self.num_layers = check_size("num_layers", num_layers, 0, MAX_DEPTH)
         self.shared_torso = shared_torso
@@ -63,7 +66,7 @@ class MLPPolicy(Policy):
         self.nvec, self.action_dims = action_layout(env_info)
         in_features = int(np.prod(self.obs_shape))
         out_features = self.hidden_size if self.num_layers else in_features
-        torso_args = (in_features, self.hidden_size, self.num_layers, nn.Tanh)
+        torso_args = (in_features, self.hidden_size, self.num_layers, ACTIVATIONS[self.activation])
         self.actor_torso = build_torso(*torso_args)
         self.critic_torso = None if self.shared_torso else build_torso(*torso_args)
         self.actor_head = orthogonal_linear(out_features, sum(self.nvec) + self.action_dims, ACTOR_GAIN)
@@ -116,7 +119,8 @@ class MLPPolicy(Policy):
     def constructor_kwargs(self) -> dict[str, Any]:
         """Constructor arguments that build an identically shaped policy; the registry names its class."""
         kwargs = {"hidden_size": self.hidden_size, "num_layers": self.num_layers, "shared_torso": self.shared_torso}
-        return kwargs | log_std_kwargs(self.log_std_init)
+        activation = {"activation": self.activation} if self.activation != "tanh" else {}  # older specs stay alike
+        return kwargs | log_std_kwargs(self.log_std_init) | activation
 
     def _require_initialized(self) -> None:
         """Fail clearly when used before its layers exist."""
@@ -126,4 +130,4 @@ class MLPPolicy(Policy):
 
 def torso_features(torso: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """The torso's output, its layers run as functions (a module call per layer costs more than a 64-wide layer)."""
-    return tanh_torso_forward(tanh_torso_layers(torso), x)[-1]
+    return torso_forward(*torso_layers(torso), x)[-1]

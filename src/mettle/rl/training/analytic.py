@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from mettle.agent.distributions import DiagonalGaussian, MultiCategorical
-from mettle.agent.layers import Dense, dense, flatten_steps, tanh_torso_forward, tanh_torso_layers
+from mettle.agent.layers import Dense, dense, flatten_steps, torso_forward, torso_layers
 from mettle.agent.mlp import MLPPolicy
 from mettle.rl.loss.ppo_actor import PPOActorLoss
 from mettle.rl.loss.ppo_critic import PPOCriticLoss
@@ -51,7 +51,7 @@ def analytic_problem(policy: nn.Module, losses: Sequence[Loss]) -> str | None:
         return "the policy has forward hooks or parametrizations, which a hand-written forward would skip"
     try:
         torsos = [policy.actor_torso] if policy.critic_torso is None else [policy.actor_torso, policy.critic_torso]
-        layers = [layer for torso in torsos for layer in tanh_torso_layers(torso)]
+        layers = [layer for torso in torsos for layer in torso_layers(torso)[0]]
     except ValueError as error:
         return str(error)
     read = {id(t) for layer in layers for t in layer} | {id(t) for head in (policy.actor_head, policy.critic_head)
@@ -82,8 +82,8 @@ class AnalyticPPOGradient:
         self.actor_loss = next(loss for loss in losses if isinstance(loss, PPOActorLoss))
         self.critic_loss = next(loss for loss in losses if isinstance(loss, PPOCriticLoss))
         # (weight, bias) pairs, looked up once: nn.Module attribute access costs more than some of the maths
-        self.actor_layers = tanh_torso_layers(policy.actor_torso)
-        self.critic_layers = None if policy.critic_torso is None else tanh_torso_layers(policy.critic_torso)
+        self.actor_layers, self.activation = torso_layers(policy.actor_torso)
+        self.critic_layers = None if policy.critic_torso is None else torso_layers(policy.critic_torso)[0]
         self.actor_head = (policy.actor_head.weight, policy.actor_head.bias)
         self.critic_head = (policy.critic_head.weight, policy.critic_head.bias)
 
@@ -93,8 +93,9 @@ class AnalyticPPOGradient:
         policy, data = self.policy, minibatch.data
         n, t = data["observations"].shape[:2]
         x = policy.normalize_observations(flatten_steps(data["observations"], policy.obs_shape))
-        actor_acts = tanh_torso_forward(self.actor_layers, x)
-        critic_acts = actor_acts if self.critic_layers is None else tanh_torso_forward(self.critic_layers, x)
+        actor_acts = torso_forward(self.actor_layers, self.activation, x)
+        critic_acts = (actor_acts if self.critic_layers is None
+                       else torso_forward(self.critic_layers, self.activation, x))
         head_out = dense(self.actor_head, actor_acts[-1])
         values = dense(self.critic_head, critic_acts[-1]).view(n * t)
         weights = minibatch.loss_weights.reshape(n * t)
@@ -190,10 +191,10 @@ class AnalyticPPOGradient:
         grad_actor = _head_backward(self.actor_head, actor_acts[-1], grad_logits)
         grad_critic = _head_backward(self.critic_head, critic_acts[-1], grad_values)
         if self.critic_layers is None:
-            _torso_backward(self.actor_layers, actor_acts, grad_actor.add_(grad_critic))
+            _torso_backward(self.actor_layers, self.activation, actor_acts, grad_actor.add_(grad_critic))
             return
-        _torso_backward(self.actor_layers, actor_acts, grad_actor)
-        _torso_backward(self.critic_layers, critic_acts, grad_critic)
+        _torso_backward(self.actor_layers, self.activation, actor_acts, grad_actor)
+        _torso_backward(self.critic_layers, self.activation, critic_acts, grad_critic)
 
 
 """A Linear layer's (weight [out, in], bias [out])."""
@@ -207,12 +208,15 @@ def _head_backward(head: Dense, features: torch.Tensor, grad_out: torch.Tensor) 
     return grad_out @ weight
 
 
-def _torso_backward(layers: list[Dense], acts: list[torch.Tensor], grad_out: torch.Tensor) -> None:
+def _torso_backward(layers: list[Dense], activation: str, acts: list[torch.Tensor], grad_out: torch.Tensor) -> None:
     """Write every layer's weight and bias gradients, from the gradient at the torso's output."""
     grad = grad_out
     for i in reversed(range(len(layers))):
         weight, bias = layers[i]
-        grad = torch.ops.aten.tanh_backward(grad, acts[i + 1])
+        if activation == "tanh":  # d tanh = 1 - tanh^2, from the output
+            grad = torch.ops.aten.tanh_backward(grad, acts[i + 1])
+        else:  # d relu = [output > 0]
+            grad = torch.ops.aten.threshold_backward(grad, acts[i + 1], 0.0)
         torch.mm(grad.t(), acts[i], out=_grad(weight))
         torch.sum(grad, 0, out=_grad(bias))
         if i:
