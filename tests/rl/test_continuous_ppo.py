@@ -24,7 +24,7 @@ from mettle.agent.registry import build_policy
 from mettle.config import ConfigError, build_run_config
 from mettle.contracts import PolicyEnvInfo
 from mettle.envs.gymnasium import GymnasiumEnvironment
-from mettle.recipes import CONTINUOUS_CONTROL, PENDULUM, recipe_for
+from mettle.recipes import CONTINUOUS_CONTROL, HALFCHEETAH, PENDULUM, recipe_for
 from mettle.rl.loss import PPOActorLoss, PPOCriticLoss
 from mettle.rl.minibatch import Minibatch
 from mettle.rl.policy_files import CheckpointError, load_policy, read_policy_spec, save_policy
@@ -144,6 +144,9 @@ def test_what_cannot_serve_a_gaussian_head_is_refused_in_one_line(override: str,
 def test_the_continuous_recipe_is_picked_for_box_action_ids_only() -> None:
     assert recipe_for("gym:Pendulum-v1", None) == CONTINUOUS_CONTROL + PENDULUM
     assert recipe_for("gym:MountainCarContinuous-v0", "lstm") == CONTINUOUS_CONTROL
+    assert recipe_for("gym:HalfCheetah-v5", None) == CONTINUOUS_CONTROL + HALFCHEETAH
+    cheetah = build_run_config(recipe_for("gym:HalfCheetah-v5", None))
+    assert (cheetah.trainer.batch_size, cheetah.trainer.update_epochs, cheetah.policy.log_std_init) == (512, 20, -2.0)
     assert recipe_for("gym:Acrobot-v1", None) == [] and recipe_for("gym:NoSuchEnv-v0", None) == []
     settings: dict[str, Any] = dict(item.split("=", 1) for item in CONTINUOUS_CONTROL)
     assert (settings["batch_size"], settings["minibatch_size"], settings["update_epochs"]) == ("2048", "64", "10")
