@@ -8,8 +8,9 @@
 Each system trains with the settings its users would start from, on one torch thread, in its own process, one
 after another:
 
-* mettle: `mettle train --env gym:HalfCheetah-v5` with no override (the continuous-control recipe: 8 envs, 2048-step
-  rollouts, 32 minibatches, 10 epochs, lr 3e-4, observations and rewards normalised in the trainer);
+* mettle: `mettle train --env gym:HalfCheetah-v5` with no override (the continuous-control recipe with its
+  HalfCheetah entry: 8 envs, 512-step rollouts, minibatch 64, 20 epochs, lr 1e-4, gamma 0.98, lambda 0.92, clip
+  0.1, 64x64 tanh actor and critic, log-std -2, observations and rewards normalised in the trainer);
 * cleanrl: bench/plain_ppo.py with CleanRL's ppo_continuous_action settings (1 env, 2048 steps, 32 minibatches,
   10 epochs, lr 3e-4 annealed, value clipping, Gymnasium's normalising wrappers on the env);
 * sb3_zoo: Stable-Baselines3 PPO with rl-baselines3-zoo's tuned HalfCheetah entry (1 env, 512 steps, minibatch
