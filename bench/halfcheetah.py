@@ -197,8 +197,7 @@ def render(summary: dict[str, dict[str, Any]], machine: dict[str, Any], steps: i
     shown = f" (Mettle with {' '.join(overrides)})" if overrides else ""
     lines = [f"# HalfCheetah-v5, {steps:,} agent steps per run{shown}", "",
              f"Machine: {machine['cpus']} CPUs ({machine['cpu_model']}), torch {machine['torch']}, one torch thread "
-             f"per run; load average {machine['load_avg']} at start, {machine.get('load_avg_end')} at end; "
-             f"{machine['date']}.", "",
+             f"per run; {when(machine)}.", "",
              "| system | runs | final return (last 20 episodes) | per seed | agent steps/s (wall) | per CPU second |",
              "|---|---|---|---|---|---|"]
     for system, row in summary.items():
@@ -213,6 +212,14 @@ def render(summary: dict[str, dict[str, Any]], machine: dict[str, Any], steps: i
                              f"x{mettle['sps_per_cpu_s'] / row['sps_per_cpu_s']:.2f} (CPU); final return "
                              f"{mettle['final_return']:.0f} vs {row['final_return']:.0f}")
     return "\n".join(lines) + "\n"
+
+
+def when(machine: dict[str, Any]) -> str:
+    """When the runs were made: this invocation's load and date, or where --collect found them."""
+    if "collected_from" in machine:
+        return (f"runs collected on {machine['date']} from {', '.join(machine['collected_from'])} (each made by "
+                "an invocation of this script on this machine)")
+    return f"load average {machine['load_avg']} at start, {machine.get('load_avg_end')} at end; {machine['date']}"
 
 
 def machine_facts() -> dict[str, Any]:
