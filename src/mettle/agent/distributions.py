@@ -192,9 +192,16 @@ class DiagonalGaussian:
 
     def log_prob(self, actions: torch.Tensor) -> torch.Tensor:
         """Joint log-density of `actions` [..., dims]: dimensions are independent, so their log-densities add."""
+        return self.log_prob_of_standardized(self.standardize(actions))
+
+    def standardize(self, actions: torch.Tensor) -> torch.Tensor:
+        """(actions - mean) / std [..., dims]: what the log-density and its gradients are written in."""
         if actions.shape[-1] != self.mean.shape[-1]:
             raise ValueError(f"actions end in {actions.shape[-1]} entries, expected {self.mean.shape[-1]} dimensions")
-        z = (actions - self.mean) * (-self.log_std).exp()
+        return (actions - self.mean) * (-self.log_std).exp()
+
+    def log_prob_of_standardized(self, z: torch.Tensor) -> torch.Tensor:
+        """Joint log-density [...] of the actions whose standardized values are `z`."""
         return (-0.5 * z.square() - self.log_std - HALF_LOG_TWO_PI).sum(-1)
 
     def entropy(self) -> torch.Tensor:

@@ -57,6 +57,7 @@ Dense = tuple[torch.Tensor, torch.Tensor]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
 """Hidden-layer activations an MLP torso may use, by the name configs give."""
+ACTIVATION_NAMES = {cls: name for name, cls in ACTIVATIONS.items()}
 
 
 def check_activation(value: object) -> str:
@@ -71,7 +72,7 @@ def torso_layers(torso: nn.Sequential) -> tuple[list[Dense], str]:
     activation's name (one for every layer)."""
     modules = list(torso)
     linears = [m for m in modules[0::2] if isinstance(m, nn.Linear)]
-    names = [next((name for name, cls in ACTIVATIONS.items() if type(m) is cls), None) for m in modules[1::2]]
+    names = [ACTIVATION_NAMES.get(type(m)) for m in modules[1::2]]
     if len(linears) * 2 != len(modules) or None in names or len(set(names)) > 1:
         raise ValueError(f"expected a torso of (Linear, Tanh) or (Linear, ReLU) pairs, one kind, got {torso}")
     return [(m.weight, m.bias) for m in linears], str(names[0]) if names else "tanh"

@@ -155,10 +155,10 @@ class AnalyticPPOGradient:
         """d(policy loss - entropy_coef * entropy)/d means [N, dims], log-probs [N], per-step diagnostics; the
         log-std's gradient (summed over steps) is written to its `.grad` here."""
         dist = DiagonalGaussian(means, log_std)
-        log_prob = dist.log_prob(actions)
+        z = dist.standardize(actions)
+        log_prob = dist.log_prob_of_standardized(z)
         grad_log_prob, (policy_loss, approx_kl, clipfrac) = self._surrogate(log_prob, minibatch, weights)
         inv_std = log_std.neg().exp()
-        z = (actions - means).mul_(inv_std)
         # d log p/d mean = z / std; d log p/d log_std = z^2 - 1; d entropy/d log_std = 1 in every state.
         grad_log_std = torch.mm(grad_log_prob.unsqueeze(0), z.square().sub_(1.0)).squeeze(0)
         _grad(log_std).copy_(grad_log_std.sub_(self.actor_loss.entropy_coef * weights.sum()))
